@@ -1,0 +1,1 @@
+"""Offline data tools: synthetic data generator, format converters and validators."""

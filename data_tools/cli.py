@@ -1,0 +1,51 @@
+"""`vlm data ...`: synthesize, validate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from data_tools.synth import generate
+
+    summary = generate(args.out, args.num, args.seed, frames=args.frames, size=args.size, fps=args.fps,
+                       eval_fraction=args.eval_fraction, workers=args.workers)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from data_tools.validate import validate_file
+
+    any_bad = False
+    for path in args.files:
+        report = validate_file(path, args.media_root, decode=not args.no_decode)
+        for problem in report.problems:
+            print(problem)
+        print(report.summary())
+        any_bad |= not report.ok
+    return 1 if any_bad else 0
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Register the `data` command group on the `vlm` command line."""
+    data = subparsers.add_parser("data", help="synthesize and validate datasets")
+    sub = data.add_subparsers(dest="data_command", required=True)
+
+    p = sub.add_parser("synth", help="generate the synthetic temporal-video world (videos + all data files)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--num", type=int, default=200, help="number of clips")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--frames", type=int, default=24)
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--fps", type=float, default=8.0)
+    p.add_argument("--eval-fraction", type=float, default=0.2, help="share of clips held out for the benchmark")
+    p.add_argument("--workers", type=int, default=2)
+    p.set_defaults(func=_synth)
+
+    p = sub.add_parser("validate", help="report every bad sample of LLaVA-style JSON/JSONL files")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--media-root", default=None, help="folder media paths are relative to (default: the file's)")
+    p.add_argument("--no-decode", action="store_true", help="only check that media files exist")
+    p.set_defaults(func=_validate)
