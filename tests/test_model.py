@@ -1,0 +1,201 @@
+"""VideoLLM assembly: every tower x connector builds, trains a step, counts its tokens, saves and reloads."""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import TINY_LLM, TINY_TOWERS
+from vlm.checkpoint import CheckpointMismatchError
+from vlm.data.conversation import Turn
+from vlm.llm.template import IGNORE_INDEX, VISUAL_TOKEN, TemplateMismatchError
+from vlm.model import VideoLLM, VideoLLMConfig
+
+TINY_CONNECTORS = {
+    "mlp": {"name": "mlp"},
+    "mlp_linear_pool": {"name": "mlp", "projector": "linear", "pool": 2},
+    "qformer": {"name": "qformer", "num_queries": 4, "hidden_size": 32, "num_layers": 2, "num_heads": 4,
+                "temporal_layers": 1},
+    "qformer_instruct_per_frame": {"name": "qformer", "num_queries": 2, "hidden_size": 32, "num_layers": 2,
+                                   "num_heads": 4, "temporal_layers": 1, "per_frame": True, "instruction_aware": True},
+    "stc": {"name": "stc", "depth": 1, "hidden_size": 32},
+    "pool2d+mlp": {"name": "mlp", "reduce": [{"name": "pool2d", "mode": "bilinear"}]},
+    "tome+qformer": {"name": "qformer", "num_queries": 4, "hidden_size": 32, "num_layers": 2, "num_heads": 4,
+                     "temporal_layers": 1, "reduce": [{"name": "tome", "tokens_per_frame": 3}]},
+    "diff_prune+mlp": {"name": "mlp", "reduce": [{"name": "diff_prune", "threshold": 0.05}]},
+}
+
+CONVERSATION = [Turn("user", "<video>\nWhat happens in the video?"), Turn("assistant", "A red circle moves to the left.")]
+
+
+def config(tower: str, connector: str, frames: int = 4, **extra) -> VideoLLMConfig:
+    return VideoLLMConfig(tower=copy.deepcopy(TINY_TOWERS[tower]), connector=copy.deepcopy(TINY_CONNECTORS[connector]),
+                          llm=copy.deepcopy(TINY_LLM), num_frames=frames, **extra)
+
+
+def sample(model: VideoLLM, frames: int, seed: int = 0, turns=CONVERSATION, moving: bool = True) -> dict:
+    rng = np.random.default_rng(seed)
+    video = rng.integers(0, 255, (frames, 40, 48, 3), dtype=np.uint8)
+    if not moving:
+        video[:] = video[0]
+    return {"id": f"s{seed}", "turns": turns, "media_type": "video", "pixel_values": model.tower.preprocessor(video),
+            "timestamps": torch.arange(frames) * 0.5}
+
+
+@pytest.fixture(scope="module")
+def models():
+    cache: dict[tuple[str, str], VideoLLM] = {}
+
+    def get(tower: str, connector: str) -> VideoLLM:
+        if (tower, connector) not in cache:
+            torch.manual_seed(0)
+            cache[(tower, connector)] = VideoLLM.from_config(config(tower, connector))
+        return cache[(tower, connector)]
+
+    return get
+
+
+@pytest.mark.parametrize("connector", list(TINY_CONNECTORS))
+@pytest.mark.parametrize("tower", list(TINY_TOWERS))
+def test_every_tower_and_connector_trains_a_step(models, tower, connector):
+    model = models(tower, connector)
+    model.set_mode("tower", "full")
+    batch = model.build_batch([sample(model, 4, 0), sample(model, 4, 1)])
+    n = model.num_visual_tokens(4)
+    assert (batch.input_ids == VISUAL_TOKEN).sum(dim=1).tolist() == [n, n]
+    assert ((batch.labels != IGNORE_INDEX) & (batch.input_ids == VISUAL_TOKEN)).sum() == 0
+    pixels = torch.stack(batch.pixel_values)  # [B, T, 3, H, W]
+    feats = model.tower(pixels)
+    assert feats.grid == model.tower.grid_for(4, pixels.shape[-2], pixels.shape[-1])
+    visual = model.connector(feats)
+    assert visual.embeds.shape == (2, n, model.llm.config.hidden_size)
+    out = model(batch)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    for part in ("connector", "tower"):
+        grads = [p.grad for p in model.part(part).parameters() if p.requires_grad]
+        assert grads and any(g is not None and g.abs().sum() > 0 for g in grads), part
+    assert all(p.grad is None for p in model.llm.parameters())  # frozen LLM
+    model.zero_grad(set_to_none=True)
+    model.set_mode("tower", "frozen")
+
+
+def test_images_are_one_frame_videos_and_mix_with_videos(models):
+    model = models("siglip", "stc")
+    image = sample(model, 1, 3, turns=[Turn("user", "<image> What is this?"), Turn("assistant", "A square.")])
+    image["media_type"] = "image"
+    batch = model.build_batch([sample(model, 4, 0), image])
+    assert (batch.input_ids == VISUAL_TOKEN).sum(dim=1).tolist() == [model.num_visual_tokens(4), model.num_visual_tokens(1)]
+    assert torch.isfinite(model(batch).loss)
+
+
+def test_text_only_sample_and_pruned_tokens_are_dropped(models):
+    model = models("clip", "diff_prune+mlp")
+    text = {"id": "t", "turns": [Turn("user", "Hi"), Turn("assistant", "Hello.")], "media_type": None}
+    static = sample(model, 4, 5, moving=False)
+    batch = model.build_batch([static, text])
+    embeds, attention, labels = model.embed(batch)
+    per_frame = model.visual_grid(4)[1]
+    # a static clip keeps only its first frame's tokens (+ any pruned-frame tokens) -> shorter sequence
+    kept_visual = int(attention[0].sum()) - int((batch.input_ids[0] != VISUAL_TOKEN).sum())
+    assert kept_visual == per_frame
+    assert labels.shape == attention.shape and torch.isfinite(model.llm(inputs_embeds=embeds, attention_mask=attention, labels=labels).loss)
+
+
+def test_time_stamps_between_groups(models):
+    model = VideoLLM.from_config(config("clip", "mlp", time_stamps=True))
+    slot = model.visual_slot(4, [0.0, 0.5, 1.0, 1.5])
+    text = model.tokenizer.decode([t for t in slot if t != VISUAL_TOKEN])
+    assert text == "Time: 0.0sTime: 0.5sTime: 1.0sTime: 1.5s"
+    assert slot.count(VISUAL_TOKEN) == model.num_visual_tokens(4)
+    assert torch.isfinite(model(model.build_batch([sample(model, 4)])).loss)
+
+
+def test_generate_greedy_is_deterministic_and_batched(models):
+    model = models("clip", "mlp").eval()
+    prompts = [dict(sample(model, 4, i), turns=CONVERSATION[:1]) for i in range(2)]
+    batch = model.build_batch(prompts, generation=True, prefill="Best option:(")
+    assert batch.attention_mask[:, -1].all()  # left padded
+    a = model.generate(batch, max_new_tokens=5)
+    b = model.generate(batch, max_new_tokens=5)
+    assert a == b and len(a) == 2
+    torch.manual_seed(0)
+    c = model.generate(batch, max_new_tokens=5, do_sample=True, temperature=1.5)
+    assert len(c) == 2
+
+
+def test_save_load_identical_logits_with_lora_and_full_tower(tmp_path):
+    torch.manual_seed(0)
+    model = VideoLLM.from_config(config("clip", "qformer_instruct_per_frame"))
+    model.set_mode("llm", "lora", {"r": 4, "alpha": 8, "targets": ["q_proj", "v_proj"]})
+    model.set_mode("tower", "full")
+    with torch.no_grad():  # make every trained part differ from its initialisation
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    model.eval()
+    batch = model.build_batch([sample(model, 4, 0), sample(model, 4, 1)])
+    before = model(batch).logits
+    model.save_pretrained(tmp_path / "m")
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert set(saved["saved_parts"]) >= {"connector", "tower", "llm_lora", "llm"}  # random LLM base is saved too
+    loaded = VideoLLM.from_pretrained(tmp_path / "m")
+    after = loaded(loaded.build_batch([sample(loaded, 4, 0), sample(loaded, 4, 1)])).logits
+    assert torch.equal(before, after)
+
+
+def test_connector_only_save_reattaches_and_mismatch_names_part_and_key(tmp_path):
+    torch.manual_seed(0)
+    model = VideoLLM.from_config(config("siglip", "stc"))
+    with torch.no_grad():
+        for p in model.connector.parameters():
+            p.add_(0.1)
+    model.eval()
+    batch = model.build_batch([sample(model, 4)])
+    model.save_connector(tmp_path / "c")
+    record = json.loads((tmp_path / "c" / "connector.json").read_text())
+    assert record["num_visual_tokens"] == model.num_visual_tokens(4) and record["tower"]["name"] == "siglip"
+    fresh = VideoLLM.from_connector(tmp_path / "c")
+    fresh.tower.load_state_dict(model.tower.state_dict())  # random tiny towers: same weights for the comparison
+    fresh.llm.load_state_dict(model.llm.state_dict())
+    assert torch.equal(fresh(batch).logits, model(batch).logits)
+    other = VideoLLM.from_config(replace(config("siglip", "stc"), connector={"name": "stc", "depth": 1, "hidden_size": 16}))
+    with pytest.raises(CheckpointMismatchError, match="'connector' was"):
+        other.load_connector(tmp_path / "c")
+    # same config, wrong weights: the key and both shapes are named
+    from safetensors.torch import load_file, save_file
+    state = load_file(str(tmp_path / "c" / "connector.safetensors"))
+    key = next(iter(state))
+    state[key] = torch.zeros(3, 3)
+    save_file(state, str(tmp_path / "c" / "connector.safetensors"))
+    with pytest.raises(CheckpointMismatchError, match=f"connector .*key '{key}': checkpoint shape \\(3, 3\\)"):
+        fresh.load_connector(tmp_path / "c")
+
+
+def test_template_mismatch_is_an_error_naming_the_sample(models):
+    model = VideoLLM.from_config(config("clip", "mlp"))
+    model.tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | lower }}"
+                                     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    with pytest.raises(TemplateMismatchError, match="s0: the chat template does not render assistant turn"):
+        model.build_batch([sample(model, 4)])
+
+
+def test_truncation_never_cuts_visual_tokens():
+    model = VideoLLM.from_config(config("clip", "mlp", max_length=20))
+    with pytest.raises(TemplateMismatchError, match="inside the visual tokens; use fewer frames"):
+        model.build_batch([sample(model, 4)])
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="unknown model config keys"):
+        VideoLLMConfig.from_dict({"tower": {}, "connector": {}, "llm": {}, "frames": 3})
+    with pytest.raises(KeyError, match="unknown vision tower 'nope'; registered:"):
+        VideoLLM.from_config(replace(config("clip", "mlp"), tower={"name": "nope"}))
+    model = VideoLLM.from_config(config("clip", "mlp"))
+    with pytest.raises(ValueError, match="LoRA targets \\['nope'\\] match no module"):
+        model.set_mode("llm", "lora", {"targets": ["nope"]})

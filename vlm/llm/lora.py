@@ -1,0 +1,79 @@
+"""LoRA on any model part (LLM, tower, connector) through peft, injected in place so module names stay stable."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+ADAPTER = "default"
+
+
+@dataclass
+class LoRASettings:
+    """What a stage says about LoRA on one part. `targets` are module-name suffixes (e.g. q_proj, v_proj)."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> "LoRASettings":
+        d = dict(d or {})
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown LoRA settings {sorted(unknown)}; allowed: {sorted(cls.__dataclass_fields__)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def has_lora(module: nn.Module) -> bool:
+    return any("lora_" in name for name, _ in module.named_parameters())
+
+
+def add_lora(module: nn.Module, settings: LoRASettings, part: str = "model") -> nn.Module:
+    """Inject LoRA adapters into `module` (in place); every target must match at least one module."""
+    names = [n for n, _ in module.named_modules()]
+    missing = [t for t in settings.targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        raise ValueError(f"{part}: LoRA targets {missing} match no module; module names end with e.g. "
+                         f"{sorted({n.rsplit('.', 1)[-1] for n in names if n})[:12]}")
+    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                        target_modules=list(settings.targets), bias="none")
+    inject_adapter_in_model(config, module, adapter_name=ADAPTER)
+    return module
+
+
+def lora_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(module, adapter_name=ADAPTER).items()}
+
+
+def save_lora(module: nn.Module, settings: LoRASettings, folder: str | os.PathLike) -> None:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "lora.json").write_text(json.dumps(settings.to_dict(), indent=2))
+    save_file(lora_state_dict(module), str(folder / "adapter.safetensors"))
+
+
+def load_lora(module: nn.Module, folder: str | os.PathLike, part: str = "model") -> LoRASettings:
+    """Inject the adapters saved in `folder` and load their weights strictly."""
+    folder = Path(folder)
+    settings = LoRASettings.from_dict(json.loads((folder / "lora.json").read_text()))
+    add_lora(module, settings, part)
+    state = load_file(str(folder / "adapter.safetensors"))
+    expected = lora_state_dict(module)
+    from vlm.checkpoint import check_state_dict
+
+    check_state_dict(expected, state, f"{part} LoRA ({folder})")
+    set_peft_model_state_dict(module, state, adapter_name=ADAPTER)
+    return settings

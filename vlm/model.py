@@ -1,0 +1,443 @@
+"""VideoLLM: vision tower + connector + causal LLM, assembled from a config of registry keys.
+
+    pixels [B, T, 3, H, W] -> tower -> VisualFeatures [B, T', N, D_vis] -> connector -> [B, L, D_llm]
+    -> spliced into the LLM's input embeddings at the <video>/<image> placeholder -> loss / generate
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+import vlm.connectors  # noqa: F401  (registers built-in connectors)
+import vlm.towers  # noqa: F401  (registers built-in towers)
+from vlm import __version__
+from vlm.checkpoint import CheckpointMismatchError, atomic_dir, load_module, save_module
+from vlm.connectors.base import Instruction, VisualTokens, build_connector
+from vlm.data.conversation import PLACEHOLDERS, Turn
+from vlm.llm.load import load_llm
+from vlm.llm.lora import LoRASettings, add_lora, has_lora, load_lora, save_lora
+from vlm.llm.template import IGNORE_INDEX, VISUAL_TOKEN, ChatTemplate
+from vlm.towers.base import VisionTower, build_tower
+
+log = logging.getLogger(__name__)
+PARTS = ("tower", "connector", "llm")
+MODES = ("frozen", "lora", "full")
+
+
+@dataclass
+class VideoLLMConfig:
+    """Everything needed to rebuild a model: parts by registry key + kwargs, and the video settings."""
+
+    tower: dict[str, Any]  # {"name": "siglip", "model": "google/siglip-so400m-patch14-384", ...}
+    connector: dict[str, Any]  # {"name": "stc", "downsample": [2, 2, 2], "reduce": [...]}
+    llm: dict[str, Any]  # {"loader": "hf", "path": "Qwen/Qwen2-7B-Instruct", "dtype": "bfloat16"}
+    num_frames: int = 16
+    sampling: str = "uniform"
+    time_stamps: bool = False  # "Time: 1.5s" before each temporal group of visual tokens
+    max_length: int = 2048
+    system_prompt: str | None = None
+    lora: dict[str, dict[str, Any]] = field(default_factory=dict)  # part -> LoRA settings in use
+
+    def to_dict(self) -> dict[str, Any]:
+        return copy.deepcopy(asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "VideoLLMConfig":
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown model config keys {sorted(unknown)}; allowed: {sorted(cls.__dataclass_fields__)}")
+        for part in PARTS:
+            if part not in d:
+                raise ValueError(f"model config needs '{part}'")
+        return cls(**copy.deepcopy(d))
+
+
+@dataclass
+class Batch:
+    """Model inputs for a batch of conversations; pixel tensors only for samples that have media."""
+
+    input_ids: torch.Tensor  # [B, S] with VISUAL_TOKEN at visual positions
+    attention_mask: torch.Tensor  # [B, S]
+    labels: torch.Tensor | None  # [B, S] or None for generation
+    pixel_values: list[torch.Tensor]  # per media sample, [T, 3, H, W]
+    timestamps: list[torch.Tensor]  # per media sample, [T]
+    instruction_ids: torch.Tensor | None = None  # [B_media, S_i] for instruction-aware connectors
+    instruction_mask: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str) -> "Batch":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Batch(move(self.input_ids), move(self.attention_mask), move(self.labels),
+                     [p.to(device) for p in self.pixel_values], [t.to(device) for t in self.timestamps],
+                     move(self.instruction_ids), move(self.instruction_mask))
+
+
+def pad_sequences(seqs: Sequence[Sequence[int]], value: int, left: bool = False) -> torch.Tensor:
+    width = max((len(s) for s in seqs), default=0)
+    out = torch.full((len(seqs), width), value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if len(s):
+            if left:
+                out[i, width - len(s):] = torch.as_tensor(s)
+            else:
+                out[i, : len(s)] = torch.as_tensor(s)
+    return out
+
+
+class VideoLLM(nn.Module):
+    """The model. Parameter groups are its three children, `tower`, `connector` and `llm`."""
+
+    def __init__(self, config: VideoLLMConfig, tower: VisionTower, connector: nn.Module, llm: nn.Module, tokenizer: Any):
+        super().__init__()
+        self.config = config
+        self.tower = tower
+        self.connector = connector
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.template = ChatTemplate(tokenizer, config.system_prompt)
+        self.modes: dict[str, str] = {"tower": "frozen", "connector": "full", "llm": "frozen"}
+
+    # ---------------------------------------------------------------- building
+    @classmethod
+    def from_config(cls, config: VideoLLMConfig | dict[str, Any]) -> "VideoLLM":
+        if isinstance(config, dict):
+            config = VideoLLMConfig.from_dict(config)
+        tower_cfg = dict(config.tower)
+        tower = build_tower(tower_cfg.pop("name"), **tower_cfg)
+        llm, tokenizer = load_llm(**config.llm)
+        conn_cfg = dict(config.connector)
+        connector = build_connector(conn_cfg.pop("name"), in_dim=tower.hidden_size,
+                                    out_dim=llm.get_input_embeddings().embedding_dim, **conn_cfg)
+        model = cls(config, tower, connector, llm, tokenizer)
+        for part, mode in model.modes.items():  # defaults: tower and LLM frozen, connector trained
+            model.set_mode(part, mode)
+        for part, settings in list(config.lora.items()):
+            model.set_mode(part, "lora", settings)
+        return model
+
+    def part(self, name: str) -> nn.Module:
+        if name not in PARTS:
+            raise KeyError(f"unknown model part '{name}'; parts are {PARTS}")
+        return getattr(self, name)
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters by part name (what per-part learning rates apply to)."""
+        return {p: [q for q in self.part(p).parameters() if q.requires_grad] for p in PARTS}
+
+    def set_mode(self, part: str, mode: str, lora: dict[str, Any] | LoRASettings | None = None) -> None:
+        """frozen: no gradients; full: all parameters train; lora: adapters (added once) train, the rest frozen."""
+        if mode not in MODES:
+            raise ValueError(f"{part}: mode must be one of {MODES}, got '{mode}'")
+        module = self.part(part)
+        if mode == "lora":
+            settings = lora if isinstance(lora, LoRASettings) else LoRASettings.from_dict(
+                lora if lora is not None else self._default_lora(part))
+            if not has_lora(module):
+                add_lora(module, settings, part)
+                self.config.lora[part] = settings.to_dict()
+            for name, p in module.named_parameters():
+                p.requires_grad_("lora_" in name)
+        else:
+            for p in module.parameters():
+                p.requires_grad_(mode == "full")
+        self.modes[part] = mode
+
+    def _default_lora(self, part: str) -> dict[str, Any]:
+        if part == "tower" and getattr(self.tower, "lora_targets", ()):
+            return {"targets": list(self.tower.lora_targets)}
+        return {}
+
+    # ---------------------------------------------------------------- visual tokens
+    @property
+    def device(self) -> torch.device:
+        return next(self.llm.parameters()).device
+
+    def visual_grid(self, num_frames: int) -> tuple[int, int]:
+        """(groups, tokens per group) the connector emits for `num_frames` preprocessed frames."""
+        size = self.tower.preprocessor.size
+        h, w = (size, size) if isinstance(size, int) else size
+        return self.connector.output_grid(self.tower.grid_for(num_frames, h, w))
+
+    def num_visual_tokens(self, num_frames: int) -> int:
+        groups, per_group = self.visual_grid(num_frames)
+        return groups * per_group
+
+    def visual_slot(self, num_frames: int, timestamps: Sequence[float] | None = None) -> list[int]:
+        """Token ids that replace the placeholder: VISUAL_TOKEN runs, with "Time: x.xs" stamps if enabled."""
+        groups, per_group = self.visual_grid(num_frames)
+        if not self.config.time_stamps or timestamps is None or groups < 2:
+            return [VISUAL_TOKEN] * (groups * per_group)
+        slot: list[int] = []
+        for g in range(groups):
+            t = float(timestamps[g * num_frames // groups])
+            slot += self.tokenizer(f"Time: {t:.1f}s", add_special_tokens=False)["input_ids"]
+            slot += [VISUAL_TOKEN] * per_group
+        return slot
+
+    def encode_visual(self, pixel_values: list[torch.Tensor], timestamps: list[torch.Tensor],
+                      instruction: Instruction | None = None) -> VisualTokens:
+        """Tower + connector for each media sample; samples with the same frame shape run as one batch."""
+        if not pixel_values:
+            raise ValueError("encode_visual needs at least one clip")
+        shapes: dict[tuple[int, ...], list[int]] = {}
+        for i, px in enumerate(pixel_values):
+            shapes.setdefault(tuple(px.shape), []).append(i)
+        pieces: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        groups = None
+        for idx in shapes.values():
+            px = torch.stack([pixel_values[i] for i in idx]).to(self.device)  # [b, T, 3, H, W]
+            ts = torch.stack([timestamps[i] for i in idx]).to(self.device)  # [b, T]
+            dtype = next(self.tower.parameters()).dtype
+            feats = self.tower(px.to(dtype), ts)
+            ins = None
+            if instruction is not None:
+                ins = Instruction(instruction.embeds[idx], instruction.mask[idx])
+            out = self.connector(feats, ins if getattr(self.connector, "uses_instruction", False) else None)
+            groups = out.groups
+            for j, i in enumerate(idx):
+                pieces[i] = (out.embeds[j], None if out.mask is None else out.mask[j])
+        embeds = [pieces[i][0] for i in range(len(pixel_values))]
+        if len({e.shape for e in embeds}) != 1:  # clips of different lengths: tokens are spliced sample by sample
+            return VisualTokens(torch.cat(embeds), groups or 1, None)  # type: ignore[arg-type]
+        masks = [pieces[i][1] for i in range(len(pixel_values))]
+        mask = None if all(m is None for m in masks) else torch.stack(
+            [m if m is not None else torch.ones(e.shape[0], dtype=torch.bool, device=e.device) for m, e in zip(masks, embeds)])
+        return VisualTokens(torch.stack(embeds), groups or 1, mask)
+
+    # ---------------------------------------------------------------- batching
+    def _instruction_text(self, turns: Sequence[Turn], media_type: str | None) -> str:
+        text = next((t.text for t in turns if t.role == "user"), "")
+        return text.replace(PLACEHOLDERS.get(media_type or "", "\0"), "").strip()
+
+    def build_batch(self, samples: Sequence[dict[str, Any]], *, generation: bool = False, prefill: str = "") -> Batch:
+        """Tokenize samples {"turns", "media_type", "pixel_values" [T,3,H,W], "timestamps" [T], "id"}.
+
+        For training, labels cover assistant tokens; for generation the prompt ends with the assistant header
+        (+ `prefill`) and sequences are left-padded.
+        """
+        ids_list, labels_list, pixels, stamps, instr = [], [], [], [], []
+        for s in samples:
+            media_type = s.get("media_type")
+            slot: list[int] = []
+            if media_type is not None:
+                px = s["pixel_values"]
+                ts = s.get("timestamps")
+                if ts is None:
+                    ts = torch.zeros(px.shape[0])
+                ts = torch.as_tensor(ts, dtype=torch.float32)
+                slot = self.visual_slot(px.shape[0], ts.tolist())
+                pixels.append(px)
+                stamps.append(ts)
+                instr.append(self.tokenizer(self._instruction_text(s["turns"], media_type), add_special_tokens=False)["input_ids"] or [self.tokenizer.eos_token_id])
+            where = str(s.get("id", "sample"))
+            if generation:
+                ids_list.append(self.template.encode_prompt(s["turns"], media_type, slot, prefill, where))
+            else:
+                enc = self.template.encode(s["turns"], media_type, slot, self.config.max_length, where)
+                ids_list.append(enc.input_ids)
+                labels_list.append(enc.labels)
+        pad_id = self.tokenizer.pad_token_id
+        input_ids = pad_sequences(ids_list, pad_id, left=generation)
+        attention = pad_sequences([[1] * len(x) for x in ids_list], 0, left=generation)
+        labels = None if generation else pad_sequences(labels_list, IGNORE_INDEX)
+        instruction_ids = instruction_mask = None
+        if instr and getattr(self.connector, "uses_instruction", False):
+            instruction_ids = pad_sequences(instr, pad_id)
+            instruction_mask = pad_sequences([[1] * len(x) for x in instr], 0).bool()
+        return Batch(input_ids, attention, labels, pixels, stamps, instruction_ids, instruction_mask)
+
+    # ---------------------------------------------------------------- forward
+    def embed(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(inputs_embeds [B, S, D], attention_mask [B, S], labels [B, S]) with visual tokens spliced in."""
+        ids = batch.input_ids.to(self.device)
+        attention = batch.attention_mask.to(self.device)
+        labels = None if batch.labels is None else batch.labels.to(self.device)
+        embed_tokens = self.llm.get_input_embeddings()
+        is_visual = ids == VISUAL_TOKEN  # [B, S]
+        embeds = embed_tokens(ids.clamp(min=0))  # [B, S, D]
+        if not batch.pixel_values:
+            if is_visual.any():
+                raise ValueError("input_ids have visual positions but the batch has no pixels")
+            return embeds, attention, labels
+        instruction = None
+        if batch.instruction_ids is not None:
+            instruction = Instruction(embed_tokens(batch.instruction_ids.to(self.device)), batch.instruction_mask.to(self.device))
+        visual = self.encode_visual(batch.pixel_values, batch.timestamps, instruction)
+        flat = visual.embeds.reshape(-1, visual.embeds.shape[-1]).to(embeds.dtype)  # [sum L, D]
+        if flat.shape[0] != int(is_visual.sum()):
+            raise ValueError(f"the batch has {int(is_visual.sum())} visual positions but the connector produced "
+                             f"{flat.shape[0]} tokens; build batches with VideoLLM.build_batch")
+        embeds = embeds.masked_scatter(is_visual.unsqueeze(-1), flat)
+        if labels is not None:
+            labels = labels.masked_fill(is_visual, IGNORE_INDEX)
+        if visual.mask is not None and not bool(visual.mask.all()):
+            embeds, attention, labels = self._drop_pruned(embeds, attention, labels, is_visual, visual.mask)
+        return embeds, attention, labels
+
+    def _drop_pruned(self, embeds: torch.Tensor, attention: torch.Tensor, labels: torch.Tensor | None,
+                     is_visual: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Remove visual positions a token reducer pruned, re-padding on the side the batch was padded on."""
+        keep = attention.bool().clone()
+        keep[is_visual] = mask.reshape(-1).to(keep.device)
+        left = bool(attention[:, 0].eq(0).any())
+        rows = [keep[i].nonzero().squeeze(-1) for i in range(embeds.shape[0])]
+        width = max(len(r) for r in rows)
+        new_e = embeds.new_zeros(embeds.shape[0], width, embeds.shape[-1])
+        new_a = attention.new_zeros(embeds.shape[0], width)
+        new_l = None if labels is None else labels.new_full((embeds.shape[0], width), IGNORE_INDEX)
+        for i, r in enumerate(rows):
+            sl = slice(width - len(r), width) if left else slice(0, len(r))
+            new_e[i, sl] = embeds[i, r]
+            new_a[i, sl] = 1
+            if new_l is not None:
+                new_l[i, sl] = labels[i, r]  # type: ignore[index]
+        return new_e, new_a, new_l
+
+    def forward(self, batch: Batch) -> Any:
+        """Causal-LM output with `.loss` over assistant tokens (when the batch has labels) and `.logits`."""
+        embeds, attention, labels = self.embed(batch)
+        return self.llm(inputs_embeds=embeds, attention_mask=attention, labels=labels, use_cache=False)
+
+    @torch.no_grad()
+    def generate(self, batch: Batch, max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0,
+                 top_p: float = 1.0, **kwargs: Any) -> list[str]:
+        """Answers for a generation batch (greedy by default; sampling with do_sample=True)."""
+        embeds, attention, _ = self.embed(batch)
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {"do_sample": False}
+        out = self.llm.generate(inputs_embeds=embeds, attention_mask=attention, max_new_tokens=max_new_tokens,
+                                pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
+                                **sampling, **kwargs)
+        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    # ---------------------------------------------------------------- saving / loading
+    def _tower_rebuildable(self) -> bool:
+        return bool(getattr(self.tower, "loaded_from_checkpoint", False))
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write config.json, the connector, the trained or non-rebuildable parts, adapters and the tokenizer."""
+        folder = Path(folder)
+        saved: list[str] = []
+        with atomic_dir(folder) as tmp:
+            save_module(self.connector, tmp / "connector.safetensors")
+            saved.append("connector")
+            for part, module in (("tower", self.tower), ("llm", self.llm)):
+                if has_lora(module):
+                    save_lora(module, LoRASettings.from_dict(self.config.lora[part]), tmp / f"{part}_lora")
+                    saved.append(f"{part}_lora")
+                rebuildable = self._tower_rebuildable() if part == "tower" else self.config.llm.get("loader") != "random"
+                if self.modes[part] == "full" or not rebuildable:
+                    save_module(_without_lora(module), tmp / f"{part}.safetensors")
+                    saved.append(part)
+            meta = {"vlm_version": __version__, "config": self.config.to_dict(), "saved_parts": saved,
+                    "modes": self.modes, "num_visual_tokens": self.num_visual_tokens(self.config.num_frames)}
+            (tmp / "config.json").write_text(json.dumps(meta, indent=2))
+            self.tokenizer.save_pretrained(tmp / "tokenizer")
+        log.info("saved %s (%s)", folder, ", ".join(saved))
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> "VideoLLM":
+        """Rebuild from config.json and load the saved parts strictly (mismatches name part and key)."""
+        folder = Path(folder)
+        meta_path = folder / "config.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{folder}: not a saved VideoLLM (no config.json)")
+        meta = json.loads(meta_path.read_text())
+        config = VideoLLMConfig.from_dict(meta["config"])
+        lora = config.lora
+        config.lora = {}
+        model = cls.from_config(config)
+        saved = set(meta["saved_parts"])
+        for part in ("tower", "llm"):
+            module = model.part(part)
+            if part in saved:
+                load_module(_without_lora(module), folder / f"{part}.safetensors", part)
+            if f"{part}_lora" in saved:
+                settings = load_lora(module, folder / f"{part}_lora", part)
+                model.config.lora[part] = settings.to_dict()
+            elif part in lora:
+                raise CheckpointMismatchError(f"{folder}: config lists LoRA on {part} but {part}_lora/ is missing")
+        load_module(model.connector, folder / "connector.safetensors", "connector")
+        for part, mode in meta.get("modes", {}).items():
+            model.modes[part] = mode
+        model.eval()
+        return model
+
+    def connector_record(self) -> dict[str, Any]:
+        """What a stage-1 connector needs to be re-attached: tower, dims, frames, connector config."""
+        n = self.config.num_frames
+        size = self.tower.preprocessor.size
+        h, w = (size, size) if isinstance(size, int) else size
+        return {
+            "vlm_version": __version__,
+            "tower": self.config.tower, "tower_hidden_size": self.tower.hidden_size,
+            "preprocessor": self.tower.preprocessor.to_dict(), "num_frames": n,
+            "grid": list(self.tower.grid_for(n, h, w)), "connector": self.config.connector,
+            "num_visual_tokens": self.num_visual_tokens(n),
+            "llm": self.config.llm, "llm_hidden_size": self.llm.get_input_embeddings().embedding_dim,
+            "time_stamps": self.config.time_stamps,
+        }
+
+    def save_connector(self, folder: str | Path) -> Path:
+        """Connector-only save (stage 1): connector.safetensors + connector.json."""
+        folder = Path(folder)
+        with atomic_dir(folder) as tmp:
+            save_module(self.connector, tmp / "connector.safetensors")
+            (tmp / "connector.json").write_text(json.dumps(self.connector_record(), indent=2))
+        return folder
+
+    def load_connector(self, folder: str | Path) -> None:
+        """Attach a connector saved by `save_connector`, after checking it was trained for this tower and LLM."""
+        folder = Path(folder)
+        record = json.loads((folder / "connector.json").read_text())
+        mine = self.connector_record()
+        for key in ("tower", "tower_hidden_size", "connector", "llm_hidden_size", "preprocessor"):
+            if record.get(key) != mine[key]:
+                raise CheckpointMismatchError(
+                    f"connector ({folder}): '{key}' was {record.get(key)!r} when it was trained, this model has {mine[key]!r}")
+        load_module(self.connector, folder / "connector.safetensors", "connector")
+
+    @classmethod
+    def from_connector(cls, folder: str | Path, **overrides: Any) -> "VideoLLM":
+        """A model rebuilt from a connector-only save: the recorded tower and LLM, with the connector attached."""
+        record = json.loads((Path(folder) / "connector.json").read_text())
+        cfg = {"tower": record["tower"], "connector": record["connector"], "llm": record["llm"],
+               "num_frames": record["num_frames"], "time_stamps": record.get("time_stamps", False)} | overrides
+        model = cls.from_config(cfg)
+        model.load_connector(folder)
+        return model
+
+
+def _without_lora(module: nn.Module) -> nn.Module:
+    """A view of the module's base weights for saving/loading: LoRA parameters are stored separately."""
+    if not has_lora(module):
+        return module
+    return _BaseWeights(module)
+
+
+class _BaseWeights(nn.Module):
+    """Exposes `state_dict`/`load_state_dict` of a LoRA-injected module without the adapter tensors, under the
+    original (pre-injection) key names."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self._m = [module]
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        return {k.replace(".base_layer.", "."): v for k, v in self._m[0].state_dict().items() if "lora_" not in k}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True, assign: bool = False) -> Any:  # type: ignore[override]
+        target = self._m[0].state_dict()
+        renamed = {}
+        for k in target:
+            if "lora_" in k:
+                continue
+            renamed[k] = state[k.replace(".base_layer.", ".")]
+        return self._m[0].load_state_dict(renamed, strict=False)
