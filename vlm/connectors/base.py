@@ -27,6 +27,7 @@ class VisualTokens:
     embeds: torch.Tensor  # [B, L, D_llm]
     groups: int  # L % groups == 0; 1 when the connector summarises the whole clip
     mask: torch.Tensor | None = None  # [B, L] bool, True = keep (pruned tokens are False); None = all kept
+    timestamps: torch.Tensor | None = None  # [B, groups] seconds at which each group starts; None = unknown
 
 
 class TokenReducer(nn.Module):

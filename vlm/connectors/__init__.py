@@ -1,0 +1,36 @@
+"""Connectors (visual features -> LLM-width tokens) and token reducers; importing registers them all."""
+
+from vlm.connectors.base import (
+    CONNECTORS,
+    REDUCERS,
+    Connector,
+    Instruction,
+    TokenReducer,
+    VisualTokens,
+    build_connector,
+    register_connector,
+    register_reducer,
+)
+from vlm.connectors.mlp import MLPConnector
+from vlm.connectors.qformer import QFormerConnector
+from vlm.connectors.reduce import DiffPrune, Pool2d, TokenMerge, check_reducer_chain
+from vlm.connectors.stc import STCConnector
+
+__all__ = [
+    "CONNECTORS",
+    "REDUCERS",
+    "Connector",
+    "DiffPrune",
+    "Instruction",
+    "MLPConnector",
+    "Pool2d",
+    "QFormerConnector",
+    "STCConnector",
+    "TokenMerge",
+    "TokenReducer",
+    "VisualTokens",
+    "build_connector",
+    "check_reducer_chain",
+    "register_connector",
+    "register_reducer",
+]
