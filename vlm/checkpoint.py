@@ -32,9 +32,8 @@ def check_state_dict(expected: Mapping[str, torch.Tensor], found: Mapping[str, t
         raise CheckpointMismatchError(f"{part}: " + "; ".join(problems))
 
 
-def save_module(module: nn.Module, path: str | os.PathLike) -> None:
-    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    save_file(state, str(path), metadata={"format": "pt"})
+def save_tensors(state: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path), metadata={"format": "pt"})
 
 
 def load_module(module: nn.Module, path: str | os.PathLike, part: str) -> None:

@@ -20,12 +20,57 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from vlm.train.engine import run_recipe
+    from vlm.train.recipe import load_recipe
+
+    stage = None if args.stage is None else args.stage - 1
+    recipe = load_recipe(args.recipe, args.set or [], stage)
+    final = run_recipe(recipe, only_stage=stage, resume=not args.no_resume)
+    print(f"trained model: {final}")
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from vlm.chat import VideoChat, repl
+    from vlm.video import VideoDecodeError
+
+    settings = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
+    chat = VideoChat.from_pretrained(args.model, num_frames=args.frames, require_video=args.video is not None,
+                                     **{k: v for k, v in settings.items() if v is not None})
+    if args.video is not None:
+        try:
+            chat.load_video(args.video, start=args.start, end=args.end)
+        except VideoDecodeError as e:
+            print(f"vlm chat: cannot read the video: {e}", file=sys.stderr)
+            return 2
+    return repl(chat)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlm", description="video language models: build, train, evaluate, chat")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("list", help="list registered towers, connectors and token reducers")
     p.set_defaults(func=_list)
+    p = sub.add_parser("chat", help="chat about a video in the terminal (streamed answers; /reset, /video PATH, /quit)")
+    p.add_argument("--model", required=True, help="a saved VideoLLM folder")
+    p.add_argument("--video", help="video file, frame folder, GIF or image (or load one later with /video PATH)")
+    p.add_argument("--frames", type=int, help="frames to sample (default: the model's num_frames)")
+    p.add_argument("--start", type=float, help="only the part of the video after this second")
+    p.add_argument("--end", type=float, help="only the part of the video before this second")
+    p.add_argument("--max-new-tokens", type=int, help="longest answer in tokens (default 256)")
+    p.add_argument("--temperature", type=float, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling mass (default 1.0)")
+    p.add_argument("--seed", type=int, help="seed for sampling")
+    p.set_defaults(func=_chat)
+    p = sub.add_parser("train", help="run a staged training recipe (YAML); launch with torchrun for several processes")
+    p.add_argument("recipe", help="recipes/<name>.yaml")
+    p.add_argument("--stage", type=int, default=None, help="run only this stage (1-based); its --set overrides apply to it")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a recipe value, e.g. data.frames=8, stages.1.batch_size=4, model.num_frames=8")
+    p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints and finished stages")
+    p.set_defaults(func=_train)
     for ep in sorted(entry_points(group="vlm.commands"), key=lambda e: e.name):
         ep.load()(sub)
     return parser

@@ -19,13 +19,13 @@ from torch import nn
 import vlm.connectors  # noqa: F401  (registers built-in connectors)
 import vlm.towers  # noqa: F401  (registers built-in towers)
 from vlm import __version__
-from vlm.checkpoint import CheckpointMismatchError, atomic_dir, load_module, save_module
+from vlm.checkpoint import CheckpointMismatchError, atomic_dir, load_module, save_tensors
 from vlm.connectors.base import Instruction, VisualTokens, build_connector
 from vlm.data.conversation import PLACEHOLDERS, Turn
 from vlm.llm.load import load_llm
 from vlm.llm.lora import LoRASettings, add_lora, has_lora, load_lora, save_lora
 from vlm.llm.template import IGNORE_INDEX, VISUAL_TOKEN, ChatTemplate
-from vlm.towers.base import VisionTower, build_tower
+from vlm.towers.base import VisionTower, VisualFeatures, build_tower
 
 log = logging.getLogger(__name__)
 PARTS = ("tower", "connector", "llm")
@@ -67,8 +67,10 @@ class Batch:
     input_ids: torch.Tensor  # [B, S] with VISUAL_TOKEN at visual positions
     attention_mask: torch.Tensor  # [B, S]
     labels: torch.Tensor | None  # [B, S] or None for generation
-    pixel_values: list[torch.Tensor]  # per media sample, [T, 3, H, W]
+    pixel_values: list[torch.Tensor]  # per media sample, [T, 3, H, W] (empty when features are cached)
     timestamps: list[torch.Tensor]  # per media sample, [T]
+    features: list[torch.Tensor] = field(default_factory=list)  # cached tower outputs [T', N, D] (instead of pixels)
+    grids: list[tuple[int, int, int]] = field(default_factory=list)  # the grid of each cached feature tensor
     instruction_ids: torch.Tensor | None = None  # [B_media, S_i] for instruction-aware connectors
     instruction_mask: torch.Tensor | None = None
 
@@ -76,7 +78,11 @@ class Batch:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return Batch(move(self.input_ids), move(self.attention_mask), move(self.labels),
                      [p.to(device) for p in self.pixel_values], [t.to(device) for t in self.timestamps],
+                     [f.to(device) for f in self.features], list(self.grids),
                      move(self.instruction_ids), move(self.instruction_mask))
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
 
 
 def pad_sequences(seqs: Sequence[Sequence[int]], value: int, left: bool = False) -> torch.Tensor:
@@ -149,6 +155,15 @@ class VideoLLM(nn.Module):
                 p.requires_grad_(mode == "full")
         self.modes[part] = mode
 
+    def train(self, mode: bool = True) -> "VideoLLM":
+        """Train mode for trained parts only: frozen parts stay in eval mode (no dropout, no BatchNorm updates)."""
+        super().train(mode)
+        if mode:
+            for part, part_mode in self.modes.items():
+                if part_mode == "frozen":
+                    self.part(part).eval()
+        return self
+
     def _default_lora(self, part: str) -> dict[str, Any]:
         if part == "tower" and getattr(self.tower, "lora_targets", ()):
             return {"targets": list(self.tower.lora_targets)}
@@ -182,76 +197,113 @@ class VideoLLM(nn.Module):
         return slot
 
     def encode_visual(self, pixel_values: list[torch.Tensor], timestamps: list[torch.Tensor],
-                      instruction: Instruction | None = None) -> VisualTokens:
-        """Tower + connector for each media sample; samples with the same frame shape run as one batch."""
-        if not pixel_values:
+                      instruction: Instruction | None = None, features: list[torch.Tensor] | None = None,
+                      grids: list[tuple[int, int, int]] | None = None) -> VisualTokens:
+        """Tower (skipped for cached `features`) + connector per media sample; equal shapes run as one batch."""
+        inputs = list(features) if features else list(pixel_values)
+        if not inputs:
             raise ValueError("encode_visual needs at least one clip")
-        shapes: dict[tuple[int, ...], list[int]] = {}
-        for i, px in enumerate(pixel_values):
-            shapes.setdefault(tuple(px.shape), []).append(i)
+        shapes: dict[tuple[Any, ...], list[int]] = {}
+        for i, x in enumerate(inputs):
+            shapes.setdefault((tuple(x.shape), tuple(grids[i]) if features else None), []).append(i)
         pieces: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        groups = None
-        for idx in shapes.values():
-            px = torch.stack([pixel_values[i] for i in idx]).to(self.device)  # [b, T, 3, H, W]
+        groups = 1
+        for (_, grid), idx in shapes.items():
+            x = torch.stack([inputs[i] for i in idx]).to(self.device)  # [b, T, 3, H, W] or [b, T', N, D]
             ts = torch.stack([timestamps[i] for i in idx]).to(self.device)  # [b, T]
-            dtype = next(self.tower.parameters()).dtype
-            feats = self.tower(px.to(dtype), ts)
+            if features:
+                if self.tower.temporal_patch > 1:
+                    ts = ts[:, :: self.tower.temporal_patch][:, : grid[0]]
+                feats = VisualFeatures(tokens=x.to(next(self.connector.parameters()).dtype), grid=grid, timestamps=ts)
+            else:
+                feats = self.tower(x.to(next(self.tower.parameters()).dtype), ts)
             ins = None
-            if instruction is not None:
+            if instruction is not None and getattr(self.connector, "uses_instruction", False):
                 ins = Instruction(instruction.embeds[idx], instruction.mask[idx])
-            out = self.connector(feats, ins if getattr(self.connector, "uses_instruction", False) else None)
+            out = self.connector(feats, ins)
             groups = out.groups
             for j, i in enumerate(idx):
                 pieces[i] = (out.embeds[j], None if out.mask is None else out.mask[j])
-        embeds = [pieces[i][0] for i in range(len(pixel_values))]
-        if len({e.shape for e in embeds}) != 1:  # clips of different lengths: tokens are spliced sample by sample
-            return VisualTokens(torch.cat(embeds), groups or 1, None)  # type: ignore[arg-type]
-        masks = [pieces[i][1] for i in range(len(pixel_values))]
+        embeds = [pieces[i][0] for i in range(len(inputs))]
+        masks = [pieces[i][1] for i in range(len(inputs))]
+        if len({e.shape for e in embeds}) != 1:  # clips of different lengths: concatenated in sample order
+            cat_mask = None
+            if any(m is not None for m in masks):
+                cat_mask = torch.cat([m if m is not None else torch.ones(e.shape[0], dtype=torch.bool, device=e.device)
+                                      for m, e in zip(masks, embeds)])[None]
+            return VisualTokens(torch.cat(embeds)[None], groups, cat_mask)
         mask = None if all(m is None for m in masks) else torch.stack(
             [m if m is not None else torch.ones(e.shape[0], dtype=torch.bool, device=e.device) for m, e in zip(masks, embeds)])
-        return VisualTokens(torch.stack(embeds), groups or 1, mask)
+        return VisualTokens(torch.stack(embeds), groups, mask)
 
     # ---------------------------------------------------------------- batching
+    def make_sample(self, turns: Sequence[Turn], clip: Any = None, media_type: str | None = None,
+                    sample_id: str = "sample") -> dict[str, Any]:
+        """A `build_batch` sample from conversation turns and a decoded `vlm.video.Clip` (or None for text)."""
+        if clip is None:
+            return {"id": sample_id, "turns": list(turns), "media_type": None}
+        if media_type is None:
+            media_type = "image" if clip.frames.shape[0] == 1 and PLACEHOLDERS["image"] in turns[0].text else "video"
+        return {"id": sample_id, "turns": list(turns), "media_type": media_type,
+                "pixel_values": self.tower.preprocessor(clip.frames),  # [T, 3, H, W]
+                "timestamps": torch.as_tensor(clip.timestamps, dtype=torch.float32)}
+
     def _instruction_text(self, turns: Sequence[Turn], media_type: str | None) -> str:
         text = next((t.text for t in turns if t.role == "user"), "")
         return text.replace(PLACEHOLDERS.get(media_type or "", "\0"), "").strip()
 
-    def build_batch(self, samples: Sequence[dict[str, Any]], *, generation: bool = False, prefill: str = "") -> Batch:
-        """Tokenize samples {"turns", "media_type", "pixel_values" [T,3,H,W], "timestamps" [T], "id"}.
-
-        For training, labels cover assistant tokens; for generation the prompt ends with the assistant header
-        (+ `prefill`) and sequences are left-padded.
-        """
-        ids_list, labels_list, pixels, stamps, instr = [], [], [], [], []
-        for s in samples:
-            media_type = s.get("media_type")
-            slot: list[int] = []
-            if media_type is not None:
-                px = s["pixel_values"]
-                ts = s.get("timestamps")
-                if ts is None:
-                    ts = torch.zeros(px.shape[0])
-                ts = torch.as_tensor(ts, dtype=torch.float32)
-                slot = self.visual_slot(px.shape[0], ts.tolist())
-                pixels.append(px)
-                stamps.append(ts)
-                instr.append(self.tokenizer(self._instruction_text(s["turns"], media_type), add_special_tokens=False)["input_ids"] or [self.tokenizer.eos_token_id])
-            where = str(s.get("id", "sample"))
-            if generation:
-                ids_list.append(self.template.encode_prompt(s["turns"], media_type, slot, prefill, where))
+    def encode_sample(self, sample: dict[str, Any], *, generation: bool = False, prefill: str = "") -> dict[str, Any]:
+        """Tokenize one sample {"id", "turns", "media_type", "pixel_values" [T,3,H,W] | "features" [T',N,D] + "grid"
+        + "num_frames", "timestamps" [T]} into ids/labels around its visual slot. Raises TemplateMismatchError."""
+        media_type = sample.get("media_type")
+        out: dict[str, Any] = {"id": str(sample.get("id", "sample"))}
+        slot: list[int] = []
+        if media_type is not None:
+            if "features" in sample:
+                num_frames = int(sample["num_frames"])
+                out["features"], out["grid"] = sample["features"], tuple(sample["grid"])
             else:
-                enc = self.template.encode(s["turns"], media_type, slot, self.config.max_length, where)
-                ids_list.append(enc.input_ids)
-                labels_list.append(enc.labels)
+                num_frames = sample["pixel_values"].shape[0]
+                out["pixel_values"] = sample["pixel_values"]
+            ts = sample.get("timestamps")
+            ts = torch.zeros(num_frames) if ts is None else torch.as_tensor(ts, dtype=torch.float32)
+            out["timestamps"] = ts
+            slot = self.visual_slot(num_frames, ts.tolist())
+            if getattr(self.connector, "uses_instruction", False):
+                text = self._instruction_text(sample["turns"], media_type)
+                out["instruction_ids"] = self.tokenizer(text, add_special_tokens=False)["input_ids"] or [self.tokenizer.eos_token_id]
+        if generation:
+            out["input_ids"] = self.template.encode_prompt(sample["turns"], media_type, slot, prefill, out["id"])
+        else:
+            enc = self.template.encode(sample["turns"], media_type, slot, self.config.max_length, out["id"])
+            out["input_ids"], out["labels"] = enc.input_ids, enc.labels
+        return out
+
+    def collate(self, encoded: Sequence[dict[str, Any]], *, generation: bool = False) -> Batch:
+        """Pad encoded samples into a Batch (left padding for generation)."""
         pad_id = self.tokenizer.pad_token_id
-        input_ids = pad_sequences(ids_list, pad_id, left=generation)
-        attention = pad_sequences([[1] * len(x) for x in ids_list], 0, left=generation)
-        labels = None if generation else pad_sequences(labels_list, IGNORE_INDEX)
-        instruction_ids = instruction_mask = None
-        if instr and getattr(self.connector, "uses_instruction", False):
-            instruction_ids = pad_sequences(instr, pad_id)
-            instruction_mask = pad_sequences([[1] * len(x) for x in instr], 0).bool()
-        return Batch(input_ids, attention, labels, pixels, stamps, instruction_ids, instruction_mask)
+        ids = [e["input_ids"] for e in encoded]
+        media = [e for e in encoded if "timestamps" in e]
+        instr = [e["instruction_ids"] for e in media if "instruction_ids" in e]
+        batch = Batch(
+            input_ids=pad_sequences(ids, pad_id, left=generation),
+            attention_mask=pad_sequences([[1] * len(x) for x in ids], 0, left=generation),
+            labels=None if generation else pad_sequences([e["labels"] for e in encoded], IGNORE_INDEX),
+            pixel_values=[e["pixel_values"] for e in media if "pixel_values" in e],
+            timestamps=[e["timestamps"] for e in media],
+            features=[e["features"] for e in media if "features" in e],
+            grids=[e["grid"] for e in media if "features" in e],
+        )
+        if instr:
+            batch.instruction_ids = pad_sequences(instr, pad_id)
+            batch.instruction_mask = pad_sequences([[1] * len(x) for x in instr], 0).bool()
+        return batch
+
+    def build_batch(self, samples: Sequence[dict[str, Any]], *, generation: bool = False, prefill: str = "") -> Batch:
+        """`encode_sample` + `collate`: for training, labels cover assistant tokens; for generation the prompt ends
+        with the assistant header (+ `prefill`) and sequences are left-padded."""
+        return self.collate([self.encode_sample(s, generation=generation, prefill=prefill) for s in samples],
+                            generation=generation)
 
     # ---------------------------------------------------------------- forward
     def embed(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -262,14 +314,14 @@ class VideoLLM(nn.Module):
         embed_tokens = self.llm.get_input_embeddings()
         is_visual = ids == VISUAL_TOKEN  # [B, S]
         embeds = embed_tokens(ids.clamp(min=0))  # [B, S, D]
-        if not batch.pixel_values:
+        if not batch.pixel_values and not batch.features:
             if is_visual.any():
                 raise ValueError("input_ids have visual positions but the batch has no pixels")
             return embeds, attention, labels
         instruction = None
         if batch.instruction_ids is not None:
             instruction = Instruction(embed_tokens(batch.instruction_ids.to(self.device)), batch.instruction_mask.to(self.device))
-        visual = self.encode_visual(batch.pixel_values, batch.timestamps, instruction)
+        visual = self.encode_visual(batch.pixel_values, batch.timestamps, instruction, batch.features, batch.grids)
         flat = visual.embeds.reshape(-1, visual.embeds.shape[-1]).to(embeds.dtype)  # [sum L, D]
         if flat.shape[0] != int(is_visual.sum()):
             raise ValueError(f"the batch has {int(is_visual.sum())} visual positions but the connector produced "
@@ -320,20 +372,37 @@ class VideoLLM(nn.Module):
     def _tower_rebuildable(self) -> bool:
         return bool(getattr(self.tower, "loaded_from_checkpoint", False))
 
-    def save_pretrained(self, folder: str | Path) -> Path:
-        """Write config.json, the connector, the trained or non-rebuildable parts, adapters and the tokenizer."""
+    def part_state(self, part: str, state_dict: dict[str, torch.Tensor] | None = None, *,
+                   base: bool = False) -> dict[str, torch.Tensor]:
+        """One part's weights, from the live module or from a full (e.g. ZeRO-3-gathered) `state_dict`.
+        base=True: without LoRA tensors and under the pre-LoRA key names."""
+        if state_dict is None:
+            state = self.part(part).state_dict()
+        else:
+            prefix = part + "."
+            state = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        if base:
+            state = {k.replace(".base_layer.", "."): v for k, v in state.items() if "lora_" not in k}
+        return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+    def save_pretrained(self, folder: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write config.json, the connector, the trained or non-rebuildable parts, adapters and the tokenizer.
+
+        `state_dict`: the full model state when the live modules are partitioned (ZeRO-3), gathered beforehand.
+        """
         folder = Path(folder)
         saved: list[str] = []
         with atomic_dir(folder) as tmp:
-            save_module(self.connector, tmp / "connector.safetensors")
+            save_tensors(self.part_state("connector", state_dict), tmp / "connector.safetensors")
             saved.append("connector")
             for part, module in (("tower", self.tower), ("llm", self.llm)):
                 if has_lora(module):
-                    save_lora(module, LoRASettings.from_dict(self.config.lora[part]), tmp / f"{part}_lora")
+                    save_lora(module, LoRASettings.from_dict(self.config.lora[part]), tmp / f"{part}_lora",
+                              None if state_dict is None else self.part_state(part, state_dict))
                     saved.append(f"{part}_lora")
                 rebuildable = self._tower_rebuildable() if part == "tower" else self.config.llm.get("loader") != "random"
                 if self.modes[part] == "full" or not rebuildable:
-                    save_module(_without_lora(module), tmp / f"{part}.safetensors")
+                    save_tensors(self.part_state(part, state_dict, base=True), tmp / f"{part}.safetensors")
                     saved.append(part)
             meta = {"vlm_version": __version__, "config": self.config.to_dict(), "saved_parts": saved,
                     "modes": self.modes, "num_visual_tokens": self.num_visual_tokens(self.config.num_frames)}
@@ -385,11 +454,11 @@ class VideoLLM(nn.Module):
             "time_stamps": self.config.time_stamps,
         }
 
-    def save_connector(self, folder: str | Path) -> Path:
+    def save_connector(self, folder: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
         """Connector-only save (stage 1): connector.safetensors + connector.json."""
         folder = Path(folder)
         with atomic_dir(folder) as tmp:
-            save_module(self.connector, tmp / "connector.safetensors")
+            save_tensors(self.part_state("connector", state_dict), tmp / "connector.safetensors")
             (tmp / "connector.json").write_text(json.dumps(self.connector_record(), indent=2))
         return folder
 

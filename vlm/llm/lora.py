@@ -54,15 +54,18 @@ def add_lora(module: nn.Module, settings: LoRASettings, part: str = "model") -> 
     return module
 
 
-def lora_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(module, adapter_name=ADAPTER).items()}
+def lora_state_dict(module: nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The adapter tensors of `module` (taken from `state`, the module's full state dict, when given)."""
+    lora = get_peft_model_state_dict(module, state_dict=state, adapter_name=ADAPTER)
+    return {k: v.detach().contiguous().cpu() for k, v in lora.items()}
 
 
-def save_lora(module: nn.Module, settings: LoRASettings, folder: str | os.PathLike) -> None:
+def save_lora(module: nn.Module, settings: LoRASettings, folder: str | os.PathLike,
+              state: dict[str, torch.Tensor] | None = None) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "lora.json").write_text(json.dumps(settings.to_dict(), indent=2))
-    save_file(lora_state_dict(module), str(folder / "adapter.safetensors"))
+    save_file(lora_state_dict(module, state), str(folder / "adapter.safetensors"))
 
 
 def load_lora(module: nn.Module, folder: str | os.PathLike, part: str = "model") -> LoRASettings:

@@ -1,0 +1,62 @@
+"""Tiny data and recipes for the training tests."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tests.conftest import TINY_LLM, TINY_TOWERS
+from vlm.video import write_video
+
+COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
+
+
+def make_tiny_data(root: Path, n: int = 8, frames: int = 4, bad: bool = True) -> dict[str, Path]:
+    """n short clips of a coloured square moving left or right, a caption file and an instruction file."""
+    (root / "videos").mkdir(parents=True, exist_ok=True)
+    captions, instruct = [], []
+    for i in range(n):
+        color = list(COLORS)[i % 4]
+        direction = "right" if i % 2 == 0 else "left"
+        video = np.full((frames, 32, 32, 3), 90, dtype=np.uint8)
+        for t in range(frames):
+            x = 4 + 5 * t if direction == "right" else 24 - 5 * t
+            video[t, 12:20, x:x + 6] = COLORS[color]
+        write_video(root / "videos" / f"v{i}.mp4", video, fps=4)
+        captions.append({"id": f"cap{i}", "video": f"videos/v{i}.mp4", "conversations": [
+            {"from": "human", "value": "<video>\nDescribe the video."},
+            {"from": "gpt", "value": f"A {color} square moves to the {direction}."}]})
+        instruct.append({"id": f"ins{i}", "video": f"videos/v{i}.mp4", "conversations": [
+            {"from": "human", "value": "<video>\nWhich way does the square move?"},
+            {"from": "gpt", "value": direction.capitalize() + "."}]})
+    if bad:
+        captions.append({"id": "missing", "video": "videos/nope.mp4", "conversations": [
+            {"from": "human", "value": "<video>\nDescribe."}, {"from": "gpt", "value": "Nothing."}]})
+        (root / "videos" / "broken.mp4").write_text("not a video")
+        captions.append({"id": "broken", "video": "videos/broken.mp4", "conversations": [
+            {"from": "human", "value": "<video>\nDescribe."}, {"from": "gpt", "value": "Nothing."}]})
+        captions.append({"id": "noplaceholder", "video": "videos/v0.mp4", "conversations": [
+            {"from": "human", "value": "Describe."}, {"from": "gpt", "value": "Nothing."}]})
+    (root / "captions.json").write_text(json.dumps(captions))
+    (root / "instruct.jsonl").write_text("\n".join(json.dumps(r) for r in instruct) + "\n")
+    return {"captions": root / "captions.json", "instruct": root / "instruct.jsonl"}
+
+
+def tiny_recipe(data: dict[str, Path], out: Path, **stage_overrides: Any) -> dict[str, Any]:
+    stage1 = {"name": "align", "parts": {"connector": {"mode": "full", "lr": 1e-3}},
+              "data": {"mixture": [{"path": str(data["captions"])}], "frames": 4},
+              "batch_size": 2, "max_steps": 4, "precision": "fp32", "schedule": {"warmup_steps": 1}}
+    stage2 = {"name": "instruct", "parts": {"connector": {"mode": "full", "lr": 1e-3},
+                                            "llm": {"mode": "lora", "lr": 1e-3, "lora": {"r": 4, "alpha": 8, "targets": ["q_proj", "v_proj"]}}},
+              "data": {"mixture": [{"path": str(data["instruct"]), "weight": 2.0}], "frames": 4},
+              "batch_size": 2, "max_steps": 3, "precision": "fp32"}
+    for s in (stage1, stage2):
+        s.update(copy.deepcopy(stage_overrides))
+    return {"name": "tiny", "output_dir": str(out), "seed": 0,
+            "model": {"tower": copy.deepcopy(TINY_TOWERS["clip"]), "connector": {"name": "mlp"},
+                      "llm": copy.deepcopy(TINY_LLM), "num_frames": 4, "max_length": 256},
+            "stages": [stage1, stage2]}

@@ -1,0 +1,165 @@
+"""What training reads: a weighted mixture of LLaVA-style files, decoded and tokenized sample by sample.
+
+A bad sample (undecodable video, missing file, malformed record, template mismatch) never stops a run: it is
+replaced by the next good sample in the mixture and reported in the batch's `skipped` list, so the training
+loop can count it and say which file/sample and why at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from vlm.data.conversation import ConversationSample, DataFormatError, parse_record, read_records, resolve_media
+from vlm.llm.template import TemplateMismatchError
+from vlm.video.errors import VideoDecodeError
+
+log = logging.getLogger(__name__)
+
+#: errors that make one sample unusable (anything else is a bug and propagates)
+SAMPLE_ERRORS = (VideoDecodeError, DataFormatError, TemplateMismatchError, FileNotFoundError)
+
+
+@dataclass
+class SourceSpec:
+    path: str
+    media_root: str | None = None
+    weight: float = 1.0
+
+
+@dataclass
+class MixtureItem:
+    sample: ConversationSample
+    media_root: Path
+
+
+def load_mixture(sources: Sequence[SourceSpec], seed: int = 0) -> tuple[list[MixtureItem], list[str]]:
+    """Items drawn from each source (weight 1: all once; 0.5: a seeded half; 2.5: twice + a seeded half),
+    plus the list of malformed records ("location: reason") that were left out."""
+    items: list[MixtureItem] = []
+    bad: list[str] = []
+    for k, src in enumerate(sources):
+        root = Path(src.media_root) if src.media_root else Path(src.path).parent
+        samples: list[ConversationSample] = []
+        for location, record in read_records(src.path):
+            if isinstance(record, Exception):
+                bad.append(str(record))
+                continue
+            try:
+                samples.append(parse_record(record, location))
+            except DataFormatError as e:
+                bad.append(str(e))
+        rng = np.random.default_rng([seed, k])
+        whole, frac = divmod(src.weight, 1.0)
+        chosen = list(range(len(samples))) * int(whole)
+        chosen += sorted(rng.permutation(len(samples))[: int(round(frac * len(samples)))].tolist())
+        items += [MixtureItem(samples[i], root) for i in chosen]
+        log.info("%s: %d samples, weight %.2f -> %d", src.path, len(samples), src.weight, len(chosen))
+    if bad:
+        log.warning("%d malformed records left out of the mixture; first: %s", len(bad), bad[0])
+    return items, bad
+
+
+class ConversationDataset(torch.utils.data.Dataset):
+    """Items of a mixture -> encoded samples (see `VideoLLM.encode_sample`), via `load_visual` for media.
+
+    load_visual(path, sample) returns the visual part of a sample: {"pixel_values", "timestamps"} or
+    {"features", "grid", "num_frames", "timestamps"} (from the feature cache).
+    """
+
+    def __init__(self, items: Sequence[MixtureItem], load_visual: Callable[[Path, ConversationSample], dict[str, Any]],
+                 encode: Callable[[dict[str, Any]], dict[str, Any]], visual_tokens: int = 0, max_retries: int = 16):
+        self.items = list(items)
+        self.load_visual = load_visual
+        self.encode = encode
+        self.visual_tokens = visual_tokens
+        self.max_retries = max_retries
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def length(self, i: int) -> int:
+        """Approximate token length (4 characters per token + visual tokens), signed: negative for text-only."""
+        s = self.items[i].sample
+        text = sum(len(t.text) for t in s.turns) // 4
+        return text + self.visual_tokens if s.media else -text
+
+    def _one(self, i: int) -> dict[str, Any]:
+        item = self.items[i]
+        s = item.sample
+        sample: dict[str, Any] = {"id": f"{s.location} (id {s.id})", "turns": s.turns, "media_type": s.media_type}
+        if s.media:
+            path = resolve_media(item.media_root, s.media, s.location)
+            sample.update(self.load_visual(path, s))
+        return self.encode(sample)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        skipped: list[str] = []
+        for attempt in range(self.max_retries):
+            j = (i + attempt) % len(self.items)
+            try:
+                out = self._one(j)
+                out["skipped"] = skipped
+                return out
+            except SAMPLE_ERRORS as e:
+                s = self.items[j].sample
+                reason = str(e) if s.location in str(e) else f"{s.location} (id {s.id}): {e}"
+                log.warning("skipping bad sample %s", reason)
+                skipped.append(reason)
+        raise RuntimeError(f"{self.max_retries} consecutive bad samples from index {i}; last: {skipped[-1]}")
+
+
+class BatchPlan:
+    """Deterministic batches of indices for one process: shuffled per (seed, epoch), optionally grouped by
+    modality and length (LLaVA's `group_by_modality_length`), split across processes, resumable at any batch."""
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, world_size: int = 1, rank: int = 0, seed: int = 0,
+                 group_by_length: bool = True):
+        self.lengths = np.asarray(lengths)
+        self.batch_size = batch_size
+        self.world_size = world_size
+        self.rank = rank
+        self.seed = seed
+        self.group_by_length = group_by_length
+        self.global_batch = batch_size * world_size
+        if len(self.lengths) < self.global_batch:
+            raise ValueError(f"{len(self.lengths)} samples cannot fill one global batch of {self.global_batch}")
+
+    def __len__(self) -> int:
+        """Batches per epoch for each process (the incomplete last global batch is dropped)."""
+        return len(self.lengths) // self.global_batch
+
+    def _megabatches(self, idx: np.ndarray, rng: np.random.Generator) -> list[list[int]]:
+        idx = idx[rng.permutation(len(idx))]
+        megas = [idx[k:k + self.global_batch] for k in range(0, len(idx), self.global_batch)]
+        return [sorted(m.tolist(), key=lambda i: -abs(int(self.lengths[i]))) for m in megas]
+
+    def epoch(self, epoch: int) -> list[list[int]]:
+        rng = np.random.default_rng([self.seed, epoch])
+        n = len(self.lengths)
+        if not self.group_by_length:
+            order = rng.permutation(n)
+            globals_ = [order[k:k + self.global_batch].tolist() for k in range(0, n, self.global_batch)]
+        else:
+            mm = np.flatnonzero(self.lengths >= 0)
+            text = np.flatnonzero(self.lengths < 0)
+            megas = self._megabatches(mm, rng) + self._megabatches(text, rng)
+            full = [m for m in megas if len(m) == self.global_batch]
+            rest = [i for m in megas if len(m) < self.global_batch for i in m]  # leftovers mix modalities
+            full += [rest[k:k + self.global_batch] for k in range(0, len(rest), self.global_batch)]
+            globals_ = [full[i] for i in rng.permutation(len(full))]
+        globals_ = [g for g in globals_ if len(g) == self.global_batch][: len(self)]
+        return [g[self.rank * self.batch_size:(self.rank + 1) * self.batch_size] for g in globals_]
+
+
+def steps_for(num_batches: int, grad_accum: int, epochs: float, max_steps: int | None) -> int:
+    """Optimizer steps of a stage."""
+    if max_steps is not None:
+        return max_steps
+    return max(1, math.ceil(num_batches * epochs / grad_accum))

@@ -1,0 +1,265 @@
+"""Recipes: YAML -> validated dataclasses. A recipe names the model parts and a list of stages; each stage
+says per part `frozen | lora | full` and its learning rate, its data mixture, frames, batch, schedule and
+precision, and starts from the previous stage's output."""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vlm.model import MODES, PARTS, VideoLLMConfig
+
+
+class RecipeError(ValueError):
+    """A recipe is invalid; the message names the file, the field and the reason."""
+
+
+@dataclass
+class PartSpec:
+    mode: str = "frozen"  # frozen | lora | full
+    lr: float | None = None  # required unless frozen
+    lora: dict[str, Any] | None = None  # LoRA settings (r, alpha, dropout, targets) when mode == lora
+    weight_decay: float = 0.0
+
+
+@dataclass
+class DataSource:
+    path: str  # LLaVA-style JSON / JSONL
+    media_root: str | None = None  # default: the file's folder
+    weight: float = 1.0  # sampling weight: the share of an epoch drawn from this source is len * weight
+
+
+@dataclass
+class DataSpec:
+    mixture: list[DataSource] = field(default_factory=list)
+    frames: int = 16
+    sampling: str = "uniform"
+    num_workers: int = 0
+    max_samples: int | None = None  # cap the epoch (smoke runs)
+
+
+@dataclass
+class ScheduleSpec:
+    warmup_ratio: float = 0.03  # of the stage's optimizer steps (LLaVA's 0.03)
+    warmup_steps: int | None = None  # overrides warmup_ratio
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of each part's lr
+
+
+@dataclass
+class StageSpec:
+    name: str
+    parts: dict[str, PartSpec]
+    data: DataSpec
+    batch_size: int = 8  # per process
+    grad_accum: int = 1
+    epochs: float = 1.0
+    max_steps: int | None = None  # optimizer steps; overrides epochs
+    schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
+    precision: str = "bf16"  # fp32 | bf16 | fp16
+    deepspeed: str | None = None  # path to a DeepSpeed JSON config (recipes/deepspeed/zero2.json, ...)
+    gradient_checkpointing: bool = False
+    group_by_length: bool = True  # LLaVA's modality-length grouping
+    feature_cache: bool = True  # when the tower is frozen: encode each clip once, train from the cache
+    max_grad_norm: float = 1.0
+    save_every: int = 0  # optimizer steps between checkpoints (0: only at the end)
+    keep_last: int = 2
+    log_every: int = 1
+    save: str = "model"  # model (a full VideoLLM folder) | connector (a connector-only save too)
+
+
+@dataclass
+class Recipe:
+    name: str
+    model: dict[str, Any]  # VideoLLMConfig fields
+    stages: list[StageSpec]
+    output_dir: str = "runs/${name}"
+    seed: int = 0
+    vars: dict[str, Any] = field(default_factory=dict)
+    source: str = "<recipe>"
+
+    def model_config(self) -> VideoLLMConfig:
+        return VideoLLMConfig.from_dict(self.model)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _interpolate(value: Any, variables: dict[str, Any], where: str) -> Any:
+    if isinstance(value, str):
+        def sub(m: re.Match[str]) -> str:
+            name = m.group(1)
+            if name in variables:
+                return str(variables[name])
+            if name in os.environ:
+                return os.environ[name]
+            raise RecipeError(f"{where}: unknown variable ${{{name}}} (define it under 'vars:' or in the environment)")
+
+        return _VAR.sub(sub, value)
+    if isinstance(value, dict):
+        return {k: _interpolate(v, variables, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, variables, f"{where}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def _parse_scalar(text: str) -> Any:
+    return yaml.safe_load(text)
+
+
+def apply_override(raw: dict[str, Any], assignment: str, stage: int | None = None) -> None:
+    """Apply `a.b.c=value` to the raw recipe dict. Keys under a stage (data.frames=8) go to `stage`, or to every
+    stage when `stage` is None; `stages.1.batch_size=4` addresses a stage explicitly; `model.*`, `vars.*`,
+    `seed`, `output_dir` address the recipe."""
+    if "=" not in assignment:
+        raise RecipeError(f"--set '{assignment}': expected key=value")
+    key, text = assignment.split("=", 1)
+    value = _parse_scalar(text)
+    path = key.strip().split(".")
+    top = {f.name for f in fields(Recipe)}
+    targets: list[dict[str, Any]]
+    if path[0] in top:
+        targets = [raw]
+    else:
+        stages = raw.get("stages") or []
+        targets = [stages[stage]] if stage is not None else list(stages)
+        if stage is not None and not 0 <= stage < len(stages):
+            raise RecipeError(f"--stage {stage}: the recipe has {len(stages)} stages")
+    for target in targets:
+        node = target
+        for i, part in enumerate(path[:-1]):
+            if isinstance(node, list):
+                node = node[int(part)]
+                continue
+            node = node.setdefault(part, {})
+        if isinstance(node, list):
+            node[int(path[-1])] = value
+        else:
+            node[path[-1]] = value
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    """Dataclass from a dict, rejecting unknown keys with the list of allowed ones."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where}: expected a mapping, got {type(data).__name__}")
+    allowed = {f.name for f in fields(cls)}
+    unknown = set(data) - allowed
+    if unknown:
+        raise RecipeError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+    return cls(**data)
+
+
+def _stage(raw: dict[str, Any], i: int, where: str) -> StageSpec:
+    where = f"{where}: stages[{i}]"
+    raw = dict(raw)
+    raw.setdefault("name", f"stage{i + 1}")
+    parts_raw = raw.pop("parts", None) or {}
+    unknown = set(parts_raw) - set(PARTS)
+    if unknown:
+        raise RecipeError(f"{where}.parts: unknown part(s) {sorted(unknown)}; parts are {list(PARTS)}")
+    parts = {p: _build(PartSpec, parts_raw.get(p) or {}, f"{where}.parts.{p}") for p in PARTS}
+    data_raw = dict(raw.pop("data", None) or {})
+    mixture = [_build(DataSource, m, f"{where}.data.mixture[{j}]") for j, m in enumerate(data_raw.pop("mixture", []) or [])]
+    data = _build(DataSpec, {**data_raw, "mixture": mixture}, f"{where}.data")
+    schedule = _build(ScheduleSpec, raw.pop("schedule", None) or {}, f"{where}.schedule")
+    return _build(StageSpec, {**raw, "parts": parts, "data": data, "schedule": schedule}, where)
+
+
+def parse_recipe(raw: dict[str, Any], source: str = "<recipe>") -> Recipe:
+    raw = copy.deepcopy(raw)
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{source}: a recipe is a mapping")
+    variables = dict(raw.get("vars") or {})
+    variables.setdefault("name", raw.get("name", "recipe"))
+    raw = _interpolate(raw, variables, source)
+    for key in ("name", "model", "stages"):
+        if key not in raw:
+            raise RecipeError(f"{source}: missing '{key}'")
+    if not isinstance(raw["stages"], list) or not raw["stages"]:
+        raise RecipeError(f"{source}: 'stages' must be a non-empty list")
+    stages = [_stage(s, i, source) for i, s in enumerate(raw["stages"])]
+    rest = {k: v for k, v in raw.items() if k != "stages"}
+    recipe = _build(Recipe, {**rest, "stages": stages, "source": source}, source)
+    validate(recipe)
+    return recipe
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] = (), stage: int | None = None) -> Recipe:
+    """Read, override (`key=value`), interpolate ${vars} and validate a recipe file."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: malformed YAML: {e}") from None
+    for assignment in overrides:
+        apply_override(raw, assignment, stage)
+    return parse_recipe(raw, str(path))
+
+
+def validate(recipe: Recipe, check_files: bool = True) -> None:
+    """Every check that can fail before training starts: registry keys, modes, rates, files, numbers."""
+    import vlm.connectors  # noqa: F401
+    import vlm.towers  # noqa: F401
+    from vlm.connectors.base import CONNECTORS, REDUCERS
+    from vlm.llm.load import _LOADERS
+    from vlm.towers.base import TOWERS
+    from vlm.video.sampling import POLICIES
+
+    src = recipe.source
+    try:
+        cfg = recipe.model_config()
+    except ValueError as e:
+        raise RecipeError(f"{src}: model: {e}") from None
+    for part, registry, key in (("tower", TOWERS, "name"), ("connector", CONNECTORS, "name"), ("llm", None, "loader")):
+        spec = getattr(cfg, part)
+        if key not in spec:
+            raise RecipeError(f"{src}: model.{part} needs '{key}'")
+        names = registry.names() if registry is not None else sorted(_LOADERS)
+        if spec[key] not in names:
+            raise RecipeError(f"{src}: model.{part}.{key} '{spec[key]}' is not registered; choose from {names}")
+    for j, r in enumerate(cfg.connector.get("reduce", []) or []):
+        if r.get("name") not in REDUCERS:
+            raise RecipeError(f"{src}: model.connector.reduce[{j}] '{r.get('name')}' is not registered; choose from {REDUCERS.names()}")
+    for i, st in enumerate(recipe.stages):
+        where = f"{src}: stages[{i}] ({st.name})"
+        for part, ps in st.parts.items():
+            if ps.mode not in MODES:
+                raise RecipeError(f"{where}.parts.{part}.mode '{ps.mode}': choose from {list(MODES)}")
+            if ps.mode != "frozen" and (ps.lr is None or not ps.lr > 0):
+                raise RecipeError(f"{where}.parts.{part}: mode '{ps.mode}' needs a positive lr")
+            if ps.lora is not None and ps.mode != "lora":
+                raise RecipeError(f"{where}.parts.{part}: 'lora' settings given but mode is '{ps.mode}'")
+        if all(ps.mode == "frozen" for ps in st.parts.values()):
+            raise RecipeError(f"{where}: every part is frozen; nothing would train")
+        if st.precision not in ("fp32", "bf16", "fp16"):
+            raise RecipeError(f"{where}.precision '{st.precision}': choose fp32, bf16 or fp16")
+        if st.save not in ("model", "connector"):
+            raise RecipeError(f"{where}.save '{st.save}': choose model or connector")
+        for name in ("batch_size", "grad_accum", "keep_last"):
+            if getattr(st, name) < 1:
+                raise RecipeError(f"{where}.{name} must be >= 1")
+        if st.max_steps is None and not st.epochs > 0:
+            raise RecipeError(f"{where}: set epochs > 0 or max_steps")
+        if st.data.sampling not in POLICIES:
+            raise RecipeError(f"{where}.data.sampling '{st.data.sampling}': choose from {sorted(POLICIES)}")
+        if st.data.frames < 1:
+            raise RecipeError(f"{where}.data.frames must be >= 1")
+        if not st.data.mixture:
+            raise RecipeError(f"{where}.data.mixture is empty")
+        for j, m in enumerate(st.data.mixture):
+            if not m.weight > 0:
+                raise RecipeError(f"{where}.data.mixture[{j}].weight must be > 0")
+            if check_files and not Path(m.path).is_file():
+                raise RecipeError(f"{where}.data.mixture[{j}].path: {m.path} not found")
+        if check_files and st.deepspeed and not Path(st.deepspeed).is_file():
+            raise RecipeError(f"{where}.deepspeed: {st.deepspeed} not found")
