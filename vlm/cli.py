@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from importlib.metadata import entry_points
 
@@ -27,7 +28,8 @@ def _train(args: argparse.Namespace) -> int:
     stage = None if args.stage is None else args.stage - 1
     recipe = load_recipe(args.recipe, args.set or [], stage)
     final = run_recipe(recipe, only_stage=stage, resume=not args.no_resume)
-    print(f"trained model: {final}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"trained model: {final}")
     return 0
 
 

@@ -220,10 +220,15 @@ class Collate:
 def train_stage(recipe: Recipe, index: int, init_from: Path | None, stage_dir: Path, resume: bool = True) -> Path:
     """Train stage `index` into `stage_dir`; returns the saved model folder (`stage_dir/final`)."""
     stage = recipe.stages[index]
-    accelerator, deepspeed = build_accelerator(stage)
-    main = accelerator.is_main_process
+    # The model is built whole before DeepSpeed is set up: a previous ZeRO-3 stage must not make transformers
+    # build it partitioned (saved parts are loaded into full tensors; DeepSpeed partitions at prepare()).
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
     torch.manual_seed(recipe.seed + index)
     model = stage_model(recipe, stage, init_from)
+    accelerator, deepspeed = build_accelerator(stage)
+    main = accelerator.is_main_process
 
     items, bad_records = load_mixture([SourceSpec(m.path, m.media_root, m.weight) for m in stage.data.mixture],
                                       recipe.seed + index)

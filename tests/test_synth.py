@@ -1,0 +1,331 @@
+"""The synthetic temporal-video generator: determinism, file formats, benchmark hygiene, ground truth vs pixels."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_tools.synth import CLASSES, generate
+from data_tools.synth.contact_sheet import decode_frames
+from data_tools.synth.generate import class_of, split_of
+from data_tools.synth.language import movers, object_action, timeline
+from data_tools.synth.render import render_clip
+from data_tools.synth.tasks import TASKS, AnswerPlacer, Question, clip_questions
+from data_tools.synth.world import BG_TONES, COLORS, sample_clip
+
+NUM, FRAMES, SIZE, SEED, EVAL = 12, 16, 112, 7, 0.34  # 4 test clips
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
+    """The same dataset generated twice: in-process (workers=1) and with a pool of 2 workers."""
+    a, b = tmp_path_factory.mktemp("synth_w1"), tmp_path_factory.mktemp("synth_w2")
+    summary = generate(a, NUM, SEED, frames=FRAMES, size=SIZE, eval_fraction=EVAL, workers=1, progress=False)
+    generate(b, NUM, SEED, frames=FRAMES, size=SIZE, eval_fraction=EVAL, workers=2, progress=False)
+    return a, b, summary
+
+
+@pytest.fixture(scope="module")
+def out(runs: tuple[Path, Path, dict]) -> Path:
+    return runs[0]
+
+
+def _load(path: Path):
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _meta(out: Path) -> list[dict]:
+    return _load(out / "meta.jsonl")
+
+
+def test_identical_for_any_worker_count(runs: tuple[Path, Path, dict]) -> None:
+    a, b, _ = runs
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    differ = [str(f) for f in files if f.name != "summary.json" and not filecmp.cmp(a / f, b / f, shallow=False)]
+    assert differ == []  # videos, contact sheet and every data file are byte-identical
+    sa, sb = _load(a / "summary.json"), _load(b / "summary.json")
+    for s in (sa, sb):
+        s.pop("timing")
+        s["settings"].pop("workers")
+    assert sa == sb
+
+
+def test_other_seed_other_data(out: Path, tmp_path: Path) -> None:
+    generate(tmp_path, 3, SEED + 1, frames=FRAMES, size=SIZE, eval_fraction=EVAL, workers=1, progress=False)
+    assert _meta(tmp_path)[0]["objects"] != _meta(out)[0]["objects"]
+
+
+def test_every_file_exists_and_parses(out: Path, runs: tuple[Path, Path, dict]) -> None:
+    summary = runs[2]
+    for name in ("meta.jsonl", "captions_train.json", "instruct_train.json", "instruct_test.json", "retrieval_train.json",
+                 "retrieval_test.json", "classes.json", "classification_train.jsonl", "classification_test.jsonl",
+                 "mvbench/tasks.json", "summary.json"):
+        assert isinstance(_load(out / name), list if name != "summary.json" else dict), name
+    assert summary == {**_load(out / "summary.json"), "timing": summary["timing"]}
+    for name, n in summary["files"].items():
+        assert len(_load(out / name)) == n, name
+    meta = _meta(out)
+    assert [m["id"] for m in meta] == [f"c{i:06d}" for i in range(NUM)]
+    for m in meta:
+        assert (out / m["video"]).is_file()
+        assert m["video"].startswith("videos/" if m["split"] == "train" else "mvbench/video/")
+        assert m["num_frames"] == FRAMES and m["size"] == SIZE and m["fps"] == 8.0
+        for o in m["objects"]:
+            assert all(len(v) == FRAMES for v in o["track"].values())
+        for e in m["events"]:
+            assert 0 <= e["start_frame"] <= e["end_frame"] < FRAMES
+            assert e["start_s"] == round(e["start_frame"] / m["fps"], 3)
+    assert sum(m["split"] == "test" for m in meta) == 4
+    png = (out / "contact_sheet.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_llava_records(out: Path) -> None:
+    for name in ("captions_train.json", "instruct_train.json", "instruct_test.json"):
+        records = _load(out / name)
+        assert records, name
+        assert len({r["id"] for r in records}) == len(records)
+        for r in records:
+            conv = r["conversations"]
+            assert [t["from"] for t in conv] == ["human", "gpt"] * (len(conv) // 2) and conv
+            texts = [t["value"] for t in conv]
+            assert sum(t.count("<video>") for t in texts) == 1, r["id"]
+            first = texts[0]
+            assert first.startswith("<video>\n") or first.endswith("\n<video>"), r["id"]
+            assert (out / r["video"]).is_file()
+            assert all(t.strip() for t in texts)
+    starts = Counter(r["conversations"][0]["value"].startswith("<video>") for r in _load(out / "instruct_train.json"))
+    assert starts[True] and starts[False]  # both placements occur
+    kinds = Counter(r["id"].split("_")[1].rstrip("0123456789") for r in _load(out / "instruct_train.json"))
+    assert kinds["qa"] and kinds["mcq"] and kinds["multi"]
+
+
+def test_instruction_mcqs_are_well_formed(out: Path) -> None:
+    for r in _load(out / "instruct_train.json"):
+        for human, gpt in zip(r["conversations"][::2], r["conversations"][1::2]):
+            text = human["value"].replace("<video>", "").strip()
+            options = [line[4:] for line in text.splitlines() if line[:3] in ("(A)", "(B)", "(C)", "(D)")]
+            if not options:
+                continue
+            assert len(options) == 4 and len(set(options)) == 4
+            letter, answer = gpt["value"][1], gpt["value"][4:]
+            assert gpt["value"][0] == "(" and options["ABCD".index(letter)] == answer
+
+
+def test_benchmark_items(out: Path) -> None:
+    manifest = _load(out / "mvbench/tasks.json")
+    assert len(manifest) >= 8 and [t["task"] for t in manifest] == [t.name for t in TASKS]
+    test_ids = {m["id"] for m in _meta(out) if m["split"] == "test"}
+    total = 0
+    for entry in manifest:
+        assert entry["prefix"] == "video/" and entry["data_type"] == "video"
+        items = _load(out / "mvbench/json" / entry["json"])
+        total += len(items)
+        for it in items:
+            assert len(it["candidates"]) == 4 and len(set(it["candidates"])) == 4
+            assert it["answer"] in it["candidates"]
+            assert it["video"][:-4] in test_ids
+            assert (out / "mvbench" / entry["prefix"] / it["video"]).is_file()
+            if entry["bound"]:
+                assert 0 <= it["start"] < it["end"] <= FRAMES / 8.0
+            else:
+                assert "start" not in it
+    assert total >= 3 * 4  # several tasks per test clip
+
+
+def test_answer_positions_balanced(out: Path, runs: tuple[Path, Path, dict]) -> None:
+    for key, t in runs[2]["tasks"].items():
+        counts = list(t["answer_positions"].values())
+        assert sum(counts) == t["items"] and max(counts) - min(counts) <= 1, key
+    for stream, hist in runs[2]["instruct_answer_positions"].items():
+        assert max(hist.values()) - min(hist.values()) <= 1, stream
+    # And at scale: 1000 questions of one stream spread evenly over A-D.
+    placer, rng = AnswerPlacer(0), np.random.default_rng(0)
+    q = Question("t", "q?", "yes", ["a", "b", "c"])
+    positions = Counter(placer.place("s", q, rng)[1] for _ in range(1001))
+    assert max(positions.values()) - min(positions.values()) <= 1
+
+
+def test_test_clips_never_in_train_files(out: Path) -> None:
+    test_videos = {m["video"] for m in _meta(out) if m["split"] == "test"}
+    train_videos = {m["video"] for m in _meta(out) if m["split"] == "train"}
+    assert test_videos and train_videos
+    for name in ("captions_train.json", "instruct_train.json", "retrieval_train.json"):
+        assert {r["video"] for r in _load(out / name)} <= train_videos, name
+    assert {r["video"] for r in _load(out / "classification_train.jsonl")} <= train_videos
+    for name in ("instruct_test.json", "retrieval_test.json"):
+        assert {r["video"] for r in _load(out / name)} <= test_videos, name
+    assert sorted(p.name for p in (out / "videos").iterdir()) == sorted(v.split("/")[-1] for v in train_videos)
+
+
+def test_classes_and_retrieval(out: Path) -> None:
+    classes = _load(out / "classes.json")
+    assert classes == list(CLASSES)
+    for split in ("train", "test"):
+        for r in _load(out / f"classification_{split}.jsonl"):
+            assert classes[r["label_id"]] == r["label"]
+        for r in _load(out / f"retrieval_{split}.json"):
+            assert len(r["captions"]) >= 3 and len(set(r["captions"])) == len(r["captions"])
+
+
+def test_split_and_class_schedule() -> None:
+    splits = [split_of(i, 0.2) for i in range(1000)]
+    assert splits.count("test") == 200
+    per_split = Counter((split_of(i, 0.2), class_of(i, 0, 0.2)) for i in range(1200))
+    train = [per_split["train", c] for c in CLASSES]
+    test = [per_split["test", c] for c in CLASSES]
+    assert max(train) - min(train) <= 1 and max(test) - min(test) <= 1
+
+
+def test_backgrounds_never_look_like_object_colors() -> None:
+    for tone in BG_TONES.values():
+        for color in COLORS.values():
+            assert np.linalg.norm(np.subtract(tone, color)) > 100
+
+
+def _nearest_color(rgb: np.ndarray) -> str:
+    return min(COLORS, key=lambda c: np.abs(np.subtract(COLORS[c], rgb, dtype=float)).sum())
+
+
+def test_ground_truth_matches_decoded_pixels(out: Path) -> None:
+    """At every fully visible object's ground-truth centre the decoded pixel has the object's colour."""
+    checked = 0
+    for m in _meta(out):
+        frames = decode_frames(out / m["video"])
+        assert frames.shape == (FRAMES, SIZE, SIZE, 3)
+        for o in m["objects"]:
+            if o["role"] in ("box", "ball"):
+                continue
+            tr = o["track"]
+            for k in range(FRAMES):
+                if tr["opacity"][k] == 1.0:
+                    x, y = round(tr["x"][k]), round(tr["y"][k])
+                    assert _nearest_color(frames[k, y, x]) == tr["color"][k], (m["id"], o["id"], k)
+                    checked += 1
+                elif tr["opacity"][k] == 0.0:  # hidden: what is there is not the object's colour
+                    pixel = frames[k, round(tr["y"][k]), round(tr["x"][k])].astype(int)
+                    assert np.abs(pixel - COLORS[tr["color"][k]]).max() > 60, (m["id"], o["id"], k)
+    assert checked > 100
+
+
+@pytest.mark.parametrize("direction", ["left", "right", "up", "down"])
+def test_moving_object_moves_in_pixels(tmp_path: Path, direction: str) -> None:
+    """The decoded mask of a 'moving <direction>' object's colour travels that way."""
+    from vlm.video.encode import write_video
+
+    clip = sample_clip(np.random.default_rng([1, 2]), f"moving {direction}", 24, 128, 8.0)
+    write_video(tmp_path / "c.mp4", render_clip(clip), 8.0)
+    frames = decode_frames(tmp_path / "c.mp4").astype(int)
+    mover = movers(clip)[0]
+    target = np.array(COLORS[mover["color"]])
+    ev = next(e for e in clip["events"] if e["type"] == "move" and e["object"] == mover["id"])
+    centres = []
+    for k in (ev["start_frame"], ev["end_frame"]):
+        mask = np.abs(frames[k] - target).max(axis=-1) < 40
+        ys, xs = np.nonzero(mask)
+        centres.append((xs.mean(), ys.mean()))
+    (x0, y0), (x1, y1) = centres
+    dx, dy = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[direction]
+    assert (x1 - x0) * dx + (y1 - y0) * dy > 0.25 * 128
+    assert abs((x1 - x0) * dy) + abs((y1 - y0) * dx) < 3
+
+
+def test_ground_truth_is_self_consistent() -> None:
+    """Facts re-derived from the per-frame tracks agree with the events, for many clips of every class and size."""
+    for i in range(96):
+        T, S = [(16, 112), (24, 128), (32, 224)][i % 3]
+        clip = sample_clip(np.random.default_rng([11, i]), CLASSES[i % len(CLASSES)], T, S, 8.0)
+        objs = [o for o in clip["objects"] if o["role"] not in ("box", "ball")]
+        assert len({o["shape"] for o in objs}) == len(objs)
+        worn = [c for o in objs for c in dict.fromkeys(o["track"]["color"])]
+        assert len(worn) == len(set(worn))  # no colour is ever shared by two objects
+        for o in objs:
+            x, y = np.array(o["track"]["x"]), np.array(o["track"]["y"])
+            r = o["radius"] * np.array(o["track"]["scale"])
+            assert np.all(x - r >= 0) and np.all(x + r <= S) and np.all(y - r >= 0) and np.all(y + r <= S)
+            kinds = {e["type"] for e in clip["events"] if e["object"] == o["id"]} - {"start", "stop"}
+            assert len(kinds) <= 1
+            moved = np.ptp(x) > 1 or np.ptp(y) > 1
+            assert moved == (o in movers(clip))
+            if "bounce" in kinds:  # velocity reversals in the track = the bounce events, at their frames
+                v = np.diff(x if o["axis"] == "x" else y)
+                flips = [k + 1 for k in range(len(v) - 1) if v[k] * v[k + 1] < 0]
+                assert flips == [e["start_frame"] for e in clip["events"] if e["type"] == "bounce"]
+                assert o["bounces"] == len(flips)
+        for e in clip["events"]:
+            if e["type"] == "move":
+                o = next(o for o in objs if o["id"] == e["object"])
+                d = {"left": -np.diff(o["track"]["x"]), "right": np.diff(o["track"]["x"]),
+                     "up": -np.diff(o["track"]["y"]), "down": np.diff(o["track"]["y"])}[e["direction"]]
+                assert np.all(d >= -1e-6) and d.sum() > 0.25 * S
+            if e["type"] == "color_change":
+                tr = next(o for o in objs if o["id"] == e["object"])["track"]["color"]
+                assert tr[e["start_frame"] - 1] == e["from_color"] and tr[e["start_frame"]] == e["to_color"]
+        frames = [p["frame"] for p in timeline(clip)]
+        assert all(b - a >= 2 for a, b in zip(frames, frames[1:]))
+        if clip["label"] == "shuffling":
+            sh = clip["shuffle"]
+            pos = sh["start_position"]
+            swaps = [e for e in clip["events"] if e["type"] == "swap"]
+            assert [e["positions"] for e in swaps] == sh["swaps"]
+            for (i_, j_), e in zip(sh["swaps"], swaps):
+                assert e["ball_moved"] == (pos in (i_, j_))
+                pos = j_ if pos == i_ else i_ if pos == j_ else pos
+            assert pos == sh["end_position"]
+            boxes = [o for o in clip["objects"] if o["role"] == "box"]  # the box over the ball's final slot
+            final_x = clip["objects"][0]["track"]["x"][-1]
+            assert sorted(round(b["track"]["x"][-1]) for b in boxes).index(round(final_x)) + 1 == pos
+            ball = clip["objects"][0]
+            assert ball["track"]["visible"][0] and not ball["track"]["visible"][-1]
+
+
+def test_distractors_are_never_true() -> None:
+    """Checks, per task, that no distractor is also a correct answer."""
+    seen = Counter()
+    for i in range(120):
+        clip = sample_clip(np.random.default_rng([12, i]), CLASSES[i % len(CLASSES)], 24, 128, 8.0)
+        objs = [o for o in clip["objects"] if o["role"] not in ("box", "ball")]
+        worn = {f"{c} {o['shape']}" for o in objs for c in o["track"]["color"]}
+        for key, q in clip_questions(clip, np.random.default_rng([13, i])).items():
+            seen[key] += 1
+            if key == "object_existence":
+                steady = {f"{o['color']} {o['shape']}" for o in objs
+                          if o["track"]["visible"][0] and o["track"]["visible"][-1]}
+                for d in q.distractors:  # absent objects, or (for arrive / leave questions) ones there all along
+                    assert d.split(" ", 1)[1] not in worn or (q.question.startswith("Which object is visible")
+                                                             and d.split(" ", 1)[1] in steady)
+            elif key == "fine_grained_action":
+                o = next(o for o in objs if o["id"] == q.extra["object"])
+                assert q.answer == object_action(clip, o) and q.answer not in q.distractors
+                if o.get("axis"):  # a bouncer does move both ways along its axis: never offered as wrong
+                    along = ("left", "right") if o["axis"] == "x" else ("up", "down")
+                    assert not any(d.endswith(along) for d in q.distractors)
+            elif key == "moving_count":
+                assert q.answer == str(len(movers(clip)))
+            elif key in ("action_sequence", "action_window"):
+                texts = [p["phrase"].text for p in timeline(clip)]
+                assert texts.count(q.answer) == 1
+                if key == "action_window":  # the window shows exactly one change, the answer's, however it is read
+                    exact = {k for k in range(24) if q.start <= k / 8 + 1e-9 and k / 8 <= q.end + 1e-9}
+                    rounded = set(range(round(q.start * 8), round(q.end * 8) + 1))
+                    for shown in (exact, rounded):
+                        seen_here = [p["phrase"].text for p in timeline(clip) if {p["frame"] - 1, p["frame"]} <= shown]
+                        assert seen_here == [q.answer]
+            elif key == "scene_transition":
+                assert q.distractors[0] != q.answer and "from" in q.distractors[0]
+    assert len(seen) == len(TASKS)
+
+
+def test_all_sizes_and_lengths_sample() -> None:
+    for frames, size in ((16, 112), (32, 224)):
+        for label in CLASSES:
+            clip = sample_clip(np.random.default_rng([3, CLASSES.index(label)]), label, frames, size, 8.0)
+            assert render_clip(clip).shape == (frames, size, size, 3)
