@@ -140,12 +140,12 @@ def test_save_load_identical_logits_with_lora_and_full_tower(tmp_path):
                 p.add_(torch.randn_like(p) * 0.05)
     model.eval()
     batch = model.build_batch([sample(model, 4, 0), sample(model, 4, 1)])
-    before = model(batch).logits
+    before = model(batch, return_logits=True).logits
     model.save_pretrained(tmp_path / "m")
     saved = json.loads((tmp_path / "m" / "config.json").read_text())
     assert set(saved["saved_parts"]) >= {"connector", "tower", "llm_lora", "llm"}  # random LLM base is saved too
     loaded = VideoLLM.from_pretrained(tmp_path / "m")
-    after = loaded(loaded.build_batch([sample(loaded, 4, 0), sample(loaded, 4, 1)])).logits
+    after = loaded(loaded.build_batch([sample(loaded, 4, 0), sample(loaded, 4, 1)]), return_logits=True).logits
     assert torch.equal(before, after)
 
 
@@ -163,7 +163,7 @@ def test_connector_only_save_reattaches_and_mismatch_names_part_and_key(tmp_path
     fresh = VideoLLM.from_connector(tmp_path / "c")
     fresh.tower.load_state_dict(model.tower.state_dict())  # random tiny towers: same weights for the comparison
     fresh.llm.load_state_dict(model.llm.state_dict())
-    assert torch.equal(fresh(batch).logits, model(batch).logits)
+    assert torch.equal(fresh(batch, return_logits=True).logits, model(batch, return_logits=True).logits)
     other = VideoLLM.from_config(replace(config("siglip", "stc"), connector={"name": "stc", "depth": 1, "hidden_size": 16}))
     with pytest.raises(CheckpointMismatchError, match="'connector' was"):
         other.load_connector(tmp_path / "c")
@@ -189,6 +189,15 @@ def test_truncation_never_cuts_visual_tokens():
     model = VideoLLM.from_config(config("clip", "mlp", max_length=20))
     with pytest.raises(TemplateMismatchError, match="inside the visual tokens; use fewer frames"):
         model.build_batch([sample(model, 4)])
+
+
+def test_sparse_head_loss_equals_the_full_lm_loss(models):
+    model = models("clip", "stc").eval()
+    batch = model.build_batch([sample(model, 4, 0), sample(model, 4, 1, turns=CONVERSATION + [
+        Turn("user", "And then?"), Turn("assistant", "It stops.")])])
+    full = model(batch, return_logits=True).loss
+    sparse = model(batch).loss
+    assert torch.allclose(full, sparse, atol=1e-5), (full, sparse)
 
 
 def test_config_errors():

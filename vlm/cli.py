@@ -33,6 +33,12 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pretrain(args: argparse.Namespace) -> int:
+    from vlm.train.pretrain import run_cli
+
+    return run_cli(args)
+
+
 def _chat(args: argparse.Namespace) -> int:
     from vlm.chat import VideoChat, repl
     from vlm.video import VideoDecodeError
@@ -73,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a recipe value, e.g. data.frames=8, stages.1.batch_size=4, model.num_frames=8")
     p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints and finished stages")
     p.set_defaults(func=_train)
+    p = sub.add_parser("pretrain", help="VideoMAE pretraining of a video_vit encoder (recipes/videomae_pretrain.yaml)")
+    p.add_argument("recipe", help="recipes/videomae_pretrain.yaml")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe value, e.g. train.max_steps=100")
+    p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
+    p.set_defaults(func=_pretrain)
     for ep in sorted(entry_points(group="vlm.commands"), key=lambda e: e.name):
         ep.load()(sub)
     return parser

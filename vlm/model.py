@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import vlm.connectors  # noqa: F401  (registers built-in connectors)
 import vlm.towers  # noqa: F401  (registers built-in towers)
@@ -25,6 +26,7 @@ from vlm.data.conversation import PLACEHOLDERS, Turn
 from vlm.llm.load import load_llm
 from vlm.llm.lora import LoRASettings, add_lora, has_lora, load_lora, save_lora
 from vlm.llm.template import IGNORE_INDEX, VISUAL_TOKEN, ChatTemplate
+from vlm.scoring import ScoringMixin
 from vlm.towers.base import VisionTower, VisualFeatures, build_tower
 
 log = logging.getLogger(__name__)
@@ -97,7 +99,7 @@ def pad_sequences(seqs: Sequence[Sequence[int]], value: int, left: bool = False)
     return out
 
 
-class VideoLLM(nn.Module):
+class VideoLLM(ScoringMixin, nn.Module):
     """The model. Parameter groups are its three children, `tower`, `connector` and `llm`."""
 
     def __init__(self, config: VideoLLMConfig, tower: VisionTower, connector: nn.Module, llm: nn.Module, tokenizer: Any):
@@ -352,10 +354,26 @@ class VideoLLM(nn.Module):
                 new_l[i, sl] = labels[i, r]  # type: ignore[index]
         return new_e, new_a, new_l
 
-    def forward(self, batch: Batch) -> Any:
-        """Causal-LM output with `.loss` over assistant tokens (when the batch has labels) and `.logits`."""
+    def forward(self, batch: Batch, return_logits: bool = False) -> Any:
+        """Causal-LM output: `.loss` (mean over assistant tokens) when the batch has labels, `.logits` when it has
+        none or `return_logits` is set.
+
+        For training, the LM head runs only at positions that predict an assistant token: the vocabulary
+        projection (49k x D for SmolLM2) at every position is most of the head's cost and memory otherwise.
+        """
         embeds, attention, labels = self.embed(batch)
-        return self.llm(inputs_embeds=embeds, attention_mask=attention, labels=labels, use_cache=False)
+        decoder = getattr(self.llm, getattr(self.llm, "base_model_prefix", "model"), None)
+        head = self.llm.get_output_embeddings()
+        sparse = (labels is not None and not return_logits and decoder is not None and head is not None
+                  and not getattr(self.llm.config, "final_logit_softcapping", None))
+        if not sparse:
+            return self.llm(inputs_embeds=embeds, attention_mask=attention, labels=labels, use_cache=False)
+        hidden = decoder(inputs_embeds=embeds, attention_mask=attention, use_cache=False).last_hidden_state  # [B, S, D]
+        targets = labels[:, 1:]  # position i predicts token i + 1
+        picked = targets != IGNORE_INDEX  # [B, S-1]
+        logits = head(hidden[:, :-1][picked]).float()  # [n, V]
+        loss = torch.nn.functional.cross_entropy(logits, targets[picked])
+        return CausalLMOutputWithPast(loss=loss)
 
     @torch.no_grad()
     def generate(self, batch: Batch, max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0,

@@ -305,3 +305,27 @@ class DiffPrune(TokenReducer):
         self.last_kept_fraction = keep.float().mean().item()
         logger.debug("diff_prune kept %.1f%% of %d tokens", 100 * self.last_kept_fraction, keep.numel())
         return feats.with_(mask=keep)
+
+
+@register_reducer("temporal_pool")
+class TemporalPool(TokenReducer):
+    """Average over time: (T', h, w) -> (1, h, w). A frame-average baseline: whatever follows it can only see
+    what the mean frame shows, so tasks that need order, direction or counts of events fall to chance."""
+
+    needs_spatial_grid = False
+    keeps_spatial_grid = True
+
+    def output_grid(self, grid: Grid) -> Grid:
+        return (1, grid[1], grid[2])
+
+    def forward(self, feats: VisualFeatures) -> VisualFeatures:
+        tokens = feats.tokens  # [B, T, N, D]
+        if feats.mask is None:
+            pooled = tokens.mean(dim=1, keepdim=True)  # [B, 1, N, D]
+            mask = None
+        else:
+            m = feats.mask.unsqueeze(-1).to(tokens.dtype)  # [B, T, N, 1]
+            pooled = (tokens * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp_min(1e-6)
+            mask = feats.mask.any(dim=1, keepdim=True)  # [B, 1, N]
+        ts = None if feats.timestamps is None else feats.timestamps[:, :1]
+        return VisualFeatures(tokens=pooled, grid=self.output_grid(feats.grid), mask=mask, timestamps=ts)

@@ -173,7 +173,7 @@ def precompute_features(model: VideoLLM, items: list[Any], loader: VisualLoader,
     def run(batch: list[tuple[str, dict[str, Any]]]) -> None:
         px = torch.stack([b["pixel_values"] for _, b in batch]).to(accelerator.device)
         ts = torch.stack([b["timestamps"] for _, b in batch]).to(accelerator.device)
-        with torch.no_grad(), accelerator.autocast():
+        with torch.no_grad():  # the tower's own dtype: CPU autocast makes depthwise convs (EfficientNet) slower
             feats = tower(px.to(next(tower.parameters()).dtype), ts)
         for (key, b), tokens in zip(batch, feats.tokens):
             cache.put(key, tokens, b["timestamps"], feats.grid)

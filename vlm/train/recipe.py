@@ -95,6 +95,10 @@ _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 def _interpolate(value: Any, variables: dict[str, Any], where: str) -> Any:
     if isinstance(value, str):
+        whole = _VAR.fullmatch(value)
+        if whole and whole.group(1) in variables:  # "${frames}" keeps the variable's type (int, list, ...)
+            return variables[whole.group(1)]
+
         def sub(m: re.Match[str]) -> str:
             name = m.group(1)
             if name in variables:

@@ -26,13 +26,14 @@ def write_video(
     The file is written to a temporary name and renamed, so a crash never leaves a half-written video.
     """
     path = str(path)
-    tmp = f"{path}.part{os.getpid()}"
+    stem, suffix = os.path.splitext(path)
+    tmp = f"{stem}.part{os.getpid()}{suffix}"  # keeps the suffix, which picks the container format
     rate = Fraction(fps).limit_denominator(1001)
     options = {"crf": str(crf), "preset": preset} if codec == "libx264" else {}
     if gop is not None and codec == "libx264":
         # A fixed keyframe interval: no scene-cut keyframes, so the interval is exactly `gop`.
         options["x264-params"] = f"keyint={gop}:min-keyint={gop}:scenecut=0"
-    fmt = "mp4" if path.endswith((".mp4", ".mov")) else None
+    fmt = "mp4" if path.endswith(".mp4") else None
     try:
         with av.open(tmp, mode="w", format=fmt) as container:
             stream = None

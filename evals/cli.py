@@ -1,0 +1,194 @@
+"""`vlm eval ...`: mcq, openqa, retrieval, classify, report (registered through the `vlm.commands` entry point).
+
+    vlm eval mcq --model runs/quickstart --bench data/synth/mvbench --profile mvbench --out runs/eval/mcq
+    vlm eval openqa --model DIR --data msrvtt_qa/test_qa.json --videos msrvtt/videos --judge minilm --out OUT
+    vlm eval openqa --predictions preds.json --judge openai --judge-base-url http://127.0.0.1:8000/v1 \\
+        --judge-model gpt-3.5-turbo-0125 --out OUT
+    vlm eval retrieval --tower '{"name": "efficientnet_lite0"}' --train data/synth/retrieval_train.json \\
+        --test data/synth/retrieval_test.json --objective siglip --out OUT
+    vlm eval classify --tower '{"name": "efficientnet_lite0"}' --train data/synth/classification_train.jsonl \\
+        --test data/synth/classification_test.jsonl --clips 2 --crops 3 --out OUT
+    vlm eval report OUT1/results.json OUT2/results.json --out report/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _print_result(result: Any, out: str) -> None:
+    print(json.dumps({"metrics": result.metrics, "counts": result.counts}, indent=2, default=str))
+    print(f"results: {Path(out) / 'results.json'}  report: {Path(out) / 'report.md'}")
+
+
+def _load_model(path: str) -> Any:
+    from vlm.model import VideoLLM
+
+    return VideoLLM.from_pretrained(path)
+
+
+def _tower(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """(tower, spec, model) from --tower JSON or --model DIR."""
+    if args.tower:
+        from vlm.towers import build_tower
+
+        spec = json.loads(args.tower)
+        kwargs = dict(spec)
+        return build_tower(kwargs.pop("name"), **kwargs), spec, None
+    if args.model:
+        model = _load_model(args.model)
+        return model.tower, {"model": args.model, "tower": model.config.tower}, model
+    raise SystemExit("give --tower JSON (a registered tower spec) or --model DIR (a saved VideoLLM)")
+
+
+def _mcq(args: argparse.Namespace) -> int:
+    from evals.mcq import evaluate_mcq
+
+    model = _load_model(args.model)
+    result = evaluate_mcq(model, args.bench, args.out, profile=args.profile, tasks=args.tasks, num_frames=args.frames,
+                          sampling=args.sampling, limit=args.limit, batch_size=args.batch_size,
+                          model_name=args.model_name or args.model)
+    _print_result(result, args.out)
+    return 0
+
+
+def _openqa(args: argparse.Namespace) -> int:
+    from evals.judges import build_judge
+    from evals.openqa import evaluate_openqa, load_openqa, load_predictions
+
+    if args.judge == "openai":
+        if not (args.judge_base_url and args.judge_model):
+            raise SystemExit("--judge openai needs --judge-base-url and --judge-model (pinned model id)")
+        judge = build_judge("openai", base_url=args.judge_base_url, model=args.judge_model,
+                            api_key_env=args.judge_api_key_env, cache_dir=args.judge_cache or str(Path(args.out) / "judge_cache"))
+    else:
+        judge = build_judge(args.judge, threshold=args.threshold)
+    if args.predictions:
+        items, preds = load_predictions(args.predictions)
+        result = evaluate_openqa(None, items, judge, args.out, predictions=preds, dataset=Path(args.predictions).stem,
+                                 limit=args.limit, model_name=args.model_name or Path(args.predictions).stem)
+    else:
+        if not (args.model and args.data):
+            raise SystemExit("give --model DIR and --data FILE, or --predictions FILE")
+        items = load_openqa(args.data, args.videos, answers=args.answers, video_template=args.video_template)
+        result = evaluate_openqa(_load_model(args.model), items, judge, args.out, dataset=Path(args.data).stem,
+                                 num_frames=args.frames, sampling=args.sampling, batch_size=args.batch_size,
+                                 max_new_tokens=args.max_new_tokens, limit=args.limit,
+                                 model_name=args.model_name or args.model)
+    _print_result(result, args.out)
+    return 0
+
+
+def _retrieval(args: argparse.Namespace) -> int:
+    from evals.retrieval import LLMTextEncoder, evaluate_retrieval, load_retrieval
+
+    tower, spec, model = _tower(args)
+    encoder = None
+    if args.text_encoder == "llm":
+        if model is None:
+            raise SystemExit("--text-encoder llm needs --model DIR")
+        encoder = LLMTextEncoder(model.llm, model.tokenizer)
+    result = evaluate_retrieval(tower, load_retrieval(args.train, args.root), load_retrieval(args.test, args.root),
+                                args.out, text_encoder=encoder, objective=args.objective, num_frames=args.frames,
+                                steps=args.steps, batch_size=args.batch_size, embed_dim=args.embed_dim, lr=args.lr,
+                                seed=args.seed, tower_spec=spec, dataset=Path(args.test).stem)
+    _print_result(result, args.out)
+    return 0
+
+
+def _classify(args: argparse.Namespace) -> int:
+    from evals.classify import evaluate_classification, load_classification, train_probe
+
+    tower, spec, _ = _tower(args)
+    train, classes = load_classification(args.train, args.root, args.classes)
+    test, _ = load_classification(args.test, args.root, args.classes or classes)
+    clf = train_probe(tower, train, len(classes), num_frames=args.frames, tower_spec=spec, steps=args.steps,
+                      cache=Path(args.out) / "features_train.safetensors")
+    result = evaluate_classification(clf, test, classes, args.out, num_frames=args.frames, num_clips=args.clips,
+                                     num_crops=args.crops, model_name=f"linear-probe:{json.dumps(spec, sort_keys=True)}",
+                                     dataset=Path(args.test).stem)
+    _print_result(result, args.out)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from evals.report import write_report
+    from evals.results import EvalResult
+
+    path = write_report([EvalResult.load(p) for p in args.results], args.out)
+    print(f"report: {path}")
+    return 0
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Register the `eval` command group on the `vlm` command line."""
+    ev = subparsers.add_parser("eval", help="evaluate models: multiple choice, open-ended QA, retrieval, classification")
+    sub = ev.add_subparsers(dest="eval_command", required=True)
+
+    p = sub.add_parser("mcq", help="multiple-choice QA over an MVBench-layout benchmark")
+    p.add_argument("--model", required=True, help="a saved VideoLLM folder")
+    p.add_argument("--bench", required=True, help="benchmark root (json/<task>.json, video/, optional tasks.json)")
+    p.add_argument("--out", required=True, help="output folder (predictions.jsonl, results.json, report)")
+    p.add_argument("--profile", default="mvbench", choices=["mvbench", "lmms_eval", "loglik"])
+    p.add_argument("--tasks", nargs="*", default=None, help="task names or keys (default: all)")
+    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--sampling", default="segment_middle")
+    p.add_argument("--limit", type=int, default=None, help="first N questions per task")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--model-name", default=None, help="name recorded in results (default: the model folder)")
+    p.set_defaults(func=_mcq)
+
+    p = sub.add_parser("openqa", help="open-ended video QA scored by a judge")
+    p.add_argument("--model", default=None, help="a saved VideoLLM folder")
+    p.add_argument("--data", default=None, help="QA file (MSVD-QA / MSRVTT-QA / ActivityNet-QA questions / JSONL)")
+    p.add_argument("--answers", default=None, help="ActivityNet-QA answers file, joined on question_id")
+    p.add_argument("--videos", default=None, help="video folder (default: the data file's folder)")
+    p.add_argument("--video-template", default=None, help='file name pattern, e.g. "video{video}.mp4"')
+    p.add_argument("--predictions", default=None, help="judge a file of {id, question, answer, pred} instead")
+    p.add_argument("--judge", default="contains", choices=["exact", "contains", "minilm", "openai"])
+    p.add_argument("--threshold", type=float, default=None, help="minilm: cosine threshold (default 0.85)")
+    p.add_argument("--judge-base-url", default=None, help="openai: e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--judge-model", default=None, help="openai: the pinned judge model id")
+    p.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", help="openai: env var holding the API key")
+    p.add_argument("--judge-cache", default=None, help="openai: verdict cache folder (default OUT/judge_cache)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--sampling", default="uniform")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--model-name", default=None)
+    p.set_defaults(func=_openqa)
+
+    for name, helptext in (("retrieval", "text-video retrieval with a dual encoder trained on frozen tower features"),
+                           ("classify", "action classification: linear probe on a frozen tower, multi-view testing")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--tower", default=None, help='tower spec JSON, e.g. \'{"name": "efficientnet_lite0"}\'')
+        p.add_argument("--model", default=None, help="a saved VideoLLM folder (its tower is used)")
+        p.add_argument("--train", required=True)
+        p.add_argument("--test", required=True)
+        p.add_argument("--root", default=None, help="folder video paths are relative to (default: each file's)")
+        p.add_argument("--out", required=True)
+        p.add_argument("--frames", type=int, default=8)
+        p.add_argument("--steps", type=int, default=300)
+        if name == "retrieval":
+            p.add_argument("--objective", default="infonce", choices=["infonce", "siglip"])
+            p.add_argument("--text-encoder", default="minilm", choices=["minilm", "llm"])
+            p.add_argument("--batch-size", type=int, default=64)
+            p.add_argument("--embed-dim", type=int, default=256)
+            p.add_argument("--lr", type=float, default=1e-3)
+            p.add_argument("--seed", type=int, default=0)
+            p.set_defaults(func=_retrieval)
+        else:
+            p.add_argument("--classes", default=None, help="classes.json (default: next to --train)")
+            p.add_argument("--clips", type=int, default=1, help="temporal clips per video")
+            p.add_argument("--crops", type=int, default=1, choices=[1, 3], help="spatial crops per clip")
+            p.set_defaults(func=_classify)
+
+    p = sub.add_parser("report", help="markdown + PNG report from results.json files")
+    p.add_argument("results", nargs="+")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_report)

@@ -1,0 +1,103 @@
+"""Frozen-tower features for probes (retrieval dual encoders, linear classification probes), cached on disk.
+
+A clip goes through the tower's own preprocessor and the tower; its tokens [T', N, D] are mean-pooled over
+space to [T', D] (the probes pool over time themselves). The tower is run in eval mode under no_grad here,
+because a probe never trains it; that is a choice of this call, not of the tower.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from vlm.towers.base import VisionTower
+from vlm.video import Clip, VideoDecodeError, read_clip
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def clip_features(tower: VisionTower, clips: Sequence[Clip]) -> torch.Tensor:
+    """Space-pooled tower tokens of clips with the same frame count: [B, T', D] float32 on CPU."""
+    was_training = tower.training
+    tower.eval()
+    try:
+        param = next(tower.parameters())
+        pixels = torch.stack([tower.preprocessor(c.frames) for c in clips]).to(param.device, param.dtype)  # [B, T, 3, H, W]
+        feats = tower(pixels)  # tokens [B, T', N, D]
+        return feats.tokens.float().mean(dim=2).cpu()  # [B, T', D]
+    finally:
+        tower.train(was_training)
+
+
+def extract_features(
+    tower: VisionTower,
+    videos: Sequence[str | os.PathLike],
+    *,
+    num_frames: int = 8,
+    sampling: str = "uniform",
+    batch_size: int = 8,
+    cache: str | os.PathLike | None = None,
+    tower_id: str = "",
+    progress: bool = True,
+) -> tuple[torch.Tensor, list[int], dict[int, str]]:
+    """(features [N_ok, T', D], indices of the videos they belong to, {index: error} for undecodable videos).
+
+    With `cache`, features are stored in a safetensors file next to a JSON key (video list, tower id, frames,
+    sampling) and reused when the key matches; a changed key recomputes them.
+    """
+    key = {"videos": [str(v) for v in videos], "tower": tower_id, "num_frames": num_frames, "sampling": sampling}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    if cache is not None:
+        path = Path(cache)
+        meta = path.with_suffix(".json")
+        if path.is_file() and meta.is_file():
+            m = json.loads(meta.read_text())
+            if m.get("digest") == digest:
+                log.info("features: reusing %s", path)
+                t = load_file(str(path))
+                return t["features"], t["index"].tolist(), {int(k): v for k, v in m["errors"].items()}
+    feats: list[torch.Tensor] = []
+    index: list[int] = []
+    errors: dict[int, str] = {}
+    pending: list[tuple[int, Clip]] = []
+
+    def flush() -> None:
+        if pending:
+            feats.append(clip_features(tower, [c for _, c in pending]))
+            index.extend(i for i, _ in pending)
+            pending.clear()
+
+    for i, v in enumerate(tqdm(videos, desc="tower features", unit="video", disable=not progress)):
+        try:
+            pending.append((i, read_clip(v, num_frames, sampling)))
+        except (VideoDecodeError, OSError, ValueError) as e:
+            errors[i] = str(e)
+            log.warning("features: skipping %s: %s", v, e)
+        if len(pending) >= batch_size:
+            flush()
+    flush()
+    if not feats:
+        raise RuntimeError(f"no video could be decoded (first error: {next(iter(errors.values()), '?')})")
+    out = torch.cat(feats)
+    if cache is not None:
+        path = Path(cache)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"features": out.contiguous(), "index": torch.tensor(index)}, str(path))
+        path.with_suffix(".json").write_text(json.dumps({"digest": digest, **key, "errors": errors}))
+    return out, index, errors
+
+
+def describe_tower(tower: VisionTower, spec: Any = None) -> str:
+    """A tower id for caches and results: the build spec if known, else the class and hidden size."""
+    if spec is not None:
+        return json.dumps(spec, sort_keys=True)
+    return f"{type(tower).__name__}(hidden={tower.hidden_size})"

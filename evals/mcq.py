@@ -1,0 +1,263 @@
+"""Multiple-choice video QA over the MVBench layout (MVBench itself, or any dataset written in its layout).
+
+    from evals.mcq import evaluate_mcq
+    result = evaluate_mcq(model, "data/MVBench", "runs/mvbench", profile="mvbench")
+    result.metrics  # {"accuracy_mean_over_tasks": ..., "accuracy_over_questions": ..., "unparsable": ...}
+
+What it does, per task: questions are grouped by clip (video + start/end window), each clip is decoded once
+(16 frames, MVBench's `segment_middle` sampling by default, frame folders 1-based as MVBench reads them) and
+shared by its questions; the model is asked in batches through the `evals.interface` methods the profile
+needs; every prediction is appended to `OUT/predictions.jsonl` as it is made, so a rerun resumes where a run
+stopped. A clip that cannot be decoded (or a question the model fails on) is skipped, counted and reported;
+an unparsable answer is scored wrong and stays in the denominator. At the end `OUT/results.json`,
+`OUT/per_task.png` (bars with chance level) and `OUT/report.md` are written.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Sequence
+
+from tqdm import tqdm
+
+from evals.interface import GenerationRequest, ScoringRequest, model_id
+from evals.profiles import MCQProfile, Parsed, get_profile
+from evals.results import EvalResult, PredictionLog
+from vlm.data.mvbench import LETTERS, MCQItem, load_mvbench
+from vlm.video import Clip, VideoDecodeError, read_clip
+
+log = logging.getLogger(__name__)
+
+
+def clip_key(item: MCQItem) -> tuple[str, float | None, float | None]:
+    """Questions with equal keys share one decoded clip: same source and same sampling window."""
+    return (str(item.video), item.start, item.end)
+
+
+def group_by_clip(items: Sequence[MCQItem]) -> dict[tuple[str, float | None, float | None], list[MCQItem]]:
+    """Items grouped by `clip_key`, groups in order of first appearance."""
+    groups: dict[tuple[str, float | None, float | None], list[MCQItem]] = {}
+    for item in items:
+        groups.setdefault(clip_key(item), []).append(item)
+    return groups
+
+
+def decode_item_clip(item: MCQItem, num_frames: int, sampling: str, backend: str = "auto") -> Clip:
+    """The clip of an item as MVBench samples it: bounds honoured, frame folders numbered from 1."""
+    return read_clip(item.video, num_frames, sampling, item.start, item.end, backend=backend, fps=item.fps,
+                     first_index=1 if item.data_type == "frame" else 0)
+
+
+def pick_loglik(scores: Sequence[float], num_options: int) -> Parsed:
+    """The best-scoring option; a tie for the best or a non-finite score is unparsable (never a guess)."""
+    if len(scores) != num_options:
+        return Parsed(None, "", f"model returned {len(scores)} scores for {num_options} options")
+    if not all(math.isfinite(s) for s in scores):
+        return Parsed(None, "", "non-finite score")
+    best = max(scores)
+    winners = [i for i, s in enumerate(scores) if s == best]
+    if len(winners) > 1:
+        return Parsed(None, "", f"tie between options {[LETTERS[i] for i in winners]}")
+    return Parsed(LETTERS[winners[0]], LETTERS[winners[0]])
+
+
+def _check_model(model: Any, profile: MCQProfile) -> None:
+    need = "generate_answers" if profile.mode == "generate" else "score_options"
+    if not callable(getattr(model, need, None)):
+        raise TypeError(f"profile '{profile.name}' needs a model with `{need}(requests)` (see evals/interface.py); "
+                        f"{type(model).__name__} has none")
+
+
+class _Runner:
+    """Asks the model about a buffer of (item, clip) pairs and writes one record per item."""
+
+    def __init__(self, model: Any, profile: MCQProfile, plog: PredictionLog):
+        self.model, self.profile, self.plog = model, profile, plog
+        self.first_error: BaseException | None = None
+
+    def request(self, item: MCQItem, clip: Clip) -> GenerationRequest | ScoringRequest:
+        p = self.profile
+        common = dict(uid=item.uid, clip=clip, turns=p.build_turns(item), prefill=p.prefill, question=item.question,
+                      options=list(item.candidates))
+        if p.mode == "generate":
+            return GenerationRequest(**common, max_new_tokens=p.max_new_tokens, stop=p.stop)
+        assert p.continuations is not None
+        return ScoringRequest(**common, continuations=p.continuations(item))
+
+    def ask(self, requests: list[Any]) -> list[Any]:
+        if self.profile.mode == "generate":
+            out = self.model.generate_answers(requests)
+        else:
+            out = self.model.score_options(requests)
+        if len(out) != len(requests):
+            raise ValueError(f"model returned {len(out)} answers for {len(requests)} requests")
+        return list(out)
+
+    def run(self, pairs: list[tuple[MCQItem, Clip]]) -> int:
+        """Ask and record; on a failing batch, retry item by item and record the failures. Returns #scored."""
+        if not pairs:
+            return 0
+        requests = [self.request(i, c) for i, c in pairs]
+        try:
+            outputs = self.ask(requests)
+        except Exception as e:  # noqa: BLE001  (a bad sample must not end a long run)
+            if len(pairs) == 1:
+                self._error(pairs[0][0], "model", e)
+                return 0
+            log.warning("batch of %d failed (%s: %s); retrying one by one", len(pairs), type(e).__name__, e)
+            return sum(self.run([p]) for p in pairs)
+        for (item, _), out in zip(pairs, outputs):
+            self.plog.write(self.record(item, out))
+        return len(pairs)
+
+    def record(self, item: MCQItem, output: Any) -> dict[str, Any]:
+        n = len(item.candidates)
+        rec: dict[str, Any] = {"uid": item.uid, "task": item.task, "index": item.index, "question": item.question,
+                               "candidates": item.candidates, "answer": item.answer_letter}
+        if self.profile.mode == "generate":
+            assert self.profile.parse is not None
+            parsed = self.profile.parse(str(output), n)
+            rec["raw"] = str(output)
+        else:
+            scores = [float(s) for s in output]
+            parsed = pick_loglik(scores, n)
+            rec["scores"] = scores
+        rec.update(parsed_answer=parsed.answer, pred=parsed.letter, parsed=parsed.letter is not None,
+                   reason=parsed.reason, correct=parsed.letter == item.answer_letter)
+        return rec
+
+    def _error(self, item: MCQItem, stage: str, e: BaseException) -> None:
+        if self.first_error is None:
+            self.first_error = e
+            log.error("%s (%s): %s failed: %s: %s", item.uid, item.video, stage, type(e).__name__, e)
+        else:
+            log.warning("%s (%s): %s failed: %s: %s", item.uid, item.video, stage, type(e).__name__, e)
+        self.plog.write({"uid": item.uid, "task": item.task, "index": item.index, "video": str(item.video),
+                         "error": f"{stage}: {type(e).__name__}: {e}"})
+
+
+def evaluate_mcq(
+    model: Any,
+    bench_root: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    profile: str | MCQProfile = "mvbench",
+    tasks: list[str] | None = None,
+    num_frames: int = 16,
+    sampling: str = "segment_middle",
+    limit: int | None = None,
+    batch_size: int = 4,
+    model_name: str | None = None,
+    backend: str = "auto",
+    progress: bool = True,
+) -> EvalResult:
+    """Evaluate `model` on an MVBench-layout benchmark; results, predictions, chart and report go to `out_dir`.
+
+    `limit` keeps the first N questions of each task (quick runs). The model needs `generate_answers` for
+    generation profiles (`mvbench`, `lmms_eval`) and `score_options` for `loglik`.
+    """
+    prof = get_profile(profile) if isinstance(profile, str) else profile
+    _check_model(model, prof)
+    out = Path(out_dir)
+    data = load_mvbench(bench_root, tasks)
+    if limit is not None:
+        data = {t: items[:limit] for t, items in data.items()}
+    mid = model_id(model, model_name)
+    plog = PredictionLog(out / "predictions.jsonl", identity={"profile": prof.name, "model": mid})
+    runner = _Runner(model, prof, plog)
+    all_items = [i for items in data.values() for i in items]
+    pending = sum(not plog.done(i.uid) for i in all_items)
+    log.info("mcq: %d tasks, %d questions (%d to ask), profile '%s', model %s", len(data), len(all_items), pending,
+             prof.name, mid)
+    decoded = asked = 0
+    t0 = time.perf_counter()
+    with plog, tqdm(total=pending, desc=f"mcq[{prof.name}]", unit="q", disable=not progress) as bar:
+        for task, items in data.items():
+            buffer: list[tuple[MCQItem, Clip]] = []
+            for key, group in group_by_clip(items).items():
+                todo = [i for i in group if not plog.done(i.uid)]
+                if not todo:
+                    continue
+                try:
+                    clip = decode_item_clip(todo[0], num_frames, sampling, backend)
+                    decoded += 1
+                except (VideoDecodeError, OSError, ValueError) as e:
+                    for item in todo:
+                        runner._error(item, "decode", e)
+                    bar.update(len(todo))
+                    continue
+                buffer += [(i, clip) for i in todo]
+                while len(buffer) >= batch_size:
+                    asked += runner.run(buffer[:batch_size])
+                    bar.update(min(batch_size, len(buffer)))
+                    buffer = buffer[batch_size:]
+            asked += runner.run(buffer)
+            bar.update(len(buffer))
+    elapsed = time.perf_counter() - t0
+    records = {u: r for u, r in plog.records.items()}
+    if all_items and not any(u in records and not records[u].get("error") for u in (i.uid for i in all_items)):
+        raise RuntimeError(f"mcq: no question could be scored; first error: {runner.first_error!r}")
+    metrics, per_task, counts = mcq_metrics(data, records)
+    counts.update(resumed=plog.resumed, clips_decoded=decoded, asked=asked, elapsed_seconds=round(elapsed, 3),
+                  questions_per_second=round(asked / elapsed, 3) if elapsed > 0 and asked else None)
+    result = EvalResult(
+        task_type="mcq", model=mid, dataset={"path": str(bench_root), "name": Path(bench_root).name,
+                                             "tasks": list(data)},
+        metrics=metrics, per_task=per_task, counts=counts, profile=prof.record(),
+        settings={"num_frames": num_frames, "sampling": sampling, "limit": limit, "batch_size": batch_size,
+                  "backend": backend, "frame_folders_first_index": 1},
+    )
+    result.save(out / "results.json")
+    from evals.report import write_report
+
+    write_report([result], out)
+    log.info("mcq[%s]: %.2f%% (mean over tasks), %.2f%% (over questions), %d unparsable, %d skipped -> %s",
+             prof.name, metrics["accuracy_mean_over_tasks"], metrics["accuracy_over_questions"],
+             counts["unparsable"], counts["skipped"], out)
+    return result
+
+
+def mcq_metrics(data: dict[str, list[MCQItem]], records: dict[str, dict[str, Any]]
+                ) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, Any]]:
+    """(metrics, per_task, counts) from the latest record of each question.
+
+    A question with an error record (undecodable clip, model failure) or none is *skipped*: counted, not
+    scored. Every other question is in its task's denominator, unparsable answers included (as wrong).
+    Accuracies are percentages; chance is the mean of 1 / number of options.
+    """
+    per_task: dict[str, dict[str, Any]] = {}
+    reasons: Counter[str] = Counter()
+    for task, items in data.items():
+        correct = total = unparsable = skipped = 0
+        for item in items:
+            rec = records.get(item.uid)
+            if rec is None or rec.get("error"):
+                skipped += 1
+                reasons[(rec or {}).get("error", "not asked").split(":")[0]] += 1
+                continue
+            total += 1
+            correct += bool(rec["correct"])
+            unparsable += not rec["parsed"]
+        chance = 100.0 * sum(1.0 / len(i.candidates) for i in items) / len(items) if items else None
+        per_task[task] = {"accuracy": 100.0 * correct / total if total else None, "correct": correct, "total": total,
+                          "unparsable": unparsable, "skipped": skipped, "chance": chance}
+    scored = [t for t in per_task.values() if t["total"]]
+    correct = sum(t["correct"] for t in scored)
+    total = sum(t["total"] for t in scored)
+    metrics = {
+        "accuracy_mean_over_tasks": sum(t["accuracy"] for t in scored) / len(scored) if scored else None,
+        "accuracy_over_questions": 100.0 * correct / total if total else None,
+        "chance_mean_over_tasks": sum(t["chance"] for t in scored) / len(scored) if scored else None,
+        "unparsable": sum(t["unparsable"] for t in per_task.values()),
+        "unparsable_percent": 100.0 * sum(t["unparsable"] for t in scored) / total if total else None,
+        "tasks_scored": len(scored),
+    }
+    counts = {"questions": sum(len(v) for v in data.values()), "scored": total, "correct": correct,
+              "unparsable": metrics["unparsable"], "skipped": sum(t["skipped"] for t in per_task.values()),
+              "skip_reasons": dict(reasons)}
+    return metrics, per_task, counts

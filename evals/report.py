@@ -1,0 +1,128 @@
+"""Markdown + PNG reports from results files (any task type, one or several runs side by side).
+
+    vlm eval report runs/a/results.json runs/b/results.json --out runs/report
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from evals.results import EvalResult
+
+log = logging.getLogger(__name__)
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.2f}"
+    return str(v)
+
+
+def bar_chart(values: dict[str, float | None], path: str | os.PathLike, *, title: str, ylabel: str = "accuracy (%)",
+              chance: dict[str, float] | None = None, ymax: float | None = 100.0) -> Path:
+    """A bar per key; `chance` draws a red dash at each bar's chance level (labelled once in the legend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(values)
+    heights = [values[n] if values[n] is not None else 0.0 for n in names]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(names) + 2.0), 4.5))
+    xs = list(range(len(names)))
+    bars = ax.bar(xs, heights, color="#4C72B0", label="model")
+    for b, n in zip(bars, names):
+        label = "n/a" if values[n] is None else f"{values[n]:.1f}"
+        ax.annotate(label, (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=7)
+    if chance:
+        for i, n in enumerate(names):
+            if n in chance and chance[n] is not None:
+                ax.hlines(chance[n], i - 0.45, i + 0.45, colors="#C44E52", linestyles="--", linewidth=1.5,
+                          label="chance" if i == 0 else None)
+        ax.legend(loc="upper right", fontsize=8)
+    ax.set_xticks(xs)
+    ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    if ymax is not None:
+        ax.set_ylim(0, ymax * 1.08)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def chart_for(result: EvalResult, path: str | os.PathLike) -> Path | None:
+    """The per-task (mcq), per-class (classify) or per-direction (retrieval) chart of one result."""
+    tag = (result.profile or {}).get("name") or (result.judge or {}).get("id") or ""
+    title = f"{result.task_type}: {result.model} on {result.dataset.get('name', '')} {('[' + tag + ']') if tag else ''}"
+    if result.task_type == "mcq":
+        acc = {t: v["accuracy"] for t, v in result.per_task.items()}
+        chance = {t: v["chance"] for t, v in result.per_task.items()}
+        return bar_chart(acc, path, title=title, chance=chance)
+    if result.task_type == "classify":
+        acc = {c: v["accuracy"] for c, v in result.per_task.items()}
+        chance = {c: 100.0 / max(1, len(result.per_task)) for c in result.per_task}
+        return bar_chart(acc, path, title=title, chance=chance)
+    if result.task_type == "retrieval":
+        vals = {f"{d} R@{k}": result.metrics.get(f"{d}_R@{k}") for d in ("t2v", "v2t") for k in (1, 5, 10)}
+        return bar_chart(vals, path, title=title, ylabel="recall (%)")
+    if result.task_type == "openqa":
+        return bar_chart({"accuracy": result.metrics.get("accuracy")}, path, title=title)
+    return None
+
+
+def markdown(results: Sequence[EvalResult], charts: Sequence[Path | None] = ()) -> str:
+    """A markdown report: one section per result with its metrics, per-task table, counts and settings."""
+    lines = ["# Evaluation report", ""]
+    if len(results) > 1:
+        keys = sorted({k for r in results for k, v in r.metrics.items() if isinstance(v, (int, float))})
+        lines += ["| run | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        for r in results:
+            tag = (r.profile or {}).get("name") or (r.judge or {}).get("id") or r.task_type
+            lines.append(f"| {r.model} [{tag}] | " + " | ".join(_fmt(r.metrics.get(k)) for k in keys) + " |")
+        lines.append("")
+    for n, r in enumerate(results):
+        tag = (r.profile or {}).get("name") or (r.judge or {}).get("id") or ""
+        lines += [f"## {r.task_type}: {r.model} on {r.dataset.get('name', r.dataset.get('path', ''))}"
+                  + (f" [{tag}]" if tag else ""), "", f"created {r.created}, vlm {r.vlm_version}", ""]
+        lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in r.metrics.items()] + [""]
+        if r.per_task:
+            cols = list(dict.fromkeys(k for v in r.per_task.values() for k in v))
+            lines += ["| | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+            lines += [f"| {t} | " + " | ".join(_fmt(v.get(c)) for c in cols) + " |" for t, v in r.per_task.items()]
+            lines.append("")
+        if n < len(charts) and charts[n] is not None:
+            lines += [f"![{r.task_type}]({Path(charts[n]).name})", ""]  # type: ignore[arg-type]
+        lines += ["counts: " + ", ".join(f"{k}={_fmt(v)}" for k, v in r.counts.items()), ""]
+        if r.profile:
+            lines += [f"profile `{r.profile.get('name')}`: {r.profile.get('description', '')}", ""]
+        if r.judge:
+            lines += [f"judge `{r.judge.get('id')}`", ""]
+        lines += ["settings: " + ", ".join(f"{k}={_fmt(v)}" for k, v in r.settings.items()), ""]
+    return "\n".join(lines)
+
+
+def write_report(results: Sequence[EvalResult], out_dir: str | os.PathLike, name: str = "report") -> Path:
+    """Write `name`.md and one chart per result (per_task.png for a single result) into `out_dir`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    charts: list[Path | None] = []
+    for i, r in enumerate(results):
+        png = out / ("per_task.png" if len(results) == 1 else f"{name}_{i}_{r.task_type}.png")
+        try:
+            charts.append(chart_for(r, png))
+        except Exception as e:  # noqa: BLE001  (a chart must never lose the numbers)
+            log.warning("chart for %s failed: %s", r.task_type, e)
+            charts.append(None)
+    path = out / f"{name}.md"
+    path.write_text(markdown(results, charts), encoding="utf-8")
+    return path

@@ -1,0 +1,189 @@
+"""Multiple-choice harness with scripted models: scoring, parsing rules, decode-once, resume, results files."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import evals.mcq as mcq
+from evals.mcq import evaluate_mcq
+from evals.profiles import check_ans, lmms_eval_extract, mvbench_turns, parse_lmms_eval, parse_mvbench
+from evals.results import EvalResult
+from tests.eval_helpers import ScriptedModel, make_bench
+from vlm.data.mvbench import LETTERS, load_mvbench
+from tests.eval_helpers import single_thread  # noqa: F401  (fixture)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(single_thread):
+    yield
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory) -> Path:
+    return make_bench(tmp_path_factory.mktemp("bench"))
+
+
+@pytest.fixture(scope="module")
+def truth(bench) -> dict[str, str]:
+    return {i.uid: i.answer_letter for items in load_mvbench(bench).values() for i in items}
+
+
+def answer_as(profile: str, letter: str, text: str = "something") -> str:
+    """What a model that means `letter` says under a profile (after the prefill, if any)."""
+    return f"{letter}) {text}" if profile == "mvbench" else f"{letter}. {text}"
+
+
+@pytest.mark.parametrize("profile", ["mvbench", "lmms_eval"])
+def test_always_right_scores_100_and_always_c_scores_the_share_of_c(bench, truth, tmp_path, profile):
+    right = ScriptedModel(lambda r: answer_as(profile, truth[r.uid]))
+    res = evaluate_mcq(right, bench, tmp_path / "right", profile=profile, progress=False)
+    assert res.metrics["accuracy_over_questions"] == 100.0
+    assert res.metrics["accuracy_mean_over_tasks"] == 100.0
+    assert res.metrics["unparsable"] == 0
+    assert res.counts["skipped"] == 1 and res.counts["skip_reasons"] == {"decode": 1}  # missing.mp4
+
+    always_c = ScriptedModel(lambda r: answer_as(profile, "C"))
+    res = evaluate_mcq(always_c, bench, tmp_path / "c", profile=profile, progress=False)
+    data = load_mvbench(bench)
+    shares = {}
+    for task, items in data.items():
+        scored = [i for i in items if i.video.name != "missing.mp4"]
+        shares[task] = 100.0 * sum(i.answer_letter == "C" for i in scored) / len(scored)
+        assert res.per_task[task]["accuracy"] == pytest.approx(shares[task])
+        assert res.per_task[task]["chance"] == pytest.approx(100.0 * np.mean([1 / len(i.candidates) for i in items]))
+    assert res.metrics["accuracy_mean_over_tasks"] == pytest.approx(np.mean(list(shares.values())))
+    weighted = sum(truth[u] == "C" for u in truth if u != "Moving Direction/6") / (len(truth) - 1)
+    assert res.metrics["accuracy_over_questions"] == pytest.approx(100.0 * weighted)
+
+
+@pytest.mark.parametrize("profile,reply", [("mvbench", "I cannot tell."), ("mvbench", ""), ("mvbench", ")"),
+                                           ("lmms_eval", "I do not know"), ("lmms_eval", "F. the sixth")])
+def test_unparsable_answers_are_counted_wrong_and_kept_in_the_denominator(bench, tmp_path, profile, reply):
+    res = evaluate_mcq(ScriptedModel(lambda r: reply), bench, tmp_path, profile=profile, progress=False)
+    n = res.counts["questions"] - res.counts["skipped"]
+    assert res.metrics["unparsable"] == n == res.counts["scored"]
+    assert res.metrics["accuracy_over_questions"] == 0.0
+    rows = [json.loads(x) for x in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert all(r["pred"] is None and r["correct"] is False for r in rows if not r.get("error"))
+
+
+def test_loglik_picks_the_best_score_and_ties_are_unparsable(bench, truth, tmp_path):
+    def scores(r):
+        s = [-5.0] * len(r.continuations)
+        s[LETTERS.index(truth[r.uid])] = -1.0
+        assert r.continuations[0].startswith("A) ") and r.prefill == "Best option:("
+        return s
+
+    res = evaluate_mcq(ScriptedModel(scores=scores), bench, tmp_path / "a", profile="loglik", progress=False)
+    assert res.metrics["accuracy_over_questions"] == 100.0
+    tie = ScriptedModel(scores=lambda r: [0.0] * len(r.continuations))
+    res = evaluate_mcq(tie, bench, tmp_path / "b", profile="loglik", progress=False)
+    assert res.metrics["unparsable"] == res.counts["scored"] and res.metrics["accuracy_over_questions"] == 0.0
+
+
+def test_each_clip_is_decoded_once_per_task_and_bounds_are_honoured(bench, truth, tmp_path, monkeypatch):
+    calls: list[tuple[str, float | None, float | None]] = []
+    real = mcq.read_clip
+
+    def counting(path, num_frames, policy, start, end, **kw):
+        calls.append((Path(path).name, start, end))
+        return real(path, num_frames, policy, start, end, **kw)
+
+    monkeypatch.setattr(mcq, "read_clip", counting)
+    model = ScriptedModel(lambda r: "A) x")
+    evaluate_mcq(model, bench, tmp_path, profile="mvbench", num_frames=4, progress=False, batch_size=3)
+    # Moving Direction: red, green, blue, missing; Action Sequence: 2 windows of long.mp4 + red; Episodic: 2 windows
+    assert Counter(calls) == Counter([("red.mp4", None, None), ("green.mp4", None, None), ("blue.mp4", None, None),
+                                      ("missing.mp4", None, None), ("long.mp4", 0.0, 2.0), ("long.mp4", 3.0, 6.0),
+                                      ("red.mp4", 0.5, 2.5), ("ep1", 0.5, 3.0), ("ep1", 0.0, 3.3)])
+    clips = model.clips
+    assert clips["Moving Direction/0"] is clips["Moving Direction/1"]  # questions share the decoded clip
+    assert clips["Action Sequence/0"] is clips["Action Sequence/1"]
+    assert clips["Action Sequence/2"].timestamps.min() >= 3.0 and clips["Action Sequence/2"].timestamps.max() < 6.0
+    assert len(clips["Moving Direction/0"]) == 4
+    # frame folder, 1-based as MVBench's get_index reads it: window [0.5, 3.0] s at 3 fps -> start 2, end 9,
+    # segment 1.75 -> 1-based frames int(2 + 0.875 + round(1.75 i)) = 2, 4, 6, 7 -> 0-based positions
+    assert clips["Episodic Reasoning/0"].indices.tolist() == [1, 3, 5, 6]
+
+
+def test_resume_after_interruption_asks_only_the_rest(bench, truth, tmp_path):
+    out = tmp_path / "run"
+    first = ScriptedModel(lambda r: answer_as("mvbench", truth[r.uid]), interrupt_after=2)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_mcq(first, bench, out, profile="mvbench", batch_size=2, progress=False)
+    done_before = [json.loads(x)["uid"] for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert 0 < len(done_before) < len(truth)
+    with open(out / "predictions.jsonl", "a") as f:  # a run killed mid-write leaves half a line
+        f.write('{"uid": "Action Sequence/3", "pro')
+    second = ScriptedModel(lambda r: answer_as("mvbench", truth[r.uid]))
+    res = evaluate_mcq(second, bench, out, profile="mvbench", batch_size=2, progress=False)
+    assert not set(second.asked) & set(first.asked)
+    assert set(first.asked) | set(second.asked) == set(truth) - {"Moving Direction/6"}
+    assert res.counts["resumed"] >= len(first.asked)
+    clean = evaluate_mcq(ScriptedModel(lambda r: answer_as("mvbench", truth[r.uid])), bench, tmp_path / "clean",
+                         profile="mvbench", progress=False)
+    assert res.metrics == clean.metrics and res.per_task == clean.per_task
+    third = ScriptedModel(lambda r: answer_as("mvbench", truth[r.uid]))
+    evaluate_mcq(third, bench, out, profile="mvbench", progress=False)
+    assert third.asked == []  # everything answered already (the undecodable clip is retried, not asked)
+    with pytest.raises(ValueError, match="profile"):
+        evaluate_mcq(third, bench, out, profile="lmms_eval", progress=False)  # never mix protocols in one file
+
+
+def test_results_file_chart_and_report(bench, truth, tmp_path):
+    evaluate_mcq(ScriptedModel(lambda r: "B) x"), bench, tmp_path, profile="mvbench", progress=False)
+    res = EvalResult.load(tmp_path / "results.json")
+    d = json.loads((tmp_path / "results.json").read_text())
+    assert {"task_type", "profile", "judge", "model", "dataset", "metrics", "per_task", "counts", "settings",
+            "created"} <= set(d)
+    assert res.profile["name"] == "mvbench" and res.profile["prefill"] == "Best option:("
+    assert res.settings["num_frames"] == 16 and res.settings["sampling"] == "segment_middle"
+    assert (tmp_path / "per_task.png").stat().st_size > 1000
+    report = (tmp_path / "report.md").read_text()
+    assert "accuracy_mean_over_tasks" in report and "Moving Direction" in report
+
+
+def test_official_prompt_and_parsing_rules():
+    from vlm.data.mvbench import MCQItem
+
+    item = MCQItem("t", 0, Path("v.mp4"), "What happened?", ["Ate.", "Slept."], "Slept.", 1)
+    system, user = mvbench_turns(item)
+    assert system.role == "system" and system.text.startswith("Carefully watch the video")
+    assert user.text.endswith("Question: What happened?\nOptions:\n(A) Ate.\n(B) Slept.\nOnly give the best option.")
+    assert user.text.startswith("<video>\nCarefully watch the video")
+    # check_ans: only the first word counts
+    assert check_ans("(B) Slept.", "(B) Slept.") and check_ans("(b", "(B) Slept.") and not check_ans("(A) Slept.", "(B) x")
+    assert check_ans("(", "(A) x") and check_ans("(", "(B) x")  # the notebook's quirk ...
+    assert parse_mvbench("", 4).letter is None  # ... which we count as unparsable, not correct
+    assert parse_mvbench("B) Slept.\nBecause ...", 2).letter == "B"
+    assert parse_mvbench("\n\nB", 2).letter == "B"
+    assert parse_mvbench("C) x", 2).letter is None  # not an option of this question
+    # lmms-eval: "X. text" first, then a lone letter after normalisation
+    assert lmms_eval_extract("B. Slept.") == "B"
+    assert lmms_eval_extract("The answer is (C)") == "C"
+    assert lmms_eval_extract("a dog") == "A"  # lmms-eval's quirk, reproduced
+    assert lmms_eval_extract("none") is None
+    assert parse_lmms_eval("E", 4).letter is None and parse_lmms_eval("D", 4).letter == "D"
+
+
+def test_custom_profiles_register_once(bench, truth, tmp_path):
+    import dataclasses
+
+    from evals.profiles import PROFILES, get_profile, register_profile
+
+    mine = dataclasses.replace(get_profile("lmms_eval"), name="lmms_eval_short", max_new_tokens=4)
+    try:
+        register_profile(mine)
+        with pytest.raises(KeyError, match="already registered"):
+            register_profile(mine)
+        res = evaluate_mcq(ScriptedModel(lambda r: answer_as("lmms_eval", truth[r.uid])), bench, tmp_path,
+                           profile="lmms_eval_short", progress=False)
+        assert res.profile["name"] == "lmms_eval_short" and res.profile["max_new_tokens"] == 4
+        assert res.metrics["accuracy_over_questions"] == 100.0
+    finally:
+        PROFILES.pop("lmms_eval_short", None)
