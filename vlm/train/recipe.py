@@ -177,7 +177,7 @@ def _stage(raw: dict[str, Any], i: int, where: str) -> StageSpec:
     return _build(StageSpec, {**raw, "parts": parts, "data": data, "schedule": schedule}, where)
 
 
-def parse_recipe(raw: dict[str, Any], source: str = "<recipe>") -> Recipe:
+def parse_recipe(raw: dict[str, Any], source: str = "<recipe>", check_files: bool = True) -> Recipe:
     raw = copy.deepcopy(raw)
     if not isinstance(raw, dict):
         raise RecipeError(f"{source}: a recipe is a mapping")
@@ -192,12 +192,14 @@ def parse_recipe(raw: dict[str, Any], source: str = "<recipe>") -> Recipe:
     stages = [_stage(s, i, source) for i, s in enumerate(raw["stages"])]
     rest = {k: v for k, v in raw.items() if k != "stages"}
     recipe = _build(Recipe, {**rest, "stages": stages, "source": source}, source)
-    validate(recipe)
+    validate(recipe, check_files)
     return recipe
 
 
-def load_recipe(path: str | os.PathLike, overrides: list[str] = (), stage: int | None = None) -> Recipe:
-    """Read, override (`key=value`), interpolate ${vars} and validate a recipe file."""
+def load_recipe(path: str | os.PathLike, overrides: list[str] = (), stage: int | None = None,
+                check_files: bool = True) -> Recipe:
+    """Read, override (`key=value`), interpolate ${vars} and validate a recipe file (data and DeepSpeed files
+    must exist unless check_files=False)."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
@@ -207,7 +209,7 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = (), stage: int |
         raise RecipeError(f"{path}: malformed YAML: {e}") from None
     for assignment in overrides:
         apply_override(raw, assignment, stage)
-    return parse_recipe(raw, str(path))
+    return parse_recipe(raw, str(path), check_files)
 
 
 def validate(recipe: Recipe, check_files: bool = True) -> None:

@@ -1,0 +1,65 @@
+"""Every shipped recipe loads, validates and trains each of its stages for a step with tiny overrides."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY_LLM, TINY_TOWERS
+from tests.train_helpers import make_tiny_data
+from vlm.model import VideoLLM
+from vlm.train.engine import run_recipe
+from vlm.train.recipe import load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = ["quickstart", "llava_video_mlp", "videollama2_stc", "videollama1_qformer", "lora_connector"]
+TINY_CONNECTOR = {  # same connector family as the recipe, tiny widths
+    "qformer": {"name": "qformer", "num_queries": 4, "hidden_size": 32, "num_layers": 2, "num_heads": 4, "temporal_layers": 1},
+    "stc": {"name": "stc", "downsample": [2, 2, 2], "depth": 1, "hidden_size": 32},
+}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_tiny_data(tmp_path_factory.mktemp("data"), bad=False)
+
+
+def test_all_recipes_are_tested():
+    shipped = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml") if p.stem != "videomae_pretrain")
+    assert shipped == sorted(RECIPES)
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipe_trains_with_tiny_overrides(name, data, tmp_path):
+    path = REPO / "recipes" / f"{name}.yaml"
+    recipe = load_recipe(path, check_files=False)  # the file as shipped (its data is not here)
+    overrides = [f"output_dir={tmp_path / 'run'}", f"model.llm={json.dumps(TINY_LLM)}", "model.num_frames=4",
+                 f"vars.data={data['captions'].parent}", f"vars.captions={data['captions']}",
+                 f"vars.instructions={data['instruct']}", f"vars.media={data['captions'].parent}", "vars.frames=4"]
+    tower = recipe.model["tower"]["name"]
+    if tower != "efficientnet_lite0":  # hub towers -> the same family, tiny and random
+        overrides.append(f"model.tower={json.dumps(TINY_TOWERS[tower])}")
+    conn = recipe.model["connector"]
+    if conn["name"] in TINY_CONNECTOR:
+        overrides.append(f"model.connector={json.dumps(TINY_CONNECTOR[conn['name']] | {'reduce': conn.get('reduce', [])})}")
+    for i in range(len(recipe.stages)):
+        if name == "quickstart":  # its data comes from `vlm data synth`; point it at the tiny files
+            tiny_file = data["captions"] if i == 0 else data["instruct"]
+            overrides.append(f"stages.{i}.data.mixture={json.dumps([{'path': str(tiny_file)}])}")
+        overrides += [f"stages.{i}.max_steps=1", f"stages.{i}.batch_size=2", f"stages.{i}.precision=fp32",
+                      f"stages.{i}.deepspeed=null", f"stages.{i}.data.num_workers=0"]
+    tiny = load_recipe(path, overrides)
+    assert [s.name for s in tiny.stages] == [s.name for s in recipe.stages]
+    for shipped, small in zip(recipe.stages, tiny.stages):  # what the recipe says per part is kept
+        assert {p: s.mode for p, s in shipped.parts.items()} == {p: s.mode for p, s in small.parts.items()}
+        assert {p: s.lr for p, s in shipped.parts.items()} == {p: s.lr for p, s in small.parts.items()}
+    final = run_recipe(tiny)
+    model = VideoLLM.from_pretrained(final)
+    assert model.modes == {p: s.mode for p, s in tiny.stages[-1].parts.items()}
+    for i, stage in enumerate(tiny.stages):
+        stage_json = json.loads((tmp_path / "run" / f"{i + 1}-{stage.name}" / "stage.json").read_text())
+        assert stage_json["total_steps"] == 1
+        if stage.save == "connector":
+            assert (tmp_path / "run" / f"{i + 1}-{stage.name}" / "connector" / "connector.json").is_file()
