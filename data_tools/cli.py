@@ -28,6 +28,17 @@ def _validate(args: argparse.Namespace) -> int:
     return 1 if any_bad else 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from data_tools.convert import mvbench_to_llava, videoqa_to_llava
+
+    if args.source == "mvbench":
+        n = mvbench_to_llava(args.input, args.out, args.tasks)
+    else:
+        n = videoqa_to_llava(args.input, args.out, args.video_template)
+    print(f"wrote {n} samples to {args.out}")
+    return 0
+
+
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Register the `data` command group on the `vlm` command line."""
     data = subparsers.add_parser("data", help="synthesize and validate datasets")
@@ -49,3 +60,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--media-root", default=None, help="folder media paths are relative to (default: the file's)")
     p.add_argument("--no-decode", action="store_true", help="only check that media files exist")
     p.set_defaults(func=_validate)
+
+    p = sub.add_parser("convert", help="convert MVBench-layout or VideoQA JSON into LLaVA-format training data")
+    p.add_argument("source", choices=["mvbench", "videoqa"])
+    p.add_argument("input", help="MVBench root folder, or a VideoQA JSON file")
+    p.add_argument("--out", required=True, help="LLaVA-format JSON to write")
+    p.add_argument("--tasks", nargs="*", default=None, help="mvbench: task names or keys (default: all)")
+    p.add_argument("--video-template", default="{video}.mp4", help="videoqa: video id -> path under the media root")
+    p.set_defaults(func=_convert)
