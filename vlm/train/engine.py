@@ -365,6 +365,11 @@ def run_recipe(recipe: Recipe, only_stage: int | None = None, resume: bool = Tru
             raise FileNotFoundError(f"stage {i + 1} starts from stage {i}'s output, which is missing: {stage_dir_for(recipe, i - 1) / 'final'}")
         previous = train_stage(recipe, i, previous, sdir, resume)
     if int(os.environ.get("RANK", "0")) == 0:
+        link = out / "final"  # <output_dir>/final: the last trained stage's model
+        if previous is not None:
+            if link.is_symlink() or link.exists():
+                link.unlink()
+            link.symlink_to(previous.resolve().relative_to(out.resolve()))
         plot_loss_curves([(f"{i + 1}-{s.name}", stage_dir_for(recipe, i) / "metrics.jsonl") for i, s in enumerate(recipe.stages)],
                          out / "loss_curves.png")
     assert previous is not None
