@@ -208,3 +208,18 @@ def test_config_errors():
     model = VideoLLM.from_config(config("clip", "mlp"))
     with pytest.raises(ValueError, match="LoRA targets \\['nope'\\] match no module"):
         model.set_mode("llm", "lora", {"targets": ["nope"]})
+
+
+def test_llm_loaders_hf_folder_and_qlora_error(tmp_path):
+    from vlm.llm.load import load_llm
+
+    model, tok = load_llm(**TINY_LLM)
+    model.save_pretrained(tmp_path / "llm")
+    tok.save_pretrained(tmp_path / "llm")
+    again, tok2 = load_llm("hf", path=str(tmp_path / "llm"))
+    ids = torch.tensor([[1, 2, 3]])
+    assert torch.equal(model(ids).logits, again(ids).logits) and len(tok2) == len(tok)
+    with pytest.raises(RuntimeError, match="QLoRA\\) needs a CUDA GPU and `pip install bitsandbytes`"):
+        load_llm("hf", path=str(tmp_path / "llm"), quantization="4bit")
+    with pytest.raises(KeyError, match="unknown LLM loader 'nope'"):
+        load_llm("nope")
