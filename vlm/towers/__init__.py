@@ -4,12 +4,14 @@ Importing this package registers the built-in families:
   clip, siglip, videomae   (transformers; vlm/towers/hf.py)
   efficientnet_lite0       (the packaged ImageNet weights; vlm/towers/efficientnet.py)
   open_clip                (optional extra; open_clip is imported only when the tower is built)
+  video_vit                (our ViViT / TimeSformer / Video Swin / MViT attention modes; vlm/towers/video_vit/)
 """
 
 from vlm.towers.base import TOWERS, VisionTower, VisualFeatures, build_tower, register_tower
 from vlm.towers.efficientnet import EfficientNetLite0Tower
 from vlm.towers.hf import CLIPTower, SigLIPTower, VideoMAETower
 from vlm.towers.open_clip import OpenCLIPTower
+from vlm.towers.video_vit import VideoViTTower
 
 __all__ = [
     "TOWERS",
@@ -22,4 +24,5 @@ __all__ = [
     "VideoMAETower",
     "EfficientNetLite0Tower",
     "OpenCLIPTower",
+    "VideoViTTower",
 ]
