@@ -214,6 +214,7 @@ class _PerFrameViTTower(VisionTower):
         self.model.config.num_hidden_layers = keep
         if isinstance(getattr(self.model, "post_layernorm", None), nn.Module):
             self.model.post_layernorm = nn.Identity()
+        self.tap_is_last = self.layer_index == keep  # then last_hidden_state is the tap: keep no other layer outputs
 
     def grid_for(self, num_frames: int, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
         h_px, w_px = self.preprocessor.hw
@@ -231,8 +232,9 @@ class _PerFrameViTTower(VisionTower):
         b, t, c, height, width = pixel_values.shape  # [B, T, 3, H, W]
         x = pixel_values.reshape(b * t, c, height, width).to(self.model.dtype)  # [B*T, 3, H, W]
         interpolate = (height, width) != (self.native_image_size, self.native_image_size)
-        out = self.model(pixel_values=x, output_hidden_states=True, interpolate_pos_encoding=interpolate)
-        hidden = out.hidden_states[self.layer_index]  # [B*T, (1 +) h*w, D]
+        last = getattr(self, "tap_is_last", False)
+        out = self.model(pixel_values=x, output_hidden_states=not last, interpolate_pos_encoding=interpolate)
+        hidden = out.last_hidden_state if last else out.hidden_states[self.layer_index]  # [B*T, (1 +) h*w, D]
         if self.has_cls and self.select == "patch":
             hidden = hidden[:, 1:]  # drop CLS
         return hidden.reshape(b, t, hidden.shape[1], hidden.shape[2])  # [B, T, N, D]
