@@ -28,6 +28,9 @@ from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_docs import update_section  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -163,17 +166,7 @@ def main() -> None:
 
 
 def update_docs(body: str) -> None:
-    """Replace this benchmark's marked section of docs/BENCHMARKS.md (created if missing), leaving the rest alone."""
-    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
-    block = f"{START}\n{body}\n{END}"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + f"\n\n{SECTION}\n\n{block}\n"
-    DOCS.parent.mkdir(parents=True, exist_ok=True)
-    DOCS.write_text(text)
-
+    update_section(START.split("<!-- ")[1].split(":start")[0], SECTION, body)
 
 if __name__ == "__main__":
     main()
