@@ -108,7 +108,10 @@ def stage_model(recipe: Recipe, stage: StageSpec, init_from: Path | None) -> Vid
         spec = stage.parts[part]
         model.set_mode(part, spec.mode, spec.lora)
     if stage.gradient_checkpointing:
-        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model.llm, "activation_checkpointing_enable"):  # transformers >= 5 name
+            model.llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
