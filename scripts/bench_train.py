@@ -1,28 +1,31 @@
 """Training throughput benchmark: the frozen-tower feature cache vs recomputing the tower every step, and our
 training loop vs a plain HF `transformers.Trainer` over the same model; updates docs/BENCHMARKS.md.
 
-    .venv/bin/python scripts/bench_train.py [--samples 40] [--rounds 2] [--threads 1] [--num-workers 0] [--no-docs]
+    .venv/bin/python scripts/bench_train.py [--samples 56] [--threads 1] [--num-workers 0] [--no-docs]
+                                            [--save RUN.json] [--from-json RUN.json]
 
 Model: the quickstart recipe's stage 1 (`recipes/quickstart.yaml`, "align"): packaged EfficientNet-Lite0
 (ImageNet weights, frozen, 128 px) + STC connector (trained) + packaged SmolLM2-135M-Instruct (frozen), 8 frames,
 batch 8, fp32, one epoch, on synthetic captions (`data_tools.synth`, written once under ~/.cache/vlm/bench).
 
-Sides, all in this one process, run in rounds whose order alternates (A B C D, then D C B A, ...):
+Four sides train the same epoch (same seed, same batches in the same order, same AdamW groups and LR schedule):
 
-1. engine, feature cache on: the engine's `precompute_features` (timed: clips/s), then `train_stage` trains the
-   epoch from the cache (its `stage.json` confirms 0 clips were encoded again).
+1. engine, feature cache on: `train_stage` trains from the cache that the engine's `precompute_features` filled
+   beforehand (`stage.json` confirms the stage encoded nothing again). The precompute's cost (clips/s) is timed
+   once alone and once as a fifth side taking turns with the others, one tower batch of 8 clips (with their
+   decoding) per turn.
 2. engine, feature cache off: `train_stage` with `feature_cache: false` decodes the clips and runs the frozen tower
    inside every step (LLaVA's way).
-3. HF Trainer, full-vocabulary loss: `Trainer.train()` on a wrapper module taking a dict of tensors and calling
+3. HF Trainer, full-vocabulary loss: `Trainer.train()` on a wrapper module that takes a dict of tensors and calls
    `VideoLLM(batch, return_logits=True)`, i.e. the LLM's own HF causal-LM loss over all positions.
 4. HF Trainer, sparse-head loss: the same, calling `VideoLLM(batch)` (the LM head only where a label exists).
 
-Same for all: model built with the same seed, the engine's data pipeline (ConversationDataset + BatchPlan:
-same batches in the same order; the Trainer sides read the features of the cache), the engine's AdamW groups and
-LR schedule (handed to the Trainer as `optimizers=`), gradient clipping 1.0, fp32, `num_workers` equal.
-Step times: ours from each step's `samples_per_s` in the stage's `metrics.jsonl`, the Trainer's between
-consecutive `on_step_end` callbacks (both include fetching the batch). Steady state = median over the steps of all
-rounds after the first `--warmup` of each run.
+The sides run in one process, each loop in a thread of its own, and take turns step by step: a global optimizer
+hook (for the precompute: a hook on its tower) ends a side's step and hands over to the next side, so step i of
+every side runs back to back on the same batch and the load of a shared machine hits all sides alike. One side
+computes at a time; a step is timed from getting the turn to its optimizer step (so it includes the previous
+step's bookkeeping and fetching the batch), in wall time and in this process's CPU time. Each side's first step
+(and everything before it) runs before the turns start, untimed: steady state = median over the other steps.
 """
 
 from __future__ import annotations
@@ -37,10 +40,11 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -48,9 +52,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+from torch.optim.optimizer import register_optimizer_step_post_hook  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench_docs import DOCS, update_section  # noqa: E402
 
 from vlm.data.dataset import BatchPlan, ConversationDataset, SourceSpec, load_mixture, steps_for  # noqa: E402
 from vlm.model import Batch, VideoLLM  # noqa: E402
@@ -59,20 +67,18 @@ from vlm.train.engine import (Collate, VisualLoader, build_accelerator, lr_lambd
 from vlm.train.feature_cache import FeatureCache, tower_fingerprint  # noqa: E402
 from vlm.train.metrics import read_jsonl  # noqa: E402
 from vlm.train.recipe import Recipe, load_recipe  # noqa: E402
-from torch.optim.optimizer import register_optimizer_step_post_hook  # noqa: E402
 
-DOCS = ROOT / "docs" / "BENCHMARKS.md"
 SECTION = "## Training throughput: feature cache vs recomputing the tower, our loop vs HF Trainer"
-START, END = "<!-- bench_train:start -->", "<!-- bench_train:end -->"
 RECIPE = ROOT / "recipes" / "quickstart.yaml"
 CACHE_TARGET = 3.0  # steady-state samples/s, feature cache / recomputed tower
-LOOP_TARGET = 1.0  # steady-state samples/s, our engine / HF Trainer
+LOOP_TARGET = 1.0  # steady-state samples/s, our engine / HF Trainer with the HF loss
+DEFAULTS = {"samples": 56, "threads": 1, "num_workers": 0}
 
 SIDES = {
     "cache": "engine, feature cache (`feature_cache: true`)",
     "nocache": "engine, tower every step (`feature_cache: false`, LLaVA's way)",
-    "hf_full": "HF `Trainer`, full-vocabulary HF loss (`return_logits=True`)",
-    "hf_sparse": "HF `Trainer`, our sparse-head loss",
+    "hf_full": "HF `Trainer`, full-vocabulary HF loss",
+    "hf_sparse": "HF `Trainer`, sparse-head loss",
 }
 
 
@@ -113,18 +119,22 @@ def seeded_model(recipe: Recipe) -> VideoLLM:
     return stage_model(recipe, recipe.stages[0], None)
 
 
-def open_cache(recipe: Recipe, model: VideoLLM, root: Path, accelerator: Any) -> VisualLoader:
+def open_cache(recipe: Recipe, model: VideoLLM, root: Path, rank: int = 0) -> VisualLoader:
+    """A VisualLoader on the feature cache under `root`, opened the way train_stage opens it."""
     fp = tower_fingerprint(model.config.tower, model.tower.preprocessor.to_dict(), model.tower)
-    cache = FeatureCache(root, fp, rank=accelerator.process_index)
+    cache = FeatureCache(root, fp, rank=rank)
     st = recipe.stages[0]
     return VisualLoader(model, st.data.frames, st.data.sampling, cache)
 
 
-def precompute(recipe: Recipe, cache_root: Path) -> dict[str, Any]:
-    """The engine's precompute step (what train_stage runs first when the cache is on), timed."""
+def precompute(recipe: Recipe, cache_root: Path, on_batch: Callable[..., None] | None = None) -> dict[str, Any]:
+    """The engine's precompute step (what train_stage runs first when the cache is on and empty), timed.
+    `on_batch`: a forward hook on the tower, which the precompute calls once per batch of clips."""
     model = seeded_model(recipe)
+    if on_batch is not None:
+        model.tower.register_forward_hook(on_batch)
     accelerator, _ = build_accelerator(recipe.stages[0])
-    visual = open_cache(recipe, model, cache_root, accelerator)
+    visual = open_cache(recipe, model, cache_root, accelerator.process_index)
     items = stage_items(recipe)
     t0, c0 = time.perf_counter(), time.process_time()
     stats = precompute_features(model, items, visual, accelerator)
@@ -134,48 +144,111 @@ def precompute(recipe: Recipe, cache_root: Path) -> dict[str, Any]:
     return {"seconds": seconds, "cpu_seconds": cpu, **stats}
 
 
-class StepTimes:
-    """Wall and CPU time of the process at every AdamW step, from a global torch optimizer hook: one clock for
-    both loops. CPU time (all threads of this process) is what contention from other processes disturbs least."""
+# ---------------------------------------------------------------- taking turns
+class Turns:
+    """Lets the loops of several threads (named by side) compute one step at a time, in a fixed cycle.
 
-    def __enter__(self) -> "StepTimes":
-        self.marks: list[tuple[float, float]] = []
+    A global optimizer hook (the precompute side: a hook on its tower) ends a step: it records the step's wall and
+    CPU time since the side got the turn, hands the turn to the next unfinished side and waits for its own next
+    turn. A side's first step runs before the cycle starts (`start_all` starts the sides one by one, each once the
+    previous one finished its first step); a side that finished its last step waits until every side has, so no
+    side's clean-up overlaps a timed step.
+    """
+
+    def __init__(self, sides: list[str], steps: dict[str, int]):
+        self.sides = sides
+        self.steps = steps
+        self.cond = threading.Condition()
+        self.turn: str | None = None
+        self.count = {s: 0 for s in sides}
+        self.ready: set[str] = set()
+        self.done: set[str] = set()
+        self.errors: dict[str, BaseException] = {}
+        self.since: dict[str, tuple[float, float]] = {}
+        self.times: dict[str, list[tuple[float, float]]] = {s: [] for s in sides}  # (wall s, CPU s) per timed step
         self.handle = register_optimizer_step_post_hook(self._hook)
-        return self
+
+    def _next(self, me: str) -> str | None:
+        i = self.sides.index(me)
+        for k in range(1, len(self.sides) + 1):
+            s = self.sides[(i + k) % len(self.sides)]
+            if s not in self.done:
+                return s
+        return None
 
     def _hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if isinstance(optimizer, torch.optim.AdamW):  # not accelerate's wrapper around it
-            self.marks.append((time.perf_counter(), time.process_time()))
+            self.step_end()
 
-    def __exit__(self, *exc: Any) -> None:
-        self.handle.remove()
+    def tower_hook(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        """For the precompute side: one tower batch (with the decoding before it) is its step."""
+        self.step_end()
 
-    def steady(self, warmup: int) -> tuple[list[float], list[float]]:
-        """(wall s, CPU s) of steps warmup+1.. (an interval between two steps is the later step's time)."""
-        pairs = list(zip(self.marks, self.marks[1:]))[max(0, warmup - 1):]
-        return [b[0] - a[0] for a, b in pairs], [b[1] - a[1] for a, b in pairs]
+    def step_end(self) -> None:
+        me = threading.current_thread().name
+        if me not in self.count:
+            return
+        now = (time.perf_counter(), time.process_time())
+        with self.cond:
+            self.count[me] += 1
+            if me in self.since:
+                self.times[me].append((now[0] - self.since[me][0], now[1] - self.since[me][1]))
+            self.ready.add(me)
+            if self.count[me] >= self.steps[me]:
+                self.done.add(me)
+            if len(self.ready) == len(self.sides) and self.turn in (None, me):
+                self.turn = self._next(me)
+            self.cond.notify_all()
+            if me in self.done:
+                self.cond.wait_for(lambda: len(self.done) == len(self.sides))
+                return
+            self.cond.wait_for(lambda: self.turn == me)
+            self.since[me] = (time.perf_counter(), time.process_time())
+
+    def _run(self, side: str, fn: Callable[[], dict[str, Any]], results: dict[str, Any]) -> None:
+        try:
+            results[side] = fn()
+        except BaseException as e:  # noqa: BLE001 (re-raised by start_all)
+            self.errors[side] = e
+        finally:
+            with self.cond:
+                self.ready.add(side)
+                self.done.add(side)
+                if self.turn == side or (self.turn is None and len(self.ready) == len(self.sides)):
+                    self.turn = self._next(side)
+                self.cond.notify_all()
+
+    def start_all(self, jobs: dict[str, Callable[[], dict[str, Any]]]) -> dict[str, Any]:
+        results: dict[str, Any] = {}
+        threads = []
+        try:
+            for side in self.sides:
+                t = threading.Thread(target=self._run, args=(side, jobs[side], results), name=side, daemon=True)
+                threads.append(t)
+                t.start()
+                with self.cond:
+                    self.cond.wait_for(lambda: side in self.ready)
+                print(f"{side}: first step done, waiting for its turn", flush=True)
+            for t in threads:
+                t.join()
+        finally:
+            self.handle.remove()
+        for side, e in self.errors.items():
+            raise RuntimeError(f"side '{side}' failed") from e
+        return results
 
 
-# ---------------------------------------------------------------- side 1-2: the engine
-def run_engine(recipe: Recipe, cached: bool, warmup: int) -> dict[str, Any]:
-    out = Path(recipe.output_dir)
-    pre = precompute(recipe, out / "feature_cache") if cached else None
-    sdir = out / "1-align"
-    t0 = time.perf_counter()
-    with StepTimes() as clock:
-        train_stage(recipe, 0, None, sdir, resume=False)
-    wall = time.perf_counter() - t0
-    steady_wall, steady_cpu = clock.steady(warmup)
+# ---------------------------------------------------------------- sides 1-2: the engine
+def run_engine(recipe: Recipe, cached: bool) -> dict[str, Any]:
+    sdir = Path(recipe.output_dir) / "1-align"
+    train_stage(recipe, 0, None, sdir, resume=False)
     rows = read_jsonl(sdir / "metrics.jsonl")
     info = json.loads((sdir / "stage.json").read_text())
-    batch = recipe.stages[0].batch_size
     if cached and (info["feature_cache"] is None or info["feature_cache"]["encoded"] != 0):
         raise RuntimeError(f"{sdir}: the cached run encoded clips again: {info['feature_cache']}")
     if not cached and info["feature_cache"] is not None:
         raise RuntimeError(f"{sdir}: feature_cache: false still used the cache")
-    return {"step_s": [batch / r["samples_per_s"] for r in rows], "loss": [r["loss"] for r in rows],
-            "steady_wall": steady_wall, "steady_cpu": steady_cpu, "precompute": pre, "wall_s": wall,
-            "batch": batch, "samples": batch * len(rows), "threads": torch.get_num_threads()}
+    return {"loss": [r["loss"] for r in rows]}  # its samples_per_s would count the other sides' turns too
 
 
 # ---------------------------------------------------------------- sides 3-4: HF Trainer
@@ -203,7 +276,7 @@ class TrainerAdapter(nn.Module):
         self.vlm = model
         self.full_vocab_loss = full_vocab_loss
         self.losses: list[float] = []
-        self.tokens = 0  # non-padding tokens seen (incl. visual positions)
+        self.tokens = 0  # non-padding tokens seen (visual positions included)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                 features: torch.Tensor, timestamps: torch.Tensor, grid: torch.Tensor) -> Any:
@@ -215,17 +288,14 @@ class TrainerAdapter(nn.Module):
         return out
 
 
-def run_trainer(recipe: Recipe, cache_root: Path, full_vocab_loss: bool, warmup: int) -> dict[str, Any]:
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+def run_trainer(recipe: Recipe, cache_root: Path, full_vocab_loss: bool) -> dict[str, Any]:
+    from transformers import Trainer, TrainingArguments
 
     st = recipe.stages[0]
     model = seeded_model(recipe)
-    accelerator, _ = build_accelerator(st)  # only to open the cache the way the engine does
-    visual = open_cache(recipe, model, cache_root, accelerator)
+    # no Accelerator of ours here: resetting accelerate's shared state would pull it from under the running loops
+    visual = open_cache(recipe, model, cache_root)  # a clip missing from the cache fails the batch (DictCollate)
     items = stage_items(recipe)
-    stats = precompute_features(model, items, visual, accelerator)  # fills loader.bad; encodes nothing
-    if stats["encoded"]:
-        raise RuntimeError(f"the Trainer side found {stats['encoded']} clips missing from the cache")
     dataset = ConversationDataset(items, visual, model.encode_sample, model.num_visual_tokens(st.data.frames))
     plan = BatchPlan([dataset.length(i) for i in range(len(dataset))], st.batch_size, 1, 0, recipe.seed,
                      st.group_by_length)
@@ -241,56 +311,19 @@ def run_trainer(recipe: Recipe, cache_root: Path, full_vocab_loss: bool, warmup:
                                                  generator=torch.Generator().manual_seed(recipe.seed))
             return self.accelerator.prepare(loader)  # as Trainer._get_dataloader does
 
-    class StepClock(TrainerCallback):
-        def __init__(self) -> None:
-            self.t: list[float] = []
-
-        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            self.t = [time.perf_counter()]
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            self.t.append(time.perf_counter())
-
     adapter = TrainerAdapter(model, full_vocab_loss)
-    clock = StepClock()
     args = TrainingArguments(
         output_dir=str(Path(recipe.output_dir) / "hf"), per_device_train_batch_size=st.batch_size, num_train_epochs=1,
         max_grad_norm=st.max_grad_norm, use_cpu=True, report_to=[], save_strategy="no", seed=recipe.seed,
-        dataloader_num_workers=st.data.num_workers, dataloader_pin_memory=False, remove_unused_columns=False,
-        disable_tqdm=False)
-    trainer = PlannedTrainer(model=adapter, args=args, optimizers=(optimizer, scheduler), callbacks=[clock])
-    t0 = time.perf_counter()
-    with StepTimes() as hook:
-        trainer.train()
-    wall = time.perf_counter() - t0
-    steady_wall, steady_cpu = hook.steady(warmup)
-    step_s = [b - a for a, b in zip(clock.t, clock.t[1:])]
-    if len(step_s) != total or len(adapter.losses) != total:
-        raise RuntimeError(f"Trainer ran {len(step_s)} steps ({len(adapter.losses)} forwards), expected {total}")
-    losses, mean_len = list(adapter.losses), adapter.tokens / (st.batch_size * total)
-    del trainer, adapter, model, optimizer, scheduler, visual
-    gc.collect()
-    return {"step_s": step_s, "loss": losses, "steady_wall": steady_wall, "steady_cpu": steady_cpu,
-            "precompute": None, "wall_s": wall, "batch": st.batch_size, "samples": st.batch_size * total,
-            "threads": torch.get_num_threads(), "mean_len": mean_len}
+        dataloader_num_workers=st.data.num_workers, dataloader_pin_memory=False, remove_unused_columns=False)
+    trainer = PlannedTrainer(model=adapter, args=args, optimizers=(optimizer, scheduler))
+    trainer.train()
+    if len(adapter.losses) != total:
+        raise RuntimeError(f"Trainer ran {len(adapter.losses)} steps, expected {total}")
+    return {"loss": list(adapter.losses), "mean_len": adapter.tokens / (st.batch_size * total)}
 
 
 # ---------------------------------------------------------------- summary
-def pooled(runs: list[dict[str, Any]], key: str) -> list[float]:
-    return [s for r in runs for s in r[key]]
-
-
-def sps(runs: list[dict[str, Any]], key: str = "steady_wall") -> float:
-    """Median per-step samples/s over the steady steps of every run."""
-    return statistics.median(r["batch"] / s for r in runs for s in r[key])
-
-
-def epoch_sps(run: dict[str, Any]) -> float:
-    """Samples over (one-time precompute + every step of the epoch, first step included)."""
-    pre = run["precompute"]["seconds"] if run["precompute"] else 0.0
-    return run["samples"] / (pre + sum(run["step_s"]))
-
-
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -309,119 +342,133 @@ def verdict(wall: float, cpu: float, target: float) -> str:
     return f"met by {'wall' if wall >= target else 'CPU'} time only"
 
 
-def per_round(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> str:
-    return ", ".join(f"{sps([x]) / sps([y]):.2f}x" for x, y in zip(a, b))
+def report(res: dict[str, Any], args: argparse.Namespace, env: dict[str, Any]) -> str:
+    times, runs, alone = res["times"], res["runs"], res["precompute_alone"]
+    batch, steps, samples = env["batch"], env["steps"], env["samples"]
+    wall = {k: [t[0] for t in v] for k, v in times.items()}
+    cpu = {k: [t[1] for t in v] for k, v in times.items()}
+    w = {k: statistics.median(v) for k, v in wall.items()}  # s/step
+    c = {k: statistics.median(v) for k, v in cpu.items()}
+    n = {k: len(v) for k, v in wall.items()}
+    clips = alone["encoded"]
+    batches = math.ceil(clips / 8)  # precompute_features encodes batches of 8 clips
+    pre_s, pre_c = batches * w["precompute"], batches * c["precompute"]  # median batch (decoding included) x batches
 
+    def paired(x: str, y: str, t: dict[str, list[float]]) -> str:
+        """Per-step ratios y/x (x faster if > 1): step i of both sides ran back to back on the same batch."""
+        return ", ".join(f"{b / a:.2f}" for a, b in zip(t[x], t[y]))
 
-def report(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace, env: dict[str, Any]) -> str:
-    wall = {k: sps(v) for k, v in runs.items()}
-    cpu = {k: sps(v, "steady_cpu") for k, v in runs.items()}
-    step = {k: statistics.median(pooled(v, "steady_wall")) for k, v in runs.items()}
-    cstep = {k: statistics.median(pooled(v, "steady_cpu")) for k, v in runs.items()}
-    n = {k: len(pooled(v, "steady_wall")) for k, v in runs.items()}
-    ep = {k: statistics.median(epoch_sps(r) for r in v) for k, v in runs.items()}
-    pre = [r["precompute"] for r in runs["cache"]]
-    clips = pre[0]["encoded"]
-    pre_s = statistics.median(p["seconds"] for p in pre)
-    pre_cpu = statistics.median(p["cpu_seconds"] for p in pre)
-    first = runs["cache"][0]
-    batch, steps, samples = first["batch"], len(first["step_s"]), first["samples"]
-    # an epoch at the steady CPU cost per step (+ the precompute's CPU time): the idle-machine estimate
-    ep_cpu = {"cache": samples / (pre_cpu + steps * cstep["cache"]), "nocache": samples / (steps * cstep["nocache"])}
-    saved_cpu = cstep["nocache"] - cstep["cache"]
-    break_even = (f"after {pre_cpu / (steps * saved_cpu):.2f} epoch(s) by CPU time" if saved_cpu > 0
-                  else "not within this run (no steady-state saving measured)")
+    def ratio(x: str, y: str) -> tuple[float, float]:
+        return w[y] / w[x], c[y] / c[x]
+
+    def epoch(side: str, per_step: dict[str, float], pre_time: float) -> float:
+        """Samples/s of one epoch: the precompute (cache side) + every step at the steady time per step."""
+        return samples / ((pre_time if side == "cache" else 0.0) + steps * per_step[side])
 
     def dloss(a: str, b: str) -> float:
-        return max(abs(x - y) for ra, rb in zip(runs[a], runs[b]) for x, y in zip(ra["loss"], rb["loss"]))
+        return max(abs(x - y) for x, y in zip(runs[a]["loss"], runs[b]["loss"]))
 
-    r_cache, c_cache = wall["cache"] / wall["nocache"], cpu["cache"] / cpu["nocache"]
-    r_loop, c_loop = wall["cache"] / wall["hf_full"], cpu["cache"] / cpu["hf_full"]
-    r_loop_only, c_loop_only = wall["cache"] / wall["hf_sparse"], cpu["cache"] / cpu["hf_sparse"]
-    r_loss, c_loss = wall["hf_sparse"] / wall["hf_full"], cpu["hf_sparse"] / cpu["hf_full"]
-    extra = "".join(f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k in DEFAULTS and v != DEFAULTS[k])
+    r_cache, c_cache = ratio("cache", "nocache")
+    r_loop, c_loop = ratio("cache", "hf_full")
+    r_loop_only, c_loop_only = ratio("cache", "hf_sparse")
+    r_loss, c_loss = ratio("hf_sparse", "hf_full")
+    ep_w = {k: epoch(k, w, pre_s) for k in ("cache", "nocache")}
+    ep_c = {k: epoch(k, c, pre_c) for k in ("cache", "nocache")}
+    saved_c = c["nocache"] - c["cache"]
+    break_even = (f"after {pre_c / (steps * saved_c):.2f} epoch(s) by CPU time "
+                  f"({pre_s / (steps * (w['nocache'] - w['cache'])):.2f} by wall time)"
+                  if saved_c > 0 and w["nocache"] > w["cache"] else "not within this run (no steady saving measured)")
+    extra = "".join(f" --{k.replace('_', '-')} {getattr(args, k)}" for k in DEFAULTS if getattr(args, k) != DEFAULTS[k])
     cmd = f"`.venv/bin/python scripts/bench_train.py{extra}`"
     workers = (": clips (or cached features) are loaded in the training process, between steps (the quickstart's "
                "setting)" if args.num_workers == 0 else
-               f" (loading in {args.num_workers} worker process(es), which the CPU-time columns leave out)")
+               f" (loading in {args.num_workers} worker process(es), which the CPU-time columns leave out and which "
+               "keep loading while other sides compute)")
 
-    def row1(k: str, pre_cell: str) -> str:
+    def sps(k: str) -> str:
         b = "**" if k == "cache" else ""
-        return (f"| {b}{SIDES[k]}{b} | {b}{wall[k]:.3f}{b} | {cpu[k]:.3f} | {step[k]:.2f} | {cstep[k]:.2f} | {n[k]} | "
-                f"{pre_cell} | {ep[k]:.3f} | {ep_cpu[k]:.3f} |")
-
-    def row2(k: str, loop: str, loss: str) -> str:
-        b = "**" if k == "cache" else ""
-        return (f"| {b}{loop}{b} | {loss} | {b}{wall[k]:.3f}{b} | {cpu[k]:.3f} | {step[k]:.2f} | {cstep[k]:.2f} | "
-                f"{n[k]} | {wall['cache'] / wall[k]:.2f} | {cpu['cache'] / cpu[k]:.2f} |")
+        return f"{b}{batch / w[k]:.3f}{b} | {batch / c[k]:.3f} | {w[k]:.2f} | {c[k]:.2f} | {n[k]}"
 
     lines = [
         f"Measured {env['date']} by {cmd} on {env['machine']} ({env['cpus']} cores shared with other work: load "
         f"average {env['load_start']:.1f} at the start, {env['load_end']:.1f} at the end), {env['threads']} torch "
-        f"thread(s), torch {torch.__version__}, transformers {env['transformers']}, accelerate {env['accelerate']}; "
-        f"{env['minutes']:.1f} min in all. All sides ran in one process, in {args.rounds} round(s) of one epoch each, "
-        "the order alternating between rounds (A B C D, D C B A, ...). Wall time on this shared machine is noisy (other "
-        "jobs come and go within minutes); the CPU-time columns count this process's CPU seconds per step, which "
-        "the other jobs disturb much less and which is what the wall time would be on an idle core (one thread"
-        + (", no workers)." if args.num_workers == 0 else ")."),
+        f"thread(s) (`--threads`; with 2 on this shared machine a step measured 2-3x slower), torch {env['torch']}, "
+        f"transformers {env['transformers']}, accelerate {env['accelerate']}; "
+        f"{env['minutes']:.1f} min in all.",
         "",
         f"Model: the quickstart's stage 1 (`recipes/quickstart.yaml`, align): packaged EfficientNet-Lite0 (ImageNet "
         f"weights, frozen, 128 px) + STC connector (trained, {env['connector_params'] / 1e6:.1f}M parameters) + packaged "
         f"SmolLM2-135M-Instruct (frozen), 8 frames -> {env['visual_tokens']} visual tokens, mean sequence "
         f"{env['mean_len']:.0f} tokens, fp32, AdamW, batch {batch}. Data: {samples} synthetic captions "
-        f"(`data_tools.synth`, 16 frames, 128 px; `data.max_samples={samples}`): one epoch = {steps} steps, the same "
-        f"batches in the same order on every side. `data.num_workers={args.num_workers}`{workers}. Steady state: "
-        f"median per-step samples/s over all steps of all rounds but the first {args.warmup} of each run; a step "
-        "runs from one optimizer step to the next (fetching the batch included), timed by one optimizer hook for "
-        "all sides.",
+        f"(`data_tools.synth`, 16 frames, 128 px; `data.max_samples={samples}`), one epoch = {steps} steps, the same "
+        f"batches in the same order on every side. `data.num_workers={args.num_workers}`{workers}.",
+        "",
+        "How it is timed: the four training loops and the precompute run in one process, each in a thread, and "
+        "take turns step by step "
+        "(a global optimizer hook ends a side's step and passes the turn), so step i of every side runs back to back "
+        "on the same batch and the load of this shared machine falls on all of them alike. A step is timed from "
+        "getting the turn to its optimizer step (fetching the batch included), in wall time and in this process's "
+        "CPU time (only one side computes at a time); on an idle core with one thread the two would agree, here "
+        "other jobs stretch the wall time. Steady state: median over every step but each side's first (which ran, "
+        "untimed, before the turns began).",
         "",
         "**1. Stage 1 with the feature cache vs recomputing the frozen tower every step**",
         "",
-        "| stage 1 run | steady samples/s | by CPU time | s/step | CPU s/step | steps | one-time precompute "
-        "(`precompute_features`) | one epoch incl. precompute, samples/s | same, by CPU time |",
-        "|---|---:|---:|---:|---:|---:|---|---:|---:|",
-        row1("nocache", "-"),
-        row1("cache", f"{clips} clips in {pre_s:.1f} s ({pre_cpu:.1f} CPU s): **{clips / pre_s:.2f} clips/s** "
-                      f"({clips / pre_cpu:.2f} by CPU time)"),
+        "| stage 1 run | steady samples/s | by CPU time | s/step | CPU s/step | timed steps | one epoch incl. "
+        "precompute, samples/s | same, by CPU time |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| {SIDES['nocache']} | {sps('nocache')} | {ep_w['nocache']:.3f} | {ep_c['nocache']:.3f} |",
+        f"| **{SIDES['cache']}** | {sps('cache')} | {ep_w['cache']:.3f} | {ep_c['cache']:.3f} |",
         "",
-        f"- Steady state, cache / no cache: **{r_cache:.2f}x** (per round: {per_round(runs['cache'], runs['nocache'])}); "
-        f"by CPU time **{c_cache:.2f}x**. Target >= {CACHE_TARGET:.0f}x: {verdict(r_cache, c_cache, CACHE_TARGET)}.",
-        f"- One epoch including the precompute, cache / no cache: **{ep['cache'] / ep['nocache']:.2f}x** "
-        f"({ep_cpu['cache'] / ep_cpu['nocache']:.2f}x by CPU time; the by-CPU epoch columns are the precompute plus "
-        f"{steps} steady steps). The precompute does once per clip the tower work the no-cache run does once per "
-        f"sample, so a single epoch gains little; it pays for itself {break_even}, and every later epoch, or later "
-        "stage on the same clips, runs at the steady speed.",
-        f"- Why ~{c_cache:.1f}x and not {CACHE_TARGET:.0f}x on this model: the cache removes decoding {batch} clips and "
-        f"running the frozen EfficientNet-Lite0 on {batch * 8} frames of 128 px, {batch * pre_cpu / clips:.2f} CPU s "
-        f"per batch as the precompute measured it, from a step whose rest costs {cstep['cache']:.2f} CPU s: the frozen "
-        f"135M-parameter LLM's forward over {env['mean_len']:.0f}-token sequences and its backward down to the visual "
-        "tokens (the connector's gradients pass through all 30 layers), which no cache can skip. With "
-        f"{env['visual_tokens']} visual tokens per clip, the LLM's cost is mostly the text's. A 3x speed-up needs a "
-        "tower that costs 2/3 of the step or more (LLaVA's case: a ViT-L/336 tower, 576 visual tokens per image).",
+        f"- Steady state, cache / no cache: **{r_cache:.2f}x** by wall time, **{c_cache:.2f}x** by CPU time "
+        f"(per step: {paired('cache', 'nocache', cpu)} by CPU time). Target >= {CACHE_TARGET:.0f}x: "
+        f"{verdict(r_cache, c_cache, CACHE_TARGET)}.",
+        f"- One-time precompute (`precompute_features`, taking turns with the training steps as a fifth side, a "
+        f"batch of 8 clips with their decoding as its step): **{8 / w['precompute']:.2f} clips/s** by wall time, "
+        f"{8 / c['precompute']:.2f} by CPU time, so ~{pre_s:.1f} s ({pre_c:.1f} CPU s) for the {clips} clips. Run "
+        f"alone before the others (other jobs' load differs): {clips} clips in {alone['seconds']:.1f} s "
+        f"({alone['cpu_seconds']:.1f} CPU s), {clips / alone['seconds']:.2f} clips/s.",
+        f"- One epoch including the precompute (the precompute + {steps} steps at the steady time; the first-step "
+        f"warm-up, alike on both sides, left out), cache / no cache: "
+        f"**{ep_w['cache'] / ep_w['nocache']:.2f}x** by wall time, {ep_c['cache'] / ep_c['nocache']:.2f}x by CPU time. "
+        "The precompute does once per clip the tower work the no-cache run does once per sample, so one epoch gains "
+        f"little; the cache pays for itself {break_even}, and every later epoch, or later stage on the same clips, "
+        "runs at the steady speed.",
+        f"- Why ~{c_cache:.1f}x and not {CACHE_TARGET:.0f}x on this model: the cache takes out of a step the decoding of "
+        f"{batch} clips and the frozen EfficientNet-Lite0 on {batch * 8} frames of 128 px, "
+        f"{c['precompute']:.2f} CPU s per batch as the precompute measured them, while the rest of the step costs "
+        f"{c['cache']:.2f} CPU s: the frozen 135M-parameter LLM's forward over {env['mean_len']:.0f}-token sequences "
+        "and its backward down to the visual tokens (the connector's gradients pass through all 30 layers), which no "
+        f"cache can skip. With {env['visual_tokens']} visual tokens per clip, the LLM's cost is mostly the text's. A 3x "
+        "speed-up needs decoding + tower to cost 2/3 of the step or more: a bigger tower, more or larger frames, "
+        "longer videos to decode, next to a small LLM and short texts.",
         f"- Same training on both sides: max |loss difference| per step {dloss('cache', 'nocache'):.1e} (cached "
         "features vs recomputed ones, batched differently).",
         "",
         "**2. Our engine vs a plain HF `transformers.Trainer` loop (same model, batches and order, optimizer, "
         "schedule, fp32)**",
         "",
-        "| training loop | loss | steady samples/s | by CPU time | s/step | CPU s/step | steps | ours / this | "
-        "same, by CPU time |",
+        "| training loop | loss | steady samples/s | by CPU time | s/step | CPU s/step | timed steps | ours / this "
+        "| same, by CPU time |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
-        row2("cache", "engine (`train_stage`, feature cache)", "sparse LM head (labelled positions only)"),
-        row2("hf_sparse", "HF `Trainer`", "sparse LM head: `VideoLLM(batch)`"),
-        row2("hf_full", "HF `Trainer`", "HF causal-LM loss over all positions and the full vocabulary: "
-                                        "`VideoLLM(batch, return_logits=True)`"),
+        f"| **engine (`train_stage`, feature cache)** | sparse LM head (labelled positions only) | {sps('cache')} "
+        "| 1.00 | 1.00 |",
+        f"| HF `Trainer` | sparse LM head: `VideoLLM(batch)` | {sps('hf_sparse')} | {r_loop_only:.2f} | "
+        f"{c_loop_only:.2f} |",
+        f"| HF `Trainer` | HF causal-LM loss over all positions and the full vocabulary: `VideoLLM(batch, "
+        f"return_logits=True)` | {sps('hf_full')} | {r_loop:.2f} | {c_loop:.2f} |",
         "",
-        f"- Engine / HF Trainer with the standard HF loss: **{r_loop:.2f}x** (per round: "
-        f"{per_round(runs['cache'], runs['hf_full'])}); by CPU time **{c_loop:.2f}x**. Target >= {LOOP_TARGET:.1f}x: "
+        f"- Engine / HF Trainer with the standard HF loss: **{r_loop:.2f}x** by wall time, **{c_loop:.2f}x** by CPU "
+        f"time (per step: {paired('cache', 'hf_full', cpu)} by CPU time). Target >= {LOOP_TARGET:.1f}x: "
         f"{verdict(r_loop, c_loop, LOOP_TARGET)}.",
-        f"- Where it comes from, by CPU time: the loop {c_loop_only:.2f}x (engine / Trainer, both with the sparse head; "
-        f"wall {r_loop_only:.2f}x), the loss {c_loss:.2f}x (Trainer with the sparse head / with HF's full-vocabulary "
-        f"loss; wall {r_loss:.2f}x).",
+        f"- Where it comes from: the loop {r_loop_only:.2f}x by wall time, {c_loop_only:.2f}x by CPU time (engine / "
+        f"Trainer, both with the sparse head; per step: {paired('cache', 'hf_sparse', cpu)}); the loss "
+        f"{r_loss:.2f}x by wall time, {c_loss:.2f}x by CPU time (Trainer with the sparse head / with HF's "
+        f"full-vocabulary loss; per step: {paired('hf_sparse', 'hf_full', cpu)}).",
         f"- Same training: max |loss difference| per step, engine vs Trainer with the sparse head "
         f"{dloss('cache', 'hf_sparse'):.1e}, vs Trainer with HF's loss {dloss('cache', 'hf_full'):.1e}.",
         "- How the Trainer runs: a wrapper module takes the Trainer's dict of tensors (ids, mask, labels, cached "
-        "features, timestamps, grid), builds a `Batch` and returns the model output; `get_train_dataloader` serves "
+        "features, timestamps, grid), builds a `Batch` and returns the model's output; `get_train_dataloader` serves "
         "the engine's dataset and `BatchPlan` batches through `accelerator.prepare`, as `Trainer._get_dataloader` "
         "does; the engine's AdamW groups and LR schedule go in as `optimizers=`; `use_cpu=True`, "
         f"`dataloader_num_workers={args.num_workers}`, `max_grad_norm=1.0`, `report_to=[]`, `save_strategy=\"no\"`, "
@@ -432,103 +479,85 @@ def report(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace, env:
     return "\n".join(lines)
 
 
-def update_docs(body: str) -> None:
-    """Replace this benchmark's marked section of docs/BENCHMARKS.md (created if missing), leaving the rest alone."""
-    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
-    block = f"{START}\n{body}\n{END}"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + f"\n\n{SECTION}\n\n{block}\n"
-    DOCS.write_text(text)
+# ---------------------------------------------------------------- main
+def measure(args: argparse.Namespace, env: dict[str, Any]) -> dict[str, Any]:
+    data = synth_data(args.samples)
+    work = Path(tempfile.mkdtemp(prefix="vlm-bench-train-"))
+    try:
+        recipes = {side: make_recipe(data, work / side, args.samples, side != "nocache", args.num_workers)
+                   for side in SIDES}
+        shared = work / "cache" / "feature_cache"  # the cached engine side's own cache, read by the Trainer sides
+        print("standalone precompute (its cache feeds the cached sides) ...", flush=True)
+        alone = precompute(recipes["cache"], shared)
+        probe = seeded_model(recipes["cache"])
+        env["visual_tokens"] = probe.num_visual_tokens(recipes["cache"].stages[0].data.frames)
+        env["connector_params"] = sum(p.numel() for p in probe.connector.parameters())
+        del probe
+        gc.collect()
 
-
-DEFAULTS = {"samples": 32, "rounds": 2, "threads": 1, "num_workers": 0, "warmup": 1}
+        batch = recipes["cache"].stages[0].batch_size
+        steps = args.samples // batch
+        sides = ["precompute", *SIDES]
+        turns = Turns(sides, {"precompute": math.ceil(alone["encoded"] / 8), **{s: steps for s in SIDES}})
+        runs = turns.start_all({  # started in this order: the precompute resets accelerate's state before the rest
+            "precompute": lambda: precompute(recipes["cache"], work / "precompute-in-turn", turns.tower_hook),
+            "cache": lambda: run_engine(recipes["cache"], True),
+            "nocache": lambda: run_engine(recipes["nocache"], False),
+            "hf_full": lambda: run_trainer(recipes["hf_full"], shared, True),
+            "hf_sparse": lambda: run_trainer(recipes["hf_sparse"], shared, False),
+        })
+        for side in sides:
+            print(f"{side}: CPU s/step {', '.join(f'{t[1]:.2f}' for t in turns.times[side])}; wall s/step "
+                  f"{', '.join(f'{t[0]:.2f}' for t in turns.times[side])}", flush=True)
+        print(f"standalone precompute: {alone['encoded']} clips in {alone['seconds']:.1f} s "
+              f"({alone['cpu_seconds']:.1f} CPU s)", flush=True)
+        if runs["precompute"]["encoded"] != alone["encoded"]:
+            raise RuntimeError(f"the precompute in turn encoded {runs['precompute']['encoded']} clips, "
+                               f"the standalone one {alone['encoded']}")
+        env.update(batch=batch, steps=steps, samples=args.samples, mean_len=runs["hf_sparse"]["mean_len"])
+        return {"times": turns.times, "runs": runs, "precompute_alone": alone}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=DEFAULTS["samples"], help="samples per epoch (a multiple of 8)")
-    parser.add_argument("--rounds", type=int, default=DEFAULTS["rounds"], help="epochs of every side, interleaved")
+    parser.add_argument("--samples", type=int, default=DEFAULTS["samples"],
+                        help="samples in the epoch (a multiple of 8; steps = samples / 8, the first one untimed)")
     parser.add_argument("--threads", type=int, default=DEFAULTS["threads"],
                         help="torch threads (default 1: on a shared 2-core CPU, 2 OpenMP threads measured 2-3x slower)")
-    parser.add_argument("--num-workers", type=int, default=DEFAULTS["num_workers"], help="data.num_workers (both loops)")
-    parser.add_argument("--warmup", type=int, default=DEFAULTS["warmup"], help="first steps of each run left out")
-    parser.add_argument("--keep", action="store_true", help="keep the run folders (their path is printed)")
+    parser.add_argument("--num-workers", type=int, default=DEFAULTS["num_workers"], help="data.num_workers (all sides)")
     parser.add_argument("--no-docs", action="store_true", help="print only; leave docs/BENCHMARKS.md alone")
     parser.add_argument("--save", metavar="JSON", help="also write the raw measurements here")
-    parser.add_argument("--from-json", metavar="JSON", help="re-render the report of a run saved with --save")
+    parser.add_argument("--from-json", metavar="JSON", help="only re-render the report of a run saved with --save")
     args = parser.parse_args()
     if args.from_json:
         saved = json.loads(Path(args.from_json).read_text())
         for k, v in saved["args"].items():
             setattr(args, k, v)
-        body = report(saved["runs"], args, saved["env"])
-        print(body)
-        if not args.no_docs:
-            update_docs(body)
-            print(f"\nupdated {DOCS}")
-        return
-    if args.samples % 8 or args.samples // 8 <= max(1, args.warmup):
-        parser.error(f"--samples must be a multiple of 8 giving more than max(1, --warmup) steps")
+        res, env = saved["result"], saved["env"]
+    else:
+        if args.samples % 8 or args.samples < 24:
+            parser.error("--samples must be a multiple of 8 and at least 24 (3 steps: 2 timed)")
+        import accelerate
+        import transformers
 
-    import accelerate
-    import transformers
-
-    torch.set_num_threads(args.threads)
-    t_start = time.perf_counter()
-    env: dict[str, Any] = {"date": date.today().isoformat(), "machine": f"{platform.machine()} {cpu_name()}",
-                           "cpus": os.cpu_count(), "load_start": os.getloadavg()[0], "threads": torch.get_num_threads(),
-                           "transformers": transformers.__version__, "accelerate": accelerate.__version__}
-    data = synth_data(args.samples)
-    work = Path(tempfile.mkdtemp(prefix="vlm-bench-train-"))
-    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in SIDES}
-    try:
-        shared = make_recipe(data, work / "shared", args.samples, True, args.num_workers)
-        print("warm-up: precomputing the features the Trainer sides read (untimed) ...", flush=True)
-        precompute(shared, work / "shared" / "feature_cache")
-        probe = seeded_model(shared)
-        env["visual_tokens"] = probe.num_visual_tokens(shared.stages[0].data.frames)
-        env["connector_params"] = sum(p.numel() for p in probe.connector.parameters())
-        del probe
-        gc.collect()
-
-        order = list(SIDES)
-        for r in range(args.rounds):
-            for side in order if r % 2 == 0 else order[::-1]:
-                recipe = make_recipe(data, work / f"r{r}-{side}", args.samples, side != "nocache", args.num_workers)
-                t0 = time.perf_counter()
-                if side in ("cache", "nocache"):
-                    res = run_engine(recipe, side == "cache", args.warmup)
-                    own = statistics.median(res["step_s"][args.warmup:])
-                    check = f"; metrics.jsonl median {own:.2f} s/step"
-                else:
-                    res = run_trainer(recipe, work / "shared" / "feature_cache", side == "hf_full", args.warmup)
-                    check = ""
-                if res["threads"] != args.threads:
-                    print(f"warning: {side} ran with {res['threads']} torch threads", flush=True)
-                runs[side].append(res)
-                pre = res["precompute"]
-                print(f"round {r + 1}/{args.rounds} {side}: steps {', '.join(f'{s:.2f}' for s in res['step_s'])} s "
-                      f"(steady CPU {', '.join(f'{s:.2f}' for s in res['steady_cpu'])} s{check})"
-                      + (f"; precompute {pre['encoded']} clips in {pre['seconds']:.1f} s" if pre else "")
-                      + f"; {time.perf_counter() - t0:.0f} s in all", flush=True)
-        env["mean_len"] = runs["hf_sparse"][0]["mean_len"]
-    finally:
-        if args.keep:
-            print(f"run folders kept in {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
-    env["load_end"] = os.getloadavg()[0]
-    env["minutes"] = (time.perf_counter() - t_start) / 60
-    if args.save:
-        Path(args.save).write_text(json.dumps({"args": {k: getattr(args, k) for k in DEFAULTS}, "env": env,
-                                               "runs": runs}, indent=1))
-    body = report(runs, args, env)
+        torch.set_num_threads(args.threads)
+        t0 = time.perf_counter()
+        env = {"date": date.today().isoformat(), "machine": f"{platform.machine()} {cpu_name()}",
+               "cpus": os.cpu_count(), "load_start": os.getloadavg()[0], "threads": torch.get_num_threads(),
+               "torch": torch.__version__, "transformers": transformers.__version__,
+               "accelerate": accelerate.__version__}
+        res = measure(args, env)
+        env["load_end"] = os.getloadavg()[0]
+        env["minutes"] = (time.perf_counter() - t0) / 60
+        if args.save:
+            Path(args.save).write_text(json.dumps({"args": {k: getattr(args, k) for k in DEFAULTS}, "env": env,
+                                                   "result": res}, indent=1))
+    body = report(res, args, env)
     print("\n" + body)
     if not args.no_docs:
-        update_docs(body)
+        update_section("bench_train", SECTION, body)
         print(f"\nupdated {DOCS}")
 
 

@@ -126,3 +126,15 @@ def test_yaml_overrides_and_variables(data, tmp_path):
     with pytest.raises(RecipeError, match="unknown variable \\$\\{nope\\}"):
         raw["output_dir"] = "${nope}"
         parse_recipe(raw)
+
+
+def test_schedule_warmup_and_logged_rates(data, tmp_path):
+    from vlm.train.engine import lr_lambda
+
+    f = lr_lambda(30, 2, 0.0)
+    assert [round(f(s), 3) for s in (0, 1, 2)] == [0.333, 0.667, 1.0] and f(29) < 0.01
+    raw = tiny_recipe(data, tmp_path / "run", max_steps=3, schedule={"warmup_steps": 0})
+    raw["stages"] = raw["stages"][:1]
+    run_recipe(parse_recipe(raw))
+    rates = [r["lr"]["connector"] for r in read_jsonl(tmp_path / "run" / "1-align" / "metrics.jsonl")]
+    assert rates == pytest.approx([1e-3, 7.5e-4, 2.5e-4])  # the rate each step used, not the next one

@@ -77,11 +77,11 @@ def build_accelerator(stage: StageSpec) -> tuple[Any, bool]:
 
 
 def lr_lambda(total_steps: int, warmup: int, min_ratio: float):
-    """Linear warmup then cosine decay to `min_ratio` of each group's lr."""
+    """Linear warmup over `warmup` steps, then cosine decay to `min_ratio` of each group's lr."""
 
     def f(step: int) -> float:
         if step < warmup:
-            return (step + 1) / max(1, warmup)
+            return (step + 1) / (warmup + 1)  # the first step already learns; the rate reaches 1 after warmup
         progress = (step - warmup) / max(1, total_steps - warmup)
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
@@ -247,7 +247,8 @@ def train_stage(recipe: Recipe, index: int, init_from: Path | None, stage_dir: P
     plan = BatchPlan([dataset.length(i) for i in range(len(dataset))], stage.batch_size, accelerator.num_processes,
                      accelerator.process_index, recipe.seed + index, stage.group_by_length)
     total = steps_for(len(plan), stage.grad_accum, stage.epochs, stage.max_steps)
-    warmup = stage.schedule.warmup_steps if stage.schedule.warmup_steps is not None else int(stage.schedule.warmup_ratio * total)
+    warmup = (stage.schedule.warmup_steps if stage.schedule.warmup_steps is not None
+              else math.ceil(stage.schedule.warmup_ratio * total))
 
     optimizer = make_optimizer(model, stage)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, warmup, stage.schedule.min_lr_ratio))
@@ -290,8 +291,10 @@ def train_stage(recipe: Recipe, index: int, init_from: Path | None, stage_dir: P
             with accelerator.accumulate(wrapped):
                 out = wrapped(batch.to(accelerator.device))
                 accelerator.backward(out.loss)
-                if accelerator.sync_gradients and stage.max_grad_norm and not deepspeed:
-                    accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], stage.max_grad_norm)
+                if accelerator.sync_gradients:
+                    if stage.max_grad_norm and not deepspeed:
+                        accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], stage.max_grad_norm)
+                    lrs = {g.get("name", str(k)): g["lr"] for k, g in enumerate(optimizer.param_groups)}  # this step's
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -304,7 +307,6 @@ def train_stage(recipe: Recipe, index: int, init_from: Path | None, stage_dir: P
             position["step"] += 1
             loss = float(accelerator.reduce(torch.tensor(loss_sum / micro, device=accelerator.device), "mean"))
             elapsed = time.time() - t0
-            lrs = {g.get("name", str(k)): g["lr"] for k, g in enumerate(optimizer.param_groups)}
             record = {"stage": stage.name, "step": position["step"], "epoch": position["epoch"], "loss": loss,
                       "lr": lrs, "samples_per_s": samples / max(elapsed, 1e-9), "skipped": position["skipped"]}
             if metrics and position["step"] % stage.log_every == 0:
