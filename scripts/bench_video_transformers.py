@@ -1,13 +1,13 @@
 """Benchmark the `video_vit` attention modes and VideoMAE pretraining; update docs/BENCHMARKS.md.
 
-    python scripts/bench_video_transformers.py            # ~13 min on the shared 2-core CPU machine
+    python scripts/bench_video_transformers.py            # ~16 min on the shared 2-core CPU machine (955 s measured)
     python scripts/bench_video_transformers.py --quick    # a smoke run (minutes), docs untouched
 
 1. Scaling: forward time and peak memory of each attention mode for t = 4, 8, 16 temporal tokens of 14 x 14
    (224 px frames, patch 16, tubelet 1, so t frames), depth 4, width 384, 6 heads, batch 1, inference mode.
-   Every measurement runs in a fresh subprocess (glibc's mmap threshold fixed, so freed tensors leave RSS):
-   the kernel's peak-RSS counter is reset (/proc/self/clear_refs) after the model and input are built (and,
-   for the timing cells, after a warm-up forward), and peak memory = VmHWM after the forward - VmRSS before it. Memory is
+   Each (mode, t) runs in a fresh subprocess (glibc's mmap threshold fixed, so freed tensors leave RSS): after
+   a warm-up forward the kernel's peak-RSS counter is reset (/proc/self/clear_refs) before each measured
+   forward, and peak memory = VmHWM after it - VmRSS before it. Memory is
    measured twice: with SDPA's default CPU kernel (flash attention: no L x L matrix is ever stored) and with the
    math kernel (the attention matrix is materialised, as in the papers' analyses). Ratios are to `joint` at the
    same t, measured in the same run.
@@ -15,7 +15,8 @@
    same steps, batch, schedule and seed; top-1 on the test clips with one centre view (the training view) and
    multi-view (evals.classify: 2 temporal clips x 3 crops, view-averaged softmax).
 3. VideoMAE: the `joint` encoder pretrained with 90% tube masking on the training clips (labels unused), then
-   fine-tuned with the budget of (2); compared with the same encoder from scratch (the `joint` row of (2)).
+   fine-tuned with the budget of (2); compared with the same encoder from scratch (the `joint` row of (2)); and
+   linear probes on the frozen features of the pretrained and of the randomly initialised encoder.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import argparse
 import datetime as _dt
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -32,6 +32,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_docs import update_section  # noqa: E402
+
 sys.path.insert(0, str(ROOT))
 
 MODES = ("joint", "factorized_encoder", "divided", "factorized_dot_product", "window", "pooling")
@@ -40,7 +43,6 @@ SCALE_ARCH = dict(depth=4, width=384, heads=6, patch_size=16, tubelet=1, image_s
                   window=(4, 7, 7), kv_stride=(1, 2, 2), temporal_depth=1)
 CLS_ARCH = dict(depth=4, width=64, heads=4, patch_size=8, tubelet=2, image_size=32, num_frames=8,
                 window=(2, 2, 2), kv_stride=(1, 2, 2), temporal_depth=1, layer=-1)
-START, END = "<!-- bench_video_transformers:start -->", "<!-- bench_video_transformers:end -->"
 
 
 # ---------------------------------------------------------------------------------------------- 1. scaling
@@ -51,8 +53,9 @@ def _proc_kb(field: str) -> int:
     raise KeyError(field)
 
 
-def measure(mode: str, t: int, backend: str, reps: int, threads: int) -> dict:
-    """One (mode, t, backend) measurement in this (fresh) process."""
+def measure(mode: str, t: int, reps: int, threads: int) -> list[dict]:
+    """One (mode, t) cell in this (fresh) process: SDPA's default kernel (time after a warm-up, and peak memory),
+    then the math kernel (peak memory; its time is not reported)."""
     import resource
 
     import torch
@@ -65,42 +68,44 @@ def measure(mode: str, t: int, backend: str, reps: int, threads: int) -> dict:
     cfg = {k: v for k, v in SCALE_ARCH.items() if k != "temporal_depth" or mode == "factorized_encoder"}
     model = VideoViT(VideoViTConfig(**cfg, attention=mode)).eval()
     x = torch.randn(1, t, 3, 224, 224)
-    backends = [SDPBackend.MATH] if backend == "math" else [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
-    with torch.inference_mode(), sdpa_kernel(backends):
-        if backend == "default":
-            model.hidden(x)  # warm-up for the timing (thread pools, kernel selection); the math cells only count memory
-        try:
-            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-            base, how = _proc_kb("VmRSS"), "VmHWM"
-        except OSError:
-            base, how = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "ru_maxrss"
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            out = model.hidden(x)
-            times.append(time.perf_counter() - t0)
-        peak = _proc_kb("VmHWM") if how == "VmHWM" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    tokens = out.shape[1] * out.shape[2]
-    return {"mode": mode, "t": t, "backend": backend, "tokens": tokens, "time_s": min(times),
-            "peak_mib": max(0.0, (peak - base) / 1024), "memory_counter": how}
+    rows = []
+    for backend, kernels in (("default", [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]), ("math", [SDPBackend.MATH])):
+        with torch.inference_mode(), sdpa_kernel(kernels):
+            if backend == "default":
+                model.hidden(x)  # warm-up: thread pools, kernel selection, first-call allocations
+            try:
+                Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+                base, how = _proc_kb("VmRSS"), "VmHWM"
+            except OSError:  # no clear_refs: the process-wide high-water mark (over-states later cells)
+                base, how = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "ru_maxrss"
+            times = []
+            for _ in range(reps if backend == "default" else 1):
+                t0 = time.perf_counter()
+                out = model.hidden(x)
+                times.append(time.perf_counter() - t0)
+            peak = _proc_kb("VmHWM") if how == "VmHWM" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            del out
+        rows.append({"mode": mode, "t": t, "backend": backend, "tokens": t * 196, "time_s": min(times),
+                     "peak_mib": max(0.0, (peak - base) / 1024), "memory_counter": how})
+    return rows
 
 
 def run_scaling(reps: int, threads: int, ts: tuple[int, ...]) -> list[dict]:
     rows = []
-    for backend in ("default", "math"):
-        for t in ts:
-            for mode in MODES:
-                cmd = [sys.executable, __file__, "--measure", mode, str(t), backend, "--reps", str(reps),
-                       "--threads", str(threads)]
-                # a fixed mmap threshold: freed tensors go back to the OS, so RSS follows live memory (glibc's
-                # dynamic threshold would keep the warm-up's buffers and hide the timed forward's allocations)
-                env = dict(os.environ, OMP_NUM_THREADS=str(threads), MALLOC_MMAP_THRESHOLD_="65536")
-                res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-                if res.returncode != 0:
-                    raise RuntimeError(f"measurement {mode} t={t} {backend} failed:\n{res.stderr[-2000:]}")
-                row = json.loads(res.stdout.strip().splitlines()[-1])
-                rows.append(row)
-                print(f"  {backend:7s} t={t:2d} {mode:23s} {row['time_s']:7.3f} s  {row['peak_mib']:8.1f} MiB", flush=True)
+    for t in ts:
+        for mode in MODES:
+            cmd = [sys.executable, __file__, "--measure", mode, str(t), "--reps", str(reps), "--threads", str(threads)]
+            # a fixed mmap threshold: freed tensors go back to the OS, so RSS follows live memory (glibc's
+            # dynamic threshold would keep the warm-up's buffers and hide the timed forward's allocations)
+            env = dict(os.environ, OMP_NUM_THREADS=str(threads), MALLOC_MMAP_THRESHOLD_="65536")
+            res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+            if res.returncode != 0:
+                raise RuntimeError(f"measurement {mode} t={t} failed:\n{res.stderr[-2000:]}")
+            cell = json.loads(res.stdout.strip().splitlines()[-1])
+            rows += cell
+            d, m = cell
+            print(f"  t={t:2d} {mode:23s} {d['time_s']:7.3f} s  {d['peak_mib']:7.1f} MiB (default)  "
+                  f"{m['peak_mib']:7.1f} MiB (math)", flush=True)
     return rows
 
 
@@ -139,6 +144,22 @@ def evaluate(model, name: str, test, items, classes, out: Path, views: tuple[int
     res = evaluate_classification(model.classify_clip, items, classes, out / name, num_frames=CLS_ARCH["num_frames"],
                                   num_clips=views[0], num_crops=views[1], model_name=name, progress=False)
     return {"top1_1view": single, "top1_multiview": res.metrics["top1"], "top5_multiview": res.metrics["top5"]}
+
+
+def probe_accuracy(tower, train, test) -> float:
+    """Top-1 (%) of a linear probe (evals.classify.fit_linear_probe) on the frozen tower's mean-pooled tokens."""
+    import torch
+
+    from evals.classify import fit_linear_probe
+
+    @torch.no_grad()
+    def feats(pixels: torch.Tensor) -> torch.Tensor:
+        tower.eval()
+        return torch.cat([tower(pixels[i : i + 64]).tokens.mean(dim=(1, 2)) for i in range(0, len(pixels), 64)])
+
+    probe = fit_linear_probe(feats(train.pixels), train.labels, 12, steps=300)
+    with torch.no_grad():
+        return 100.0 * float((probe(feats(test.pixels)).argmax(1) == test.labels).float().mean())
 
 
 def run_accuracy(out: Path, num: int, steps: int, pretrain_steps: int, threads: int, views: tuple[int, int],
@@ -195,9 +216,14 @@ def run_accuracy(out: Path, num: int, steps: int, pretrain_steps: int, threads: 
     row |= {"train_s": secs, "final_loss": sum(r["loss"] for r in hist[-20:]) / min(20, len(hist)),
             "pretrain_s": pre_s, "pretrain_steps": pretrain_steps, "norm_pix": recipe.objective.norm_pix,
             "pretrain_loss_first": sum(losses[:10]) / len(losses[:10]), "pretrain_loss_last": sum(losses[-10:]) / len(losses[-10:])}
+    # linear probes on frozen features: what the pretraining put into the representation, without fine-tuning
+    row["probe_videomae"] = probe_accuracy(build_classifier("joint", encoder_dir).tower, train, test)
+    row["probe_random"] = probe_accuracy(build_classifier("joint").tower, train, test)
     results["videomae"] = row
     print(f"  videomae-pretrained joint top-1 {row['top1_1view']:5.1f} (1 view) {row['top1_multiview']:5.1f} (multi-view); "
-          f"pretraining {pre_s:.0f} s, loss {row['pretrain_loss_first']:.3f} -> {row['pretrain_loss_last']:.3f}", flush=True)
+          f"pretraining {pre_s:.0f} s, loss {row['pretrain_loss_first']:.3f} -> {row['pretrain_loss_last']:.3f}; "
+          f"linear probe on frozen features: VideoMAE {row['probe_videomae']:.1f}, random init {row['probe_random']:.1f}",
+          flush=True)
     return results
 
 
@@ -295,24 +321,17 @@ def table(rows: list[dict], acc: dict | None, meta: dict) -> str:
                   f"unused; recipes/videomae_pretrain.yaml with the encoder above), 90 % tube masking, 4-block decoder of "
                   f"width 32, {'per-patch normalised' if v['norm_pix'] else 'raw (tower-normalised)'} pixel targets, "
                   f"{v['pretrain_s']:.0f} s; reconstruction loss {v['pretrain_loss_first']:.3f} (first 10 steps) -> {v['pretrain_loss_last']:.3f} "
-                  "(last 10). Fine-tuning: the budget above, all weights. Its pretraining compute is not part of the equal "
-                  "budget: the comparison says what the pretrained initialisation buys at a fixed fine-tuning budget."]
+                  "(last 10). Fine-tuning: the budget above, all weights, same hyper-parameters. Its pretraining compute is not "
+                  "part of the equal budget: the comparison says what the pretrained initialisation buys at a fixed "
+                  f"fine-tuning budget. Linear probe (evals.classify.fit_linear_probe, 300 full-batch steps) on the frozen, "
+                  f"mean-pooled last-block tokens: VideoMAE encoder {v['probe_videomae']:.1f} %, the same encoder at random "
+                  f"init {v['probe_random']:.1f} %."]
     return "\n".join(lines)
-
-
-def update_docs(text: str, path: Path) -> None:
-    section = f"{START}\n{text}\n{END}"
-    doc = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n"
-    if START in doc and END in doc:
-        doc = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: section, doc, flags=re.S)
-    else:
-        doc = doc.rstrip("\n") + "\n\n## Video transformers: attention modes and VideoMAE (issue 7)\n\n" + section + "\n"
-    path.write_text(doc, encoding="utf-8")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--measure", nargs=3, metavar=("MODE", "T", "BACKEND"), help=argparse.SUPPRESS)
+    ap.add_argument("--measure", nargs=2, metavar=("MODE", "T"), help=argparse.SUPPRESS)
     ap.add_argument("--reps", type=int, default=1, help="timed forwards per scaling cell (after one warm-up)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadiest on a shared 2-core machine)")
     ap.add_argument("--num", type=int, default=1500, help="synthetic clips to generate (10 %% are test clips)")
@@ -322,10 +341,11 @@ def main() -> int:
     ap.add_argument("--skip-accuracy", action="store_true", help="only the scaling part")
     ap.add_argument("--quick", action="store_true", help="smoke run: small everything, docs untouched")
     ap.add_argument("--no-docs", action="store_true", help="do not touch docs/")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the table, plot and docs from OUT/results.json")
     args = ap.parse_args()
     if args.measure:
-        mode, t, backend = args.measure
-        print(json.dumps(measure(mode, int(t), backend, args.reps, args.threads)))
+        mode, t = args.measure
+        print(json.dumps(measure(mode, int(t), args.reps, args.threads)))
         return 0
     import logging
 
@@ -338,19 +358,24 @@ def main() -> int:
     views = (2, 3)
     meta = {"date": _dt.date.today().isoformat(), "threads": args.threads, "load": os.getloadavg()[0], "views": views}
     t0 = time.perf_counter()
-    print("1. scaling (a fresh process per cell)")
-    rows = run_scaling(args.reps, args.threads, ts)
-    acc = None
-    if not args.skip_accuracy:
-        print("2./3. accuracy at an equal budget, VideoMAE vs scratch")
-        acc = run_accuracy(out, args.num, args.steps, args.pretrain_steps, args.threads, views, MODES)
-    (out / "results.json").write_text(json.dumps({"meta": meta, "scaling": rows, "accuracy": acc}, indent=2))
+    if args.report_only:
+        saved = json.loads((out / "results.json").read_text())
+        meta, rows, acc = saved["meta"], saved["scaling"], saved["accuracy"]
+    else:
+        print("1. scaling (a fresh process per cell)")
+        rows = run_scaling(args.reps, args.threads, ts)
+        acc = None
+        if not args.skip_accuracy:
+            print("2./3. accuracy at an equal budget, VideoMAE vs scratch")
+            acc = run_accuracy(out, args.num, args.steps, args.pretrain_steps, args.threads, views, MODES)
+        (out / "results.json").write_text(json.dumps({"meta": meta, "scaling": rows, "accuracy": acc}, indent=2))
     text = table(rows, acc, meta)
     print("\n" + text)
     png = (out / "video_transformers_scaling.png") if (args.quick or args.no_docs) else ROOT / "docs" / "video_transformers_scaling.png"
     plot(rows, acc, png)
     if not (args.quick or args.no_docs):
-        update_docs(text + "\n\n![scaling and accuracy](video_transformers_scaling.png)", ROOT / "docs" / "BENCHMARKS.md")
+        update_section("bench_video_transformers", "## Video transformers: attention modes and VideoMAE (issue 7)",
+                       text + "\n\n![scaling and accuracy](video_transformers_scaling.png)")
     print(f"\nplot: {png}; total {time.perf_counter() - t0:.0f} s")
     return 0
 
