@@ -88,6 +88,11 @@ def lr_lambda(total_steps: int, warmup: int, min_ratio: float):
     return f
 
 
+def warmup_for(steps: int | None, ratio: float, total: int) -> int:
+    """Warmup steps: the explicit count, else the ratio of the total rounded up (a nonzero ratio never means 0)."""
+    return steps if steps is not None else math.ceil(ratio * total)
+
+
 def make_optimizer(model: VideoLLM, stage: StageSpec) -> torch.optim.Optimizer:
     groups = []
     for part, params in model.parameter_groups().items():
@@ -247,8 +252,7 @@ def train_stage(recipe: Recipe, index: int, init_from: Path | None, stage_dir: P
     plan = BatchPlan([dataset.length(i) for i in range(len(dataset))], stage.batch_size, accelerator.num_processes,
                      accelerator.process_index, recipe.seed + index, stage.group_by_length)
     total = steps_for(len(plan), stage.grad_accum, stage.epochs, stage.max_steps)
-    warmup = (stage.schedule.warmup_steps if stage.schedule.warmup_steps is not None
-              else math.ceil(stage.schedule.warmup_ratio * total))
+    warmup = warmup_for(stage.schedule.warmup_steps, stage.schedule.warmup_ratio, total)
 
     optimizer = make_optimizer(model, stage)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, warmup, stage.schedule.min_lr_ratio))

@@ -37,7 +37,7 @@ from vlm.model import PARTS
 from vlm.towers.hf import IMAGENET_MEAN, IMAGENET_STD
 from vlm.towers.video_vit import VideoViT, VideoViTConfig, save_encoder
 from vlm.train.checkpoints import list_checkpoints, load_checkpoint, save_checkpoint
-from vlm.train.engine import build_accelerator, lr_lambda
+from vlm.train.engine import build_accelerator, lr_lambda, warmup_for
 from vlm.train.metrics import MetricsLog, plot_loss_curves
 from vlm.train.recipe import DataSpec, PartSpec, RecipeError, StageSpec, _build, _interpolate
 from vlm.train.videomae import MAEConfig, VideoMAE
@@ -242,7 +242,7 @@ def pretrain(recipe: PretrainRecipe, resume: bool = True, progress: bool = True)
     nproc, rank = accelerator.num_processes, accelerator.process_index
     per_epoch = len(epoch_batches(len(dataset), tr.batch_size, nproc, rank, recipe.seed, 0))
     total = steps_for(per_epoch, tr.grad_accum, tr.epochs, tr.max_steps)
-    warmup = tr.warmup_steps if tr.warmup_steps is not None else int(tr.warmup_ratio * total)
+    warmup = warmup_for(tr.warmup_steps, tr.warmup_ratio, total)
 
     optimizer = torch.optim.AdamW(param_groups(model, tr.weight_decay), lr=tr.lr, betas=tuple(tr.betas))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, warmup, tr.min_lr_ratio))
@@ -286,8 +286,10 @@ def pretrain(recipe: PretrainRecipe, resume: bool = True, progress: bool = True)
             with accelerator.accumulate(wrapped):
                 out_mae = wrapped(pixels.to(accelerator.device), generator=gen)
                 accelerator.backward(out_mae.loss)
-                if accelerator.sync_gradients and tr.max_grad_norm:
-                    accelerator.clip_grad_norm_(wrapped.parameters(), tr.max_grad_norm)
+                if accelerator.sync_gradients:
+                    if tr.max_grad_norm:
+                        accelerator.clip_grad_norm_(wrapped.parameters(), tr.max_grad_norm)
+                    lr = optimizer.param_groups[0]["lr"]  # the rate this step uses, before the scheduler moves it
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -298,7 +300,6 @@ def pretrain(recipe: PretrainRecipe, resume: bool = True, progress: bool = True)
                 continue
             position["step"] += 1
             last_loss = float(accelerator.reduce(torch.tensor(loss_sum / micro, device=accelerator.device), "mean"))
-            lr = optimizer.param_groups[0]["lr"]
             record = {"step": position["step"], "epoch": position["epoch"], "loss": last_loss, "lr": lr,
                       "clips_per_s": clips / max(time.time() - t0, 1e-9), "skipped": position["skipped"]}
             if metrics and position["step"] % tr.log_every == 0:
