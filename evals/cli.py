@@ -8,6 +8,7 @@
         --test data/synth/retrieval_test.json --objective siglip --out OUT
     vlm eval classify --tower '{"name": "efficientnet_lite0"}' --train data/synth/classification_train.jsonl \\
         --test data/synth/classification_test.jsonl --clips 2 --crops 3 --out OUT
+    vlm eval reliance --model runs/quickstart/final --data data/synth/instruct_test.json --out OUT
     vlm eval report OUT1/results.json OUT2/results.json --out report/
 """
 
@@ -51,6 +52,18 @@ def _mcq(args: argparse.Namespace) -> int:
     result = evaluate_mcq(model, args.bench, args.out, profile=args.profile, tasks=args.tasks, num_frames=args.frames,
                           sampling=args.sampling, limit=args.limit, batch_size=args.batch_size,
                           model_name=args.model_name or args.model)
+    _print_result(result, args.out)
+    return 0
+
+
+def _reliance(args: argparse.Namespace) -> int:
+    from evals.reliance import visual_reliance
+    from evals.report import write_report
+
+    model = _load_model(args.model).eval()
+    result = visual_reliance(model, args.data, args.out, media_root=args.media_root, limit=args.limit,
+                             num_frames=args.frames, seed=args.seed, model_name=args.model)
+    write_report([result], args.out)
     _print_result(result, args.out)
     return 0
 
@@ -187,6 +200,16 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
             p.add_argument("--clips", type=int, default=1, help="temporal clips per video")
             p.add_argument("--crops", type=int, default=1, choices=[1, 3], help="spatial crops per clip")
             p.set_defaults(func=_classify)
+
+    p = sub.add_parser("reliance", help="does the model look? answer loss with each sample's own video vs another's")
+    p.add_argument("--model", required=True, help="a saved VideoLLM folder")
+    p.add_argument("--data", required=True, help="held-out conversations (LLaVA JSON/JSONL)")
+    p.add_argument("--media-root", default=None, help="folder video paths are relative to (default: the file's)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--limit", type=int, default=64, help="samples (a seeded shuffle)")
+    p.add_argument("--frames", type=int, default=None, help="default: the model's num_frames")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_reliance)
 
     p = sub.add_parser("report", help="markdown + PNG report from results.json files")
     p.add_argument("results", nargs="+")

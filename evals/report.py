@@ -77,6 +77,10 @@ def chart_for(result: EvalResult, path: str | os.PathLike) -> Path | None:
         return bar_chart(vals, path, title=title, ylabel="recall (%)")
     if result.task_type == "openqa":
         return bar_chart({"accuracy": result.metrics.get("accuracy")}, path, title=title)
+    if result.task_type == "reliance":
+        pref = {k: v["own_preferred_percent"] for k, v in result.per_task.items()}
+        return bar_chart(pref, path, title=title, ylabel="own video gives the lower loss (%)",
+                         chance={k: 50.0 for k in pref})
     return None
 
 

@@ -73,6 +73,22 @@ def render(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
+def per_task_table(results: dict) -> str:
+    """Tasks x profiles: accuracy (correct/total), then the two overall means."""
+    names = list(results)
+    rows = []
+    for task in next(iter(results.values())).per_task:
+        cells = []
+        for n in names:
+            r = results[n].per_task[task]
+            cells.append("-" if r["accuracy"] is None else f"{r['accuracy']:.1f} ({r['correct']}/{r['total']})")
+        rows.append([task] + cells)
+    rows.append(["**mean over tasks**"] + [f"**{results[n].metrics['accuracy_mean_over_tasks']:.1f}**" for n in names])
+    rows.append(["over questions"] + [f"{results[n].metrics['accuracy_over_questions']:.1f}" for n in names])
+    rows.append(["unparsable"] + [str(results[n].metrics["unparsable"]) for n in names])
+    return render(rows, ["task"] + [f"`{n}`" for n in names])
+
+
 def update_docs(body: str) -> None:
     update_section(START.split("<!-- ")[1].split(":start")[0], SECTION, body)
 
@@ -82,7 +98,7 @@ def main() -> None:
     parser.add_argument("--bench", default=None, help="an MVBench-layout root (default: a synthetic one)")
     parser.add_argument("--llm", default="random", choices=["random", "smollm2"], help="LLM of the default model")
     parser.add_argument("--clips", type=int, default=40, help="clips of the default synthetic benchmark (20%% test)")
-    parser.add_argument("--limit", type=int, default=1, help="questions per task")
+    parser.add_argument("--limit", type=int, default=1, help="questions per task (0: all)")
     parser.add_argument("--gen-batch-sizes", default="1,4", help="generation batch sizes to time mvbench at")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--frames", type=int, default=16)
@@ -98,13 +114,15 @@ def main() -> None:
     model_desc = args.model or (f"random init: efficientnet_lite0 (random) + mlp pool 2 + "
                                 f"{'SmolLM2-135M-Instruct (packaged weights)' if args.llm == 'smollm2' else 'LLaMA of SmolLM2-135M shape (random)'}")
     params = sum(p.numel() for p in model.parameters()) / 1e6
-    runs: list[tuple[str, int]] = [("loglik", args.batch_size)] + [("mvbench", int(b)) for b in args.gen_batch_sizes.split(",")]
+    gen_sizes = [int(b) for b in args.gen_batch_sizes.split(",")]
+    runs: list[tuple[str, int]] = ([("loglik", args.batch_size)] + [("mvbench", b) for b in gen_sizes]
+                                   + [("lmms_eval", gen_sizes[-1])])
     results = {}
     for profile, bs in runs:
         out = work / f"{profile}_b{bs}"
         shutil.rmtree(out, ignore_errors=True)  # a fresh run: resuming would time nothing
         results[(profile, bs)] = evaluate_mcq(model, bench, out, profile=profile, num_frames=args.frames,
-                                              limit=args.limit, batch_size=bs, model_name=args.model or "bench-random",
+                                              limit=args.limit or None, batch_size=bs, model_name=args.model or "bench-random",
                                               progress=False)
     ll = results[runs[0]]
     rows = []
@@ -121,6 +139,7 @@ def main() -> None:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     ratios = ", ".join(f"{ll.counts['questions_per_second'] / r.counts['questions_per_second']:.1f}x at generation batch {bs}"
                        for (name, bs), r in results.items() if name == "mvbench")
+    per_task = per_task_table({f"{name}, batch {bs}": r for (name, bs), r in results.items()})
     body = (
         f"Measured {time.strftime('%Y-%m-%d')} by `scripts/bench_eval.py` on {platform.machine()}, "
         f"{torch.get_num_threads()} torch threads, load average {load:.1f} at the end (a shared machine: compare the "
@@ -128,13 +147,15 @@ def main() -> None:
         f"Model: {model_desc} ({params:.0f}M parameters, {args.frames} frames, "
         f"{model.num_visual_tokens(args.frames)} visual tokens). Benchmark: "
         f"{'`' + str(bench) + '`' if args.bench else 'synthetic (data_tools.synth, ' + str(args.clips) + ' clips)'}, "
-        f"first {args.limit} question(s) of each task, {ll.metrics['tasks_scored']} tasks with questions; "
+        f"{'all questions' if not args.limit else f'first {args.limit} question(s)'} of each task, "
+        f"{ll.metrics['tasks_scored']} tasks with questions; "
         f"the same questions and clips for every row; times include decoding the clips.\n\n"
         f"{table}\n\n"
         f"**loglik vs mvbench generate+parse: {ratios}.** `mvbench` generates up to 100 tokens greedily and keeps "
         f"the first line (the official notebook runs batch 1); `loglik` runs the video+question prefix once and only "
         f"the option tokens \"X) text\" through the shared KV cache. On CPU the ~400-token prefix dominates both, "
-        f"so the speed-up is roughly 1 + (decode time / prefix time)."
+        f"so the speed-up is roughly 1 + (decode time / prefix time).\n\n"
+        f"Per-task accuracy (%) under each profile (correct / total; chance 25%):\n\n{per_task}"
     )
     if not args.model and args.llm == "random":
         body += ("\n\nA random LLM never emits a newline, so every `mvbench` generation runs to the 100-token cap and "

@@ -3,7 +3,8 @@
   1. generate the synthetic temporal world (videos + captions + instructions + an MVBench-layout benchmark)
   2. train recipes/quickstart.yaml: EfficientNet-Lite0 (frozen) + STC + SmolLM2-135M-Instruct,
      stage 1 connector alignment on captions, stage 2 connector + LoRA on instructions
-  3. evaluate on the held-out MVBench-layout split (per-task accuracy, chart)
+  3. evaluate on the held-out MVBench-layout split (per-task accuracy, chart), and check the model looks at the
+     video (held-out answer loss with each sample's own clip vs another's: evals.reliance)
   4. answer questions about a synthetic clip and about a real packaged clip (frame strips with answers)
 
 Every step resumes: rerunning skips finished stages and answered questions.
@@ -77,6 +78,12 @@ def main() -> int:
                           num_frames=model.config.num_frames, model_name=str(final))
     timings["evaluate"] = time.time() - t
 
+    from evals.reliance import visual_reliance
+
+    t = time.time()  # does the model look? held-out answer loss with each sample's own clip vs another's
+    reliance = visual_reliance(model, data / "instruct_test.json", out / "reliance", limit=32, model_name=str(final))
+    timings["reliance"] = time.time() - t
+
     t = time.time()
     chat = VideoChat(model)
     answers = []
@@ -112,6 +119,10 @@ def main() -> int:
     print(f"  {'mean over tasks':24s} {m['accuracy_mean_over_tasks']:5.1f}%   over questions {m['accuracy_over_questions']:.1f}%"
           f"   chance {m['chance_mean_over_tasks']:.1f}%")
     print(f"  report: {out / f'eval_{args.profile}'}")
+    r = reliance.metrics
+    print(f"\nvisual reliance ({r['samples']} held-out instructions): answer loss {r['loss_own']:.3f} with the own clip vs "
+          f"{r['loss_swapped']:.3f} with another clip (gap {r['gap']:+.3f} +- {r['gap_stderr']:.3f} nats/token; own clip "
+          f"preferred in {r['own_preferred_percent']:.0f}% of samples, 50% = blind)")
     print("\nanswers:")
     for a in answers:
         print(f"  [{Path(a['video']).name}] Q: {a['question']}\n      A: {a['answer']}")

@@ -228,6 +228,7 @@ class Collate:
 def train_stage(recipe: Recipe, index: int, init_from: Path | None, stage_dir: Path, resume: bool = True) -> Path:
     """Train stage `index` into `stage_dir`; returns the saved model folder (`stage_dir/final`)."""
     stage = recipe.stages[index]
+    t_stage = time.time()
     # The model is built whole before DeepSpeed is set up: a previous ZeRO-3 stage must not make transformers
     # build it partitioned (saved parts are loaded into full tensors; DeepSpeed partitions at prepare()).
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
@@ -264,7 +265,8 @@ def train_stage(recipe: Recipe, index: int, init_from: Path | None, stage_dir: P
     if existing:
         position = load_checkpoint(accelerator, wrapped, optimizer, scheduler, existing[-1], deepspeed)
         log.info("resumed stage %s from %s (step %d)", stage.name, existing[-1], position["step"])
-    metrics = MetricsLog(stage_dir / "metrics.jsonl", resume_step=position["step"]) if main else None
+    start_step = position["step"]
+    metrics = MetricsLog(stage_dir / "metrics.jsonl", resume_step=start_step) if main else None
     skipped_log = open(stage_dir / "skipped.txt", "a", encoding="utf-8") if main else None
     if main:
         stage_dir.mkdir(parents=True, exist_ok=True)
@@ -337,7 +339,10 @@ def train_stage(recipe: Recipe, index: int, init_from: Path | None, stage_dir: P
             inner.save_connector(stage_dir / "connector", state_dict=state)
         metrics.close()
         skipped_log.close()
-        summary = json.loads((stage_dir / "stage.json").read_text()) | {"skipped_samples": position["skipped"], "final": str(final)}
+        summary = json.loads((stage_dir / "stage.json").read_text()) | {
+            "skipped_samples": position["skipped"], "final": str(final),
+            "seconds": round(time.time() - t_stage, 1),  # this run's wall time (feature cache included)
+            "resumed_from_step": start_step}
         (stage_dir / "stage.json").write_text(json.dumps(summary, indent=2))
         if position["skipped"]:
             log.warning("stage %s: %d bad samples were skipped (listed in %s)", stage.name, position["skipped"],

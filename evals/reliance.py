@@ -1,0 +1,115 @@
+"""Visual reliance: does a model look at the video? Answer loss with each sample's own video vs another's.
+
+For held-out conversations (LLaVA format), every sample's assistant-token loss is computed twice: with its own
+clip, and with the clip of the next sample in a fixed shuffle whose video differs (a derangement). A model that
+ignores the frames scores both the same (gap 0, "own video preferred" 50%); a grounded model's loss is lower with
+its own video. This separates "learned the language of the data" from "learned to see", which a falling
+training loss or an accuracy near chance cannot.
+
+    vlm eval reliance --model runs/quickstart/final --data demo_data/synth/instruct_test.json --out OUT
+
+Results (the common schema, task_type "reliance"): metrics `loss_own`, `loss_swapped` (nats per answer token,
+mean over samples), `gap` (swapped - own), `gap_stderr`, `gap_percent` (of loss_swapped) and
+`own_preferred_percent` (samples whose own video gives the lower loss; ties count half); per_task: the same per
+sample kind (the id's suffix after the last "_", digits dropped: c000123_mcq1 -> mcq).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from evals.results import EvalResult
+from vlm.data.conversation import DataFormatError, parse_record, read_records, resolve_media
+from vlm.video.decode import read_clip
+from vlm.video.errors import VideoDecodeError
+
+log = logging.getLogger(__name__)
+
+
+def _kind(sample_id: str) -> str:
+    return sample_id.rsplit("_", 1)[-1].rstrip("0123456789") or "sample"
+
+
+def _summary(own: list[float], swapped: list[float]) -> dict[str, Any]:
+    n = len(own)
+    gaps = [s - o for o, s in zip(own, swapped)]
+    mean_gap = sum(gaps) / n
+    var = sum((g - mean_gap) ** 2 for g in gaps) / max(1, n - 1)
+    loss_swapped = sum(swapped) / n
+    return {"samples": n, "loss_own": sum(own) / n, "loss_swapped": loss_swapped, "gap": mean_gap,
+            "gap_stderr": math.sqrt(var / n), "gap_percent": 100.0 * mean_gap / loss_swapped if loss_swapped else 0.0,
+            "own_preferred_percent": 100.0 * sum(1.0 if g > 0 else 0.5 if g == 0 else 0.0 for g in gaps) / n}
+
+
+@torch.no_grad()
+def visual_reliance(model: Any, data: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
+                    media_root: str | os.PathLike | None = None, limit: int = 64, num_frames: int | None = None,
+                    sampling: str = "uniform", seed: int = 0, model_name: str | None = None) -> EvalResult:
+    """Own-video vs swapped-video answer loss on up to `limit` video samples of `data` (a deterministic shuffle
+    by `seed`). `model` needs `make_sample`, `build_batch` and a forward returning `.loss` (VideoLLM has them).
+    Malformed records and clips that fail to decode are skipped, counted and named (counts.skipped_reasons)."""
+    t0 = time.time()
+    root = Path(media_root) if media_root else Path(data).parent
+    samples, bad = [], []
+    for location, record in read_records(data):
+        try:
+            if isinstance(record, Exception):
+                raise record
+            sample = parse_record(record, location)
+        except DataFormatError as e:
+            log.warning("visual reliance: skipped %s", e)
+            bad.append(str(e))
+            continue
+        if sample.media_type == "video":
+            samples.append(sample)
+    random.Random(seed).shuffle(samples)
+    frames = num_frames or getattr(getattr(model, "config", None), "num_frames", 16)
+    kept, clips = [], []
+    for s in samples:
+        if len(kept) == limit:
+            break
+        try:
+            path = resolve_media(root, s.media, s.location)
+            clips.append(read_clip(path, frames, sampling, s.extra.get("start"), s.extra.get("end")))
+            kept.append(s)
+        except (VideoDecodeError, OSError, ValueError) as e:
+            log.warning("visual reliance: skipped %s: %s", s.location, e)
+            bad.append(f"{s.location}: {e}")
+    if len({s.media for s in kept}) < 2:
+        raise ValueError(f"{data}: visual reliance needs samples from at least two different videos, got {len(kept)} samples")
+    # partner: the next sample (cyclically) whose video differs
+    partners = []
+    for i, s in enumerate(kept):
+        j = next(k % len(kept) for k in range(i + 1, i + len(kept)) if kept[k % len(kept)].media != s.media)
+        partners.append(j)
+
+    def loss(i: int, clip_index: int) -> float:
+        sample = model.make_sample(kept[i].turns, clips[clip_index], sample_id=kept[i].id)
+        return float(model(model.build_batch([sample])).loss)
+
+    own = [loss(i, i) for i in range(len(kept))]
+    swapped = [loss(i, partners[i]) for i in range(len(kept))]
+    kinds: dict[str, list[int]] = {}
+    for i, s in enumerate(kept):
+        kinds.setdefault(_kind(s.id), []).append(i)
+    per_kind = {k: _summary([own[i] for i in idx], [swapped[i] for i in idx]) for k, idx in sorted(kinds.items())}
+    name = model_name or type(model).__name__
+    result = EvalResult(
+        task_type="reliance", model=name, dataset={"path": str(data), "name": Path(data).stem},
+        metrics=_summary(own, swapped), per_task=per_kind,
+        counts={"asked": len(kept) + len(bad), "scored": len(kept), "skipped": len(bad), "skipped_reasons": bad,
+                "elapsed_seconds": time.time() - t0},
+        settings={"limit": limit, "num_frames": frames, "sampling": sampling, "seed": seed,
+                  "swap": "next sample with a different video in the seeded shuffle"},
+    )
+    if out_dir is not None:
+        result.save(Path(out_dir) / "results.json")
+    return result
