@@ -35,6 +35,7 @@ PNG = ROOT / "docs" / "quickstart_vs_frameavg.png"
 def train_and_eval(name: str, recipe_path: str, overrides: list[str], data: Path, profile: str) -> dict:
     """Train (resuming finished stages) and evaluate one variant; returns its results and timings."""
     from evals.mcq import evaluate_mcq
+    from evals.reliance import visual_reliance
     from vlm.model import VideoLLM
     from vlm.train.engine import run_recipe, stage_dir_for
     from vlm.train.recipe import load_recipe
@@ -47,7 +48,9 @@ def train_and_eval(name: str, recipe_path: str, overrides: list[str], data: Path
     t = time.time()
     result = evaluate_mcq(model, data / "mvbench", out / f"eval_{profile}", profile=profile,
                           num_frames=model.config.num_frames, model_name=str(final))
-    return {"name": name, "output_dir": str(out), "result": result, "eval_s": time.time() - t,
+    eval_s = time.time() - t
+    reliance = visual_reliance(model, data / "instruct_test.json", out / "reliance", limit=64, model_name=str(final))
+    return {"name": name, "output_dir": str(out), "result": result, "eval_s": eval_s, "reliance": reliance.metrics,
             "visual_tokens": model.num_visual_tokens(model.config.num_frames),
             "steps": [s["total_steps"] for s in stages], "train_s": [s.get("seconds") for s in stages],
             "trainable": stages[-1]["trainable"]["connector"]}
@@ -93,6 +96,8 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for both variants")
     p.add_argument("--baseline-dir", default="runs/quickstart_frameavg")
     p.add_argument("--profile", default="loglik")
+    p.add_argument("--section", default="quickstart_baseline", help="BENCHMARKS.md section (one per budget)")
+    p.add_argument("--png", default=str(PNG.relative_to(ROOT)), help="chart path, relative to the repository")
     p.add_argument("--no-docs", action="store_true")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -107,7 +112,8 @@ def main() -> None:
         train_and_eval("frame average + STC", args.recipe, args.set + [FRAME_AVG, f"output_dir={args.baseline_dir}"],
                        data, args.profile),
     ]
-    plot(variants, mean_frame, PNG)
+    png = ROOT / args.png
+    plot(variants, mean_frame, png)
 
     tasks = list(variants[0]["result"].per_task)
     temporal = [t for t in tasks if mean_frame.get(t) == "no"]
@@ -126,6 +132,9 @@ def main() -> None:
         f"**{v['result'].metrics['accuracy_mean_over_tasks']:.1f}**" for v in variants) + " | 25 |")
     rows.append("| over questions | | " + " | ".join(
         f"{v['result'].metrics['accuracy_over_questions']:.1f}" for v in variants) + " | 25 |")
+    rows.append("| visual reliance: loss own / swapped clip, gap (64 held-out instructions) | | " + " | ".join(
+        f"{v['reliance']['loss_own']:.3f} / {v['reliance']['loss_swapped']:.3f}, {v['reliance']['gap']:+.3f} "
+        f"+- {v['reliance']['gap_stderr']:.3f}" for v in variants) + " | gap 0 |")
 
     def train_time(v: dict) -> str:
         secs = v["train_s"]
@@ -141,14 +150,17 @@ def main() -> None:
         f"batches and seeds; the baseline adds `{FRAME_AVG.split('=', 1)[1]}`. Profile `{args.profile}`, "
         f"{variants[0]['result'].counts.get('scored', '?')} held-out questions.\n"
         + "\n".join(lines) + "\n\n" + "\n".join(rows) + "\n\n"
-        f"![per task](quickstart_vs_frameavg.png)\n\n"
+        f"![per task]({os.path.relpath(png, ROOT / 'docs')})\n\n"
         "\"Mean frame can answer\": `no` where the average of the frames carries no answer (direction, order, counts, "
         "when; docs/SYNTHETIC.md); `partly` where smears, ghosts or a static attribute give part of it away. "
-        "With ~27 questions a task, one task's accuracy has a standard error of about 8 points; compare the group means."
+        "With ~27 questions a task, one task's accuracy has a standard error of about 8 points; compare the group means. "
+        "Visual reliance (`evals.reliance`, docs/EVALUATION.md): the held-out answer loss with each sample's own clip "
+        "vs another's; a gap of 0 means the model does not use the frames."
     )
     print(body)
     if not args.no_docs:
-        update_section("quickstart_baseline", SECTION, body)
+        steps = " + ".join(map(str, variants[0]["steps"]))
+        update_section(args.section, SECTION.replace("same budget", f"same budget, {steps} steps"), body)
 
 
 if __name__ == "__main__":

@@ -90,3 +90,18 @@ def test_tiny_videollm_runs_and_loss_depends_on_the_clip(data):
     m = result.metrics
     assert m["samples"] == 4 and all(torch.isfinite(torch.tensor([m["loss_own"], m["loss_swapped"]])))
     assert m["gap"] != 0.0  # a random connector passes the frames through: swapping them changes the loss
+
+
+def test_cli_reliance_writes_results_report_and_chart(data, tmp_path):
+    from vlm.cli import main
+    from vlm.model import VideoLLM
+
+    root, files = data
+    torch.manual_seed(0)
+    VideoLLM.from_config({"tower": TINY_TOWERS["clip"] | {"image_size": 32}, "connector": {"name": "mlp"},
+                          "llm": TINY_LLM, "num_frames": 4}).save_pretrained(tmp_path / "model")
+    assert main(["eval", "reliance", "--model", str(tmp_path / "model"), "--data", str(files["instruct"]),
+                 "--limit", "3", "--out", str(tmp_path / "rel")]) == 0
+    result = EvalResult.load(tmp_path / "rel" / "results.json")
+    assert result.metrics["samples"] == 3 and result.settings["num_frames"] == 4
+    assert (tmp_path / "rel" / "per_task.png").is_file() and "reliance" in (tmp_path / "rel" / "report.md").read_text()
