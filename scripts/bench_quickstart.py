@@ -142,7 +142,14 @@ def main() -> None:
 
     lines = [f"- {v['name']}: `{v['output_dir']}`, {v['visual_tokens']} visual tokens, connector "
              f"{v['trainable'] / 1e6:.1f}M parameters, {' + '.join(map(str, v['steps']))} steps, training "
-             f"{train_time(v)} (per stage, the last run of each), evaluation {v['eval_s']:.0f} s" for v in variants]
+             f"{train_time(v)} (per stage, the last run of each), evaluation "
+             + ("resumed from saved predictions" if v["result"].counts.get("asked") == 0 else f"{v['eval_s']:.0f} s")
+             for v in variants]
+    # standard error of a 12-task mean at chance: sqrt(sum_t p(1-p)/n_t) / tasks, in points
+    totals = [r["total"] for r in variants[0]["result"].per_task.values() if r["total"]]
+    se_mean = 100 * (sum(0.25 * 0.75 / n for n in totals)) ** 0.5 / len(totals)
+    diff = (variants[0]["result"].metrics["accuracy_mean_over_tasks"]
+            - variants[1]["result"].metrics["accuracy_mean_over_tasks"])
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     body = (
         f"Measured {time.strftime('%Y-%m-%d')} by `scripts/bench_quickstart.py` (load average {load:.1f} at the end). "
@@ -153,7 +160,9 @@ def main() -> None:
         f"![per task]({os.path.relpath(png, ROOT / 'docs')})\n\n"
         "\"Mean frame can answer\": `no` where the average of the frames carries no answer (direction, order, counts, "
         "when; docs/SYNTHETIC.md); `partly` where smears, ghosts or a static attribute give part of it away. "
-        "With ~27 questions a task, one task's accuracy has a standard error of about 8 points; compare the group means. "
+        f"STC minus frame average, mean over tasks: **{diff:+.1f} points**; the standard error of a {len(totals)}-task "
+        f"mean at chance is {se_mean:.1f} points on this split (one task's about 8), so only differences of several "
+        "points say anything. "
         "Visual reliance (`evals.reliance`, docs/EVALUATION.md): the held-out answer loss with each sample's own clip "
         "vs another's; a gap of 0 means the model does not use the frames."
     )
