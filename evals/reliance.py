@@ -95,8 +95,15 @@ def visual_reliance(model: Any, data: str | os.PathLike, out_dir: str | os.PathL
         sample = model.make_sample(kept[i].turns, clips[clip_index], sample_id=kept[i].id)
         return float(model(model.build_batch([sample])).loss)
 
-    own = [loss(i, i) for i in range(len(kept))]
-    swapped = [loss(i, partners[i]) for i in range(len(kept))]
+    was_training = getattr(model, "training", False)
+    if was_training:
+        model.eval()  # no dropout: the two losses of a sample must differ only by the clip
+    try:
+        own = [loss(i, i) for i in range(len(kept))]
+        swapped = [loss(i, partners[i]) for i in range(len(kept))]
+    finally:
+        if was_training:
+            model.train()
     kinds: dict[str, list[int]] = {}
     for i, s in enumerate(kept):
         kinds.setdefault(_kind(s.id), []).append(i)
