@@ -27,7 +27,8 @@ from typing import Any
 import torch
 
 from evals.results import EvalResult
-from vlm.data.conversation import DataFormatError, parse_record, read_records, resolve_media
+from vlm.data.conversation import resolve_media
+from vlm.data.dataset import SourceSpec, load_mixture
 from vlm.video.decode import read_clip
 from vlm.video.errors import VideoDecodeError
 
@@ -58,18 +59,8 @@ def visual_reliance(model: Any, data: str | os.PathLike, out_dir: str | os.PathL
     Malformed records and clips that fail to decode are skipped, counted and named (counts.skipped_reasons)."""
     t0 = time.time()
     root = Path(media_root) if media_root else Path(data).parent
-    samples, bad = [], []
-    for location, record in read_records(data):
-        try:
-            if isinstance(record, Exception):
-                raise record
-            sample = parse_record(record, location)
-        except DataFormatError as e:
-            log.warning("visual reliance: skipped %s", e)
-            bad.append(str(e))
-            continue
-        if sample.media_type == "video":
-            samples.append(sample)
+    items, bad = load_mixture([SourceSpec(str(data), str(root))])  # every record once; malformed ones listed
+    samples = [it.sample for it in items if it.sample.media_type == "video"]
     random.Random(seed).shuffle(samples)
     frames = num_frames or getattr(getattr(model, "config", None), "num_frames", 16)
     kept, clips = [], []
