@@ -49,7 +49,8 @@ def train_and_eval(name: str, recipe_path: str, overrides: list[str], data: Path
     result = evaluate_mcq(model, data / "mvbench", out / f"eval_{profile}", profile=profile,
                           num_frames=model.config.num_frames, model_name=str(final))
     eval_s = time.time() - t
-    reliance = visual_reliance(model, data / "instruct_test.json", out / "reliance", limit=64, model_name=str(final))
+    # its own folder: the demo's 32-sample check stays in out/reliance
+    reliance = visual_reliance(model, data / "instruct_test.json", out / "reliance_bench", limit=64, model_name=str(final))
     return {"name": name, "output_dir": str(out), "result": result, "eval_s": eval_s, "reliance": reliance.metrics,
             "visual_tokens": model.num_visual_tokens(model.config.num_frames),
             "steps": [s["total_steps"] for s in stages], "train_s": [s.get("seconds") for s in stages],
