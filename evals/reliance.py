@@ -29,6 +29,7 @@ import torch
 from evals.results import EvalResult
 from vlm.data.conversation import resolve_media
 from vlm.data.dataset import SourceSpec, load_mixture
+from vlm.llm.template import TemplateMismatchError
 from vlm.video.decode import read_clip
 from vlm.video.errors import VideoDecodeError
 
@@ -56,7 +57,8 @@ def visual_reliance(model: Any, data: str | os.PathLike, out_dir: str | os.PathL
                     sampling: str = "uniform", seed: int = 0, model_name: str | None = None) -> EvalResult:
     """Own-video vs swapped-video answer loss on up to `limit` video samples of `data` (a deterministic shuffle
     by `seed`). `model` needs `make_sample`, `build_batch` and a forward returning `.loss` (VideoLLM has them).
-    Malformed records and clips that fail to decode are skipped, counted and named (counts.skipped_reasons)."""
+    Malformed records, clips that fail to decode and samples whose chat template does not match the tokenizer
+    are skipped, counted and named (counts.skipped_reasons)."""
     t0 = time.time()
     root = Path(media_root) if media_root else Path(data).parent
     items, bad = load_mixture([SourceSpec(str(data), str(root))])  # every record once; malformed ones listed
@@ -89,21 +91,32 @@ def visual_reliance(model: Any, data: str | os.PathLike, out_dir: str | os.PathL
     was_training = getattr(model, "training", False)
     if was_training:
         model.eval()  # no dropout: the two losses of a sample must differ only by the clip
+    scored, own, swapped = [], [], []  # a template mismatch is a property of the text: it skips the sample
     try:
-        own = [loss(i, i) for i in range(len(kept))]
-        swapped = [loss(i, partners[i]) for i in range(len(kept))]
+        for i in range(len(kept)):
+            try:
+                pair = loss(i, i), loss(i, partners[i])
+            except TemplateMismatchError as e:
+                log.warning("visual reliance: skipped %s: %s", kept[i].location, e)
+                bad.append(f"{kept[i].location}: {e}")
+                continue
+            scored.append(kept[i])
+            own.append(pair[0])
+            swapped.append(pair[1])
     finally:
         if was_training:
             model.train()
+    if not scored:
+        raise ValueError(f"{data}: no sample could be scored ({len(bad)} skipped; first: {bad[0] if bad else '-'})")
     kinds: dict[str, list[int]] = {}
-    for i, s in enumerate(kept):
+    for i, s in enumerate(scored):
         kinds.setdefault(_kind(s.id), []).append(i)
     per_kind = {k: _summary([own[i] for i in idx], [swapped[i] for i in idx]) for k, idx in sorted(kinds.items())}
     name = model_name or type(model).__name__
     result = EvalResult(
         task_type="reliance", model=name, dataset={"path": str(data), "name": Path(data).stem},
         metrics=_summary(own, swapped), per_task=per_kind,
-        counts={"asked": len(kept) + len(bad), "scored": len(kept), "skipped": len(bad), "skipped_reasons": bad,
+        counts={"asked": len(scored) + len(bad), "scored": len(scored), "skipped": len(bad), "skipped_reasons": bad,
                 "elapsed_seconds": time.time() - t0},
         settings={"limit": limit, "num_frames": frames, "sampling": sampling, "seed": seed,
                   "swap": "next sample with a different video in the seeded shuffle"},

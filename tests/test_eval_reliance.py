@@ -71,6 +71,22 @@ def test_sighted_model_prefers_its_own_video(data, tmp_path):
     assert EvalResult.load(tmp_path / "out" / "results.json").task_type == "reliance"
 
 
+def test_template_mismatch_skips_the_sample_and_names_it(data):
+    from vlm.llm.template import TemplateMismatchError
+
+    root, files = data
+
+    def rule(sid, mean):
+        if sid == "cap1":
+            raise TemplateMismatchError("sample cap1: the template's tokens differ from the tokenizer's")
+        return 1.0
+
+    result = visual_reliance(FakeModel(rule), files["captions"], limit=4)
+    assert result.metrics["samples"] == 3 and result.counts["scored"] == 3
+    assert result.counts["asked"] == result.counts["scored"] + result.counts["skipped"]
+    assert any("cap1" in r for r in result.counts["skipped_reasons"])
+
+
 def test_one_video_only_is_refused(data, tmp_path):
     root, files = data
     records = json.loads(files["captions"].read_text())[:1]
