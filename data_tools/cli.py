@@ -11,6 +11,10 @@ def _synth(args: argparse.Namespace) -> int:
 
     summary = generate(args.out, args.num, args.seed, frames=args.frames, size=args.size, fps=args.fps,
                        eval_fraction=args.eval_fraction, workers=args.workers)
+    if args.oracle:
+        from data_tools.synth.oracle import write_oracle
+
+        summary["oracle"] = write_oracle(args.out)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -53,6 +57,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--fps", type=float, default=8.0)
     p.add_argument("--eval-fraction", type=float, default=0.2, help="share of clips held out for the benchmark")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--oracle", action="store_true",
+                   help="also write OUT/oracle/: the text oracle (each clip's ground truth described in text, in place of "
+                        "the video, in every training file; descriptions.json for `vlm eval mcq --descriptions`)")
     p.set_defaults(func=_synth)
 
     p = sub.add_parser("validate", help="report every bad sample of LLaVA-style JSON/JSONL files")

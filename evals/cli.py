@@ -9,6 +9,8 @@
     vlm eval classify --tower '{"name": "efficientnet_lite0"}' --train data/synth/classification_train.jsonl \\
         --test data/synth/classification_test.jsonl --clips 2 --crops 3 --out OUT
     vlm eval reliance --model runs/quickstart/final --data data/synth/instruct_test.json --out OUT
+    vlm eval probe --data data/synth --source raw:16 --source '{"name": "efficientnet_lite0", "image_size": 128}' \
+        --source runs/quickstart/final --out OUT
     vlm eval report OUT1/results.json OUT2/results.json --out report/
 """
 
@@ -51,7 +53,7 @@ def _mcq(args: argparse.Namespace) -> int:
     model = _load_model(args.model)
     result = evaluate_mcq(model, args.bench, args.out, profile=args.profile, tasks=args.tasks, num_frames=args.frames,
                           sampling=args.sampling, limit=args.limit, batch_size=args.batch_size,
-                          model_name=args.model_name or args.model)
+                          model_name=args.model_name or args.model, descriptions=args.descriptions)
     _print_result(result, args.out)
     return 0
 
@@ -65,6 +67,15 @@ def _reliance(args: argparse.Namespace) -> int:
                              num_frames=args.frames, seed=args.seed, model_name=args.model)
     write_report([result], args.out)
     _print_result(result, args.out)
+    return 0
+
+
+def _probe(args: argparse.Namespace) -> int:
+    from evals.probe import probe_table, run_probe
+
+    results = run_probe(args.source, args.data, args.out, num_frames=args.frames, pool=args.pool, labels=args.labels)
+    print(probe_table(results))
+    print(f"results: {Path(args.out) / 'probe.json'}")
     return 0
 
 
@@ -145,13 +156,15 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="a saved VideoLLM folder")
     p.add_argument("--bench", required=True, help="benchmark root (json/<task>.json, video/, optional tasks.json)")
     p.add_argument("--out", required=True, help="output folder (predictions.jsonl, results.json, report)")
-    p.add_argument("--profile", default="mvbench", choices=["mvbench", "lmms_eval", "loglik"])
+    p.add_argument("--profile", default="mvbench", choices=["mvbench", "lmms_eval", "loglik", "cloze"])
     p.add_argument("--tasks", nargs="*", default=None, help="task names or keys (default: all)")
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--sampling", default="segment_middle")
     p.add_argument("--limit", type=int, default=None, help="first N questions per task")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--model-name", default=None, help="name recorded in results (default: the model folder)")
+    p.add_argument("--descriptions", default=None,
+                   help="text oracle: JSON {video name or stem: description} used in place of each clip")
     p.set_defaults(func=_mcq)
 
     p = sub.add_parser("openqa", help="open-ended video QA scored by a judge")
@@ -210,6 +223,18 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--frames", type=int, default=None, help="default: the model's num_frames")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_reliance)
+
+    p = sub.add_parser("probe", help="linear + MLP probes: is what the questions need in a tower's or connector's output?")
+    p.add_argument("--data", required=True, help="a synthetic-world folder (meta.jsonl + videos) from `vlm data synth`")
+    p.add_argument("--source", action="append", required=True,
+                   help="raw:S (frames at S x S), a tower JSON spec, or a saved VideoLLM folder (its connector "
+                        "output); repeat to compare")
+    p.add_argument("--out", required=True)
+    p.add_argument("--frames", type=int, default=8)
+    p.add_argument("--pool", type=int, default=2, help="tower tokens: average-pooled to pool x pool per frame")
+    p.add_argument("--labels", nargs="*", default=None, help="default: all (class background color shape cell "
+                                                              "direction moving_count)")
+    p.set_defaults(func=_probe)
 
     p = sub.add_parser("report", help="markdown + PNG report from results.json files")
     p.add_argument("results", nargs="+")

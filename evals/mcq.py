@@ -26,8 +26,9 @@ from typing import Any, Sequence
 from tqdm import tqdm
 
 from evals.interface import GenerationRequest, ScoringRequest, model_id
-from evals.profiles import MCQProfile, Parsed, get_profile
+from evals.profiles import MCQProfile, Parsed, get_profile, normalize_scores
 from evals.results import EvalResult, PredictionLog
+from vlm.data.conversation import Turn, describe_in_place
 from vlm.data.mvbench import LETTERS, MCQItem, load_mvbench
 from vlm.video import Clip, VideoDecodeError, read_clip
 
@@ -80,9 +81,14 @@ class _Runner:
         self.model, self.profile, self.plog = model, profile, plog
         self.first_error: BaseException | None = None
 
-    def request(self, item: MCQItem, clip: Clip) -> GenerationRequest | ScoringRequest:
+    def request(self, item: MCQItem, visual: Clip | str) -> GenerationRequest | ScoringRequest:
+        """The model request for one item; `visual` is its decoded clip, or a text description of it (oracle)."""
         p = self.profile
-        common = dict(uid=item.uid, clip=clip, turns=p.build_turns(item), prefill=p.prefill, question=item.question,
+        turns = p.build_turns(item)
+        clip: Clip | None = visual if isinstance(visual, Clip) else None
+        if isinstance(visual, str):
+            turns = [Turn(t.role, describe_in_place(t.text, visual)) if "<video>" in t.text else t for t in turns]
+        common = dict(uid=item.uid, clip=clip, turns=turns, prefill=p.prefill, question=item.question,
                       options=list(item.candidates))
         if p.mode == "generate":
             return GenerationRequest(**common, max_new_tokens=p.max_new_tokens, stop=p.stop)
@@ -98,7 +104,7 @@ class _Runner:
             raise ValueError(f"model returned {len(out)} answers for {len(requests)} requests")
         return list(out)
 
-    def run(self, pairs: list[tuple[MCQItem, Clip]]) -> int:
+    def run(self, pairs: list[tuple[MCQItem, Clip | str]]) -> int:
         """Ask and record; on a failing batch, retry item by item and record the failures. Returns #scored."""
         if not pairs:
             return 0
@@ -124,9 +130,13 @@ class _Runner:
             parsed = self.profile.parse(str(output), n)
             rec["raw"] = str(output)
         else:
+            assert self.profile.continuations is not None
             scores = [float(s) for s in output]
-            parsed = pick_loglik(scores, n)
+            compared = normalize_scores(scores, self.profile.continuations(item), self.profile.score_norm)
+            parsed = pick_loglik(compared, n)
             rec["scores"] = scores
+            if self.profile.score_norm != "sum":
+                rec["scores_normalized"] = compared
         rec.update(parsed_answer=parsed.answer, pred=parsed.letter, parsed=parsed.letter is not None,
                    reason=parsed.reason, correct=parsed.letter == item.answer_letter)
         return rec
@@ -155,13 +165,18 @@ def evaluate_mcq(
     model_name: str | None = None,
     backend: str = "auto",
     progress: bool = True,
+    descriptions: str | os.PathLike | dict[str, str] | None = None,
 ) -> EvalResult:
     """Evaluate `model` on an MVBench-layout benchmark; results, predictions, chart and report go to `out_dir`.
 
     `limit` keeps the first N questions of each task (quick runs). The model needs `generate_answers` for
-    generation profiles (`mvbench`, `lmms_eval`) and `score_options` for `loglik`.
+    generation profiles (`mvbench`, `lmms_eval`) and `score_options` for the loglik ones (`loglik`, `cloze`).
+    `descriptions` ({video file name or stem: text}, or a JSON file of it) scores the text oracle: each clip is
+    replaced by "Video description: <text>" in the same prompt and nothing is decoded; a question whose video
+    has no description is skipped and counted.
     """
     prof = get_profile(profile) if isinstance(profile, str) else profile
+    texts = _load_descriptions(descriptions)
     _check_model(model, prof)
     out = Path(out_dir)
     data = load_mvbench(bench_root, tasks)
@@ -178,15 +193,18 @@ def evaluate_mcq(
     t0 = time.perf_counter()
     with plog, tqdm(total=pending, desc=f"mcq[{prof.name}]", unit="q", disable=not progress) as bar:
         for task, items in data.items():
-            buffer: list[tuple[MCQItem, Clip]] = []
+            buffer: list[tuple[MCQItem, Clip | str]] = []
             for key, group in group_by_clip(items).items():
                 todo = [i for i in group if not plog.done(i.uid)]
                 if not todo:
                     continue
                 try:
-                    clip = decode_item_clip(todo[0], num_frames, sampling, backend)
-                    decoded += 1
-                except (VideoDecodeError, OSError, ValueError) as e:
+                    if texts is not None:
+                        clip: Clip | str = _description_of(texts, todo[0])
+                    else:
+                        clip = decode_item_clip(todo[0], num_frames, sampling, backend)
+                        decoded += 1
+                except (VideoDecodeError, OSError, ValueError, KeyError) as e:
                     for item in todo:
                         runner._error(item, "decode", e)
                     bar.update(len(todo))
@@ -210,7 +228,9 @@ def evaluate_mcq(
                                              "tasks": list(data)},
         metrics=metrics, per_task=per_task, counts=counts, profile=prof.record(),
         settings={"num_frames": num_frames, "sampling": sampling, "limit": limit, "batch_size": batch_size,
-                  "backend": backend, "frame_folders_first_index": 1},
+                  "backend": backend, "frame_folders_first_index": 1,
+                  "descriptions": None if texts is None else (str(descriptions) if not isinstance(descriptions, dict)
+                                                              else f"{len(texts)} given")},
     )
     result.save(out / "results.json")
     from evals.report import write_report
@@ -220,6 +240,30 @@ def evaluate_mcq(
              prof.name, metrics["accuracy_mean_over_tasks"], metrics["accuracy_over_questions"],
              counts["unparsable"], counts["skipped"], out)
     return result
+
+
+def _load_descriptions(source: str | os.PathLike | dict[str, str] | None) -> dict[str, str] | None:
+    if source is None or isinstance(source, dict):
+        return source
+    import json
+
+    path = Path(source)
+    try:
+        texts = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read descriptions: {e}") from e
+    if not isinstance(texts, dict) or not all(isinstance(v, str) for v in texts.values()):
+        raise ValueError(f"{path}: descriptions must be a JSON object {{video name or stem: text}}")
+    return texts
+
+
+def _description_of(texts: dict[str, str], item: MCQItem) -> str:
+    """The description of an item's video, by file name or stem (KeyError naming the video when missing)."""
+    video = Path(item.video)
+    for key in (video.name, video.stem):
+        if key in texts:
+            return texts[key]
+    raise KeyError(f"{video}: no description for '{video.name}' or '{video.stem}'")
 
 
 def mcq_metrics(data: dict[str, list[MCQItem]], records: dict[str, dict[str, Any]]

@@ -16,6 +16,10 @@ different prompts and parsers. Three are built in:
             "Only give the best option.\\n", greedy, at most 16 new tokens, letter extracted by its regexes.
 `loglik`    the `mvbench` prompt and prefill, no generation: each option's continuation "A) option text"
             is scored by its summed token log-likelihood and the best-scoring option is the answer.
+`cloze`     the cloze formulation that OLMES (Gu et al., 2024) recommends for small models: the question alone
+            (no options, no letters) as the user turn, each option's own text as the assistant's answer,
+            scored by its log-likelihood per character (lm-evaluation-harness's `acc_norm`), so a model is never
+            asked to map an answer to a letter and long options are not penalised for their length.
 
 Parsing never guesses: an answer from which no single option letter can be read is *unparsable*; it is
 scored wrong and stays in the denominator.
@@ -64,6 +68,7 @@ class MCQProfile:
     stop: tuple[str, ...] = ()
     parse: Callable[[str, int], Parsed] | None = None  # (generated text, number of options) -> Parsed
     continuations: Callable[[MCQItem], list[str]] | None = None  # loglik: one continuation per option
+    score_norm: str = "sum"  # loglik: "sum" of token log-probs, or "chars": the sum divided by the characters
     source: str = ""
     settings: dict = field(default_factory=dict)
 
@@ -77,6 +82,7 @@ class MCQProfile:
             rec.update(max_new_tokens=self.max_new_tokens, greedy=True, stop=list(self.stop))
         if self.continuations is not None:
             rec["continuations_example"] = self.continuations(example)
+            rec["score_norm"] = self.score_norm
         return rec | self.settings
 
 
@@ -186,6 +192,26 @@ def loglik_continuations(item: MCQItem) -> list[str]:
     return [f"{LETTERS[i]}) {c}" for i, c in enumerate(item.candidates)]
 
 
+# ---------------------------------------------------------------------- cloze
+def cloze_turns(item: MCQItem) -> list[Turn]:
+    """The question alone after the video; the model's own system prompt (if any) applies."""
+    return [Turn("user", "<video>\n" + item.question)]
+
+
+def cloze_continuations(item: MCQItem) -> list[str]:
+    """Each option's own text is the answer."""
+    return list(item.candidates)
+
+
+def normalize_scores(scores: list[float], continuations: list[str], norm: str) -> list[float]:
+    """Summed log-likelihoods as the profile compares them: as they are, or per character of the continuation."""
+    if norm == "sum":
+        return list(scores)
+    if norm == "chars":
+        return [s / max(1, len(c)) for s, c in zip(scores, continuations)]
+    raise ValueError(f"unknown score normalisation '{norm}' (sum | chars)")
+
+
 PROFILES: dict[str, MCQProfile] = {
     "mvbench": MCQProfile(
         name="mvbench", mode="generate", build_turns=mvbench_turns, prefill=MVBENCH_PREFILL, max_new_tokens=100,
@@ -215,6 +241,13 @@ PROFILES: dict[str, MCQProfile] = {
         source="this project",
         settings={"score": "sum of log p(continuation tokens | prompt + prefill); ties -> unparsable"},
     ),
+    "cloze": MCQProfile(
+        name="cloze", mode="loglik", build_turns=cloze_turns, continuations=cloze_continuations, score_norm="chars",
+        description="cloze formulation: '<video>\\nquestion' (no options, no letters); each option's text scored as "
+                    "the answer by log-likelihood per character; argmax is the answer",
+        source="OLMES (Gu et al., 2024) cloze formulation; lm-evaluation-harness acc_norm",
+        settings={"score": "sum of log p(option tokens | prompt) / len(option characters); ties -> unparsable"},
+    ),
 }
 
 
@@ -226,6 +259,8 @@ def register_profile(profile: MCQProfile) -> MCQProfile:
         raise KeyError(f"multiple-choice profile '{profile.name}' is already registered")
     if profile.mode not in ("generate", "loglik"):
         raise ValueError(f"profile '{profile.name}': mode must be 'generate' or 'loglik', got '{profile.mode}'")
+    if profile.score_norm not in ("sum", "chars"):
+        raise ValueError(f"profile '{profile.name}': score_norm must be 'sum' or 'chars', got '{profile.score_norm}'")
     if (profile.mode == "generate") != (profile.parse is not None) or (profile.mode == "loglik") != (profile.continuations is not None):
         raise ValueError(f"profile '{profile.name}': a generate profile needs `parse`, a loglik profile `continuations`")
     PROFILES[profile.name] = profile

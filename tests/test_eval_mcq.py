@@ -187,3 +187,55 @@ def test_custom_profiles_register_once(bench, truth, tmp_path):
         assert res.metrics["accuracy_over_questions"] == 100.0
     finally:
         PROFILES.pop("lmms_eval_short", None)
+
+
+def test_cloze_scores_option_texts_per_character_without_letters(bench, truth, tmp_path):
+    """The cloze profile asks the question alone and compares option texts per character: a model whose summed
+    log-likelihood is -0.5 per character, except -0.4 per character on the right option, is always right, although
+    the right option's *sum* is not always the largest (long options are not penalised for their length)."""
+    sum_would_be_wrong = []
+
+    def scores(r):
+        assert r.prefill == "" and r.clip is not None
+        user = [t.text for t in r.turns if t.role == "user"]
+        assert user == ["<video>\n" + r.question] and "(A)" not in user[0]
+        assert r.continuations == r.options
+        right = LETTERS.index(truth[r.uid])
+        s = [(-0.4 if k == right else -0.5) * len(c) for k, c in enumerate(r.continuations)]
+        sum_would_be_wrong.append(int(np.argmax(s)) != right)
+        return s
+
+    res = evaluate_mcq(ScriptedModel(scores=scores), bench, tmp_path, profile="cloze", progress=False)
+    assert res.metrics["accuracy_over_questions"] == 100.0
+    assert any(sum_would_be_wrong)  # the normalisation decided at least one question
+    rows = [json.loads(x) for x in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    scored = [r for r in rows if not r.get("error")]
+    assert all(len(r["scores_normalized"]) == len(r["candidates"]) for r in scored)
+    assert res.profile["score_norm"] == "chars"
+
+
+def test_descriptions_replace_the_clip_and_a_missing_one_is_skipped(bench, truth, tmp_path, monkeypatch):
+    """Text-oracle scoring: nothing is decoded, the prompt holds the video's description, a video without one
+    is skipped and counted."""
+    data = load_mvbench(bench)
+    videos = sorted({i.video.name for items in data.values() for i in items})
+    texts = {Path(v).stem: f"described {Path(v).stem}" for v in videos[1:]}  # the first video has none
+    monkeypatch.setattr(mcq, "decode_item_clip", lambda *a, **k: pytest.fail("decoded a clip in oracle mode"))
+
+    def scores(r):
+        assert r.clip is None
+        user = next(t.text for t in r.turns if t.role == "user")
+        assert "<video>" not in user
+        assert user.startswith("Video description: described ")
+        return [-1.0 if k == LETTERS.index(truth[r.uid]) else -2.0 for k in range(len(r.continuations))]
+
+    res = evaluate_mcq(ScriptedModel(scores=scores), bench, tmp_path, profile="cloze", descriptions=texts,
+                       progress=False)
+    missing = sum(i.video.name == videos[0] for items in data.values() for i in items)
+    assert missing and res.counts["skipped"] == missing
+    assert res.metrics["accuracy_over_questions"] == 100.0
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(texts))
+    res2 = evaluate_mcq(ScriptedModel(scores=scores), bench, tmp_path / "file", profile="cloze", descriptions=path,
+                        progress=False)
+    assert res2.metrics == res.metrics and res2.settings["descriptions"] == str(path)

@@ -65,7 +65,8 @@ def test_other_seed_other_data(out: Path, tmp_path: Path) -> None:
 
 def test_every_file_exists_and_parses(out: Path, runs: tuple[Path, Path, dict]) -> None:
     summary = runs[2]
-    for name in ("meta.jsonl", "captions_train.json", "instruct_train.json", "instruct_test.json", "retrieval_train.json",
+    for name in ("meta.jsonl", "captions_train.json", "instruct_train.json", "instruct_test.json", "qa_train.json",
+                 "qa_test.json", "retrieval_train.json",
                  "retrieval_test.json", "classes.json", "classification_train.jsonl", "classification_test.jsonl",
                  "mvbench/tasks.json", "summary.json"):
         assert isinstance(_load(out / name), list if name != "summary.json" else dict), name
@@ -158,10 +159,10 @@ def test_test_clips_never_in_train_files(out: Path) -> None:
     test_videos = {m["video"] for m in _meta(out) if m["split"] == "test"}
     train_videos = {m["video"] for m in _meta(out) if m["split"] == "train"}
     assert test_videos and train_videos
-    for name in ("captions_train.json", "instruct_train.json", "retrieval_train.json"):
+    for name in ("captions_train.json", "instruct_train.json", "retrieval_train.json", "qa_train.json"):
         assert {r["video"] for r in _load(out / name)} <= train_videos, name
     assert {r["video"] for r in _load(out / "classification_train.jsonl")} <= train_videos
-    for name in ("instruct_test.json", "retrieval_test.json"):
+    for name in ("instruct_test.json", "retrieval_test.json", "qa_test.json"):
         assert {r["video"] for r in _load(out / name)} <= test_videos, name
     assert sorted(p.name for p in (out / "videos").iterdir()) == sorted(v.split("/")[-1] for v in train_videos)
 
@@ -329,3 +330,52 @@ def test_all_sizes_and_lengths_sample() -> None:
         for label in CLASSES:
             clip = sample_clip(np.random.default_rng([3, CLASSES.index(label)]), label, frames, size, 8.0)
             assert render_clip(clip).shape == (frames, size, size, 3)
+
+
+def test_cloze_qa_records_hold_the_benchmark_questions_with_option_text_answers(out: Path) -> None:
+    """qa_test.json asks, for each test clip, the questions its benchmark items ask, answered with the item's
+    answer text (no options, no letters): the cloze-form training data matches the cloze evaluation profile."""
+    items = {}
+    for task in _load(out / "mvbench" / "tasks.json"):
+        for it in _load(out / "mvbench" / "json" / task["json"]):
+            items.setdefault("mvbench/video/" + it["video"], {})[it["question"]] = it["answer"]
+    records = _load(out / "qa_test.json")
+    assert {r["video"] for r in records} == set(items)
+    for r in records:
+        conv = r["conversations"]
+        humans, answers = [t["value"] for t in conv[::2]], [t["value"] for t in conv[1::2]]
+        assert [t["from"] for t in conv] == ["human", "gpt"] * len(humans)
+        assert sum(h.count("<video>") for h in humans) == 1 and "<video>" in humans[0]
+        asked = {h.replace("<video>", "").strip(): a for h, a in zip(humans, answers)}
+        assert asked == items[r["video"]], r["id"]
+        assert not any(a.startswith("(") for a in answers)
+
+
+def test_text_oracle_twins(out: Path, tmp_path: Path) -> None:
+    """write_oracle: every training file gets a text-only twin whose <video> is the clip's ground-truth
+    description (timed events, duration); descriptions.json is keyed by clip id."""
+    import shutil
+
+    from data_tools.synth.oracle import ORACLE_FILES, describe, write_oracle
+
+    root = tmp_path / "w"
+    shutil.copytree(out, root)
+    counts = write_oracle(root)
+    meta = {m["video"]: m for m in _meta(root)}
+    texts = _load(root / "oracle" / "descriptions.json")
+    assert set(texts) == {m["id"] for m in meta.values()}
+    for name in ORACLE_FILES:
+        src, twin = _load(root / name), _load(root / "oracle" / name)
+        assert len(twin) == len(src) == counts[name]
+        for a, b in zip(src, twin):
+            assert "video" not in b and b["id"] == a["id"]
+            first = b["conversations"][0]["value"]
+            description = describe(meta[a["video"]])
+            assert "<video>" not in first and f"Video description: {description}" in first
+            assert b["conversations"][1:] == a["conversations"][1:]
+    timed = [(m, e) for m in meta.values() if m["label"] != "shuffling" for e in m["events"] if e["start_frame"] > 0]
+    assert timed
+    for m, e in timed:
+        text = describe(m)
+        assert text.endswith(f"The video lasts {m['duration_s']:.1f} seconds.")
+        assert f"At {e['start_frame'] / m['fps']:.1f} seconds," in text

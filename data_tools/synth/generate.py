@@ -157,6 +157,21 @@ def _conversations(res: dict[str, Any], placer: AnswerPlacer, seed: int) -> list
     return out
 
 
+def _cloze_record(res: dict[str, Any], seed: int) -> dict[str, Any] | None:
+    """Every benchmark-style question of one clip as one multi-turn record, answered with the option text itself
+    (cloze form: no options, no letters), in a seeded order; None for a clip without questions."""
+    if not res["questions"]:
+        return None
+    rng = np.random.default_rng([seed, res["index"], 0xC102E])
+    keys = [str(k) for k in rng.permutation(sorted(res["questions"]))]
+    conv = []
+    for t, key in enumerate(keys):
+        q = res["questions"][key]
+        human = with_video(q["question"], bool(rng.random() < 0.7)) if t == 0 else q["question"]
+        conv += [{"from": "human", "value": human}, {"from": "gpt", "value": q["answer"]}]
+    return {"id": f"{res['id']}_cloze", "video": res["video"], "conversations": conv}
+
+
 def _assemble(out: Path, results: list[dict[str, Any]], seed: int) -> dict[str, Any]:
     """Write every data file from the clip results (in clip order); returns per-file counts and histograms."""
     train = [r for r in results if r["split"] == "train"]
@@ -180,6 +195,9 @@ def _assemble(out: Path, results: list[dict[str, Any]], seed: int) -> dict[str, 
         records = [c for r in rows for c in _conversations(r, placer, seed)]
         _write_json(out / f"instruct_{split}.json", records)
         counts[f"instruct_{split}.json"] = len(records)
+        qa = [rec for r in rows if (rec := _cloze_record(r, seed)) is not None]
+        _write_json(out / f"qa_{split}.json", qa)
+        counts[f"qa_{split}.json"] = len(qa)
         retrieval = [{"video": r["video"], "captions": r["retrieval"]} for r in rows]
         _write_json(out / f"retrieval_{split}.json", retrieval)
         counts[f"retrieval_{split}.json"] = len(retrieval)

@@ -12,6 +12,15 @@ PLACEHOLDERS = {"video": "<video>", "image": "<image>"}
 ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 
 
+def describe_in_place(text: str, description: str, media_type: str = "video") -> str:
+    """`text` with its media placeholder replaced by a text description of the media (the text-oracle input:
+    the same prompt, with what the clip shows written out instead of shown)."""
+    placeholder = PLACEHOLDERS[media_type]
+    if placeholder not in text:
+        raise DataFormatError(f"no {placeholder} placeholder to describe in {text[:60]!r}")
+    return text.replace(placeholder, f"Video description: {description.strip()}", 1)
+
+
 class DataFormatError(ValueError):
     """A data file or one of its samples is malformed; the message names the file, the sample and the reason."""
 

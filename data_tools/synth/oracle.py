@@ -1,0 +1,67 @@
+"""The text oracle: every clip replaced by a description of its ground truth, in the same prompts.
+
+It bounds what the language side can learn with a given budget when the vision side is perfect: train on the
+oracle files instead of the video files (same instructions, same steps) and score the benchmark with the
+descriptions in place of the clips (`vlm eval mcq --descriptions DIR/oracle/descriptions.json`). If the oracle
+cannot learn the task, the problem is the answer format, the loss or the scoring, not vision.
+
+A description holds what the benchmark needs: the scene at the start (background, objects with size, colour and
+shape), every event with its time in seconds, which objects stay still, and the clip's duration.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from data_tools.synth.language import _still_note, timed_caption
+from vlm.data.conversation import describe_in_place, read_records
+
+#: the files of a synthetic folder that get an oracle twin (when present)
+ORACLE_FILES = ("captions_train.json", "instruct_train.json", "instruct_test.json", "qa_train.json", "qa_test.json")
+
+
+def describe(meta: dict[str, Any]) -> str:
+    """The ground-truth description of one clip from its `meta.jsonl` record."""
+    still = _still_note(meta) if meta["label"] != "shuffling" else ""
+    return f"{timed_caption(meta)}{still} The video lasts {meta['duration_s']:.1f} seconds."
+
+
+def _text_only(record: dict[str, Any], description: str, location: str) -> dict[str, Any]:
+    """A LLaVA record with its video replaced by the description (text-only: no "video" key)."""
+    conv = [dict(turn) for turn in record["conversations"]]
+    first = next(i for i, t in enumerate(conv) if t["from"] == "human")
+    try:
+        conv[first]["value"] = describe_in_place(conv[first]["value"], description)
+    except ValueError as e:
+        raise ValueError(f"{location}: {e}") from e
+    out = {k: v for k, v in record.items() if k not in ("video", "conversations")}
+    return out | {"conversations": conv}
+
+
+def write_oracle(root: str | Path) -> dict[str, int]:
+    """Write `root/oracle/`: descriptions.json ({clip id: description}) and a text-only twin of every training /
+    instruction file. Returns the number of records written per file."""
+    root = Path(root)
+    metas = [json.loads(line) for line in (root / "meta.jsonl").read_text(encoding="utf-8").splitlines() if line]
+    by_video = {m["video"]: describe(m) for m in metas}
+    out = root / "oracle"
+    out.mkdir(exist_ok=True)
+    counts: dict[str, int] = {}
+    descriptions = {m["id"]: by_video[m["video"]] for m in metas}
+    (out / "descriptions.json").write_text(json.dumps(descriptions, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    counts["descriptions.json"] = len(descriptions)
+    for name in ORACLE_FILES:
+        if not (root / name).is_file():
+            continue
+        records = []
+        for location, record in read_records(root / name):
+            if isinstance(record, Exception):
+                raise record
+            records.append(_text_only(record, by_video[record["video"]], location))
+        tmp = out / f"{name}.part"
+        tmp.write_text(json.dumps(records, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        tmp.replace(out / name)
+        counts[name] = len(records)
+    return counts
