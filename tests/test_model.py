@@ -223,3 +223,81 @@ def test_llm_loaders_hf_folder_and_qlora_error(tmp_path):
         load_llm("hf", path=str(tmp_path / "llm"), quantization="4bit")
     with pytest.raises(KeyError, match="unknown LLM loader 'nope'"):
         load_llm("nope")
+
+
+def _worded(model: VideoLLM, answers: list[str], seed: int = 0) -> list[dict]:
+    return [sample(model, 4, seed + i, [Turn("user", "<video>\nWhat is it?"), Turn("assistant", a)])
+            for i, a in enumerate(answers)]
+
+
+def test_word_alignment_loss_ignores_shared_words_and_trains_only_the_connector(models):
+    """The words objective asks which clip each word belongs to: words that every clip's text has carry no
+    signal (a zero loss with a gradient), the LLM gets no gradient, and a few steps on the connector lower it."""
+    torch.manual_seed(0)
+    model = VideoLLM.from_config(config("clip", "mlp"))
+    same = model.build_batch(_worded(model, ["red circle", "red circle"]))
+    loss = model(same, objective="words").loss
+    assert float(loss.detach()) == 0.0 and loss.requires_grad
+
+    batch = model.build_batch(_worded(model, ["red circle left", "blue square right", "red square up"]))
+    for p in model.llm.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.Adam(model.connector.parameters(), lr=1e-2)
+    first = float(model(batch, objective="words").loss)
+    assert first > 0.0
+    for _ in range(30):
+        opt.zero_grad()
+        model(batch, objective="words").loss.backward()
+        opt.step()
+    assert float(model(batch, objective="words").loss) < 0.5 * first
+    assert all(p.grad is None for p in model.llm.parameters())
+    with pytest.raises(ValueError, match="objective"):
+        model(batch, objective="nope")
+
+
+def test_word_alignment_matches_a_hand_computed_value(models):
+    """Two clips, texts 'A B' and 'A C': only B and C are informative; each is owned by one clip, so the loss is
+    the mean over {B, C} of -log softmax over clips of the owner's best cosine / temperature."""
+    torch.manual_seed(0)
+    model = VideoLLM.from_config(config("clip", "mlp"))
+    batch = model.build_batch(_worded(model, ["cat dog", "cat fish"]))
+    loss = model.word_alignment_loss(batch, temperature=0.5)
+    tok = model.tokenizer
+    vis = torch.nn.functional.normalize(model.encode_visual(batch.pixel_values, batch.timestamps).embeds.float(), dim=-1)
+    table = torch.nn.functional.normalize(model.llm.get_input_embeddings().weight.float(), dim=-1)
+    ids = [set(r[r >= 0].tolist()) for r in batch.labels]
+    only = [sorted(ids[0] - ids[1]), sorted(ids[1] - ids[0])]
+    terms = []
+    for owner, vs in enumerate(only):
+        for v in vs:
+            score = (vis @ table[v]).amax(1) / 0.5  # [2]
+            terms.append(-torch.log_softmax(score, 0)[owner])
+    assert tok is not None and terms
+    assert float(loss) == pytest.approx(float(torch.stack(terms).mean()), rel=1e-5)
+
+
+def test_output_norm_standardizes_tokens_to_the_text_embedding_scale_and_reloads(tmp_path):
+    """output_norm=standardize: in train mode the tokens of a batch have zero mean and unit variance per channel
+    times the text embeddings' RMS; the running statistics and the scale are saved with the connector."""
+    torch.manual_seed(0)
+    cfg = replace(config("clip", "mlp"), connector={"name": "mlp", "output_norm": "standardize"})
+    model = VideoLLM.from_config(cfg)
+    rms = float(model.llm.get_input_embeddings().weight.float().pow(2).mean().sqrt())
+    assert float(model.connector.output_norm.scale) == pytest.approx(rms)
+    samples = [sample(model, 4, seed) for seed in range(6)]
+    batch = model.build_batch(samples)
+    model.connector.train()
+    with torch.no_grad():
+        tokens = model.encode_visual(batch.pixel_values, batch.timestamps).embeds  # [6, L, D]
+    flat = tokens.reshape(-1, tokens.shape[-1])
+    assert float(flat.mean(0).abs().max()) < 1e-4 * rms + 1e-6
+    assert float(flat.std(0, unbiased=False).mean()) == pytest.approx(rms, rel=1e-2)
+    assert float(model.connector.output_norm.stats.num_batches_tracked) == 1  # running statistics were updated
+    model.eval()
+    with torch.no_grad():
+        before = model.encode_visual(batch.pixel_values, batch.timestamps).embeds
+        model.save_pretrained(tmp_path / "m")
+        again = VideoLLM.from_pretrained(tmp_path / "m").eval()
+        assert torch.allclose(again.encode_visual(batch.pixel_values, batch.timestamps).embeds, before, atol=1e-5)
+    with pytest.raises(ValueError, match="output_norm"):
+        VideoLLM.from_config(replace(cfg, connector={"name": "mlp", "output_norm": "batch"}))

@@ -123,6 +123,10 @@ class VideoLLM(ScoringMixin, nn.Module):
         conn_cfg = dict(config.connector)
         connector = build_connector(conn_cfg.pop("name"), in_dim=tower.hidden_size,
                                     out_dim=llm.get_input_embeddings().embedding_dim, **conn_cfg)
+        norm = getattr(connector, "output_norm", None)
+        if norm is not None:  # visual tokens at the per-channel RMS of the text embeddings
+            with torch.no_grad():
+                norm.scale.fill_(float(llm.get_input_embeddings().weight.float().pow(2).mean().sqrt()))
         model = cls(config, tower, connector, llm, tokenizer)
         for part, mode in model.modes.items():  # defaults: tower and LLM frozen, connector trained
             model.set_mode(part, mode)
@@ -354,13 +358,17 @@ class VideoLLM(ScoringMixin, nn.Module):
                 new_l[i, sl] = labels[i, r]  # type: ignore[index]
         return new_e, new_a, new_l
 
-    def forward(self, batch: Batch, return_logits: bool = False) -> Any:
+    def forward(self, batch: Batch, return_logits: bool = False, objective: str = "lm") -> Any:
         """Causal-LM output: `.loss` (mean over assistant tokens) when the batch has labels, `.logits` when it has
-        none or `return_logits` is set.
+        none or `return_logits` is set. `objective="words"` returns `word_alignment_loss` instead (no LLM forward).
 
         For training, the LM head runs only at positions that predict an assistant token: the vocabulary
         projection (49k x D for SmolLM2) at every position is most of the head's cost and memory otherwise.
         """
+        if objective == "words":
+            return CausalLMOutputWithPast(loss=self.word_alignment_loss(batch))
+        if objective != "lm":
+            raise ValueError(f"unknown objective '{objective}' (lm | words)")
         embeds, attention, labels = self.embed(batch)
         decoder = getattr(self.llm, getattr(self.llm, "base_model_prefix", "model"), None)
         head = self.llm.get_output_embeddings()
@@ -374,6 +382,40 @@ class VideoLLM(ScoringMixin, nn.Module):
         logits = head(hidden[:, :-1][picked]).float()  # [n, V]
         loss = torch.nn.functional.cross_entropy(logits, targets[picked])
         return CausalLMOutputWithPast(loss=loss)
+
+    def word_alignment_loss(self, batch: Batch, temperature: float = 0.05) -> torch.Tensor:
+        """Ground the visual tokens in the LLM's own word embeddings, without running the LLM.
+
+        For each token id v of the batch's assistant text, every clip scores v by its best-matching visual token
+        (cosine with the LLM's input embedding of v, / temperature); a softmax over the clips of the batch must
+        put the mass on the clips whose text contains v (multi-positive InfoNCE, one term per id). Ids in every
+        clip's text or in none (template tokens, "the") carry no information and are left out, so the loss only
+        asks what tells clips apart: colours, shapes, directions, counts. A connector trained this way emits
+        tokens that point at the words describing its clip, which the LLM can attend to and copy.
+        """
+        if batch.labels is None:
+            raise ValueError("word_alignment_loss needs a batch with labels (the target text)")
+        ids = batch.input_ids.to(self.device)
+        rows = [i for i in range(ids.shape[0]) if bool((ids[i] == VISUAL_TOKEN).any())]
+        visual = self.encode_visual(batch.pixel_values, batch.timestamps, None, batch.features, batch.grids)
+        if visual.embeds.shape[0] != len(rows):
+            raise ValueError("word_alignment_loss needs clips of equal length in a batch")
+        vis = torch.nn.functional.normalize(visual.embeds.float(), dim=-1)  # [B, L, D]
+        labels = batch.labels.to(self.device)[rows]  # [B, S]
+        words = [set(row[row >= 0].tolist()) for row in labels]
+        vocab = sorted(set().union(*words)) if words else []
+        present = torch.tensor([[v in w for v in vocab] for w in words], dtype=torch.bool, device=self.device)
+        informative = (present.sum(0) > 0) & (present.sum(0) < len(rows)) if vocab else present.new_zeros(0)
+        if not bool(informative.any()):
+            return vis.sum() * 0.0  # nothing tells these clips apart (e.g. a batch of one)
+        vocab_t = torch.tensor(vocab, device=self.device)[informative]
+        present = present[:, informative]  # [B, V]
+        table = self.llm.get_input_embeddings().weight[vocab_t].detach().float()
+        sim = torch.einsum("bld,vd->blv", vis, torch.nn.functional.normalize(table, dim=-1)) / temperature
+        if visual.mask is not None:
+            sim = sim.masked_fill(~visual.mask[..., None], float("-inf"))
+        score = sim.amax(1).log_softmax(0)  # [B, V]: which clip does each word belong to?
+        return -torch.logsumexp(score.masked_fill(~present, float("-inf")), dim=0).mean()
 
     @torch.no_grad()
     def generate(self, batch: Batch, max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0,

@@ -77,7 +77,33 @@ class Connector(nn.Module):
     def forward(self, feats: VisualFeatures, instruction: Instruction | None = None) -> VisualTokens:
         for reducer in self.reducers:
             feats = reducer(feats)
-        return self.project(feats, instruction)
+        out = self.project(feats, instruction)
+        norm = getattr(self, "output_norm", None)
+        return out if norm is None else VisualTokens(norm(out.embeds), out.groups, out.mask)
+
+
+class OutputNorm(nn.Module):
+    """Standardises visual tokens over the data and scales them to the LLM's text embeddings.
+
+    Per channel, the running mean over clips and positions is subtracted and the result divided by the running
+    standard deviation (BatchNorm statistics: batch statistics in train mode, running ones in eval mode), then
+    multiplied by a learnable per-channel gain and by `scale`, the RMS of one channel of the LLM's input
+    embeddings (set by VideoLLM at assembly, saved with the connector). Without it, a connector trained through a
+    frozen LLM drifts into a large constant soft prompt: tokens ~20x the text-embedding norm of which ~0.2% of
+    the energy differs between videos, so after the LLM's first RMSNorm every video looks the same
+    (docs/GROUNDING.md).
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.stats = nn.BatchNorm1d(dim, affine=False)
+        self.gain = nn.Parameter(torch.ones(dim))
+        self.register_buffer("scale", torch.ones(()))
+
+    def forward(self, embeds: torch.Tensor) -> torch.Tensor:  # [B, L, D] -> [B, L, D]
+        b, l, d = embeds.shape
+        x = self.stats(embeds.reshape(b * l, d).float()).reshape(b, l, d)
+        return (x * self.gain * self.scale).to(embeds.dtype)
 
 
 CONNECTORS: Registry[Connector] = Registry("connector", Connector)
@@ -89,9 +115,16 @@ register_reducer = REDUCERS.register
 def build_connector(
     name: str, in_dim: int, out_dim: int, reduce: Sequence[dict[str, Any]] = (), **kwargs: Any
 ) -> Connector:
-    """Build a connector by key; `reduce` is a list of {"name": reducer_key, **kwargs} applied in order first."""
+    """Build a connector by key; `reduce` is a list of {"name": reducer_key, **kwargs} applied in order first;
+    `output_norm="standardize"` adds an `OutputNorm` after any connector ("none", the default, adds nothing)."""
+    output_norm = kwargs.pop("output_norm", "none")
+    if output_norm not in ("none", "standardize"):
+        raise ValueError(f"connector '{name}': output_norm must be 'none' or 'standardize', got '{output_norm}'")
     reducers = []
     for spec in reduce:
         spec = dict(spec)
         reducers.append(REDUCERS.build(spec.pop("name"), **spec))
-    return CONNECTORS.get(name)(in_dim=in_dim, out_dim=out_dim, reducers=reducers, **kwargs)
+    connector = CONNECTORS.get(name)(in_dim=in_dim, out_dim=out_dim, reducers=reducers, **kwargs)
+    if output_norm == "standardize":
+        connector.output_norm = OutputNorm(out_dim)
+    return connector

@@ -295,7 +295,7 @@ def train_stage(recipe: Recipe, index: int, init_from: Path | None, stage_dir: P
                     skipped_log.write("\n".join(skipped) + "\n")
                     skipped_log.flush()
             with accelerator.accumulate(wrapped):
-                out = wrapped(batch.to(accelerator.device))
+                out = wrapped(batch.to(accelerator.device), objective=stage.objective)
                 accelerator.backward(out.loss)
                 if accelerator.sync_gradients:
                     if stage.max_grad_norm and not deepspeed:

@@ -71,6 +71,9 @@ class StageSpec:
     keep_last: int = 2
     log_every: int = 1
     save: str = "model"  # model (a full VideoLLM folder) | connector (a connector-only save too)
+    # lm: next-token loss on assistant tokens; words: align each clip's visual tokens with the LLM's input embeddings
+    # of the words of its target text (no LLM forward; see VideoLLM.word_alignment_loss)
+    objective: str = "lm"
 
 
 @dataclass
@@ -249,6 +252,10 @@ def validate(recipe: Recipe, check_files: bool = True) -> None:
             raise RecipeError(f"{where}: every part is frozen; nothing would train")
         if st.precision not in ("fp32", "bf16", "fp16"):
             raise RecipeError(f"{where}.precision '{st.precision}': choose fp32, bf16 or fp16")
+        if st.objective not in ("lm", "words"):
+            raise RecipeError(f"{where}.objective '{st.objective}': choose lm or words")
+        if st.objective == "words" and any(ps.mode != "frozen" for p, ps in st.parts.items() if p != "connector"):
+            raise RecipeError(f"{where}: objective 'words' trains the connector only; freeze the other parts")
         if st.save not in ("model", "connector"):
             raise RecipeError(f"{where}.save '{st.save}': choose model or connector")
         for name in ("batch_size", "grad_accum", "keep_last"):
