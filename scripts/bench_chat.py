@@ -39,7 +39,7 @@ from vlm.model import VideoLLM  # noqa: E402
 from vlm.video import Clip, read_clip  # noqa: E402
 
 DOCS = ROOT / "docs" / "BENCHMARKS.md"
-SECTION = "## Chat with a video: cached prefix vs re-encoding every turn (issue 6)"
+SECTION = "## Chat with a video: cached prefix vs re-encoding every turn"
 START, END = "<!-- bench_chat:start -->", "<!-- bench_chat:end -->"
 DEFAULT_MODEL = {"tower": {"name": "efficientnet_lite0"}, "connector": {"name": "stc"}, "llm": {"loader": "smollm2"}}
 QUESTIONS = ["What is happening in this video?", "What animal can you see?", "Describe the colors of the scene.",

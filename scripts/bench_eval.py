@@ -39,7 +39,7 @@ from evals.mcq import evaluate_mcq  # noqa: E402
 from vlm.model import VideoLLM  # noqa: E402
 
 DOCS = ROOT / "docs" / "BENCHMARKS.md"
-SECTION = "## Multiple-choice evaluation: loglik vs generate (issue 5)"
+SECTION = "## Multiple-choice evaluation: loglik vs generate"
 START, END = "<!-- bench_eval:start -->", "<!-- bench_eval:end -->"
 SMOLLM2_SHAPE = {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
                  "num_attention_heads": 9, "num_key_value_heads": 3, "max_position_embeddings": 8192,

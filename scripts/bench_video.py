@@ -39,7 +39,7 @@ from vlm.video.decode import VideoReader  # noqa: E402
 
 CACHE = Path(os.path.expanduser("~/.cache/vlm/bench"))
 DOCS = ROOT / "docs" / "BENCHMARKS.md"
-SECTION = "## Video decoding (issue 2)"
+SECTION = "## Video decoding"
 START, END = "<!-- bench_video:start -->", "<!-- bench_video:end -->"
 WIDTH, HEIGHT, FPS = 640, 360, 25
 

@@ -374,7 +374,7 @@ def main() -> int:
     png = (out / "video_transformers_scaling.png") if (args.quick or args.no_docs) else ROOT / "docs" / "video_transformers_scaling.png"
     plot(rows, acc, png)
     if not (args.quick or args.no_docs):
-        update_section("bench_video_transformers", "## Video transformers: attention modes and VideoMAE (issue 7)",
+        update_section("bench_video_transformers", "## Video transformers: attention modes and VideoMAE",
                        text + "\n\n![scaling and accuracy](video_transformers_scaling.png)")
     print(f"\nplot: {png}; total {time.perf_counter() - t0:.0f} s")
     return 0

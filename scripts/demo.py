@@ -3,7 +3,7 @@
   1. generate the synthetic temporal world (videos + captions + instructions + an MVBench-layout benchmark)
   2. train recipes/quickstart.yaml: EfficientNet-Lite0 (frozen) + STC + SmolLM2-135M-Instruct,
      stage 1 connector alignment on captions, stage 2 connector + LoRA on instructions
-  3. evaluate on the held-out MVBench-layout split (per-task accuracy, chart), and check the model looks at the
+  3. evaluate on the held-out MVBench-layout split (cloze profile: per-task accuracy, chart), check the model looks at the
      video (held-out answer loss with each sample's own clip vs another's: evals.reliance)
   4. answer questions about a synthetic clip and about a real packaged clip (frame strips with answers)
 
@@ -38,7 +38,7 @@ def main() -> int:
     p.add_argument("--num", type=int, default=300, help="clips to generate (20%% held out for the benchmark)")
     p.add_argument("--recipe", default="recipes/quickstart.yaml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override")
-    p.add_argument("--profile", default="loglik", help="evaluation profile: loglik | mvbench | lmms_eval")
+    p.add_argument("--profile", default="cloze", help="evaluation profile: cloze | loglik | mvbench | lmms_eval")
     p.add_argument("--train-only", action="store_true", help="stop after training (used by the notebook)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -81,7 +81,7 @@ def main() -> int:
     from evals.reliance import visual_reliance
 
     t = time.time()  # does the model look? held-out answer loss with each sample's own clip vs another's
-    reliance = visual_reliance(model, data / "instruct_test.json", out / "reliance", limit=32, model_name=str(final))
+    reliance = visual_reliance(model, data / "qa_test.json", out / "reliance", limit=60, model_name=str(final))
     timings["reliance"] = time.time() - t
 
     t = time.time()

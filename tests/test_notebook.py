@@ -28,11 +28,11 @@ def test_chat_notebook_executes(tmp_path, monkeypatch):
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # CI shares 2 cores: two spinning OpenMP threads run far slower
-    # Train a small quickstart (same recipe and code path, 2 steps per stage) outside the repository's runs/.
+    # Train a small quickstart (same recipe and code path, 2 steps) outside the repository's runs/.
     run = tmp_path / "quickstart"
     monkeypatch.setenv("VLM_QUICKSTART_DIR", str(run))
     monkeypatch.setenv("VLM_DEMO_ARGS", f"--data {tmp_path / 'synth'} --num 30 --set output_dir={run} "
-                                        "--set stages.0.max_steps=2 --set stages.1.max_steps=2")
+                                        "--set stages.0.max_steps=2")
 
     nb = nbformat.read(NOTEBOOK, as_version=4)
     client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",

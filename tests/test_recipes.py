@@ -14,7 +14,7 @@ from vlm.train.engine import run_recipe
 from vlm.train.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPES = ["quickstart", "llava_video_mlp", "videollama2_stc", "videollama1_qformer", "lora_connector"]
+RECIPES = ["quickstart", "oracle_text", "llava_video_mlp", "videollama2_stc", "videollama1_qformer", "lora_connector"]
 TINY_CONNECTOR = {  # same connector family as the recipe, tiny widths
     "qformer": {"name": "qformer", "num_queries": 4, "hidden_size": 32, "num_layers": 2, "num_heads": 4, "temporal_layers": 1},
     "stc": {"name": "stc", "downsample": [2, 2, 2], "depth": 1, "hidden_size": 32},
@@ -45,8 +45,8 @@ def test_recipe_trains_with_tiny_overrides(name, data, tmp_path):
     if conn["name"] in TINY_CONNECTOR:
         overrides.append(f"model.connector={json.dumps(TINY_CONNECTOR[conn['name']] | {'reduce': conn.get('reduce', [])})}")
     for i in range(len(recipe.stages)):
-        if name == "quickstart":  # its data comes from `vlm data synth`; point it at the tiny files
-            tiny_file = data["captions"] if i == 0 else data["instruct"]
+        if name in ("quickstart", "oracle_text"):  # their data comes from `vlm data synth`; use the tiny files
+            tiny_file = data["instruct"] if i == len(recipe.stages) - 1 else data["captions"]
             overrides.append(f"stages.{i}.data.mixture={json.dumps([{'path': str(tiny_file)}])}")
         overrides += [f"stages.{i}.max_steps=1", f"stages.{i}.batch_size=2", f"stages.{i}.precision=fp32",
                       f"stages.{i}.deepspeed=null", f"stages.{i}.data.num_workers=0"]
