@@ -109,7 +109,8 @@ def main() -> int:
     (out / "demo_answers.json").write_text(json.dumps(answers, indent=2))
 
     print("\n=== vlm quickstart demo ===")
-    print(f"model: {final}  (EfficientNet-Lite0 + STC + SmolLM2-135M-Instruct, LoRA)")
+    parts = f"{model.config.tower['name']} + {model.config.connector['name']} + {model.config.llm.get('loader', 'hf')}"
+    print(f"model: {final}  ({parts}, {model.num_visual_tokens(model.config.num_frames)} visual tokens)")
     print(f"loss curves: {out / 'loss_curves.png'}")
     print(f"\nheld-out synthetic MVBench ({args.profile} profile, {model.config.num_frames} frames):")
     for task, row in result.per_task.items():
@@ -120,7 +121,7 @@ def main() -> int:
           f"   chance {m['chance_mean_over_tasks']:.1f}%")
     print(f"  report: {out / f'eval_{args.profile}'}")
     r = reliance.metrics
-    print(f"\nvisual reliance ({r['samples']} held-out instructions): answer loss {r['loss_own']:.3f} with the own clip vs "
+    print(f"\nvisual reliance ({r['samples']} held-out clips' questions): answer loss {r['loss_own']:.3f} with the own clip vs "
           f"{r['loss_swapped']:.3f} with another clip (gap {r['gap']:+.3f} +- {r['gap_stderr']:.3f} nats/token; own clip "
           f"preferred in {r['own_preferred_percent']:.0f}% of samples, 50% = blind)")
     print("\nanswers:")

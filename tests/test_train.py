@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from tests.train_helpers import make_tiny_data, tiny_recipe
@@ -107,6 +108,8 @@ def test_recipe_validation_errors(data, tmp_path):
         (lambda r: r["stages"][0]["data"].update(sampling="random"), "sampling 'random'"),
         (lambda r: r["stages"][0]["parts"]["connector"].update(mode="frozen"), "every part is frozen"),
         (lambda r: r["stages"][0].update(deepspeed="missing.json"), "deepspeed: missing.json not found"),
+        (lambda r: r["stages"][0].update(objective="contrastive"), "objective 'contrastive'"),
+        (lambda r: r["stages"][1].update(objective="words"), "trains the connector only"),
     ]
     for mutate, message in cases:
         raw = json.loads(json.dumps(good))
@@ -138,3 +141,23 @@ def test_schedule_warmup_and_logged_rates(data, tmp_path):
     run_recipe(parse_recipe(raw))
     rates = [r["lr"]["connector"] for r in read_jsonl(tmp_path / "run" / "1-align" / "metrics.jsonl")]
     assert rates == pytest.approx([1e-3, 7.5e-4, 2.5e-4])  # the rate each step used, not the next one
+
+
+def test_words_objective_stage_trains_the_connector_through_the_engine(data, tmp_path):
+    """A stage with `objective: words` runs the loop on cached features without the LLM: its logged loss is the
+    word-alignment loss, the connector changes, the LLM does not."""
+    raw = tiny_recipe(data, tmp_path / "run", max_steps=3)
+    raw["stages"] = raw["stages"][:1]
+    raw["stages"][0].update(objective="words", batch_size=4)
+    raw["stages"][0]["data"]["mixture"] = [{"path": str(data["captions"])}]
+    recipe = parse_recipe(raw)
+    torch.manual_seed(0)
+    before = VideoLLM.from_config(recipe.model_config())
+    final = run_recipe(recipe)
+    after = VideoLLM.from_pretrained(final)
+    rows = read_jsonl(Path(recipe.output_dir) / "1-align" / "metrics.jsonl")
+    assert len(rows) == 3 and all(r["loss"] > 0 for r in rows)
+    changed = [k for k, v in after.connector.state_dict().items() if not torch.equal(v, before.connector.state_dict()[k])]
+    assert changed
+    llm_before, llm_after = before.llm.state_dict(), after.llm.state_dict()
+    assert all(torch.equal(llm_before[k], llm_after[k]) for k in llm_before)
