@@ -19,9 +19,19 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from vlm.towers.base import VisionTower
+from vlm.train.feature_cache import tower_fingerprint
 from vlm.video import Clip, VideoDecodeError, read_clip
 
 log = logging.getLogger(__name__)
+
+
+def _video_ident(video: str | os.PathLike) -> list[Any]:
+    """A video as the cache key sees it: resolved path, size and modification time (None for a missing file)."""
+    try:
+        st = os.stat(video)
+    except OSError:
+        return [str(video), None, None]
+    return [str(Path(video).resolve()), st.st_size, st.st_mtime_ns]
 
 
 @torch.no_grad()
@@ -51,10 +61,14 @@ def extract_features(
 ) -> tuple[torch.Tensor, list[int], dict[int, str]]:
     """(features [N_ok, T', D], indices of the videos they belong to, {index: error} for undecodable videos).
 
-    With `cache`, features are stored in a safetensors file next to a JSON key (video list, tower id, frames,
-    sampling) and reused when the key matches; a changed key recomputes them.
+    With `cache`, features are stored in a safetensors file next to a JSON key and reused when the key matches;
+    a changed key recomputes them. The key names every video (path, size, modification time), the tower (id, a
+    checksum of its weights and its preprocessing, as the training feature cache does), frames and sampling, so
+    other weights behind the same tower id or an edited video file are never served stale features.
     """
-    key = {"videos": [str(v) for v in videos], "tower": tower_id, "num_frames": num_frames, "sampling": sampling}
+    key = {"videos": [_video_ident(v) for v in videos], "tower": tower_id,
+           "weights": tower_fingerprint({}, tower.preprocessor.to_dict(), tower),
+           "num_frames": num_frames, "sampling": sampling}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     if cache is not None:
         path = Path(cache)

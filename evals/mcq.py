@@ -15,6 +15,7 @@ an unparsable answer is scored wrong and stays in the denominator. At the end `O
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -245,8 +246,6 @@ def evaluate_mcq(
 def _load_descriptions(source: str | os.PathLike | dict[str, str] | None) -> dict[str, str] | None:
     if source is None or isinstance(source, dict):
         return source
-    import json
-
     path = Path(source)
     try:
         texts = json.loads(path.read_text(encoding="utf-8"))
