@@ -121,3 +121,27 @@ def test_cli_reliance_writes_results_report_and_chart(data, tmp_path):
     result = EvalResult.load(tmp_path / "rel" / "results.json")
     assert result.metrics["samples"] == 3 and result.settings["num_frames"] == 4
     assert (tmp_path / "rel" / "per_task.png").is_file() and "reliance" in (tmp_path / "rel" / "report.md").read_text()
+
+
+def test_unequal_and_negative_gaps_give_the_exact_mean_stderr_and_share(data):
+    """Per-sample losses that differ (one sample prefers the other clip): the metrics are the exact mean gap, its
+    standard error over samples (n - 1 in the variance), the share of samples with a positive gap and the mean
+    losses; a partner with the sample's own video would give a gap of 0 there and break the equalities."""
+    import statistics
+
+    root, files = data
+    records = [r for r in json.loads(files["captions"].read_text()) if r["id"].startswith("cap")]
+    own_mean = {r["id"]: round(float(read_clip(root / r["video"], 4).frames.astype("float64").mean()), 4)
+                for r in records}
+    own = {"cap0": 0.5, "cap1": 1.0, "cap2": 2.0, "cap3": 0.25}
+    other = {"cap0": 1.5, "cap1": 1.25, "cap2": 1.0, "cap3": 1.25}  # cap2 is better off with another clip
+    result = visual_reliance(FakeModel(lambda sid, mean: own[sid] if mean == own_mean[sid] else other[sid]),
+                             files["captions"], limit=10)
+    gaps = [other[k] - own[k] for k in own]
+    m = result.metrics
+    assert m["samples"] == 4
+    assert m["gap"] == pytest.approx(statistics.mean(gaps))
+    assert m["gap_stderr"] == pytest.approx(statistics.stdev(gaps) / 2.0)  # sqrt(4) = 2
+    assert m["own_preferred_percent"] == 75.0
+    assert m["loss_own"] == pytest.approx(statistics.mean(own.values()))
+    assert m["loss_swapped"] == pytest.approx(statistics.mean(other.values()))
