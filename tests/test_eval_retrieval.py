@@ -128,3 +128,30 @@ def test_evaluate_retrieval_end_to_end_on_frozen_tiny_tower(tmp_path):
     assert res.metrics["t2v_R@5"] == 100.0 and set(res.per_task) == {"t2v", "v2t"}
     assert EvalResult.load(tmp_path / "out" / "results.json").task_type == "retrieval"
     assert (tmp_path / "out" / "features_test.safetensors").is_file()
+
+
+def test_hand_built_ranks_even_median_best_caption_and_ties_are_pessimistic():
+    """12 videos, 14 captions; each caption's own video is placed at a chosen rank, so every metric is known.
+    Video 0 has two captions: its v2t rank uses the better one (rank 1), not the first (rank 7). An all-zero
+    similarity matrix ties everything: every rank is the worst (12), so R@5 and R@10 are 0."""
+    n_video = 12
+    text_video = [0, 0] + list(range(1, 12)) + [5]  # 14 captions; videos 0 and 5 have two each
+    wanted = [7, 1, 1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 12, 2]  # t2v rank of each caption's own video
+    sim = torch.zeros(len(text_video), n_video)
+    for i, (v, r) in enumerate(zip(text_video, wanted)):
+        others = [u for u in range(n_video) if u != v]
+        order = others[: r - 1] + [v] + others[r - 1:]  # best first
+        for pos, u in enumerate(order):
+            sim[i, u] = 100.0 - pos - 0.01 * i  # distinct scores per caption
+    assert text_to_video_ranks(sim, torch.tensor(text_video)).tolist() == wanted
+    m = retrieval_metrics(sim, text_video)
+    ranks = sorted(wanted)
+    assert m["t2v_R@1"] == pytest.approx(100 * 2 / 14) and m["t2v_R@5"] == pytest.approx(100 * 7 / 14)
+    assert m["t2v_R@10"] == pytest.approx(100 * 12 / 14)
+    assert m["t2v_MdR"] == pytest.approx((ranks[6] + ranks[7]) / 2)  # even count: mean of the two middle ranks
+    assert m["t2v_MnR"] == pytest.approx(sum(wanted) / 14)
+    v2t, ids = video_to_text_ranks(sim, torch.tensor(text_video))
+    assert ids.tolist() == list(range(12)) and int(v2t[0]) == 1
+    zero = retrieval_metrics(torch.zeros(len(text_video), n_video), text_video)
+    assert zero["t2v_R@5"] == 0.0 and zero["t2v_R@10"] == 0.0 and zero["t2v_MdR"] == 12.0
+    assert zero["v2t_R@10"] == 0.0
