@@ -129,6 +129,22 @@ def test_generate_greedy_is_deterministic_and_batched(models):
     assert len(c) == 2
 
 
+def test_batched_greedy_rows_equal_each_prompt_generated_alone(models):
+    """Prompts of different lengths are left padded in a batch; each row's greedy answer must be the one the same
+    prompt gets alone (padding, attention mask and positions are right), and the rows must differ from each other
+    (the check is not passing on a constant output)."""
+    model = models("clip", "mlp").eval()
+    questions = ["What happens?", "Which way does the small red square move in the whole video, left or right?",
+                 "Count the objects."]
+    prompts = [dict(sample(model, 4, i), turns=[Turn("user", "<video>\n" + q)]) for i, q in enumerate(questions)]
+    batch = model.build_batch(prompts, generation=True)
+    assert not batch.attention_mask[:, 0].all()  # some rows really are padded
+    together = model.generate(batch, max_new_tokens=6)
+    alone = [model.generate(model.build_batch([p], generation=True), max_new_tokens=6)[0] for p in prompts]
+    assert together == alone
+    assert len(set(alone)) > 1
+
+
 def test_save_load_identical_logits_with_lora_and_full_tower(tmp_path):
     torch.manual_seed(0)
     model = VideoLLM.from_config(config("clip", "qformer_instruct_per_frame"))
