@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from data_tools.synth.world import BG_TONES, CLASSES, COLORS, SHAPES
 from vlm.video import read_clip
 
 log = logging.getLogger(__name__)
@@ -63,29 +64,22 @@ def _moving_count(meta: dict[str, Any]) -> int:
                and (np.ptp(o["track"]["x"]) > 1.0 or np.ptp(o["track"]["y"]) > 1.0))
 
 
+_TONES, _COLORS = list(BG_TONES), list(COLORS)
+
 #: label name -> (number of classes, function of a meta record; None = the label does not apply to this clip)
-LABELS: dict[str, tuple[int, Callable[[dict[str, Any]], int | None]]] = {}
-
-
-def _labels() -> None:
-    from data_tools.synth.world import BG_TONES, CLASSES, COLORS, SHAPES
-
-    tones, colors = list(BG_TONES), list(COLORS)
-    LABELS.update({
-        "class": (len(CLASSES), lambda m: CLASSES.index(m["label"])),
-        "background": (len(tones), lambda m: tones.index(m["background"]["tones"][0])),
-        "color": (len(colors), lambda m: None if (a := _actor(m)) is None else colors.index(a["color"])),
-        "shape": (len(SHAPES), lambda m: None if (a := _actor(m)) is None else SHAPES.index(a["shape"])),
-        "cell": (9, _cell),
-        "direction": (4, lambda m: DIRECTIONS.index(m["label"].split()[1]) if m["label"].startswith("moving ") else None),
-        "moving_count": (4, lambda m: min(3, _moving_count(m))),
-    })
+LABELS: dict[str, tuple[int, Callable[[dict[str, Any]], int | None]]] = {
+    "class": (len(CLASSES), lambda m: CLASSES.index(m["label"])),
+    "background": (len(_TONES), lambda m: _TONES.index(m["background"]["tones"][0])),
+    "color": (len(_COLORS), lambda m: None if (a := _actor(m)) is None else _COLORS.index(a["color"])),
+    "shape": (len(SHAPES), lambda m: None if (a := _actor(m)) is None else SHAPES.index(a["shape"])),
+    "cell": (9, _cell),
+    "direction": (4, lambda m: DIRECTIONS.index(m["label"].split()[1]) if m["label"].startswith("moving ") else None),
+    "moving_count": (4, lambda m: min(3, _moving_count(m))),
+}
 
 
 def clip_labels(meta: dict[str, Any]) -> dict[str, int | None]:
     """Every probe label of one clip."""
-    if not LABELS:
-        _labels()
     return {name: fn(meta) for name, (_, fn) in LABELS.items()}
 
 
@@ -226,8 +220,6 @@ class ProbeRow:
 def probe_labels(features: torch.Tensor, metas: Sequence[dict[str, Any]], splits: Sequence[str],
                  labels: Sequence[str] | None = None) -> list[ProbeRow]:
     """Fit and score both probes for every label on (train clips -> test clips)."""
-    if not LABELS:
-        _labels()
     rows = []
     for name in labels or list(LABELS):
         classes, fn = LABELS[name]

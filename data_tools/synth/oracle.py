@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from data_tools.synth.generate import _write_json
 from data_tools.synth.language import _still_note, timed_caption
 from vlm.data.conversation import describe_in_place, read_records
 
@@ -50,7 +51,7 @@ def write_oracle(root: str | Path) -> dict[str, int]:
     out.mkdir(exist_ok=True)
     counts: dict[str, int] = {}
     descriptions = {m["id"]: by_video[m["video"]] for m in metas}
-    (out / "descriptions.json").write_text(json.dumps(descriptions, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    _write_json(out / "descriptions.json", descriptions)
     counts["descriptions.json"] = len(descriptions)
     for name in ORACLE_FILES:
         if not (root / name).is_file():
@@ -60,8 +61,6 @@ def write_oracle(root: str | Path) -> dict[str, int]:
             if isinstance(record, Exception):
                 raise record
             records.append(_text_only(record, by_video[record["video"]], location))
-        tmp = out / f"{name}.part"
-        tmp.write_text(json.dumps(records, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        tmp.replace(out / name)
+        _write_json(out / name, records)
         counts[name] = len(records)
     return counts
