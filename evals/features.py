@@ -19,19 +19,18 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from vlm.towers.base import VisionTower
-from vlm.train.feature_cache import tower_fingerprint
+from vlm.train.feature_cache import tower_fingerprint, video_ident
 from vlm.video import Clip, VideoDecodeError, read_clip
 
 log = logging.getLogger(__name__)
 
 
 def _video_ident(video: str | os.PathLike) -> list[Any]:
-    """A video as the cache key sees it: resolved path, size and modification time (None for a missing file)."""
+    """`video_ident`, with None for the size and time of a missing file (it is skipped and named later)."""
     try:
-        st = os.stat(video)
+        return video_ident(video)
     except OSError:
         return [str(video), None, None]
-    return [str(Path(video).resolve()), st.st_size, st.st_mtime_ns]
 
 
 @torch.no_grad()

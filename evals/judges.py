@@ -15,7 +15,8 @@ HTTP judge:
               with Video-ChatGPT's protocol (mbzuai-oryx/Video-ChatGPT, quantitative_evaluation/
               evaluate_activitynet_qa.py): a yes/no + 0-5 score, replied as a Python dict string such as
               {'pred': 'yes', 'score': 4}. Temperature 0. Retries with exponential backoff; verdicts cached on
-              disk keyed by (judge id, question, answer, prediction). Only `urllib` is used.
+              disk keyed by (judge id, question, answer, prediction, hash of the whole request), so a judge with
+              another model, server, prompt or sampling setting never reuses them. Only `urllib` is used.
 """
 
 from __future__ import annotations
@@ -237,7 +238,12 @@ class VerdictCache:
         os.replace(tmp, path)
 
 
-_RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+_RETRY_STATUS = {408, 409, 425, 429}  # and every 5xx (see `_retryable`)
+
+
+def _retryable(status: int) -> bool:
+    """Timeouts, conflicts, rate limits and server errors are worth another try; other HTTP errors are not."""
+    return status in _RETRY_STATUS or 500 <= status <= 599
 
 
 class OpenAIJudge:
@@ -254,7 +260,8 @@ class OpenAIJudge:
         self.cache = VerdictCache(cache_dir) if cache_dir is not None else None
         self.max_retries, self.backoff, self.max_backoff = int(max_retries), float(backoff), float(max_backoff)
         self.timeout, self.temperature, self.max_tokens = float(timeout), float(temperature), int(max_tokens)
-        self.judge_id = f"openai-compatible:{self.model}@{self.base_url}"
+        # every setting that changes a verdict is in the id, so stored predictions are re-judged when one changes
+        self.judge_id = f"openai-compatible:{self.model}@{self.base_url}?temperature={self.temperature:g}&max_tokens={self.max_tokens}"
         self.requests_sent = 0
         self.served_models: set[str] = set()
 
@@ -276,13 +283,14 @@ class OpenAIJudge:
 
     def judge_one(self, question: str, answer: str, prediction: str) -> Verdict:
         """One verdict, from the cache or the server; raises JudgeError after `max_retries` failed attempts."""
-        key = (self.judge_id, question, answer, prediction)
+        body = {"model": self.model, "messages": video_chatgpt_messages(question, answer, prediction),
+                "temperature": self.temperature, "max_tokens": self.max_tokens}
+        request_id = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+        key = (self.judge_id, question, answer, prediction, f"request:{request_id}")
         if self.cache is not None:
             cached = self.cache.get(key)
             if cached is not None:
                 return cached
-        body = {"model": self.model, "messages": video_chatgpt_messages(question, answer, prediction),
-                "temperature": self.temperature, "max_tokens": self.max_tokens}
         last: str = ""
         for attempt in range(self.max_retries + 1):
             wait = min(self.max_backoff, self.backoff * (2**attempt))
@@ -296,7 +304,7 @@ class OpenAIJudge:
                     self.cache.put(key, verdict)
                 return verdict
             except urllib.error.HTTPError as e:
-                if e.code not in _RETRY_STATUS:
+                if not _retryable(e.code):
                     raise JudgeError(f"{self.judge_id}: HTTP {e.code} {e.reason} (not retried)") from None
                 last = f"HTTP {e.code} {e.reason}"
                 retry_after = e.headers.get("Retry-After") if e.headers else None

@@ -55,12 +55,18 @@ def decode_item_clip(item: MCQItem, num_frames: int, sampling: str, backend: str
                      first_index=1 if item.data_type == "frame" else 0)
 
 
-def pick_loglik(scores: Sequence[float], num_options: int) -> Parsed:
-    """The best-scoring option; a tie for the best or a non-finite score is unparsable (never a guess)."""
+def pick_loglik(scores: Sequence[float], num_options: int, uid: str = "question") -> Parsed:
+    """The best-scoring option; a tie for the best or a non-finite score is unparsable (never a guess).
+
+    Scores are compared as the Python floats they are (never cast down), so scores 1e-8 apart are no tie.
+    A score count other than `num_options` is a bug in the model's `score_options`: ValueError naming `uid`.
+    """
     if len(scores) != num_options:
-        return Parsed(None, "", f"model returned {len(scores)} scores for {num_options} options")
-    if not all(math.isfinite(s) for s in scores):
-        return Parsed(None, "", "non-finite score")
+        raise ValueError(f"{uid}: the model returned {len(scores)} scores for {num_options} options "
+                         f"(score_options must return one score per continuation)")
+    bad = [LETTERS[i] for i, s in enumerate(scores) if not math.isfinite(s)]
+    if bad:
+        return Parsed(None, "", f"non-finite score for options {bad}")
     best = max(scores)
     winners = [i for i, s in enumerate(scores) if s == best]
     if len(winners) > 1:
@@ -133,8 +139,9 @@ class _Runner:
         else:
             assert self.profile.continuations is not None
             scores = [float(s) for s in output]
-            compared = normalize_scores(scores, self.profile.continuations(item), self.profile.score_norm)
-            parsed = pick_loglik(compared, n)
+            compared = (normalize_scores(scores, self.profile.continuations(item), self.profile.score_norm)
+                        if len(scores) == n else scores)
+            parsed = pick_loglik(compared, n, item.uid)  # a wrong number of scores raises, naming the question
             rec["scores"] = scores
             if self.profile.score_norm != "sum":
                 rec["scores_normalized"] = compared

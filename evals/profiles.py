@@ -205,6 +205,8 @@ def cloze_continuations(item: MCQItem) -> list[str]:
 
 def normalize_scores(scores: list[float], continuations: list[str], norm: str) -> list[float]:
     """Summed log-likelihoods as the profile compares them: as they are, or per character of the continuation."""
+    if len(scores) != len(continuations):
+        raise ValueError(f"{len(scores)} scores for {len(continuations)} continuations")
     if norm == "sum":
         return list(scores)
     if norm == "chars":

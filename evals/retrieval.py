@@ -79,6 +79,10 @@ def retrieval_metrics(sim: torch.Tensor, text_video: Sequence[int] | torch.Tenso
     tv = torch.as_tensor(text_video, dtype=torch.long, device=sim.device)
     if sim.dim() != 2 or tv.shape != (sim.shape[0],):
         raise ValueError(f"sim must be [N_text, N_video] and text_video [N_text]; got {tuple(sim.shape)}, {tuple(tv.shape)}")
+    if sim.shape[0] == 0 or sim.shape[1] == 0:
+        raise ValueError(f"retrieval needs at least one caption and one video; the similarity matrix is {tuple(sim.shape)}")
+    if tv.min() < 0 or tv.max() >= sim.shape[1]:
+        raise ValueError(f"text_video holds video ids {int(tv.min())}..{int(tv.max())}, outside 0..{sim.shape[1] - 1}")
     if torch.isnan(sim).any():
         raise ValueError("similarity matrix has NaNs")
     t2v = text_to_video_ranks(sim, tv)
@@ -258,6 +262,8 @@ def evaluate_retrieval(
                                  progress=progress)
     feats, text_feats, owner, errors = splits["test"]
     metrics = retrieval_metrics(trained.model.similarity(feats, text_feats), owner)
+    skipped = [f"{name}: {its[i].video}: {e}" for name, its in (("train", train_items), ("test", test_items))
+               for i, e in sorted(splits[name][3].items())]  # undecodable videos, named; their captions were dropped
     per_direction = {d: {k.split("_", 1)[1]: v for k, v in metrics.items() if k.startswith(d + "_")} for d in ("t2v", "v2t")}
     result = EvalResult(
         task_type="retrieval", model=tid, dataset={"name": dataset or "retrieval", "train_videos": len(train_items),
@@ -265,7 +271,8 @@ def evaluate_retrieval(
         metrics={k: v for k, v in metrics.items() if not k.endswith("queries")}, per_task=per_direction,
         counts={"test_videos": len(test_items), "text_queries": metrics["text_queries"],
                 "video_queries": metrics["video_queries"], "skipped_train": len(splits["train"][3]),
-                "skipped_test": len(errors), "elapsed_seconds": round(time.perf_counter() - t0, 3)},
+                "skipped_test": len(errors), "skipped_reasons": skipped,
+                "elapsed_seconds": round(time.perf_counter() - t0, 3)},
         settings={"objective": objective, "final_temperature": trained.objective.temperature,
                   "final_loss": trained.losses[-1], "first_loss": trained.losses[0], "steps": steps,
                   "batch_size": batch_size, "embed_dim": embed_dim, "lr": lr, "seed": seed, "num_frames": num_frames,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pytest
 import torch
 
 from evals.features import extract_features
@@ -46,3 +47,201 @@ def test_same_id_other_weights_or_edited_video_is_recomputed(tmp_path, single_th
     os.utime(videos[1], ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
     edited, _, _ = extract_features(b, videos, num_frames=4, cache=cache, tower_id="CLIPTower(hidden=32)", progress=False)
     assert torch.allclose(edited[0], fb[0]) and not torch.allclose(edited[1], fb[1])
+
+
+TID = "CLIPTower(hidden=32)"
+
+
+def _reference(tower, video, num_frames=4, sampling="uniform") -> torch.Tensor:
+    """A fresh encode written out here: the tower's preprocessor, the tower in eval mode, tokens mean-pooled over space."""
+    from vlm.video import read_clip
+
+    was = tower.training
+    tower.eval()
+    with torch.no_grad():
+        pixels = tower.preprocessor(read_clip(video, num_frames, sampling).frames)[None]
+        out = tower(pixels).tokens.float().mean(dim=2)[0]  # [T', D]
+    tower.train(was)
+    return out
+
+
+class _Counter:
+    """Wraps evals.features.clip_features: how many clips were encoded (0 on a cache hit)."""
+
+    def __init__(self, monkeypatch):
+        import evals.features as features
+
+        self.clips, real = 0, features.clip_features
+
+        def counting(tower, clips):
+            self.clips += len(clips)
+            return real(tower, clips)
+
+        monkeypatch.setattr(features, "clip_features", counting)
+
+
+def _extract(tower, videos, cache, **kw):
+    kw = {"num_frames": 4, "tower_id": TID, "progress": False} | kw
+    return extract_features(tower, videos, cache=cache, **kw)
+
+
+def test_features_match_a_fresh_encode_and_a_hit_encodes_nothing(tmp_path, single_thread, monkeypatch):
+    """Five sources, batches of two: a broken file second and a missing one fourth are skipped and named; the rows
+    are the fresh features of the decodable videos in order; a second call encodes nothing and returns the same
+    features, indices and errors (int keys)."""
+    videos = _videos(tmp_path, 3)
+    (tmp_path / "broken.mp4").write_text("not a video")
+    sources = [videos[0], tmp_path / "broken.mp4", videos[1], tmp_path / "missing.mp4", videos[2]]
+    tower = _tower(0)
+    count = _Counter(monkeypatch)
+    cache = tmp_path / "c" / "feats.safetensors"
+    feats, index, errors = _extract(tower, sources, cache, batch_size=2)
+    assert count.clips == 3 and index == [0, 2, 4] and sorted(errors) == [1, 3]
+    assert "broken.mp4" in errors[1] and "missing.mp4" in errors[3]
+    expected = torch.stack([_reference(tower, sources[i]) for i in index])
+    assert feats.shape == expected.shape == (3, 4, 32) and torch.allclose(feats, expected, atol=1e-5)
+    assert feats.abs().sum() > 0
+    again, index2, errors2 = _extract(tower, sources, cache, batch_size=2)
+    assert count.clips == 3  # nothing encoded
+    assert torch.equal(again, feats) and index2 == index and errors2 == errors
+    fresh, _, _ = _extract(tower, sources, None, batch_size=5)  # no cache, one batch
+    assert torch.allclose(again, fresh, atol=1e-5)
+
+
+def test_changed_weights_preprocessing_frames_sampling_or_id_are_re_encoded(tmp_path, single_thread, monkeypatch):
+    from vlm.video.transforms import VideoPreprocessor
+
+    videos = _videos(tmp_path, 2)
+    long = tmp_path / "long.mp4"
+    write_video(long, np.random.default_rng(5).integers(0, 255, (12, 32, 32, 3), dtype=np.uint8), fps=4)
+    videos.append(long)
+    tower = _tower(0)
+    count = _Counter(monkeypatch)
+    cache = tmp_path / "feats.safetensors"
+
+    def check(encoded, **kw):
+        before = count.clips
+        feats, index, _ = _extract(tower, videos, cache, **kw)
+        assert count.clips - before == encoded, kw
+        expected = torch.stack([_reference(tower, v, kw.get("num_frames", 4), kw.get("sampling", "uniform")) for v in videos])
+        assert torch.allclose(feats, expected, atol=1e-5), kw
+        return feats
+
+    first = check(3)
+    check(0)
+    with torch.no_grad():  # the same tower object, one weight nudged in place
+        w = next(p for n, p in tower.named_parameters() if "patch_embedding" in n)
+        w.add_(0.05 * torch.randn(w.shape, generator=torch.Generator().manual_seed(0)))
+    nudged = check(3)
+    assert not torch.allclose(nudged, first, atol=1e-4)
+    check(0)
+    pre = tower.preprocessor.to_dict()
+    tower.preprocessor = VideoPreprocessor.from_dict(pre | {"mean": [0.3, 0.3, 0.3]})
+    check(3)
+    check(0)
+    check(3, num_frames=2)
+    check(3, sampling="segment_middle", num_frames=2)
+    check(3)
+    check(3, tower_id="another tower")
+    check(0, tower_id="another tower")
+
+
+def test_edited_missing_moved_or_rewritten_frames_are_re_encoded(tmp_path, single_thread, monkeypatch):
+    """Same size and other pixels (uncompressed AVI) with a new mtime; other size with the old mtime restored; a
+    missing file that appears; the same relative path from another folder; a frame folder with a frame rewritten
+    in place (the folder's own mtime does not change): each is re-encoded."""
+    from PIL import Image
+
+    tower = _tower(0)
+    count = _Counter(monkeypatch)
+
+    def frames(seed, n=4):
+        return np.random.default_rng(seed).integers(0, 255, (n, 32, 32, 3), dtype=np.uint8)
+
+    raw = tmp_path / "raw.avi"
+    write_video(raw, frames(0), 4, codec="rawvideo")
+    cache = tmp_path / "feats.safetensors"
+    a, _, _ = _extract(tower, [raw], cache)
+    size, mtime = os.stat(raw).st_size, os.stat(raw).st_mtime_ns
+    write_video(raw, frames(1), 4, codec="rawvideo")
+    os.utime(raw, ns=(mtime + 1_000_000_000, mtime + 1_000_000_000))
+    assert os.stat(raw).st_size == size
+    b, _, _ = _extract(tower, [raw], cache)
+    assert count.clips == 2 and torch.allclose(b[0], _reference(tower, raw), atol=1e-5) and not torch.allclose(a, b)
+    mtime = os.stat(raw).st_mtime_ns
+    write_video(raw, frames(2, 5), 4, codec="rawvideo")  # one frame more: another size
+    os.utime(raw, ns=(mtime, mtime))
+    assert os.stat(raw).st_size != size and os.stat(raw).st_mtime_ns == mtime
+    c, _, _ = _extract(tower, [raw], cache)
+    assert count.clips == 3 and torch.allclose(c[0], _reference(tower, raw), atol=1e-5)
+
+    late = tmp_path / "late.mp4"
+    _, index, errors = _extract(tower, [raw, late], cache)
+    assert index == [0] and list(errors) == [1]
+    write_video(late, frames(3), 4)
+    d, index, errors = _extract(tower, [raw, late], cache)
+    assert index == [0, 1] and errors == {} and torch.allclose(d[1], _reference(tower, late), atol=1e-5)
+
+    for sub, seed in (("x", 4), ("y", 5)):
+        (tmp_path / sub).mkdir()
+        write_video(tmp_path / sub / "v.avi", frames(seed), 4, codec="rawvideo")
+    os.utime(tmp_path / "y" / "v.avi", ns=(os.stat(tmp_path / "x" / "v.avi").st_mtime_ns,) * 2)  # same size and mtime
+    rel = tmp_path / "rel.safetensors"
+    monkeypatch.chdir(tmp_path / "x")
+    e, _, _ = _extract(tower, ["v.avi"], rel)
+    monkeypatch.chdir(tmp_path / "y")
+    f, _, _ = _extract(tower, ["v.avi"], rel)
+    assert torch.allclose(f[0], _reference(tower, tmp_path / "y" / "v.avi"), atol=1e-5) and not torch.allclose(e, f)
+
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in range(1, 5):
+        Image.fromarray(np.full((32, 32, 3), 40 * i, dtype=np.uint8)).save(folder / f"{i:05d}.png")
+    g, _, _ = _extract(tower, [folder], cache)
+    folder_mtime, st = os.stat(folder).st_mtime_ns, os.stat(folder / "00002.png")
+    Image.fromarray(np.full((32, 32, 3), 250, dtype=np.uint8)).save(folder / "00002.png")  # rewritten in place
+    os.utime(folder / "00002.png", ns=(st.st_mtime_ns + 1_000_000_000,) * 2)
+    assert os.stat(folder).st_mtime_ns == folder_mtime and os.stat(folder / "00002.png").st_size == st.st_size
+    h, _, _ = _extract(tower, [folder], cache)
+    assert torch.allclose(h[0], _reference(tower, folder), atol=1e-5) and not torch.allclose(g, h)
+
+
+def test_a_half_written_cache_is_recomputed(tmp_path, single_thread, monkeypatch):
+    videos = _videos(tmp_path, 2)
+    tower = _tower(0)
+    count = _Counter(monkeypatch)
+    cache = tmp_path / "feats.safetensors"
+    feats, _, _ = _extract(tower, videos, cache)
+    cache.with_suffix(".json").unlink()  # features without their key
+    again, _, _ = _extract(tower, videos, cache)
+    assert count.clips == 4 and torch.allclose(again, feats)
+    cache.unlink()  # a key without features
+    again, _, _ = _extract(tower, videos, cache)
+    assert count.clips == 6 and torch.allclose(again, feats)
+
+
+def test_nothing_decodable_is_an_error_naming_the_first_failure(tmp_path):
+    (tmp_path / "bad.mp4").write_text("no")
+    with pytest.raises(RuntimeError, match="no video could be decoded.*bad.mp4"):
+        extract_features(_tower(0), [tmp_path / "bad.mp4", tmp_path / "missing.mp4"], num_frames=4, progress=False)
+
+
+def test_clip_features_shape_and_training_mode_is_given_back(tmp_path, single_thread):
+    from evals.features import clip_features, describe_tower
+    from vlm.video import read_clip
+
+    videos = _videos(tmp_path, 2)
+    tower = _tower(0).train()
+    out = clip_features(tower, [read_clip(v, 4) for v in videos])
+    assert tower.training and out.shape == (2, 4, 32) and out.dtype == torch.float32
+    assert torch.allclose(out[1], _reference(tower, videos[1]), atol=1e-5)
+    assert clip_features(tower.eval(), [read_clip(videos[0], 4)]).shape == (1, 4, 32) and not tower.training
+    modes = []
+    tower.train().register_forward_pre_hook(lambda module, args: modes.append(module.training))
+    clip_features(tower, [read_clip(videos[0], 4)])
+    assert modes == [False] and tower.training  # encoded in eval mode (no dropout), given back in training mode
+    half = _tower(0).to(torch.bfloat16)  # pixels follow the tower's dtype; features come back as float32
+    out = clip_features(half, [read_clip(videos[1], 4)])
+    assert out.dtype == torch.float32 and torch.allclose(out[0], _reference(_tower(0), videos[1]), atol=0.1)
+    assert describe_tower(tower) == f"{type(tower).__name__}(hidden=32)"
+    assert describe_tower(tower, {"name": "clip", "b": 1}) == '{"b": 1, "name": "clip"}'

@@ -239,3 +239,88 @@ def test_descriptions_replace_the_clip_and_a_missing_one_is_skipped(bench, truth
     res2 = evaluate_mcq(ScriptedModel(scores=scores), bench, tmp_path / "file", profile="cloze", descriptions=path,
                         progress=False)
     assert res2.metrics == res.metrics and res2.settings["descriptions"] == str(path)
+
+
+# ---------------------------------------------------------------------- the loglik picker
+def test_pick_loglik_by_hand():
+    assert mcq.pick_loglik([-3.0, -1.0, -2.0], 3) == mcq.Parsed("B", "B")
+    assert mcq.pick_loglik([-1.0], 1).letter == "A"
+    assert mcq.pick_loglik([-1.0, -1.0 + 1e-8, -1.0], 3).letter == "B"  # float64 differences decide, no tie
+    assert mcq.pick_loglik(list(np.array([-1.0, -1.0 - 1e-8])), 2).letter == "A"  # numpy float64 too
+    assert mcq.pick_loglik([-2.0, -1.0, -1.0, -3.0], 4) == mcq.Parsed(None, "", "tie between options ['B', 'C']")
+    assert mcq.pick_loglik([float("-inf"), -1.0], 2) == mcq.Parsed(None, "", "non-finite score for options ['A']")
+    assert mcq.pick_loglik([float("nan"), -1.0, float("inf")], 3).reason == "non-finite score for options ['A', 'C']"
+    with pytest.raises(ValueError, match="Moving Direction/3: the model returned 2 scores for 3 options"):
+        mcq.pick_loglik([-1.0, -2.0], 3, "Moving Direction/3")
+
+
+@pytest.mark.parametrize("profile", ["loglik", "cloze"])
+def test_scores_1e8_apart_are_not_ties_through_the_harness(bench, truth, tmp_path, profile):
+    """Scores are compared as the float64 values the model returned: nothing on the way casts them down."""
+    def scores(r):
+        right = LETTERS.index(truth[r.uid])
+        per_char = [(-1.0 + (1e-8 if k == right else 0.0)) for k in range(len(r.continuations))]
+        return [s * len(c) if profile == "cloze" else s for s, c in zip(per_char, r.continuations)]
+
+    res = evaluate_mcq(ScriptedModel(scores=scores), bench, tmp_path, profile=profile, progress=False)
+    assert res.metrics["accuracy_over_questions"] == 100.0 and res.metrics["unparsable"] == 0
+    rows = [json.loads(x) for x in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    scored = [r for r in rows if not r.get("error")]
+    assert scored and all(max(r["scores"]) - min(r["scores"]) > 0 for r in scored)  # stored without rounding
+
+
+def test_non_finite_scores_are_unparsable_and_counted(bench, truth, tmp_path):
+    """A NaN or infinite score makes the question unparsable: scored wrong, kept in the denominator, reason saved."""
+    bad = {"Moving Direction/0": float("nan"), "Moving Direction/2": float("inf"), "Action Sequence/1": float("-inf")}
+
+    def scores(r):
+        right = LETTERS.index(truth[r.uid])
+        s = [-1.0 if k == right else -2.0 for k in range(len(r.continuations))]
+        if r.uid in bad:
+            s[(right + 1) % len(s)] = bad[r.uid]  # a wrong option's score
+        return s
+
+    res = evaluate_mcq(ScriptedModel(scores=scores), bench, tmp_path, profile="loglik", progress=False)
+    scored = res.counts["scored"]
+    assert res.metrics["unparsable"] == 3 and res.counts["skipped"] == 1  # only missing.mp4 is skipped
+    assert res.counts["correct"] == scored - 3
+    assert res.metrics["accuracy_over_questions"] == pytest.approx(100.0 * (scored - 3) / scored)
+    assert res.per_task["Moving Direction"]["unparsable"] == 2 and res.per_task["Action Sequence"]["unparsable"] == 1
+    rows = {r["uid"]: r for r in map(json.loads, (tmp_path / "predictions.jsonl").read_text().splitlines())}
+    for uid in bad:
+        assert rows[uid]["pred"] is None and rows[uid]["correct"] is False
+        assert rows[uid]["reason"].startswith("non-finite score for options")
+
+
+@pytest.mark.parametrize("profile,extra", [("loglik", 1), ("loglik", -1), ("cloze", 1), ("cloze", -1)])
+def test_a_wrong_number_of_scores_is_an_error_naming_the_question(bench, tmp_path, profile, extra):
+    """A score count other than the option count is a bug in the model's adapter, not an answer: the run stops with
+    a ValueError naming the question (with "chars" normalisation too, which pairs scores with options)."""
+    def scores(r):
+        n = len(r.continuations) + (extra if r.uid == "Action Sequence/2" else 0)
+        return [-1.0 - k for k in range(n)]
+
+    with pytest.raises(ValueError, match=r"Action Sequence/2: the model returned \d scores for 4 options"):
+        evaluate_mcq(ScriptedModel(scores=scores), bench, tmp_path, profile=profile, progress=False)
+
+
+@pytest.mark.parametrize("profile", ["mvbench", "lmms_eval", "loglik", "cloze"])
+def test_requests_carry_the_profiles_settings(bench, tmp_path, profile):
+    from evals.profiles import get_profile
+
+    prof = get_profile(profile)
+    seen = []
+
+    def check(r):
+        seen.append(r.uid)
+        assert r.prefill == prof.prefill and r.question and r.options
+        if prof.mode == "generate":
+            assert (r.max_new_tokens, r.stop) == (prof.max_new_tokens, prof.stop)
+        else:
+            assert r.continuations == [f"{LETTERS[k]}) {o}" for k, o in enumerate(r.options)] if profile == "loglik" \
+                else r.options
+        return "A) x" if prof.mode == "generate" else [0.0] * len(r.options)
+
+    fake = ScriptedModel(check, scores=check)
+    evaluate_mcq(fake, bench, tmp_path, profile=profile, progress=False)
+    assert len(seen) == 12

@@ -1,17 +1,24 @@
-"""Open-ended QA: data formats, offline judges, and the Video-ChatGPT judge protocol against a local fake server."""
+"""Open-ended QA: data formats, offline judges, the Video-ChatGPT judge protocol against a local fake server, and
+the HTTP judge's retry and cache rules against a fake transport."""
 
 from __future__ import annotations
 
+import contextlib
+import email.message
+import io
 import json
 import re
 import threading
+import types
+import urllib.error
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-from evals.judges import (ContainsJudge, EmbeddingJudge, ExactMatchJudge, OpenAIJudge, VCGPT_SYSTEM, normalize_answer,
-                          parse_verdict)
+from evals import judges
+from evals.judges import (ContainsJudge, EmbeddingJudge, ExactMatchJudge, JudgeError, OpenAIJudge, VCGPT_SYSTEM,
+                          Verdict, normalize_answer, parse_verdict)
 from evals.openqa import evaluate_openqa, load_openqa, load_predictions
 from tests.eval_helpers import ScriptedModel, write_clip
 from tests.eval_helpers import single_thread  # noqa: F401  (fixture)
@@ -133,7 +140,7 @@ def test_http_judge_protocol_retries_and_cache(msrvtt, tmp_path):
         assert first["body"]["model"] == "gpt-3.5-turbo-0613" and first["body"]["temperature"] == 0.0
         assert first["body"]["messages"][0] == {"role": "system", "content": VCGPT_SYSTEM}
         assert "Python dictionary string" in first["body"]["messages"][1]["content"]
-        assert res.judge["id"] == f"openai-compatible:gpt-3.5-turbo-0613@{server.url}"
+        assert res.judge["id"] == f"openai-compatible:gpt-3.5-turbo-0613@{server.url}?temperature=0&max_tokens=64"
         assert res.judge["served_models"] == ["fake-judge-0613"]
         # a second run with the same cache asks the server nothing
         again = OpenAIJudge(server.url, "gpt-3.5-turbo-0613", cache_dir=tmp_path / "cache", backoff=0.01)
@@ -148,6 +155,149 @@ def test_http_judge_gives_up_and_leaves_the_question_unjudged(msrvtt, tmp_path):
         res = evaluate_openqa(None, items, judge, tmp_path / "run", predictions={"0": "red"}, progress=False)
         assert len(server.requests) == 3
     assert res.counts["unjudged"] == 1 and res.counts["judged"] == 0 and res.metrics["accuracy"] is None
+
+
+# -- the HTTP judge's retry and cache rules, against a fake transport (no network, no real sleeping) -----------
+class FakeTransport:
+    """Stands in for `urllib.request.urlopen`: answers each request with the next scripted reply.
+
+    A reply is an int (an HTTP error with that status), a (status, headers) pair, an exception to raise,
+    or a string (a 200 whose message content is that string)."""
+
+    def __init__(self, *replies, default="{'pred': 'yes', 'score': 5}"):
+        self.replies, self.default = list(replies), default
+        self.requests: list[dict] = []
+
+    def __call__(self, request, timeout=None):
+        body = json.loads(request.data)
+        self.requests.append({"url": request.full_url, "body": body, "timeout": timeout})
+        reply = self.replies.pop(0) if self.replies else self.default
+        if isinstance(reply, int):
+            reply = (reply, {})
+        if isinstance(reply, tuple):
+            status, headers = reply
+            message = email.message.Message()
+            for k, v in headers.items():
+                message[k] = v
+            raise urllib.error.HTTPError(request.full_url, status, f"status {status}", message, io.BytesIO(b"{}"))
+        if isinstance(reply, BaseException):
+            raise reply
+        data = json.dumps({"model": body["model"], "choices": [{"message": {"content": reply}}]}).encode()
+        return contextlib.closing(io.BytesIO(data))
+
+
+@pytest.fixture
+def transport(monkeypatch):
+    """Install a FakeTransport (set `.replies`) and record the judge's sleeps instead of sleeping."""
+    fake = FakeTransport()
+    sleeps: list[float] = []
+    monkeypatch.setattr(judges.urllib.request, "urlopen", fake)
+    monkeypatch.setattr(judges, "time", types.SimpleNamespace(sleep=sleeps.append))
+    fake.sleeps = sleeps
+    return fake
+
+
+def _judge(**kw) -> OpenAIJudge:
+    return OpenAIJudge(kw.pop("base_url", "http://judge.invalid/v1"), kw.pop("model", "judge-model"), api_key="k", **kw)
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 422])
+def test_http_judge_does_not_retry_client_errors(transport, status):
+    transport.replies = [status]
+    with pytest.raises(JudgeError, match=rf"HTTP {status} status {status} \(not retried\)"):
+        _judge().judge_one("q", "red", "red")
+    assert len(transport.requests) == 1 and transport.sleeps == []
+    # judge_many turns the failure into that question's JudgeError, and carries on with the next one
+    transport.replies = [status]
+    out = _judge().judge_many([("q", "red", "red"), ("q", "blue", "blue")])
+    assert isinstance(out[0], JudgeError) and isinstance(out[1], Verdict) and out[1].correct
+
+
+@pytest.mark.parametrize("status", [408, 409, 425, 429, 500, 502, 503, 504, 520, 529])
+def test_http_judge_retries_timeouts_rate_limits_and_server_errors(transport, status):
+    transport.replies = [status, status]
+    verdict = _judge(backoff=1.5).judge_one("q", "red", "red")
+    assert verdict.correct and verdict.score == 5.0
+    assert len(transport.requests) == 3 and transport.sleeps == [1.5, 3.0]  # backoff, then twice it
+    assert transport.requests[0]["body"] == transport.requests[2]["body"]  # the same request again
+
+
+def test_http_judge_retries_network_errors_and_malformed_replies(transport):
+    transport.replies = [urllib.error.URLError("connection refused"), TimeoutError("timed out"),
+                         ConnectionResetError("reset"), "Sure! Here it is.", "{'pred': 'maybe', 'score': 3}"]
+    verdict = _judge().judge_one("q", "red", "blue")
+    assert verdict.correct  # the sixth reply, the default
+    assert len(transport.requests) == 6 and transport.sleeps == [1.0, 2.0, 4.0, 8.0, 16.0]
+
+
+def test_http_judge_retries_are_bounded_and_backoff_capped(transport):
+    transport.replies = [503] * 10
+    with pytest.raises(JudgeError, match=r"no verdict after 6 attempts: HTTP 503 status 503"):
+        _judge(max_retries=5, backoff=1.0, max_backoff=5.0).judge_one("q", "red", "red")
+    assert len(transport.requests) == 6  # the first try and 5 retries
+    assert transport.sleeps == [1.0, 2.0, 4.0, 5.0, 5.0]  # no sleep after the last attempt
+    transport.replies, transport.sleeps[:] = [503] * 10, []
+    with pytest.raises(JudgeError, match="no verdict after 1 attempts"):
+        _judge(max_retries=0).judge_one("q", "red", "red")
+    assert len(transport.requests) == 7 and transport.sleeps == []
+
+
+@pytest.mark.parametrize(
+    "retry_after, slept",
+    [("7", 7.0), ("0.25", 0.25), ("0", 0.0), ("120", 30.0),  # a server's wait, capped at max_backoff (30 s)
+     ("Wed, 21 Oct 2015 07:28:00 GMT", 1.0), ("soon", 1.0)],  # not a number of seconds: the own backoff
+)
+def test_http_judge_honours_retry_after(transport, retry_after, slept):
+    transport.replies = [(429, {"Retry-After": retry_after})]
+    assert _judge().judge_one("q", "red", "red").correct
+    assert transport.sleeps == [slept] and len(transport.requests) == 2
+    # on a 503 too, and at a later attempt the server's wait replaces the (longer) exponential one
+    transport.replies, transport.sleeps[:] = [503, 503, 503, (503, {"Retry-After": "3"})], []
+    assert _judge().judge_one("q", "red", "red").correct
+    assert transport.sleeps == [1.0, 2.0, 4.0, 3.0]
+
+
+def test_http_judge_cache_is_per_judge(transport, tmp_path):
+    """A cached verdict is reused only by a judge that would send the very same request."""
+    cache = tmp_path / "cache"
+    transport.replies = ["{'pred': 'yes', 'score': 4}"]
+    first = _judge(cache_dir=cache).judge_one("q", "red", "a red one")
+    assert first.correct and first.score == 4.0 and len(transport.requests) == 1
+    # The same judge (a new object, as in a rerun) reads it from disk: no request.
+    again = _judge(cache_dir=cache).judge_one("q", "red", "a red one")
+    assert (again.correct, again.score) == (True, 4.0) and len(transport.requests) == 1
+    # Every other judge asks its own server, and gets its own verdict ("no" from here on).
+    transport.default = "{'pred': 'no', 'score': 1}"
+    others = [_judge(cache_dir=cache, model="other-model"),
+              _judge(cache_dir=cache, base_url="http://other-judge.invalid/v1"),
+              _judge(cache_dir=cache, temperature=0.7),
+              _judge(cache_dir=cache, max_tokens=16)]
+    for n, judge in enumerate(others, start=2):
+        verdict = judge.judge_one("q", "red", "a red one")
+        assert (verdict.correct, verdict.score) == (False, 1.0) and len(transport.requests) == n, judge.record()
+    # ... as does the same judge asked with another prompt (a changed protocol text).
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(judges, "VCGPT_USER", judges.VCGPT_USER.replace("Please evaluate", "Kindly evaluate"))
+        assert not _judge(cache_dir=cache).judge_one("q", "red", "a red one").correct
+        assert len(transport.requests) == 6
+        assert transport.requests[-1]["body"]["messages"][1]["content"].startswith("Kindly evaluate")
+    # The first judge's verdict is still its own, and each judge now finds its own on disk.
+    assert _judge(cache_dir=cache).judge_one("q", "red", "a red one").correct
+    assert not _judge(cache_dir=cache, model="other-model").judge_one("q", "red", "a red one").correct
+    assert len(transport.requests) == 6
+    # Another question, answer or prediction is another verdict; a judge without a cache always asks.
+    for q, a, p in (("q2", "red", "a red one"), ("q", "blue", "a red one"), ("q", "red", "red")):
+        _judge(cache_dir=cache).judge_one(q, a, p)
+    _judge().judge_one("q", "red", "a red one")
+    assert len(transport.requests) == 10
+
+
+def test_http_judge_does_not_cache_failures(transport, tmp_path):
+    transport.replies = [401]
+    with pytest.raises(JudgeError):
+        _judge(cache_dir=tmp_path).judge_one("q", "red", "red")
+    assert _judge(cache_dir=tmp_path).judge_one("q", "red", "red").correct  # asked again, answered this time
+    assert len(transport.requests) == 2
 
 
 def test_parse_verdict():
@@ -167,3 +317,13 @@ def test_minilm_judge_with_the_packaged_model():
                           ("q", "guitar", "he is playing a guitar")])  # contains
     assert [x.correct for x in v] == [True, False, False, True]
     assert v[0].detail["cos"] > 0.9 and v[3].score == 5.0
+
+
+def test_stored_predictions_are_rejudged_when_a_judge_setting_changes():
+    """The harness re-judges a stored prediction unless the same judge (every verdict-changing setting) judged it."""
+    from evals.openqa import _judged_by
+    rec = {"verdict": True, "judge": _judge().judge_id}
+    assert _judged_by(rec, _judge())
+    for other in (_judge(temperature=0.7), _judge(max_tokens=16), _judge(model="other-model")):
+        assert not _judged_by(rec, other), other.judge_id
+    assert not _judged_by({**rec, "verdict": None}, _judge()) and not _judged_by(None, _judge())

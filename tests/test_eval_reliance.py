@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -145,3 +147,105 @@ def test_unequal_and_negative_gaps_give_the_exact_mean_stderr_and_share(data):
     assert m["own_preferred_percent"] == 75.0
     assert m["loss_own"] == pytest.approx(statistics.mean(own.values()))
     assert m["loss_swapped"] == pytest.approx(statistics.mean(other.values()))
+
+
+@pytest.fixture(scope="module")
+def shared_videos(tmp_path_factory):
+    """Two videos whose brightness changes over time (so windows of one video differ), five samples: three of
+    video A (first half, second half, whole), two of B (first half, whole); kinds mcq x4 and open x1."""
+    from vlm.video import write_video
+
+    root = tmp_path_factory.mktemp("shared")
+    (root / "videos").mkdir()
+    for name, base in (("a", 30), ("b", 150)):
+        frames = np.stack([np.full((16, 16, 3), base + 10 * t, dtype=np.uint8) for t in range(8)])
+        write_video(root / "videos" / f"{name}.mp4", frames, fps=4)
+    specs = [("s1_mcq1", "a", 0.0, 1.0), ("s2_mcq2", "a", 1.0, 2.0), ("s3_open", "a", None, None),
+             ("s4_mcq3", "b", 0.0, 1.0), ("s5_mcq4", "b", None, None)]
+    records = []
+    for sid, video, start, end in specs:
+        rec = {"id": sid, "video": f"videos/{video}.mp4", "conversations": [
+            {"from": "human", "value": "<video>\nHow bright is it?"}, {"from": "gpt", "value": "Quite."}]}
+        if start is not None:
+            rec |= {"start": start, "end": end}
+        records.append(rec)
+    (root / "shared.json").write_text(json.dumps(records))
+    means = {sid: round(float(read_clip(root / "videos" / f"{v}.mp4", 2, "uniform", a, b).frames.astype("float64").mean()), 4)
+             for sid, v, a, b in specs}
+    return root / "shared.json", {sid: v for sid, v, _, _ in specs}, means
+
+
+def test_swapped_clip_is_always_another_videos_and_gaps_are_exact(shared_videos):
+    """Samples sharing a video are never each other's "other clip": each sample is scored with its own clip (its own
+    window) and then with the clip of a sample of the other video. Losses are scripted per sample, so every metric
+    is computed by hand below, overall and per kind (a kind with one sample has a standard error of 0)."""
+    data, video_of, means = shared_videos
+    assert len(set(means.values())) == 5  # every sample's own clip differs, windows of one video included
+    own = {"s1_mcq1": 0.5, "s2_mcq2": 2.0, "s3_open": 1.0, "s4_mcq3": 0.75, "s5_mcq4": 1.25}
+    other = {"s1_mcq1": 2.0, "s2_mcq2": 1.0, "s3_open": 1.0, "s4_mcq3": 1.25, "s5_mcq4": 2.75}
+    calls = []
+
+    class Recording(FakeModel):
+        training = True  # a model in training mode: it must be scored in eval mode and given back in training mode
+
+        def eval(self):
+            self.training = False
+            return self
+
+        def train(self, mode=True):
+            self.training = mode
+            return self
+
+        def make_sample(self, turns, clip, sample_id="sample"):
+            calls.append((sample_id, round(float(clip.frames.astype("float64").mean()), 4), len(clip.frames), self.training))
+            return super().make_sample(turns, clip, sample_id)
+
+    model = Recording(lambda sid, mean: own[sid] if mean == means[sid] else other[sid])
+    result = visual_reliance(model, data, limit=5, num_frames=2, seed=3)
+    assert model.training is True and result.settings["num_frames"] == 2
+    assert all(n == 2 and not training for _, _, n, training in calls)
+    assert sorted(sid for sid, *_ in calls) == sorted(list(own) * 2)
+    for sid in own:
+        (_, own_clip, *_), (_, swapped_clip, *_) = [c for c in calls if c[0] == sid]
+        assert own_clip == means[sid]
+        assert swapped_clip in {means[s] for s, v in video_of.items() if v != video_of[sid]}, (sid, swapped_clip)
+    # gaps (swapped - own): s1 1.5, s2 -1.0, s3 0.0, s4 0.5, s5 1.5
+    m = result.metrics
+    assert m["samples"] == 5 and m["loss_own"] == pytest.approx(5.5 / 5) and m["loss_swapped"] == pytest.approx(8.0 / 5)
+    assert m["gap"] == pytest.approx(0.5)
+    # deviations from 0.5: 1.0, -1.5, -0.5, 0.0, 1.0 -> squares sum 4.5; variance 4.5 / 4; stderr sqrt(variance / 5)
+    assert m["gap_stderr"] == pytest.approx(math.sqrt(4.5 / 4 / 5))
+    assert m["gap_percent"] == pytest.approx(100 * 0.5 / 1.6)
+    assert m["own_preferred_percent"] == pytest.approx(100 * 3.5 / 5)  # three positive gaps and a tie (half)
+    assert set(result.per_task) == {"mcq", "open"}
+    mcq = result.per_task["mcq"]  # s1, s2, s4, s5: gaps 1.5, -1.0, 0.5, 1.5, mean 0.625
+    assert mcq["samples"] == 4 and mcq["loss_own"] == pytest.approx(4.5 / 4) and mcq["loss_swapped"] == pytest.approx(7.0 / 4)
+    assert mcq["gap"] == pytest.approx(0.625) and mcq["own_preferred_percent"] == 75.0
+    # deviations 0.875, -1.625, -0.125, 0.875 -> squares sum 4.1875
+    assert mcq["gap_stderr"] == pytest.approx(math.sqrt(4.1875 / 3 / 4))
+    assert mcq["gap_percent"] == pytest.approx(100 * 0.625 / 1.75)
+    assert result.per_task["open"] == pytest.approx({"samples": 1, "loss_own": 1.0, "loss_swapped": 1.0, "gap": 0.0,
+                                                     "gap_stderr": 0.0, "gap_percent": 0.0, "own_preferred_percent": 50.0})
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_swap_partner_is_the_next_sample_of_another_video_in_the_seeded_shuffle(shared_videos, seed):
+    """As documented (settings.swap): shuffle the samples with random.Random(seed); a sample's other clip is that of
+    the next sample, cyclically, whose video differs."""
+    import random
+
+    data, video_of, means = shared_videos
+    order = list(video_of)  # file order
+    random.Random(seed).shuffle(order)
+    seen = []
+    model = FakeModel(lambda sid, mean: seen.append((sid, mean)) or 1.0)
+    visual_reliance(model, data, limit=5, num_frames=2, seed=seed)
+    for i, sid in enumerate(order):
+        partner = next(order[k % 5] for k in range(i + 1, i + 5) if video_of[order[k % 5]] != video_of[sid])
+        assert [mean for s, mean in seen if s == sid] == [means[sid], means[partner]]
+
+
+def test_zero_losses_give_zero_gap_percent(data):
+    root, files = data
+    m = visual_reliance(FakeModel(lambda sid, mean: 0.0), files["captions"], limit=4).metrics
+    assert m["gap_percent"] == 0.0 and m["gap"] == 0.0 and m["gap_stderr"] == 0.0

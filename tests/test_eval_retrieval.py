@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -30,24 +31,101 @@ def test_ties_count_against_the_query():
     assert m["t2v_R@1"] == pytest.approx(100 / 3) and m["t2v_MdR"] == 2.0 and m["t2v_MnR"] == 2.0
 
 
+def _naive_ranks(sim: torch.Tensor, text_video: list[int]) -> tuple[list[int], dict[int, int]]:
+    """The module docstring's definitions, written as plain loops: (t2v ranks, {video: v2t rank})."""
+    s = sim.tolist()
+    t2v = [1 + sum(1 for v in range(len(s[t])) if v != own and s[t][v] >= s[t][own]) for t, own in enumerate(text_video)]
+    v2t = {}
+    for v in sorted(set(text_video)):
+        best = max(s[t][v] for t, own in enumerate(text_video) if own == v)
+        v2t[v] = 1 + sum(1 for t, own in enumerate(text_video) if own != v and s[t][v] >= best)
+    return t2v, v2t
+
+
+def _naive_metrics(sim: torch.Tensor, text_video: list[int]) -> dict[str, float]:
+    import statistics
+
+    t2v, v2t = _naive_ranks(sim, text_video)
+    out = {}
+    for prefix, ranks in (("t2v", t2v), ("v2t", list(v2t.values()))):
+        for k in (1, 5, 10):
+            out[f"{prefix}_R@{k}"] = 100.0 * sum(r <= k for r in ranks) / len(ranks)
+        out[f"{prefix}_MdR"] = float(statistics.median(ranks))
+        out[f"{prefix}_MnR"] = sum(ranks) / len(ranks)
+    out["text_queries"], out["video_queries"] = len(t2v), len(v2t)
+    return out
+
+
+# 9 captions x 7 videos; video 0 has captions 0-2 (its best, caption 1, in the middle), video 3 has captions 5 and 6
+# (its best second), video 6 has none. Scores are negative in places and tie in places (marked "tie").
+SEVERAL_TEXT_VIDEO = [0, 0, 0, 1, 2, 3, 3, 4, 5]
+SEVERAL_SIM = [
+    # v0    v1    v2    v3    v4    v5    v6
+    [-0.6, -0.2, 0.1, 0.75, 0.0, 0.3, -0.7],   # c0 (v0): all 5 other captioned videos and not v6 above -> rank 6
+    [0.5, -0.5, 0.2, 0.1, 0.45, 0.35, 0.5],    # c1 (v0): v6 ties -> rank 2
+    [-0.4, -0.8, 0.3, 0.35, 0.1, 0.25, -0.9],  # c2 (v0): v2..v5 above -> rank 5
+    [0.2, -0.3, 0.0, 0.8, 0.3, 0.22, -0.35],   # c3 (v1): v0, v2..v5 above -> rank 6
+    [0.6, -0.1, 0.9, 0.2, 0.5, 0.21, 0.0],     # c4 (v2): rank 1
+    [-0.5, -0.7, 0.4, 0.3, 0.42, 0.6, 0.1],    # c5 (v3): v2, v4, v5 above -> rank 4
+    [0.1, -0.9, -0.1, 0.7, 0.2, 0.5, 0.8],     # c6 (v3): v6 above -> rank 2
+    [0.0, -0.3, 0.5, 0.6, 0.4, 0.9, 0.3],      # c7 (v4): v2, v3, v5 above -> rank 4
+    [-0.9, -0.6, 0.2, 0.0, 0.1, 0.2, 0.25],    # c8 (v5): v2 ties, v6 above -> rank 3
+]
+
+
 def test_several_captions_per_video():
-    # captions 0, 1 belong to video 0; caption 2 to video 1; caption 3 to video 2
-    text_video = torch.tensor([0, 0, 1, 2])
-    sim = torch.tensor([[0.1, 0.5, 0.0],
-                        [0.7, 0.2, 0.0],
-                        [0.7, 0.9, 0.0],
-                        [0.0, 0.0, 0.3]])
-    assert text_to_video_ranks(sim, text_video).tolist() == [2, 1, 1, 1]
+    """Hand-computed ranks. v2t (column by column, the video's best own caption against other videos' captions):
+    v0: best own is c1 (0.5), only c4 (0.6) is higher -> 2 (its first caption c0 would give 6, its last c2 5);
+    v1: own c3 is negative (-0.3): c0 and c4 are higher and c7 ties -> 4 (a 0 instead of -inf for "not own" gives 1);
+    v2: 1; v3: best own c6 (0.7, its second caption), c0 and c3 higher -> 3 (by its first caption: 5; counting its own
+    other caption: 4); v4: c1, c4, c5 higher -> 4; v5: every other caption at or above 0.2 -> 9; v6: no caption, no query.
+    6 video queries: an even count, median = (3 + 4) / 2."""
+    text_video = torch.tensor(SEVERAL_TEXT_VIDEO)
+    sim = torch.tensor(SEVERAL_SIM)
+    assert text_to_video_ranks(sim, text_video).tolist() == [6, 2, 5, 6, 1, 4, 2, 4, 3]
     ranks, ids = video_to_text_ranks(sim, text_video)
-    # video 0: best own caption is 1 (0.7); caption 2 of video 1 ties it -> rank 2 (caption 0 never counts)
-    # video 1: its caption 2 (0.9) is the best in the column -> rank 1; video 2: rank 1
-    assert ids.tolist() == [0, 1, 2] and ranks.tolist() == [2, 1, 1]
-    m = retrieval_metrics(sim, text_video)
-    assert m["text_queries"] == 4 and m["video_queries"] == 3
-    assert m["v2t_R@1"] == pytest.approx(200 / 3) and m["t2v_R@5"] == 100.0
+    assert ids.tolist() == [0, 1, 2, 3, 4, 5] and ranks.tolist() == [2, 4, 1, 3, 4, 9]
+    m = retrieval_metrics(sim, SEVERAL_TEXT_VIDEO)
+    assert m["text_queries"] == 9 and m["video_queries"] == 6
+    # t2v ranks 6 2 5 6 1 4 2 4 3: 1 at R@1, 7 at R@5 (a rank of exactly 5 counts), 9 at R@10; median 4 (odd count)
+    assert m["t2v_R@1"] == pytest.approx(100 / 9) and m["t2v_R@5"] == pytest.approx(700 / 9) and m["t2v_R@10"] == 100.0
+    assert m["t2v_MdR"] == 4.0 and m["t2v_MnR"] == pytest.approx(33 / 9)
+    # v2t ranks 2 4 1 3 4 9
+    assert m["v2t_R@1"] == pytest.approx(100 / 6) and m["v2t_R@5"] == pytest.approx(500 / 6) and m["v2t_R@10"] == 100.0
+    assert m["v2t_MdR"] == 3.5 and m["v2t_MnR"] == pytest.approx(23 / 6)
+    assert m == pytest.approx(_naive_metrics(sim, SEVERAL_TEXT_VIDEO))
     # a video without captions is not a query
     m = retrieval_metrics(torch.rand(2, 3), [0, 2])
-    assert m["video_queries"] == 2
+    assert m["video_queries"] == 2 and m["text_queries"] == 2
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_ranks_match_the_definition_written_as_loops(seed):
+    """Random small-integer scores (many ties, many negatives), 1-3 captions per video, some videos uncaptioned."""
+    g = torch.Generator().manual_seed(seed)
+    n_video = 5 + seed
+    text_video = [v for v in range(n_video) if v % 4 != 3 for _ in range(1 + (v * 7 + seed) % 3)]
+    sim = torch.randint(-3, 3, (len(text_video), n_video), generator=g).float()
+    t2v, v2t = _naive_ranks(sim, text_video)
+    assert text_to_video_ranks(sim, torch.tensor(text_video)).tolist() == t2v
+    ranks, ids = video_to_text_ranks(sim, torch.tensor(text_video))
+    assert dict(zip(ids.tolist(), ranks.tolist())) == v2t
+    assert retrieval_metrics(sim, text_video) == pytest.approx(_naive_metrics(sim, text_video))
+
+
+@pytest.mark.parametrize("sim, text_video, match", [
+    (torch.zeros(0, 0), [], "at least one caption and one video"),
+    (torch.zeros(0, 3), [], "at least one caption and one video"),
+    (torch.zeros(2, 0), [0, 0], "at least one caption and one video"),
+    (torch.zeros(2, 3), [0, 3], "outside 0..2"),
+    (torch.zeros(2, 3), [-1, 0], "outside 0..2"),
+    (torch.zeros(2, 3), [0, 1, 2], "must be"),
+    (torch.zeros(3), [0, 1, 2], "must be"),
+    (torch.tensor([[0.1, float("nan")]]), [0], "NaN"),
+])
+def test_bad_inputs_are_clear_value_errors(sim, text_video, match):
+    with pytest.raises(ValueError, match=match):
+        retrieval_metrics(sim, text_video)
 
 
 def test_infonce_matches_cross_entropy_and_learns_temperature():
@@ -99,35 +177,156 @@ def test_dual_encoder_learns_to_retrieve(objective):
 
 
 def test_evaluate_retrieval_end_to_end_on_frozen_tiny_tower(tmp_path):
+    """Train: 6 decodable videos with 1-3 captions each, an undecodable one (3 captions) in the middle and a missing
+    file. Test: the 6 in reverse order, half with an extra caption naming two colours, the undecodable one third.
+    Skipped videos are counted and named per split and their captions dropped; the metrics equal ones recomputed
+    here from the saved dual encoder, fresh tower features of each decodable test video and those videos' captions
+    in order; a caption naming only its own colour retrieves its video first (R@5 of 6 videos is not free)."""
     import copy
-    import json
 
+    from safetensors.torch import load_file
+
+    from evals.features import clip_features
     from evals.results import EvalResult
-    from evals.retrieval import evaluate_retrieval, load_retrieval
+    from evals.retrieval import DualEncoder, RetrievalItem, evaluate_retrieval, load_retrieval
     from tests.conftest import TINY_TOWERS
-    from tests.eval_helpers import write_clip
+    from tests.eval_helpers import moving_square
     from vlm.towers import build_tower
+    from vlm.video import read_clip, write_video
 
-    colours = ["red", "green", "blue", "white"]
+    colours = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "white": (240, 240, 240),
+               "yellow": (230, 220, 30), "cyan": (30, 210, 220)}
+    names = list(colours)
     rows = []
-    for i, c in enumerate(colours):
-        write_clip(tmp_path / "videos" / f"{c}.mp4", c, frames=8, direction=1 if i % 2 else -1)
-        rows.append({"video": f"videos/{c}.mp4", "captions": [f"a {c} square", f"the {c} box moves"]})
+    (tmp_path / "videos").mkdir()
+    for i, (name, rgb) in enumerate(colours.items()):
+        if i == 3:  # an undecodable video with three captions between blue and white
+            (tmp_path / "videos" / "broken.mp4").write_text("not a video")
+            rows.append({"video": "videos/broken.mp4", "captions": ["broken a", "broken b", "broken c"]})
+        write_video(tmp_path / "videos" / f"{name}.mp4", moving_square(rgb, 8, direction=1 if i % 2 else -1), 4.0)
+        caps = [f"{name} {k}" for k in range(1 + i % 3)]
+        rows.append({"video": f"videos/{name}.mp4", "captions": caps} if len(caps) > 1 else
+                    {"video": f"videos/{name}.mp4", "caption": caps[0]})
     (tmp_path / "retrieval.json").write_text(json.dumps(rows))
     items = load_retrieval(tmp_path / "retrieval.json")
+    assert [len(it.captions) for it in items] == [1, 2, 3, 3, 1, 2, 3]
+    train = items + [RetrievalItem(tmp_path / "videos" / "missing.mp4", ["red 9"])]
+    good = [it for it in items if it.video.name != "broken.mp4"][::-1]
+    test_good = [RetrievalItem(it.video, it.captions + ([f"{it.video.stem} {good[k - 1].video.stem}"] if k % 2 else []))
+                 for k, it in enumerate(good)]
+    test = test_good[:2] + [items[3]] + test_good[2:]
 
-    def words(texts):  # a stand-in text encoder: bag of colour words
-        return torch.tensor([[float(c in t) for c in colours] + [1.0] for t in texts])
+    def words(texts):  # a stand-in text encoder: which colour words the caption names (plus a constant)
+        return torch.tensor([[float(n in t.split()) for n in names] + [1.0] for t in texts])
 
     torch.manual_seed(0)
     tower = build_tower(**copy.deepcopy(TINY_TOWERS["clip"]))
-    res = evaluate_retrieval(tower, items, items, tmp_path / "out", text_encoder=words, num_frames=4, steps=100,
+    res = evaluate_retrieval(tower, train, test, tmp_path / "out", text_encoder=words, num_frames=4, steps=100,
                              batch_size=4, embed_dim=16, lr=1e-2, progress=False)
-    assert res.counts["text_queries"] == 8 and res.counts["video_queries"] == 4
+    captions = [c for it in test_good for c in it.captions]
+    owner = [v for v, it in enumerate(test_good) for _ in it.captions]
+    assert res.counts["text_queries"] == len(captions) == 15 and res.counts["video_queries"] == 6
+    assert res.counts["skipped_train"] == 2 and res.counts["skipped_test"] == 1 and res.counts["test_videos"] == 7
+    assert [r.split(": ")[:2] for r in res.counts["skipped_reasons"]] == [
+        ["train", str(items[3].video)], ["train", str(train[-1].video)], ["test", str(items[3].video)]]
+
+    fresh = torch.cat([clip_features(tower, [read_clip(it.video, 4)]) for it in test_good])  # [6, T', D]
+    cached = load_file(str(tmp_path / "out" / "features_test.safetensors"))
+    assert cached["index"].tolist() == [0, 1, 3, 4, 5, 6]
+    assert torch.allclose(cached["features"], fresh, atol=1e-5)
+    model = DualEncoder(fresh.shape[-1], len(names) + 1, 16)
+    model.load_state_dict(load_file(str(tmp_path / "out" / "dual_encoder.safetensors")))
+    sim = model.similarity(fresh, words(captions))
+    assert sim.shape == (15, 6)
+    expected = _naive_metrics(sim, owner)
+    assert {k: v for k, v in expected.items() if not k.endswith("queries")} == pytest.approx(res.metrics)
+    for d in ("t2v", "v2t"):
+        assert res.per_task[d] == pytest.approx({k.split("_", 1)[1]: v for k, v in expected.items() if k.startswith(d)})
+    assert res.per_task["t2v"] != res.per_task["v2t"], res.per_task  # else the check above could not tell them apart
+    t2v, _ = _naive_ranks(sim, owner)
+    assert [r for r, c in zip(t2v, captions) if len(c.split()) == 2 and c.split()[1].isdigit()] == [1] * 12
     assert res.settings["final_loss"] < res.settings["first_loss"]
-    assert res.metrics["t2v_R@5"] == 100.0 and set(res.per_task) == {"t2v", "v2t"}
     assert EvalResult.load(tmp_path / "out" / "results.json").task_type == "retrieval"
-    assert (tmp_path / "out" / "features_test.safetensors").is_file()
+
+
+def test_load_retrieval_paths_single_caption_and_errors(tmp_path):
+    from evals.retrieval import load_retrieval
+    from vlm.data.conversation import DataFormatError
+
+    (tmp_path / "r.json").write_text(json.dumps([{"video": "a.mp4", "caption": "one"},
+                                                 {"video": "sub/b.mp4", "captions": ["x", "y"]}]))
+    items = load_retrieval(tmp_path / "r.json")
+    assert [(it.video, it.captions) for it in items] == [(tmp_path / "a.mp4", ["one"]), (tmp_path / "sub/b.mp4", ["x", "y"])]
+    assert load_retrieval(tmp_path / "r.json", root=tmp_path / "media")[1].video == tmp_path / "media" / "sub/b.mp4"
+    for bad in ([{"video": "a.mp4", "captions": []}], [{"captions": ["x"]}], [{"video": "a.mp4", "captions": [1]}],
+                {"video": "a.mp4"}, ["a.mp4"]):
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        with pytest.raises(DataFormatError):
+            load_retrieval(tmp_path / "bad.json")
+    with pytest.raises(DataFormatError):
+        load_retrieval(tmp_path / "missing.json")
+
+
+def test_dual_encoder_similarity_is_text_by_video_cosine():
+    from evals.retrieval import DualEncoder
+
+    torch.manual_seed(0)
+    model = DualEncoder(6, 5, 4)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))  # non-trivial LayerNorm affine too
+    video, text = torch.randn(3, 2, 6), torch.randn(4, 5)
+
+    def ln(x, norm):
+        return (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + norm.eps) * norm.weight + norm.bias
+
+    v = ln(video.mean(1), model.video_norm) @ model.video_proj.weight.t() + model.video_proj.bias  # temporal mean first
+    t = ln(text, model.text_norm) @ model.text_proj.weight.t() + model.text_proj.bias
+    expected = (t / t.norm(dim=-1, keepdim=True)) @ (v / v.norm(dim=-1, keepdim=True)).t()
+    sim = model.similarity(video, text)
+    assert sim.shape == (4, 3) and torch.allclose(sim, expected, atol=1e-5)
+    assert torch.allclose(model.similarity(video.mean(1), text), expected, atol=1e-5)  # pooled [N, D] input too
+
+
+def test_dual_encoder_batches_pair_distinct_videos_with_their_own_captions(monkeypatch):
+    """Every training batch holds min(batch_size, videos) distinct videos (fewer only where an epoch boundary
+    repeated one), each row paired with one of that video's own captions; every video and caption gets used."""
+    import evals.retrieval as retrieval
+
+    seen = []
+
+    class Recording(retrieval.DualEncoder):
+        def encode_video(self, feats):
+            seen.append(("v", feats[:, 0, 0].tolist()))
+            return super().encode_video(feats)
+
+        def encode_text(self, feats):
+            seen.append(("t", feats[:, 0].tolist()))
+            seen.append(("id", feats[:, 1].tolist()))
+            return super().encode_text(feats)
+
+    monkeypatch.setattr(retrieval, "DualEncoder", Recording)
+    n_video = 5
+    text_video = [0, 0, 0, 1, 2, 2, 3, 4]  # video ids 0..4, captions per video 3, 1, 2, 1, 1
+    video = torch.arange(n_video, dtype=torch.float).view(-1, 1, 1).expand(n_video, 2, 3).contiguous()
+    text = torch.tensor([[float(v), float(t)] for t, v in enumerate(text_video)])  # column 0: owner, column 1: id
+    with pytest.raises(ValueError, match="two videos"):
+        train_dual_encoder(video, text, [0] * len(text_video), steps=1)
+    torch.manual_seed(7)
+    out = train_dual_encoder(video, text, text_video, embed_dim=4, steps=40, batch_size=3)
+    assert len(out.losses) == 40
+    vids = [x for kind, x in seen if kind == "v"]
+    caps = [x for kind, x in seen if kind == "t"]
+    assert len(vids) == len(caps) == 40
+    for v, c in zip(vids, caps):
+        assert len(set(v)) == len(v) and v == c  # distinct videos, each with a caption of its own
+    assert sum(len(v) == 3 for v in vids) >= 30 and all(2 <= len(v) <= 3 for v in vids)
+    assert set(sum(vids, [])) == set(range(n_video))
+    assert {int(t) for kind, x in seen if kind == "id" for t in x} == set(range(len(text_video)))  # every caption
+    torch.manual_seed(123)  # another global RNG state: the seed alone fixes batches and initialisation
+    again = train_dual_encoder(video, text, text_video, embed_dim=4, steps=40, batch_size=3)
+    assert again.losses == out.losses
+    assert train_dual_encoder(video, text, text_video, embed_dim=4, steps=40, batch_size=3, seed=1).losses != out.losses
 
 
 def test_hand_built_ranks_even_median_best_caption_and_ties_are_pessimistic():
@@ -155,3 +354,24 @@ def test_hand_built_ranks_even_median_best_caption_and_ties_are_pessimistic():
     zero = retrieval_metrics(torch.zeros(len(text_video), n_video), text_video)
     assert zero["t2v_R@5"] == 0.0 and zero["t2v_R@10"] == 0.0 and zero["t2v_MdR"] == 12.0
     assert zero["v2t_R@10"] == 0.0
+
+
+def test_llm_text_encoder_mean_pools_only_real_tokens():
+    """Batched (right-padded, several batches) embeddings equal each caption's mean last hidden state taken alone."""
+    from evals.retrieval import LLMTextEncoder
+    from tests.conftest import TINY_LLM
+    from vlm.llm.load import load_llm
+
+    torch.manual_seed(0)
+    llm, tok = load_llm(**TINY_LLM)
+    llm.eval()
+    texts = ["a red square", "the green box moves to the left, then back to the right", "x", "two words"]
+    enc = LLMTextEncoder(llm, tok, batch_size=3)
+    out = enc(texts)
+    assert out.shape == (4, llm.config.hidden_size) and enc.model_id.startswith("llm-mean-pool:")
+    with torch.no_grad():
+        for t, row in zip(texts, out):
+            ids = tok([t], return_tensors="pt")
+            alone = llm(**ids, output_hidden_states=True).hidden_states[-1][0].mean(0)
+            assert torch.allclose(row, alone, atol=1e-5)
+    assert not torch.allclose(out[0], out[2], atol=1e-3)

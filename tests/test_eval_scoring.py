@@ -1,22 +1,27 @@
-"""VideoLLM's evaluation interface on a tiny random model: cached option scoring is exact, agrees with greedy
-decoding, and drives the multiple-choice harness end to end."""
+"""VideoLLM's evaluation interface on a tiny random model: option scores equal an independent, hand-summed
+reference, greedy answers are batched by prefill without changing them, and the multiple-choice harness
+reports exactly what the model's own scores and answers say."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from evals.interface import AnswerGenerator, GenerationRequest, OptionScorer, ScoringRequest
-from evals.mcq import evaluate_mcq
-from evals.profiles import get_profile, mvbench_turns
+from evals.mcq import decode_item_clip, evaluate_mcq
+from evals.profiles import get_profile, loglik_continuations, mvbench_turns, parse_mvbench
 from tests.conftest import TINY_LLM, TINY_TOWERS
 from tests.eval_helpers import make_bench, moving_square
-from vlm.data.mvbench import MCQItem
+from vlm.data.conversation import Turn
+from vlm.data.mvbench import LETTERS, MCQItem, load_mvbench
 from vlm.model import VideoLLM
 from vlm.scoring import FirstLineStop, ScoringMixin
 from vlm.video import Clip
@@ -37,26 +42,127 @@ def model() -> VideoLLM:
     return m.eval()
 
 
-def clip() -> Clip:
+def clip(seed: int | None = None) -> Clip:
+    """The moving square, or (with a seed) random frames."""
     frames = moving_square((200, 30, 30), frames=4)
-    return Clip(frames, torch.arange(4).numpy() * 0.5, torch.arange(4).numpy(), "synthetic", 2.0, 4)
+    if seed is not None:
+        frames = np.random.default_rng(seed).integers(0, 255, frames.shape, dtype=np.uint8)
+    return Clip(frames, np.arange(4) * 0.5, np.arange(4), "synthetic", 2.0, 4)
 
 
 ITEM = MCQItem("t", 0, Path("v.mp4"), "Which way does it move?", ["left", "right", "up", "down"],
                "right", 1)
 
 
+def reference_scores(model: VideoLLM, req: ScoringRequest) -> list[float]:
+    """log p(option | prompt + prefill) without vlm.scoring: per option, one plain forward over the prompt embeddings
+    followed by the option's token embeddings, and the option tokens' log-probs summed by hand."""
+    media = "video" if req.clip is not None else None
+    batch = model.build_batch([model.make_sample(req.turns, req.clip, media)], generation=True, prefill=req.prefill)
+    table = model.llm.get_input_embeddings()
+    out = []
+    with torch.no_grad():
+        prompt, attention, _ = model.embed(batch)  # [1, S, D]
+        assert bool(attention.all()), "one prompt, no padding"
+        s = prompt.shape[1]
+        for text in req.continuations:
+            ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+            full = torch.cat([prompt[0], table(torch.tensor(ids, dtype=torch.long))], dim=0)[None]  # [1, S + n, D]
+            keep = len(ids) + 1  # logits of positions s - 1 ... s + n - 1 only (the lm head is most of the cost)
+            logits = model.llm(inputs_embeds=full, logits_to_keep=keep).logits[0]  # [keep, V]
+            assert logits.shape[0] == keep
+            total = 0.0
+            for j, token in enumerate(ids):
+                position = s - 1 + j  # predicts the option's token j
+                row = logits[position - (s + len(ids) - keep)]
+                total += float(torch.log_softmax(row.double(), dim=-1)[token])
+            out.append(total)
+    return out
+
+
 def test_videollm_implements_the_interface(model):
     assert isinstance(model, AnswerGenerator) and isinstance(model, OptionScorer)
 
 
-def test_cached_prefix_scores_equal_a_full_recompute(model):
-    conts = ["A) left", "B) right turn, then a long way up the hill", "C", "D) down"]
+OPTION_SETS = {
+    # different lengths (3, 12, 1, 3 tokens) and an empty option, which scores 0.0
+    "mixed": ["A) left", "B) right turn, then a long way up the hill", "C", "D) down", ""],
+    "one_token": ["A", "B", ""],  # the prefix-only path (no continuation forward)
+    "two_tokens": ["A)", "B", "C) up"],  # 2 and 1 tokens next to a longer one
+    "at_most_two": ["A)", "B"],
+}
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+@pytest.mark.parametrize("options", list(OPTION_SETS))
+def test_option_scores_equal_an_independent_reference(model, share_prefix, options):
+    conts = OPTION_SETS[options]
+    lengths = [len(model.tokenizer(c, add_special_tokens=False)["input_ids"]) for c in conts]
+    assert lengths[0] == {"mixed": 3, "one_token": 1, "two_tokens": 2, "at_most_two": 2}[options]
     req = ScoringRequest(uid="q", clip=clip(), turns=mvbench_turns(ITEM), prefill="Best option:(", continuations=conts)
-    cached = model.score_options([req])[0]
-    full = model.score_options([req], share_prefix=False)[0]
-    assert torch.allclose(torch.tensor(cached), torch.tensor(full), atol=1e-4, rtol=1e-5), (cached, full)
-    assert len(set(cached)) == 4 and all(s < 0 for s in cached)
+    scores = model.score_options([req], share_prefix=share_prefix)[0]
+    ref = reference_scores(model, req)
+    assert len(scores) == len(conts)
+    assert np.allclose(scores, ref, atol=1e-4, rtol=0), (scores, ref)
+    for c, s in zip(conts, scores):
+        assert (s == 0.0) if c == "" else (s < 0)
+    assert len({round(s, 3) for s in ref}) == len(conts)  # distinct options score differently: a mix-up shows
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_several_requests_each_get_their_own_prompt_prefill_and_order(model, share_prefix):
+    other = MCQItem("t", 1, Path("v.mp4"), "What colour is the square?", ["red", "blue"], "red", 0)
+    reqs = [
+        ScoringRequest(uid="a", clip=clip(), turns=mvbench_turns(ITEM), prefill="Best option:(",
+                       continuations=["A) left", "B) right", "C) up"]),
+        ScoringRequest(uid="b", clip=None, turns=[Turn("user", "Which way does it move?")], prefill="",
+                       continuations=["left", "to the right"]),
+        ScoringRequest(uid="c", clip=clip(seed=3), turns=mvbench_turns(other), prefill="The answer is",
+                       continuations=[" red", " blue", " a red square"]),
+    ]
+    scores = model.score_options(reqs, share_prefix=share_prefix)
+    assert len(scores) == 3
+    for req, got in zip(reqs, scores):
+        assert np.allclose(got, reference_scores(model, req), atol=1e-4, rtol=0), req.uid
+
+
+def test_options_get_no_special_tokens_even_from_a_tokenizer_that_adds_bos(model, monkeypatch):
+    """Llama-style tokenizers put BOS before every text they tokenize; an option must be scored without it."""
+    monkeypatch.setattr(model.tokenizer, "add_bos_token", True)
+    assert model.tokenizer("A) left")["input_ids"][0] == model.tokenizer.bos_token_id
+    req = ScoringRequest(uid="q", clip=clip(), turns=mvbench_turns(ITEM), prefill="Best option:(",
+                         continuations=["A) left", "B) right turn", ""])
+    ref = reference_scores(model, req)
+    for share_prefix in (True, False):
+        assert np.allclose(model.score_options([req], share_prefix=share_prefix)[0], ref, atol=1e-4, rtol=0)
+
+
+def test_shared_prefix_runs_the_prompt_once_and_only_the_options_after_it(model, monkeypatch):
+    """share_prefix=True: one prompt forward keeping only the last logits, then one cached forward over the K
+    option tokens; share_prefix=False: one forward over K full sequences."""
+    calls: list[dict] = []
+    real = model.llm.forward
+
+    def spy(*args, **kw):
+        calls.append({k: (tuple(v.shape) if torch.is_tensor(v) else v) for k, v in kw.items()
+                      if k in ("inputs_embeds", "input_ids", "logits_to_keep", "use_cache")}
+                     | {"cache": kw.get("past_key_values") is not None})
+        return real(*args, **kw)
+
+    monkeypatch.setattr(model.llm, "forward", spy)
+    conts = ["A) left", "B) right turn, then a long way up the hill", "C"]  # 3, 12 and 1 tokens
+    req = ScoringRequest(uid="q", clip=clip(), turns=mvbench_turns(ITEM), prefill="Best option:(", continuations=conts)
+    model.score_options([req])
+    (prefix, rest) = calls
+    s, d = prefix["inputs_embeds"][1], prefix["inputs_embeds"][2]
+    assert prefix == {"inputs_embeds": (1, s, d), "logits_to_keep": 1, "use_cache": True, "cache": False}
+    assert rest == {"input_ids": (3, 12), "use_cache": True, "cache": True}
+    calls.clear()
+    model.score_options([req], share_prefix=False)
+    assert calls == [{"inputs_embeds": (3, s + 12, d), "use_cache": False, "cache": False}]
+    calls.clear()
+    model.score_options([dataclasses.replace(req, continuations=["A", "B", ""])])
+    assert calls == [prefix]  # single-token options: the prompt forward is all it takes
 
 
 def test_single_letter_loglik_agrees_with_greedy_first_token(model):
@@ -64,8 +170,7 @@ def test_single_letter_loglik_agrees_with_greedy_first_token(model):
     ids = [model.tokenizer(x, add_special_tokens=False)["input_ids"] for x in letters]
     assert all(len(i) == 1 for i in ids)
     for seed in range(3):
-        c = clip()
-        c.frames = torch.randint(0, 255, c.frames.shape, generator=torch.Generator().manual_seed(seed)).numpy().astype("uint8")
+        c = clip(seed)
         req = ScoringRequest(uid="q", clip=c, turns=mvbench_turns(ITEM), prefill="Best option:(", continuations=letters)
         scores = model.score_options([req])[0]
         batch = model.build_batch([model.make_sample(req.turns, c, "video")], generation=True, prefill=req.prefill)
@@ -80,21 +185,155 @@ def test_single_letter_loglik_agrees_with_greedy_first_token(model):
         assert max(range(4), key=lambda k: scores[k]) == max(range(4), key=lambda k: letter_logp[k])
 
 
-def test_generate_answers_and_first_line_stop(model):
-    stop = FirstLineStop(model.tokenizer, ["\n"])
-    ids = model.tokenizer(["\n\nA) yes\nmore", "B) no"], add_special_tokens=False, padding=True)["input_ids"]
-    assert stop(torch.tensor([ids[0], ids[1]]), None).tolist() == [True, False]
-    reqs = [GenerationRequest(uid=f"q{i}", clip=clip(), turns=mvbench_turns(ITEM), prefill="Best option:(",
-                              max_new_tokens=3, stop=("\n",)) for i in range(2)]
-    answers = model.generate_answers(reqs)
-    assert len(answers) == 2 and answers[0] == answers[1]  # same question, same clip, greedy
+# ---------------------------------------------------------------------- the pieces, by hand
+def test_gather_sums_the_right_positions_in_float64():
+    torch.manual_seed(1)
+    first = torch.log_softmax(torch.randn(6), dim=-1)  # [V]
+    rest = torch.log_softmax(torch.randn(3, 3, 6), dim=-1)  # [K, L, V]: position j predicts token j + 1
+    got = ScoringMixin._gather(first, rest, [[1, 2, 3], [4], []])
+    want = [float(first[1]) + float(rest[0, 0, 2]) + float(rest[0, 1, 3]), float(first[4]), 0.0]
+    assert got == pytest.approx(want, abs=1e-6)
+    # token log-probs -1 and -1e-8 sum to -1 in float32: summing there would tie "[0, 1]" with "[0]"
+    first = torch.tensor([-1.0, -30.0])
+    rest = torch.tensor([[[-30.0, -1e-8]], [[-30.0, -30.0]]])
+    assert (torch.tensor(-1.0) + torch.tensor(-1e-8)).item() == -1.0  # the float32 tie this avoids
+    longer, shorter = ScoringMixin._gather(first, rest, [[0, 1], [0]])
+    assert shorter == -1.0 and longer == pytest.approx(-1.0 - 1e-8, abs=1e-12) and longer < shorter
 
 
+@pytest.mark.parametrize("pad,fill", [(7, 7), (None, 0)])
+def test_continuation_ids_are_right_padded_with_a_mask(pad, fill):
+    owner = SimpleNamespace(tokenizer=SimpleNamespace(pad_token_id=pad))
+    ids, mask = ScoringMixin._continuation_ids(owner, [[5, 6, 4], [8], []], torch.device("cpu"))
+    assert ids.dtype == mask.dtype == torch.long
+    assert ids.tolist() == [[5, 6, 4], [8, fill, fill], [fill, fill, fill]]
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0], [0, 0, 0]]
+    ids, mask = ScoringMixin._continuation_ids(owner, [[], []], torch.device("cpu"))  # still one column
+    assert ids.tolist() == [[fill], [fill]] and mask.tolist() == [[0], [0]]
+
+
+def test_first_line_stop(model):
+    tok = model.tokenizer
+    pad = tok.pad_token_id
+
+    def rows(*texts: str, left: dict[int, int] | None = None) -> torch.Tensor:
+        ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+        ids = [[pad] * (left or {}).get(i, 0) + r for i, r in enumerate(ids)]
+        width = max(map(len, ids))
+        return torch.tensor([r + [pad] * (width - len(r)) for r in ids])  # pads are special tokens: not text
+
+    newline = FirstLineStop(tok, ["\n"])
+    batch = rows("\n\nA", "\n\nA) yes\nmore", "A) yes", "B\n", "\n", "\n", left={5: 1})
+    # blank lines before the answer do not stop it; a newline after text does; a pad token is not text
+    assert newline(batch, None).tolist() == [False, True, False, True, False, False]
+    assert newline(batch, None).dtype == torch.bool
+    either = FirstLineStop(tok, ["\n", "."])  # any of the stops
+    assert either(rows("A. x", "A x\n", "A x"), None).tolist() == [True, True, False]
+    assert FirstLineStop(tok, ["es"])(rows("yes", "no"), None).tolist() == [True, False]  # inside a word too
+    for never in (FirstLineStop(tok, []), FirstLineStop(tok, [""])):  # no stops (empty strings dropped)
+        assert never.stops == () and never(rows("A\nB", "\n"), None).tolist() == [False, False]
+    assert FirstLineStop(tok, ["", "\n"]).stops == ("\n",)
+
+
+# ---------------------------------------------------------------------- generation batching
+def _gen(uid: str, prefill: str, max_new: int = 4, stop: tuple[str, ...] = (), **kw) -> GenerationRequest:
+    return GenerationRequest(uid=uid, clip=kw.get("clip"), turns=kw.get("turns", [Turn("user", "Say " + uid)]),
+                             prefill=prefill, max_new_tokens=max_new, stop=stop)
+
+
+def test_generate_answers_groups_by_prefill_in_chunks_with_the_chunks_limits(model, monkeypatch):
+    """Requests with the same prefill run together, `batch_size` at a time, each chunk with the largest
+    max_new_tokens and the union of its stops; every answer goes back to its own request."""
+    built: list[tuple[list[str], str, bool]] = []
+    calls: list[tuple[int, int, tuple[str, ...] | None]] = []
+    real_build = model.build_batch
+
+    def build(samples, *, generation=False, prefill=""):
+        built.append(([s["id"] for s in samples], prefill, generation))
+        return real_build(samples, generation=generation, prefill=prefill)
+
+    def generate(batch, max_new_tokens=64, **kw):
+        crit = kw.pop("stopping_criteria", None)
+        assert not kw
+        if crit is not None:
+            assert len(crit) == 1 and isinstance(crit[0], FirstLineStop)
+        calls.append((batch.input_ids.shape[0], max_new_tokens, None if crit is None else crit[0].stops))
+        return [f"call{len(calls) - 1}-row{j}" for j in range(batch.input_ids.shape[0])]
+
+    monkeypatch.setattr(model, "build_batch", build)
+    monkeypatch.setattr(model, "generate", generate)
+    reqs = [_gen("r0", "P:", 3, ("\n",)), _gen("r1", "", 5), _gen("r2", "P:", 7, (".",)), _gen("r3", "", 2),
+            _gen("r4", "P:", 1, ("\n",))]
+    answers = model.generate_answers(reqs, batch_size=2)
+    assert built == [(["r0", "r2"], "P:", True), (["r4"], "P:", True), (["r1", "r3"], "", True)]
+    assert calls == [(2, 7, ("\n", ".")), (1, 1, ("\n",)), (2, 5, None)]
+    assert answers == ["call0-row0", "call2-row0", "call0-row1", "call2-row1", "call1-row0"]
+    built.clear(), calls.clear()
+    answers = model.generate_answers(reqs)  # no batch size: one chunk per prefill
+    assert built == [(["r0", "r2", "r4"], "P:", True), (["r1", "r3"], "", True)]
+    assert calls == [(3, 7, ("\n", ".")), (2, 5, None)]
+    assert answers == ["call0-row0", "call1-row0", "call0-row1", "call1-row1", "call0-row2"]
+
+
+def test_batched_greedy_answers_equal_answers_alone(model):
+    q1, q2 = mvbench_turns(ITEM), mvbench_turns(MCQItem("t", 1, Path("v.mp4"), "Which way does it turn?",
+                                                        ["left", "right", "up", "down"], "right", 1))
+    reqs = [_gen("a", "Best option:(", turns=q1, clip=clip()), _gen("b", "", turns=q2, clip=clip()),
+            _gen("c", "Best option:(", turns=q2, clip=clip(1)), _gen("d", "", turns=q1, clip=clip(1))]
+    alone = [model.generate_answers([r])[0] for r in reqs]
+    assert all(alone) and len(set(alone)) >= 3  # different prompts and prefills answer differently
+    for batch_size in (None, 2):
+        assert model.generate_answers(reqs, batch_size=batch_size) == alone
+
+
+# ---------------------------------------------------------------------- through the harness
 def test_tiny_model_through_the_harness(model, tmp_path):
+    """Predictions and accuracies are exactly what the model's own scores (and greedy answers) say, computed here
+    without the harness: per question, the argmax of the reference option scores."""
     bench = make_bench(tmp_path / "bench", missing_video=False)
+    data = load_mvbench(bench)
+    expected: dict[str, str] = {}
+    ref_scores: dict[str, list[float]] = {}
+    for items in data.values():
+        for item in items:
+            req = ScoringRequest(uid=item.uid, clip=decode_item_clip(item, 4, "segment_middle"),
+                                 turns=mvbench_turns(item), prefill="Best option:(",
+                                 continuations=loglik_continuations(item))
+            s = reference_scores(model, req)
+            top = sorted(s, reverse=True)
+            assert top[0] - top[1] > 1e-3  # no near-tie: the expected answer is well defined
+            ref_scores[item.uid], expected[item.uid] = s, LETTERS[int(np.argmax(s))]
+    correct = {t: sum(expected[i.uid] == i.answer_letter for i in items) for t, items in data.items()}
+    assert 0 < sum(correct.values()) < 12 and len(set(expected.values())) > 1  # a result a mix-up would change
+
     ll = evaluate_mcq(model, bench, tmp_path / "ll", profile="loglik", num_frames=4, progress=False)
+    rows = {r["uid"]: r for r in map(json.loads, (tmp_path / "ll" / "predictions.jsonl").read_text().splitlines())}
+    assert set(rows) == set(expected)
+    for uid, row in rows.items():
+        assert row["pred"] == expected[uid] and row["correct"] == (expected[uid] == row["answer"]), uid
+        assert np.allclose(row["scores"], ref_scores[uid], atol=1e-4, rtol=0), uid
     assert ll.counts["scored"] == ll.counts["questions"] == 12 and ll.metrics["unparsable"] == 0
-    short = dataclasses.replace(get_profile("mvbench"), max_new_tokens=2)
+    for task, items in data.items():
+        assert ll.per_task[task]["correct"] == correct[task] and ll.per_task[task]["total"] == len(items)
+        assert ll.per_task[task]["accuracy"] == pytest.approx(100.0 * correct[task] / len(items))
+    assert ll.metrics["accuracy_over_questions"] == pytest.approx(100.0 * sum(correct.values()) / 12)
+    assert ll.metrics["accuracy_mean_over_tasks"] == pytest.approx(
+        np.mean([100.0 * correct[t] / len(items) for t, items in data.items()]))
+
+    # generation: each question's greedy answer, generated alone here by the LLM, parsed by the notebook's rule
+    short = dataclasses.replace(get_profile("mvbench"), max_new_tokens=3)
     gen = evaluate_mcq(model, bench, tmp_path / "gen", profile=short, num_frames=4, batch_size=4, progress=False)
+    rows = {r["uid"]: r for r in map(json.loads, (tmp_path / "gen" / "predictions.jsonl").read_text().splitlines())}
+    right = 0
+    for items in data.values():
+        for item in items:
+            sample = model.make_sample(mvbench_turns(item), decode_item_clip(item, 4, "segment_middle"), "video")
+            with torch.no_grad():
+                embeds, attention, _ = model.embed(model.build_batch([sample], generation=True, prefill=short.prefill))
+                ids = model.llm.generate(inputs_embeds=embeds, attention_mask=attention, max_new_tokens=3,
+                                         do_sample=False, pad_token_id=model.tokenizer.pad_token_id)
+            parsed = parse_mvbench(model.tokenizer.decode(ids[0], skip_special_tokens=True), len(item.candidates))
+            assert (rows[item.uid]["pred"], rows[item.uid]["parsed_answer"]) == (parsed.letter, parsed.answer)
+            right += parsed.letter == item.answer_letter
     assert gen.counts["scored"] == 12 and gen.counts["skipped"] == 0
-    assert 0.0 <= gen.metrics["accuracy_over_questions"] <= 100.0
+    assert gen.metrics["accuracy_over_questions"] == pytest.approx(100.0 * right / 12)

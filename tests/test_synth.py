@@ -142,17 +142,52 @@ def test_benchmark_items(out: Path) -> None:
     assert total >= 3 * 4  # several tasks per test clip
 
 
+def _instruct_letters(out: Path, split: str) -> Counter:
+    """The letters of the correct options of every MCQ turn in instruct_<split>.json, read from the turns."""
+    letters: Counter = Counter()
+    for r in _load(out / f"instruct_{split}.json"):
+        for human, gpt in zip(r["conversations"][::2], r["conversations"][1::2]):
+            options = [line[4:] for line in human["value"].splitlines() if line[:3] in ("(A)", "(B)", "(C)", "(D)")]
+            if options:
+                letter = gpt["value"][1]
+                assert options["ABCD".index(letter)] == gpt["value"][4:], r["id"]  # the letter names the answer
+                letters[letter] += 1
+    return letters
+
+
 def test_answer_positions_balanced(out: Path, runs: tuple[Path, Path, dict]) -> None:
-    for key, t in runs[2]["tasks"].items():
-        counts = list(t["answer_positions"].values())
-        assert sum(counts) == t["items"] and max(counts) - min(counts) <= 1, key
-    for stream, hist in runs[2]["instruct_answer_positions"].items():
-        assert max(hist.values()) - min(hist.values()) <= 1, stream
-    # And at scale: 1000 questions of one stream spread evenly over A-D.
+    """Where the correct option sits, recounted from the written files (not taken from the summary)."""
+    summary = runs[2]
+    manifest = _load(out / "mvbench" / "tasks.json")
+    assert [t["json"] for t in manifest] == [f"{key}.json" for key in summary["tasks"]]
+    total = 0
+    for entry in manifest:
+        key = entry["json"][: -len(".json")]
+        items = _load(out / "mvbench" / "json" / entry["json"])
+        positions = Counter("ABCD"[it["candidates"].index(it["answer"])] for it in items)
+        counts = [positions[c] for c in "ABCD"]
+        assert sum(counts) == len(items) and max(counts) - min(counts) <= 1, (key, counts)
+        assert summary["tasks"][key]["answer_positions"] == dict(zip("ABCD", counts)), key  # the summary is true
+        assert summary["tasks"][key]["items"] == len(items)
+        total += len(items)
+    assert total >= 3 * 4
+    # Instruction MCQs: each (split, task) stream is balanced; their sum, recounted from the files, is what the
+    # summary's per-stream histograms add up to, so it is balanced to within one per task.
+    for split in ("train", "test"):
+        recounted = _instruct_letters(out, split)
+        streams = {k: h for k, h in summary["instruct_answer_positions"].items() if k.startswith(f"instruct_{split}/")}
+        assert streams and all(max(h.values()) - min(h.values()) <= 1 for h in streams.values()), split
+        assert {c: recounted[c] for c in "ABCD"} == {c: sum(h[c] for h in streams.values()) for c in "ABCD"}, split
+        assert max(recounted.values()) - min(recounted.values()) <= len(streams), (split, recounted)
+    # And at scale: 1000 questions of one stream spread evenly over A-D, with the answer where it says.
     placer, rng = AnswerPlacer(0), np.random.default_rng(0)
     q = Question("t", "q?", "yes", ["a", "b", "c"])
-    positions = Counter(placer.place("s", q, rng)[1] for _ in range(1001))
-    assert max(positions.values()) - min(positions.values()) <= 1
+    positions = Counter()
+    for _ in range(1001):
+        cands, pos = placer.place("s", q, rng)
+        assert cands[pos] == "yes" and sorted(cands) == ["a", "b", "c", "yes"]
+        positions[pos] += 1
+    assert sorted(positions) == [0, 1, 2, 3] and max(positions.values()) - min(positions.values()) <= 1
 
 
 def test_test_clips_never_in_train_files(out: Path) -> None:

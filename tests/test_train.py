@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -17,8 +18,10 @@ import yaml
 from tests.train_helpers import make_tiny_data, tiny_recipe
 from vlm.model import VideoLLM
 from vlm.train.engine import run_recipe
-from vlm.train.metrics import read_jsonl
+from vlm.train.feature_cache import FeatureCache, clip_key, tower_fingerprint
+from vlm.train.metrics import MetricsLog, read_jsonl
 from vlm.train.recipe import RecipeError, load_recipe, parse_recipe
+from vlm.video import read_clip, write_video
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,22 +51,89 @@ def test_two_stage_recipe_trains_saves_and_reports_bad_samples(data, tmp_path):
     assert stage2["trainable"]["llm"] > 0 and stage2["trainable"]["tower"] == 0
 
 
-def test_feature_cache_hits_and_invalidation(data, tmp_path):
-    raw = tiny_recipe(data, tmp_path / "run")
+def cache_stats(run: Path, stage: str = "1-align") -> dict:
+    return json.loads((run / stage / "stage.json").read_text())["feature_cache"]
+
+
+def losses(run: Path, stage: str) -> list[float]:
+    return [r["loss"] for r in read_jsonl(run / stage / "metrics.jsonl")]
+
+
+def fresh_features(model: VideoLLM, video: Path, frames: int = 4) -> torch.Tensor:
+    """The tower's features for a clip, encoded now, the way the uncached data path does it."""
+    clip = read_clip(video, frames, "uniform")
+    px = model.tower.preprocessor(clip.frames)[None]  # [1, T, 3, H, W]
+    with torch.no_grad():
+        return model.tower(px, torch.as_tensor(clip.timestamps, dtype=torch.float32)[None]).tokens[0]  # [T', N, D]
+
+
+def open_cache(run: Path, model: VideoLLM) -> FeatureCache:
+    fp = tower_fingerprint(model.config.tower, model.tower.preprocessor.to_dict(), model.tower)
+    assert (run / "feature_cache" / fp).is_dir(), "the trained model's tower names another namespace"
+    return FeatureCache(run / "feature_cache", fp)
+
+
+def test_feature_cache_hits_give_the_features_and_losses_of_fresh_encoding(data, tmp_path):
+    """A hit is exactly what a fresh encode gives: per clip, and for the whole loss curve (cache on vs off)."""
+    raw = tiny_recipe(data, tmp_path / "off", max_steps=3)
+    raw["stages"] = raw["stages"][:1]
+    raw["stages"][0]["feature_cache"] = False
+    run_recipe(parse_recipe(raw))
+    assert cache_stats(tmp_path / "off") is None and not (tmp_path / "off" / "feature_cache").exists()
+    raw["output_dir"] = str(tmp_path / "on")
+    raw["stages"][0]["feature_cache"] = True
+    final = run_recipe(parse_recipe(raw))
+    assert cache_stats(tmp_path / "on") == {"clips": 9, "encoded": 8, "bad": 1}  # the broken clip fails, once
+    assert losses(tmp_path / "on", "1-align") == pytest.approx(losses(tmp_path / "off", "1-align"), abs=1e-5)
+    model = VideoLLM.from_pretrained(final)
+    cache = open_cache(tmp_path / "on", model)
+    for i in range(8):
+        video = data["captions"].parent / "videos" / f"v{i}.mp4"
+        got = cache.get(clip_key(video, 4, "uniform", None, None))
+        expected = fresh_features(model, video)
+        assert got["tokens"].shape == expected.shape and expected.abs().sum() > 0
+        torch.testing.assert_close(got["tokens"], expected, rtol=1e-5, atol=1e-5)
+        assert got["grid"].tolist() == [4, 4, 4] and len(got["timestamps"]) == 4
+    first = losses(tmp_path / "on", "1-align")
+    run_recipe(parse_recipe(raw), resume=False)  # every clip from the cache now
+    assert cache_stats(tmp_path / "on") == {"clips": 1, "encoded": 0, "bad": 1}  # only the broken one is retried
+    assert losses(tmp_path / "on", "1-align") == first
+
+
+def test_feature_cache_misses_after_an_edited_video_other_tower_weights_or_preprocessing(tmp_path):
+    data = make_tiny_data(tmp_path / "data")  # its own videos: one is edited
+    raw = tiny_recipe(data, tmp_path / "run", max_steps=1)
     raw["stages"] = raw["stages"][:1]
     run_recipe(parse_recipe(raw))
-    first = json.loads((tmp_path / "run" / "1-align" / "stage.json").read_text())["feature_cache"]
-    assert first["encoded"] == 8 and first["bad"] == 1  # 8 good clips, the broken one fails (the missing one is no job)
+    namespace = {p.name for p in (tmp_path / "run" / "feature_cache").iterdir()}
+    assert cache_stats(tmp_path / "run")["encoded"] == 8 and len(namespace) == 1
+
+    video = data["captions"].parent / "videos" / "v0.mp4"  # same path, new content (a static square), new mtime
+    before = video.stat()
+    write_video(video, np.full((4, 32, 32, 3), 200, dtype=np.uint8), fps=4)
+    os.utime(video, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+    final = run_recipe(parse_recipe(raw), resume=False)
+    assert cache_stats(tmp_path / "run")["encoded"] == 1  # only the edited clip
+    model = VideoLLM.from_pretrained(final)
+    got = open_cache(tmp_path / "run", model).get(clip_key(video, 4, "uniform", None, None))
+    torch.testing.assert_close(got["tokens"], fresh_features(model, video), rtol=1e-5, atol=1e-5)
+
+    raw["stages"][0]["data"]["frames"] = 2  # other sampling -> other keys, same namespace
     run_recipe(parse_recipe(raw), resume=False)
-    again = json.loads((tmp_path / "run" / "1-align" / "stage.json").read_text())["feature_cache"]
-    assert again["encoded"] == 0  # every clip came from the cache
-    raw["stages"][0]["data"]["frames"] = 2  # other sampling -> other keys
+    assert cache_stats(tmp_path / "run")["encoded"] == 8
+    assert {p.name for p in (tmp_path / "run" / "feature_cache").iterdir()} == namespace
+    raw["stages"][0]["data"]["frames"] = 4
+
+    raw["seed"] = 1  # the same tower config and preprocessing with other weights -> another namespace
     run_recipe(parse_recipe(raw), resume=False)
-    assert json.loads((tmp_path / "run" / "1-align" / "stage.json").read_text())["feature_cache"]["encoded"] == 8
-    raw["model"]["tower"]["config"]["image_size"] = 48  # other preprocessing/tower -> other namespace
-    run_recipe(parse_recipe(raw), resume=False)
-    assert json.loads((tmp_path / "run" / "1-align" / "stage.json").read_text())["feature_cache"]["encoded"] == 8
+    assert cache_stats(tmp_path / "run")["encoded"] == 8
     assert len(list((tmp_path / "run" / "feature_cache").iterdir())) == 2
+    raw["seed"] = 0
+
+    raw["model"]["tower"]["preprocess_mode"] = "pad"  # other preprocessing, same weights -> another namespace
+    run_recipe(parse_recipe(raw), resume=False)
+    assert cache_stats(tmp_path / "run")["encoded"] == 8
+    assert len(list((tmp_path / "run" / "feature_cache").iterdir())) == 3
 
 
 def test_resume_after_sigkill_reproduces_the_loss_curve(data, tmp_path):
@@ -92,6 +162,56 @@ def test_resume_after_sigkill_reproduces_the_loss_curve(data, tmp_path):
     resumed = [r["loss"] for r in read_jsonl(tmp_path / "killed" / "1-instruct" / "metrics.jsonl")]
     assert len(resumed) == 6
     assert resumed == pytest.approx(reference, abs=1e-5)
+
+
+class Crash(Exception):
+    """Stands for a kill at a chosen point of a run."""
+
+
+def test_resume_is_exact_across_a_stage_boundary_with_the_feature_cache(data, tmp_path, monkeypatch):
+    """Crash a two-stage run (feature cache on, LoRA dropout in stage 2) in stage 1 after an unsaved step, between
+    stage 1's last checkpoint and its saved model, and in stage 2; each resume continues the same loss curves."""
+    raw = tiny_recipe(data, tmp_path / "ref", save_every=2)
+    run_recipe(parse_recipe(raw))
+    reference = {s: losses(tmp_path / "ref", s) for s in ("1-align", "2-instruct")}
+    assert [len(v) for v in reference.values()] == [4, 3]
+
+    crashes = {("align", "step", 3), ("align", "final", 4), ("instruct", "step", 3)}
+    seen = []
+    real_write, real_save = MetricsLog.write, VideoLLM.save_pretrained
+
+    def write(self, record):
+        real_write(self, record)  # the step is logged, its checkpoint (if any) not yet written
+        point = (record["stage"], "step", record["step"])
+        if point in crashes - set(seen):
+            seen.append(point)
+            raise Crash(point)
+
+    def save_pretrained(self, folder, state_dict=None):
+        point = (Path(folder).parent.name.split("-", 1)[1], "final", 4)
+        if Path(folder).name == "final" and point in crashes - set(seen):
+            seen.append(point)
+            raise Crash(point)
+        return real_save(self, folder, state_dict)
+
+    monkeypatch.setattr(MetricsLog, "write", write)
+    monkeypatch.setattr(VideoLLM, "save_pretrained", save_pretrained)
+    raw["output_dir"] = str(tmp_path / "crashed")
+    for attempt in range(5):
+        try:
+            final = run_recipe(parse_recipe(raw))
+            break
+        except Crash:
+            continue
+    assert seen == [("align", "step", 3), ("align", "final", 4), ("instruct", "step", 3)] and attempt == 3
+    for stage, ref in reference.items():
+        assert losses(tmp_path / "crashed", stage) == ref, stage  # bit-exact, as if never interrupted
+        rows = read_jsonl(tmp_path / "crashed" / stage / "metrics.jsonl")
+        assert [r["step"] for r in rows] == list(range(1, len(ref) + 1))
+    stage2 = json.loads((tmp_path / "crashed" / "2-instruct" / "stage.json").read_text())
+    assert stage2["resumed_from_step"] == 2 and stage2["feature_cache"]["encoded"] == 0  # stage 1's features
+    got, want = VideoLLM.from_pretrained(final).state_dict(), VideoLLM.from_pretrained(tmp_path / "ref" / "2-instruct" / "final").state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_recipe_validation_errors(data, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from pathlib import Path
 
 import av
@@ -133,6 +134,18 @@ def test_decord_and_pyav_agree_on_timestamps(media):
     a, b = read_frames(media["mp4"], idx, backend="pyav"), read_frames(media["mp4"], idx, backend="decord")
     np.testing.assert_allclose(a.timestamps, b.timestamps)
     assert np.array_equal(a.frames, b.frames)
+
+
+def test_decord_refuses_mpeg_ts(media):
+    """decord returns MPEG-TS frames shifted by one keyframe interval (position 0 is frame 10 here), silently:
+    the decord backend refuses such files with a VideoDecodeError that names the way out."""
+    path = media["ts"]
+    with pytest.raises(VideoDecodeError, match="decord returns the wrong frames from MPEG-TS") as caught:
+        VideoReader(path, backend="decord")
+    assert caught.value.path == str(path) and "backend 'pyav'" in str(caught.value)
+    decord = pytest.importorskip("decord")
+    shifted = decord.VideoReader(str(path), ctx=decord.cpu(0)).get_batch([0, 5]).asnumpy()
+    assert frame_numbers(shifted) == [10, 15]  # still wrong in this decord: the refusal is still needed
 
 
 def test_sequential_reads_reuse_the_decoder(media):
@@ -311,23 +324,76 @@ def test_bad_frame_folders(tmp_path, media):
     _assert_fails(tmp_path / "fake.gif", "not a readable GIF")
 
 
+def _damage_packet_length(src: Path, dst: Path, frame: int) -> Path:
+    """A copy of the mp4 `src` whose packet of `frame` claims a 2 GB NAL unit (its 4-byte length prefix
+    overwritten): demuxing still sees every packet whole, but the decoder rejects that packet."""
+    with av.open(str(src)) as container:
+        stream = container.streams.video[0]
+        packets = sorted((p.pts, p.pos, p.size, p.is_keyframe) for p in container.demux(stream) if p.size)
+    _, pos, size, keyframe = packets[frame]
+    data = bytearray(src.read_bytes())
+    assert not keyframe and 0 < int.from_bytes(data[pos : pos + 4], "big") < size  # an AVCC length prefix
+    data[pos : pos + 4] = b"\x7f\xff\xff\xff"
+    dst.write_bytes(bytes(data))
+    return dst
+
+
 @pytest.mark.timeout(60)
-def test_corrupted_middle_never_hangs_or_leaks_foreign_errors(media, tmp_path):
-    """Garbage written over the frame data: either frames come back or a VideoDecodeError, never anything else."""
-    good = bytearray(media["mp4"].read_bytes())
-    rng = np.random.default_rng(3)
-    for trial in range(6):
-        data = bytearray(good)
-        at = int(rng.integers(len(data) // 10, len(data) * 8 // 10))
-        data[at : at + 400] = rng.integers(0, 256, 400, dtype=np.uint8).tobytes()
-        path = tmp_path / f"corrupt{trial}.mp4"
-        path.write_bytes(bytes(data))
+def test_corrupted_middle_returns_the_intact_frames_and_fails_inside_the_damage(media, tmp_path):
+    """numbered.mp4 (100 frames, a keyframe every 20) with frame 45's packet damaged: every read that stays
+    out of the damaged run of frames (40..59) returns exactly the right frames; a read that needs it fails
+    with a VideoDecodeError naming the file; the reader is usable again after the failure."""
+    path = _damage_packet_length(media["mp4"], tmp_path / "damaged_45.mp4", 45)
+    assert probe_video(path).num_frames == 100  # the damage is invisible until decoded
+    # [0 s, 1.4 s) = frames [0, 35): 5 segments of 7, centres 3.5 ... 31.5.
+    before = read_clip(path, 5, start=0.0, end=1.4)
+    assert before.indices.tolist() == [3, 10, 17, 24, 31] and frame_numbers(before.frames) == [3, 10, 17, 24, 31]
+    # [2.4 s, 4 s) = frames [60, 100): 5 segments of 8, centres 64 ... 96.
+    after = read_clip(path, 5, start=2.4, end=4.0)
+    assert frame_numbers(after.frames) == [64, 72, 80, 88, 96]
+    # The whole video (16 frames spread over it) needs frames 46, 53 and 59 of the damaged run.
+    with pytest.raises(VideoDecodeError) as caught:
+        read_clip(path, 16)
+    assert caught.value.path == str(path) and str(caught.value).startswith(f"{path}: decoding failed")
+    from vlm.video.pyav_backend import PyAVBackend
+
+    for threads in ("frame", "none"):  # with or without frame threads (`auto` picks by the machine's load)
+        backend = PyAVBackend(str(path), threads=threads)
         try:
-            clip = read_clip(path, 16)
-        except VideoDecodeError as e:
-            assert str(path) in str(e)
-        else:
-            assert clip.frames.shape == (16, HEIGHT, 120, 3)
+            with pytest.raises(VideoDecodeError, match="decoding failed"):
+                backend.read(np.array([50]))
+            assert frame_numbers(backend.read(np.array([0, 35, 60, 99]))) == [0, 35, 60, 99]
+            with pytest.raises(VideoDecodeError, match="decoding failed"):
+                backend.read(np.array([30, 59]))
+            assert frame_numbers(backend.read(np.array([20, 70]))) == [20, 70]
+        finally:
+            backend.close()
+
+
+def _destroy_ts_packet_of_frame(src: Path, dst: Path, frame: int) -> Path:
+    """A copy of the MPEG-TS `src` with the 188-byte transport packet that starts `frame`'s PES overwritten
+    (sync byte included), as a dropped or garbled packet of a broadcast recording looks."""
+    data = bytearray(src.read_bytes())
+    starts = [i for i in range(0, len(data), 188)
+              if data[i] == 0x47 and data[i + 1] & 0x40 and b"\x00\x00\x01\xe0" in data[i + 4 : i + 188]]
+    assert len(starts) == 40  # one PES per frame
+    at = starts[frame]
+    data[at : at + 188] = b"\xff" * 188
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("backend", ["auto", "pyav", "decord"])
+def test_corrupted_middle_of_a_transport_stream_is_refused_on_open(media, tmp_path, backend):
+    """A transport packet lost in the middle breaks the stream's continuity: the frame being assembled is
+    flagged incomplete, and opening the file (before any frame is asked for) fails with a VideoDecodeError."""
+    path = _destroy_ts_packet_of_frame(media["ts"], tmp_path / "garbled.ts", 25)
+    with pytest.raises(VideoDecodeError) as caught:
+        VideoReader(path, backend=backend)
+    assert caught.value.path == str(path)
+    assert re.fullmatch(rf"{re.escape(str(path))}: truncated or corrupt: packet \d+ is incomplete.*", str(caught.value))
+    _assert_fails(path, "truncated or corrupt", backend)
 
 
 def test_errors_name_the_file_for_readers_too(tmp_path):

@@ -1,4 +1,4 @@
-"""Tiny data and recipes for the training tests."""
+"""Tiny data and recipes for the training tests, and a one-process stand-in for the accelerator."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from torch import nn
 
 from tests.conftest import TINY_LLM, TINY_TOWERS
 from vlm.video import write_video
@@ -60,3 +61,26 @@ def tiny_recipe(data: dict[str, Path], out: Path, **stage_overrides: Any) -> dic
             "model": {"tower": copy.deepcopy(TINY_TOWERS["clip"]), "connector": {"name": "mlp"},
                       "llm": copy.deepcopy(TINY_LLM), "num_frames": 4, "max_length": 256},
             "stages": [stage1, stage2]}
+
+
+class Solo:
+    """The part of an accelerate.Accelerator the checkpoints use, for one process."""
+
+    is_main_process = True
+    process_index = 0
+
+    def __init__(self):
+        self.calls: list[tuple[str, str, dict]] = []
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+    def unwrap_model(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def save_state(self, path: str, **kwargs) -> None:  # DeepSpeed's engine checkpoint, recorded only
+        self.calls.append(("save_state", path, kwargs))
+        (Path(path) / "engine.bin").write_bytes(b"engine")
+
+    def load_state(self, path: str, **kwargs) -> None:
+        self.calls.append(("load_state", path, kwargs))

@@ -15,6 +15,7 @@ repeated along the batch dimension once per continuation, and only the continuat
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Sequence
 
 import torch
@@ -108,17 +109,21 @@ class ScoringMixin:
 
     @staticmethod
     def _gather(first_logp: torch.Tensor, rest_logp: torch.Tensor, conts: list[list[int]]) -> list[float]:
-        """Sum of token log-probs: first token from the prompt's last position, the rest from rest_logp [K, L, V]."""
+        """Sum of token log-probs: first token from the prompt's last position, the rest from rest_logp [K, L, V].
+
+        Summed as Python floats (float64, on any device), so sums that differ by less than float32's resolution
+        are no tie.
+        """
         scores = []
         for k, c in enumerate(conts):
             if not c:
                 scores.append(0.0)
                 continue
-            total = first_logp[c[0]]
+            picked = [float(first_logp[c[0]])]
             if len(c) > 1:
                 nxt = torch.as_tensor(c[1:], device=rest_logp.device)
-                total = total + rest_logp[k, torch.arange(len(c) - 1, device=rest_logp.device), nxt].sum()
-            scores.append(float(total))
+                picked += rest_logp[k, torch.arange(len(c) - 1, device=rest_logp.device), nxt].tolist()
+            scores.append(math.fsum(picked))
         return scores
 
     def _score_with_cache(self, embeds: torch.Tensor, attention: torch.Tensor, conts: list[list[int]]) -> list[float]:

@@ -98,7 +98,7 @@ def make_clip(job: tuple[int, int, int, int, float, float, str]) -> dict[str, An
     video = f"{VIDEO_DIRS[split]}/{cid}.mp4"
     try:
         clip = sample_clip(rng, class_of(index, seed, eval_fraction), frames, size, fps)
-        write_video(Path(out) / video, render_clip(clip), fps)
+        write_video(Path(out) / video, render_clip(clip), fps, reproducible=True)  # the same bytes in any worker
     except Exception as e:  # name the clip: a worker's traceback alone does not say which one
         raise RuntimeError(f"{Path(out) / video}: clip {cid} (seed {seed}) failed: {e}") from e
     style = int(rng.integers(0, 3))

@@ -66,6 +66,15 @@ def load_mixture(sources: Sequence[SourceSpec], seed: int = 0) -> tuple[list[Mix
     return items, bad
 
 
+def subsample(items: Sequence[MixtureItem], n: int, seed: int = 0) -> list[MixtureItem]:
+    """A seeded n of the items, in mixture order: each source keeps its share in expectation (the first n alone
+    would drop the later sources)."""
+    if n >= len(items):
+        return list(items)
+    keep = np.random.default_rng([seed, 1]).permutation(len(items))[:n]
+    return [items[i] for i in sorted(keep.tolist())]
+
+
 class ConversationDataset(torch.utils.data.Dataset):
     """Items of a mixture -> encoded samples (see `VideoLLM.encode_sample`), via `load_visual` for media.
 

@@ -3,7 +3,8 @@
 Without DeepSpeed a checkpoint holds the trainable parameters only (frozen weights are rebuilt from the
 stage's starting point), the optimizer and scheduler states, every process's RNG states and the training
 position. Under DeepSpeed, `accelerator.save_state` writes the engine's own (ZeRO-partitioned) checkpoint,
-without frozen parameters.
+without frozen parameters. Loading either kind refuses a checkpoint whose parameter names or shapes differ from
+the model's trainable ones.
 """
 
 from __future__ import annotations
@@ -51,6 +52,19 @@ def list_checkpoints(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if _NAME.match(p.name) and (p / "state.json").is_file())
 
 
+def deepspeed_trainable_shapes(ckpt: Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every parameter a DeepSpeed checkpoint written by `save_checkpoint` holds: its ZeRO
+    `param_shapes` (the optimizer's parameters), or without ZeRO the module state less its buffers."""
+    files = sorted(Path(ckpt).glob("pytorch_model/*model_states.pt"))
+    if not files:
+        raise FileNotFoundError(f"{ckpt}: no DeepSpeed model states (pytorch_model/*model_states.pt)")
+    states = torch.load(files[0], map_location="cpu", weights_only=True, mmap=True)
+    if states.get("param_shapes") is not None:
+        return {n: tuple(s) for group in states["param_shapes"] for n, s in group.items()}
+    buffers = set(states.get("buffer_names") or [])
+    return {n: tuple(t.shape) for n, t in states["module"].items() if n not in buffers}
+
+
 def save_checkpoint(accelerator: Any, model: Any, optimizer: Any, scheduler: Any, position: dict[str, Any],
                     folder: Path, keep_last: int, deepspeed: bool) -> Path:
     """Collective: every process calls it. Returns the checkpoint folder."""
@@ -86,6 +100,13 @@ def load_checkpoint(accelerator: Any, model: Any, optimizer: Any, scheduler: Any
                     deepspeed: bool) -> dict[str, Any]:
     """Restore what `save_checkpoint` wrote; returns the training position."""
     if deepspeed:
+        inner = accelerator.unwrap_model(model)
+        expected = {n: torch.empty(tuple(getattr(p, "ds_shape", p.shape)), device="meta")  # ZeRO-3: full shape
+                    for n, p in inner.named_parameters() if p.requires_grad}
+        found = {n: torch.empty(s, device="meta") for n, s in deepspeed_trainable_shapes(ckpt).items()}
+        check_state_dict(expected, found, f"trainable parameters ({ckpt})")
+        # The engine's checkpoint holds the trainable parameters only (saved with exclude_frozen_parameters), so
+        # its module state cannot load strictly; the checks above make any other key or shape an error.
         accelerator.load_state(str(ckpt), load_module_strict=False)
     else:
         inner = accelerator.unwrap_model(model)

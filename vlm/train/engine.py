@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from vlm.data.dataset import BatchPlan, ConversationDataset, SourceSpec, load_mixture, steps_for
+from vlm.data.dataset import BatchPlan, ConversationDataset, SourceSpec, load_mixture, steps_for, subsample
 from vlm.model import PARTS, VideoLLM
 from vlm.train.checkpoints import list_checkpoints, load_checkpoint, save_checkpoint
 from vlm.train.feature_cache import FeatureCache, clip_key, tower_fingerprint
@@ -242,7 +242,7 @@ def train_stage(recipe: Recipe, index: int, init_from: Path | None, stage_dir: P
     items, bad_records = load_mixture([SourceSpec(m.path, m.media_root, m.weight) for m in stage.data.mixture],
                                       recipe.seed + index)
     if stage.data.max_samples:
-        items = items[: stage.data.max_samples]
+        items = subsample(items, stage.data.max_samples, recipe.seed + index)
     cache = None
     if stage.feature_cache and stage.parts["tower"].mode == "frozen":
         fp = tower_fingerprint(model.config.tower, model.tower.preprocessor.to_dict(), model.tower)

@@ -1,7 +1,7 @@
 """Frozen-tower feature cache: each clip is encoded once and stored in safetensors shards.
 
 Entries are keyed by the video (absolute path, size, mtime), its sampling (frames, policy, start, end) and
-live in a namespace named by the tower (config + a checksum of its weights) and its preprocessing: changing
+live in a namespace named by the tower (config + a hash of its weights) and its preprocessing: changing
 any of these reads from a different namespace, so stale features are never used.
 """
 
@@ -23,18 +23,29 @@ log = logging.getLogger(__name__)
 
 
 def tower_fingerprint(tower_config: dict[str, Any], preprocessor: dict[str, Any], tower: nn.Module) -> str:
-    """Names the tower's weights and preprocessing: config, preprocessing and a checksum of every parameter."""
+    """Names the tower's weights and preprocessing: config, preprocessing and a hash of every tensor's bytes
+    (sums would miss a transposed or permuted weight)."""
     h = hashlib.sha1(json.dumps([tower_config, preprocessor], sort_keys=True, default=str).encode())
     with torch.no_grad():
         for name, p in sorted(tower.state_dict().items()):
-            x = p.detach().double()
-            h.update(f"{name}:{tuple(p.shape)}:{float(x.sum()):.10e}:{float(x.abs().sum()):.10e}".encode())
+            h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+            h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()[:16]
 
 
-def clip_key(path: str | os.PathLike, frames: int, policy: str, start: float | None, end: float | None) -> str:
+def video_ident(path: str | os.PathLike) -> list[Any]:
+    """A video as a cache key sees it: resolved path, size and modification time (raises OSError when missing).
+    A frame folder adds each file's name, size and modification time: a frame rewritten in place leaves the
+    folder's own size and modification time as they were."""
     st = os.stat(path)
-    ident = [str(Path(path).resolve()), st.st_size, st.st_mtime_ns, frames, policy, start, end]
+    ident: list[Any] = [str(Path(path).resolve()), st.st_size, st.st_mtime_ns]
+    if os.path.isdir(path):
+        ident.append(sorted([e.name, e.stat().st_size, e.stat().st_mtime_ns] for e in os.scandir(path) if e.is_file()))
+    return ident
+
+
+def clip_key(path: str | os.PathLike, frames: int, policy: str, start: float | None, end: float | None) -> str:
+    ident = [*video_ident(path), frames, policy, start, end]
     return hashlib.sha1(json.dumps(ident).encode()).hexdigest()
 
 

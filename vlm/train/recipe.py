@@ -41,7 +41,7 @@ class DataSpec:
     frames: int = 16
     sampling: str = "uniform"
     num_workers: int = 0
-    max_samples: int | None = None  # cap the epoch (smoke runs)
+    max_samples: int | None = None  # cap the epoch (smoke runs): a seeded subset, each source keeps its share
 
 
 @dataclass

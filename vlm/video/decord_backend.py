@@ -4,7 +4,8 @@ decord can crash or hang on corrupt input, so a file reaches decord only once Py
 demuxed every packet of its video stream (the same check, and the same timestamps, as `pyav_backend`).
 Garbage inside otherwise complete packets is not caught by that check; `backend="auto"` never picks
 decord (see `vlm.video.decode.choose_backend`), and decord returns wrong frames after seeking in AVIs
-with packed B-frames.
+with packed B-frames. MPEG-TS files are refused: decord returns frames shifted by the first keyframe
+interval from them (position 0 gives the frame at the second keyframe), with no error.
 """
 
 from __future__ import annotations
@@ -40,8 +41,13 @@ class DecordBackend(Backend):
         try:
             index = build_index(path, container, stream)
             width, height = stream.codec_context.width, stream.codec_context.height
+            container_format = container.format.name
         finally:
             container.close()
+        if "mpegts" in container_format:
+            raise VideoDecodeError(
+                path, "decord returns the wrong frames from MPEG-TS files; read it with backend 'pyav' (or 'auto')"
+            )
         try:
             import decord
         except ImportError as e:
