@@ -38,9 +38,9 @@ def equivalent() -> dict[str, str]:
     return out
 
 
-def results() -> dict[str, str]:
-    """Mutant name -> status, from `mutmut results --all true`."""
-    text = subprocess.run([str(MUTMUT), "results", "--all", "true"], cwd=ROOT, capture_output=True, text=True,
+def results(root: Path = ROOT) -> dict[str, str]:
+    """Mutant name -> status, from `mutmut results --all true` run in `root`."""
+    text = subprocess.run([str(MUTMUT), "results", "--all", "true"], cwd=root, capture_output=True, text=True,
                           check=True).stdout
     out = {}
     for line in text.splitlines():
@@ -82,12 +82,13 @@ def main() -> None:
     p.add_argument("--run", action="store_true", help="run mutmut first (results are cached by mutmut per function)")
     p.add_argument("--survivors", action="store_true", help="list the surviving mutants")
     p.add_argument("--json", help="also write the table as JSON here")
+    p.add_argument("--root", type=Path, default=ROOT, help="the tree mutmut ran in (default: this repository)")
     p.add_argument("mutants", nargs="*", help="with --run: mutant name globs, e.g. 'evals.reliance*'")
     a = p.parse_args()
     if a.run:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-        subprocess.run([str(MUTMUT), "run", *a.mutants], cwd=ROOT, env=env, check=True)
-    status, skip = results(), equivalent()
+        subprocess.run([str(MUTMUT), "run", *a.mutants], cwd=a.root, env=env, check=True)
+    status, skip = results(a.root), equivalent()
     rows = table(status, skip)
     print("| module | killed | survived | equivalent | score |\n|---|---:|---:|---:|---:|")
     for mod, r in rows.items():

@@ -4,7 +4,9 @@ folders exist, in which order, and what a crash in the middle of a save leaves b
 from __future__ import annotations
 
 import json
+import pickle
 import random
+import shutil
 from collections import OrderedDict
 from pathlib import Path
 
@@ -270,3 +272,145 @@ def test_deepspeed_load_checks_the_trainable_names_and_shapes_first(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no DeepSpeed model states"):
         load_checkpoint(Solo(), plain, o2, s2, tmp_path / "empty", deepspeed=True)
+
+
+# ---------------------------------------------------------------- RNG: the saved format and the CUDA generators
+def test_rng_state_holds_every_generator_as_plain_tensors(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    seed_all(11)
+    state = rng_state()
+    assert sorted(state) == ["cuda", "numpy", "python", "torch"]
+    assert state["cuda"] == []  # no CUDA: nothing to save
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    mt = np.random.get_state()
+    assert name == "MT19937" and (pos, has_gauss, cached) == (mt[2], mt[3], mt[4])
+    assert keys.dtype == torch.int64 and keys.shape == (624,)  # the 624 Mersenne Twister words, widened
+    assert keys.tolist() == mt[1].astype(np.int64).tolist()
+    assert state["python"][1] == list(random.getstate()[1])
+    assert torch.equal(state["torch"], torch.get_rng_state())
+
+
+class FakeCuda:
+    """CUDA's generator functions, recorded (the checkpoints run on CPU here)."""
+
+    def __init__(self, monkeypatch, available: bool):
+        self.states = [torch.tensor([1, 2, 3], dtype=torch.uint8), torch.tensor([4, 5], dtype=torch.uint8)]
+        self.got: list = []
+        self.set: list = []
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+        monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: self.got.append(1) or [s.clone() for s in self.states])
+        monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: self.set.append([s.tolist() for s in states]))
+
+
+def test_cuda_generators_are_saved_and_restored_when_cuda_is_there(tmp_path, monkeypatch):
+    cuda = FakeCuda(monkeypatch, available=True)
+    state = rng_state()
+    assert [s.tolist() for s in state["cuda"]] == [[1, 2, 3], [4, 5]]
+    set_rng_state(state)
+    assert cuda.set == [[[1, 2, 3], [4, 5]]]
+    model, opt, sched = setup()
+    path = save_checkpoint(Solo(), model, opt, sched, {"step": 1}, tmp_path, keep_last=1, deepspeed=False)
+    cuda.set.clear()
+    load_checkpoint(Solo(), model, opt, sched, path, deepspeed=False)  # through the file
+    assert cuda.set == [[[1, 2, 3], [4, 5]]]
+    cuda.set.clear()
+    set_rng_state(dict(state, cuda=[]))  # a checkpoint written without CUDA: the generators stay as they are
+    assert cuda.set == []
+
+
+def test_cuda_generators_are_left_alone_without_cuda(monkeypatch):
+    cuda = FakeCuda(monkeypatch, available=False)
+    state = rng_state()
+    assert state["cuda"] == [] and cuda.got == []  # not even asked
+    set_rng_state(dict(state, cuda=[torch.tensor([9], dtype=torch.uint8)]))  # a GPU run resumed on CPU
+    assert cuda.set == []
+
+
+# ---------------------------------------------------------------- what a checkpoint file may hold
+class Payload:
+    """Pickled code: unpickling it runs `_ran`, which leaves a file behind."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (_ran, (str(self.marker),))
+
+
+def _ran(marker: str) -> None:
+    Path(marker).write_text("code from a checkpoint ran")
+
+
+def test_loading_never_runs_code_pickled_into_a_checkpoint(tmp_path, monkeypatch):
+    """Only tensors and plain values load, even where a user forces torch.load's unsafe default."""
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    model, opt, sched = setup()
+    step(model, opt, sched)
+    marker = tmp_path / "ran.txt"
+    for n, file in enumerate(("optimizer.pt", "scheduler.pt", "rng-0.pt")):
+        path = save_checkpoint(Solo(), model, opt, sched, {"step": n}, tmp_path / "ckpts", keep_last=5, deepspeed=False)
+        torch.save(Payload(marker), path / file)
+        with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+            load_checkpoint(Solo(), model, opt, sched, path, deepspeed=False)
+        assert not marker.exists(), file
+    ds = tmp_path / "ds"
+    fake_deepspeed_checkpoint(ds, [{"body.weight": (6, 6)}])
+    torch.save(Payload(marker), next((ds / "pytorch_model").glob("*model_states.pt")))
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        load_checkpoint(Solo(), model, opt, sched, ds, deepspeed=True)
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------- DeepSpeed: reading the shapes
+def test_deepspeed_shapes_are_read_on_cpu_lazily_from_a_gpu_written_checkpoint(tmp_path, monkeypatch):
+    trainable = {"body.weight": (6, 6), "body.bias": (6,), "head.weight": (1, 6), "head.bias": (1,)}
+    real_tag = torch.serialization.location_tag
+    monkeypatch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")  # as a GPU run writes it
+    fake_deepspeed_checkpoint(tmp_path / "gpu", None, {n: torch.zeros(s) for n, s in trainable.items()})
+    monkeypatch.setattr(torch.serialization, "location_tag", real_tag)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # resumed (or inspected) on a CPU-only machine
+    assert ckpts.deepspeed_trainable_shapes(tmp_path / "gpu") == trainable
+    real_load, calls = torch.load, []
+    monkeypatch.setattr(ckpts.torch, "load", lambda f, **k: calls.append(k) or real_load(f, **k))
+    model, opt, sched = setup()
+    assert load_checkpoint(Solo(), model, opt, sched, tmp_path / "gpu", deepspeed=True) == {"step": 7}
+    # mapped to the CPU, only tensors and plain values, and memory-mapped: a ZeRO-less module state can be the
+    # whole model, and only its shapes are wanted
+    assert calls == [{"map_location": "cpu", "weights_only": True, "mmap": True}]
+
+
+def test_deepspeed_shape_check_allocates_nothing(tmp_path):
+    """The check compares shapes only: a 2**50-element parameter (4 PiB in fp32) would never fit in memory."""
+    model, opt, sched = setup()
+    huge = (1 << 50,)
+    model.head.weight.ds_shape = torch.Size(huge)  # ZeRO-3: the full shape of a partitioned parameter
+    model.head.weight.data = torch.empty(0)
+    fake_deepspeed_checkpoint(tmp_path / "ckpt", [{"body.weight": (6, 6), "body.bias": (6,), "head.weight": huge, "head.bias": (1,)}])
+    acc = Solo()
+    assert load_checkpoint(acc, model, opt, sched, tmp_path / "ckpt", deepspeed=True) == {"step": 7}
+    assert acc.calls == [("load_state", str(tmp_path / "ckpt"), {"load_module_strict": False})]
+
+
+# ---------------------------------------------------------------- the position file and pruning
+def test_state_json_is_the_position_indented_for_people(tmp_path):
+    model, opt, sched = setup()
+    path = save_checkpoint(Solo(), model, opt, sched, {"step": 3, "epoch": 0, "batch": [1, 2]}, tmp_path,
+                           keep_last=1, deepspeed=False)
+    assert (path / "state.json").read_text() == '{\n  "step": 3,\n  "epoch": 0,\n  "batch": [\n    1,\n    2\n  ]\n}'
+
+
+def test_a_checkpoint_that_cannot_be_pruned_does_not_fail_the_save(tmp_path, monkeypatch):
+    model, opt, sched = setup()
+    for s in (1, 2):
+        save_checkpoint(Solo(), model, opt, sched, {"step": s}, tmp_path, keep_last=2, deepspeed=False)
+    real_rmtree = shutil.rmtree
+
+    def another_job_pruned_it_first(path, *a, **k):
+        if Path(path).name == "step-0000001":
+            real_rmtree(path)
+        return real_rmtree(path, *a, **k)
+
+    monkeypatch.setattr(shutil, "rmtree", another_job_pruned_it_first)
+    path = save_checkpoint(Solo(), model, opt, sched, {"step": 3}, tmp_path, keep_last=2, deepspeed=False)
+    assert path == tmp_path / "step-0000003"
+    assert names(tmp_path) == ["step-0000002", "step-0000003"]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 
 import numpy as np
@@ -71,10 +74,11 @@ class _Counter:
     def __init__(self, monkeypatch):
         import evals.features as features
 
-        self.clips, real = 0, features.clip_features
+        self.clips, self.batches, real = 0, [], features.clip_features
 
         def counting(tower, clips):
             self.clips += len(clips)
+            self.batches.append(len(clips))
             return real(tower, clips)
 
         monkeypatch.setattr(features, "clip_features", counting)
@@ -245,3 +249,123 @@ def test_clip_features_shape_and_training_mode_is_given_back(tmp_path, single_th
     assert out.dtype == torch.float32 and torch.allclose(out[0], _reference(_tower(0), videos[1]), atol=0.1)
     assert describe_tower(tower) == f"{type(tower).__name__}(hidden=32)"
     assert describe_tower(tower, {"name": "clip", "b": 1}) == '{"b": 1, "name": "clip"}'
+
+
+def _fingerprint(tower) -> str:
+    """The training cache's tower fingerprint for an empty tower config, written out here: sha1 of
+    [{}, preprocessing] as sorted JSON, then each state-dict tensor (by name) as "name:shape:dtype" and its bytes."""
+    h = hashlib.sha1(json.dumps([{}, tower.preprocessor.to_dict()], sort_keys=True, default=str).encode())
+    for name, p in sorted(tower.state_dict().items()):
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+        h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()[:16]
+
+
+def _ident(video) -> list:
+    st = os.stat(video)
+    return [str(video.resolve()), st.st_size, st.st_mtime_ns]
+
+
+def _digest(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def test_key_file_names_every_video_the_tower_frames_and_sampling(tmp_path, single_thread):
+    """The JSON next to the features is the key (videos as [resolved path, size, mtime_ns], a missing one as
+    [path, None, None]; tower id; weights fingerprint; frames; sampling), its digest (the first 16 hex digits of the
+    sha256 of the key as sorted JSON) and the errors; the cache folder is created, parents included."""
+    videos = _videos(tmp_path, 2)
+    missing = tmp_path / "missing.mp4"
+    tower = _tower(0)
+    cache = tmp_path / "deep" / "er" / "feats.safetensors"  # two folders that do not exist yet
+    _, index, errors = _extract(tower, [videos[0], missing, videos[1]], cache, sampling="segment_middle")
+    assert index == [0, 2] and list(errors) == [1]
+    key = {"videos": [_ident(videos[0]), [str(missing), None, None], _ident(videos[1])], "tower": TID,
+           "weights": _fingerprint(tower), "num_frames": 4, "sampling": "segment_middle"}
+    meta = json.loads(cache.with_suffix(".json").read_text())
+    assert meta == key | {"digest": _digest(key), "errors": {"1": errors[1]}}
+    assert len(meta["digest"]) == 16
+
+
+def test_a_cache_written_in_the_documented_format_is_served(tmp_path, single_thread, monkeypatch, caplog):
+    """Features and a key written here by hand (not by extract_features) are returned as stored, nothing encoded,
+    errors with int keys; the reuse is logged with the cache's path."""
+    from safetensors.torch import save_file
+
+    videos = _videos(tmp_path, 2)
+    missing = tmp_path / "missing.mp4"
+    tower = _tower(0)
+    count = _Counter(monkeypatch)
+    cache = tmp_path / "feats.safetensors"
+    stored = torch.arange(2 * 4 * 32, dtype=torch.float32).reshape(2, 4, 32)
+    save_file({"features": stored, "index": torch.tensor([0, 2])}, str(cache))
+    key = {"videos": [_ident(videos[0]), [str(missing), None, None], _ident(videos[1])], "tower": TID,
+           "weights": _fingerprint(tower), "num_frames": 4, "sampling": "uniform"}
+    cache.with_suffix(".json").write_text(json.dumps({"digest": _digest(key), **key, "errors": {"1": "gone"}}))
+    with caplog.at_level(logging.INFO, logger="evals.features"):
+        feats, index, errors = _extract(tower, [videos[0], missing, videos[1]], cache)
+    assert count.clips == 0 and torch.equal(feats, stored) and index == [0, 2] and errors == {1: "gone"}
+    assert [r.getMessage() for r in caplog.records if r.name == "evals.features"] == [f"features: reusing {cache}"]
+
+
+def test_another_missing_video_is_not_served_the_cached_error(tmp_path, single_thread, monkeypatch):
+    """A missing video is keyed by its path: the same list with another missing file is recomputed."""
+    videos = _videos(tmp_path, 1)
+    tower = _tower(0)
+    count = _Counter(monkeypatch)
+    cache = tmp_path / "feats.safetensors"
+    _, _, errors = _extract(tower, [videos[0], tmp_path / "gone_a.mp4"], cache)
+    assert "gone_a.mp4" in errors[1]
+    _, index, errors = _extract(tower, [videos[0], tmp_path / "gone_b.mp4"], cache)
+    assert count.clips == 2 and index == [0] and "gone_b.mp4" in errors[1] and "gone_a.mp4" not in errors[1]
+
+
+def test_defaults_eight_uniform_frames_batches_of_eight_empty_id_and_a_progress_bar(tmp_path, single_thread,
+                                                                                 monkeypatch, capsys):
+    video = tmp_path / "long.mp4"
+    write_video(video, np.random.default_rng(7).integers(0, 255, (12, 32, 32, 3), dtype=np.uint8), fps=4)
+    tower = _tower(0)
+    count = _Counter(monkeypatch)
+    cache = tmp_path / "feats.safetensors"
+    capsys.readouterr()
+    feats, index, errors = extract_features(tower, [video] * 9, cache=cache)
+    err = capsys.readouterr().err
+    assert count.batches == [8, 1] and index == list(range(9)) and errors == {}
+    expected = _reference(tower, video, 8, "uniform")
+    assert feats.shape == (9, 8, 32) and all(torch.allclose(f, expected, atol=1e-5) for f in feats)
+    meta = json.loads(cache.with_suffix(".json").read_text())
+    assert meta["tower"] == "" and meta["num_frames"] == 8 and meta["sampling"] == "uniform"
+    assert "tower features: 100%" in err and "9/9" in err and "video/s" in err
+
+
+def test_progress_false_writes_nothing(tmp_path, single_thread, capsys):
+    videos = _videos(tmp_path, 2)
+    capsys.readouterr()
+    extract_features(_tower(0), videos, num_frames=4, progress=False)
+    assert capsys.readouterr().err == ""
+    extract_features(_tower(0), videos, num_frames=4, progress=True)
+    assert "tower features: 100%" in capsys.readouterr().err
+
+
+def test_batch_size_is_the_most_clips_per_tower_call(tmp_path, single_thread, monkeypatch):
+    videos = _videos(tmp_path, 5)
+    count = _Counter(monkeypatch)
+    _extract(_tower(0), videos, None, batch_size=2)
+    assert count.batches == [2, 2, 1]
+    _extract(_tower(0), videos, None, batch_size=1)
+    assert count.batches == [2, 2, 1, 1, 1, 1, 1, 1]
+
+
+def test_skipped_videos_are_logged_with_their_error(tmp_path, single_thread, caplog):
+    videos = _videos(tmp_path, 1)
+    missing = tmp_path / "missing.mp4"
+    with caplog.at_level(logging.INFO, logger="evals.features"):
+        _, _, errors = _extract(_tower(0), [missing, videos[0]], None)
+    assert [r.getMessage() for r in caplog.records if r.name == "evals.features"] == [
+        f"features: skipping {missing}: {errors[0]}"]
+    assert [r.levelno for r in caplog.records if r.name == "evals.features"] == [logging.WARNING]
+
+
+def test_no_videos_at_all_is_an_error_with_a_placeholder(single_thread):
+    with pytest.raises(RuntimeError, match=r"^no video could be decoded \(first error: \?\)$"):
+        extract_features(_tower(0), [], num_frames=4, progress=False)

@@ -29,6 +29,7 @@ from evals.profiles import (
     parse_mvbench,
     register_profile,
 )
+from vlm.data.conversation import Turn
 from vlm.data.mvbench import MCQItem
 
 ITEM = MCQItem("t", 0, Path("v.mp4"), "What happened?", ["Ate.", "Slept.", "Ran  "], "Slept.", 1)
@@ -94,8 +95,31 @@ def test_builtin_profiles_and_their_records():
     assert cz["continuations_example"] == ["<option 1>", "<option 2>"]
     assert cz["turns_example"] == [{"role": "user", "text": "<video>\n<question>"}]
     assert get_profile("mvbench").parse is parse_mvbench and get_profile("lmms_eval").parse is parse_lmms_eval
+    common = {"name", "mode", "description", "source", "prefill", "turns_example"}
+    generate = common | {"max_new_tokens", "greedy", "stop", "parse"}
+    assert set(mv) == generate | {"system_prompt", "question_prompt", "answer"}
+    assert set(lm) == generate | {"post_prompt"}
+    assert set(ll) == set(cz) == common | {"continuations_example", "score_norm", "score"}
+    assert cz["description"] == ("cloze formulation: '<video>\\nquestion' (no options, no letters); each option's text "
+                                 "scored as the answer by log-likelihood per character; argmax is the answer")
+    assert cz["source"] == "OLMES (Gu et al., 2024) cloze formulation; lm-evaluation-harness acc_norm"
     with pytest.raises(KeyError, match="unknown multiple-choice profile 'nope'.*mvbench, lmms_eval, loglik, cloze"):
         get_profile("nope")
+
+
+def test_record_renders_the_prompt_on_a_fixed_example_item():
+    """A profile's prompt may use any field of the item (a per-task prompt, say): the record shows the example item's
+    fields as they are, so a stored record says exactly what the prompt looks like."""
+    def echo(item: MCQItem) -> list[Turn]:
+        return [Turn("user", f"{item.task}|{item.index}|{item.video}|{item.question}|{'/'.join(item.candidates)}|"
+                             f"{item.answer}|{item.answer_index}|{item.answer_letter}|{item.uid}")]
+
+    mine = dataclasses.replace(get_profile("cloze"), name="echo", build_turns=echo,
+                               continuations=lambda item: [item.uid, item.answer, str(item.video)])
+    rec = mine.record()
+    assert rec["turns_example"] == [{"role": "user", "text": "example|0|v.mp4|<question>|<option 1>/<option 2>|"
+                                                             "<option 1>|0|A|example/0"}]
+    assert rec["continuations_example"] == ["example/0", "<option 1>", "v.mp4"]
 
 
 # ---------------------------------------------------------------------- parsers
@@ -105,6 +129,10 @@ def test_check_ans_compares_first_words():
     assert check_ans("(B)Slept", "(B) x")  # the ground truth's first word inside the prediction's
     assert check_ans("(B.", "(B) x")  # dots removed from the prediction
     assert not check_ans("(A) Slept.", "(B) Slept.") and not check_ans("x (B)", "(B) x")  # only the first word
+    # words are split at spaces only, as the notebook's `split(' ')` does: a tab or newline joins two words ...
+    assert not check_ans("(B\tx", "(B) y") and not check_ans("(c)\nz", "(C)\nx")
+    # ... and a leading space makes the first word "", which is inside every ground truth (issue #227's quirk)
+    assert check_ans(" x", "(B) y") and check_ans("(D)", " (C) x")
 
 
 def test_parse_mvbench():
@@ -127,7 +155,14 @@ def test_lmms_eval_extract_and_parse():
     assert lmms_eval_extract("x-b- y") is None and lmms_eval_extract("x-b-y") == "B"  # else a space ("x b y")
     assert lmms_eval_extract("b,c 1,000") is None  # "1,000" present: every mark dropped ("bc 1000")
     assert lmms_eval_extract("b,c") == "B"  # otherwise a mark inside a word is a space ("b c")
+    assert lmms_eval_extract("so it is b.") == "B"  # a sentence-final period is dropped, not spaced
     assert lmms_eval_extract("e") == "E" and lmms_eval_extract("f") is None
+    # newlines and tabs become spaces before the punctuation pass: "x-b -y" (every "-" dropped), "b c"
+    assert lmms_eval_extract("x-b\n-y") is None and lmms_eval_extract("x-b\t-y") is None
+    assert lmms_eval_extract("b\nc") == "B" and lmms_eval_extract("b\tc") == "B"
+    assert lmms_eval_extract("bX") is None and lmms_eval_extract("Xb") is None  # only quotes/brackets are stripped
+    # lower-cased as lmms-eval does with Python's str.lower: "İ" becomes "i" + a combining dot (not a word character)
+    assert "İb".lower() == "i\u0307b" and lmms_eval_extract("İb") == "B"
     assert lmms_eval_extract("a dog") == "A"  # lmms-eval's quirk, reproduced
     assert lmms_eval_extract("none") is None
     assert parse_lmms_eval("E", 5) == Parsed("E", "E") and parse_lmms_eval("D", 4) == Parsed("D", "D")

@@ -249,3 +249,31 @@ def test_zero_losses_give_zero_gap_percent(data):
     root, files = data
     m = visual_reliance(FakeModel(lambda sid, mean: 0.0), files["captions"], limit=4).metrics
     assert m["gap_percent"] == 0.0 and m["gap"] == 0.0 and m["gap_stderr"] == 0.0
+
+
+def test_kinds_from_ids_and_a_two_sample_kind_stderr(tmp_path):
+    """A sample's kind is its id's suffix after the LAST "_" with trailing digits dropped (other letters kept), or
+    "sample" when nothing is left; a kind of two samples has the standard error sqrt(var / 2) with var over n - 1 = 1."""
+    from vlm.video import write_video
+
+    (tmp_path / "videos").mkdir()
+    for name, base in (("a", 40), ("b", 160)):
+        write_video(tmp_path / "videos" / f"{name}.mp4", np.full((4, 16, 16, 3), base, dtype=np.uint8), fps=4)
+    specs = [("x_y_mcq1", "a"), ("clip_mcq2", "b"), ("q_7", "a"), ("r_boX2", "b"), ("42", "a")]
+    (tmp_path / "d.json").write_text(json.dumps([
+        {"id": sid, "video": f"videos/{v}.mp4", "conversations": [
+            {"from": "human", "value": "<video>\nWhat?"}, {"from": "gpt", "value": "That."}]} for sid, v in specs]))
+    means = {sid: round(float(read_clip(tmp_path / "videos" / f"{v}.mp4", 2).frames.astype("float64").mean()), 4)
+             for sid, v in specs}
+    own = {"x_y_mcq1": 1.0, "clip_mcq2": 1.0, "q_7": 0.5, "r_boX2": 2.0, "42": 1.0}
+    other = {"x_y_mcq1": 2.0, "clip_mcq2": 1.0, "q_7": 0.75, "r_boX2": 1.0, "42": 1.5}
+    result = visual_reliance(FakeModel(lambda sid, mean: own[sid] if mean == means[sid] else other[sid]),
+                             tmp_path / "d.json", limit=5, num_frames=2)
+    assert set(result.per_task) == {"mcq", "sample", "boX"}
+    mcq = result.per_task["mcq"]  # gaps 1.0 and 0.0: mean 0.5, var (0.25 + 0.25) / 1, stderr sqrt(0.5 / 2) = 0.5
+    assert mcq["samples"] == 2 and mcq["gap"] == pytest.approx(0.5) and mcq["gap_stderr"] == pytest.approx(0.5)
+    assert mcq["own_preferred_percent"] == 75.0
+    sample = result.per_task["sample"]  # q_7 and 42: gaps 0.25 and 0.5
+    assert sample["samples"] == 2 and sample["gap"] == pytest.approx(0.375)
+    assert sample["gap_stderr"] == pytest.approx(math.sqrt(2 * 0.125 ** 2 / 1 / 2))
+    assert result.per_task["boX"]["samples"] == 1 and result.per_task["boX"]["gap"] == pytest.approx(-1.0)

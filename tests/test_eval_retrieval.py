@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 
 import pytest
 import torch
@@ -121,7 +122,7 @@ def test_ranks_match_the_definition_written_as_loops(seed):
     (torch.zeros(2, 3), [-1, 0], "outside 0..2"),
     (torch.zeros(2, 3), [0, 1, 2], "must be"),
     (torch.zeros(3), [0, 1, 2], "must be"),
-    (torch.tensor([[0.1, float("nan")]]), [0], "NaN"),
+    (torch.tensor([[0.1, float("nan")]]), [0], "^similarity matrix has NaNs$"),
 ])
 def test_bad_inputs_are_clear_value_errors(sim, text_video, match):
     with pytest.raises(ValueError, match=match):
@@ -322,6 +323,10 @@ def test_dual_encoder_batches_pair_distinct_videos_with_their_own_captions(monke
         assert len(set(v)) == len(v) and v == c  # distinct videos, each with a caption of its own
     assert sum(len(v) == 3 for v in vids) >= 30 and all(2 <= len(v) <= 3 for v in vids)
     assert set(sum(vids, [])) == set(range(n_video))
+    # epochs: 40 batches of 3 draw 24 shuffled passes over the 5 videos, so no video is drawn more than 24 times
+    # (an epoch's leftover videos lead the next batch; they are not dropped for a fresh shuffle)
+    counts = Counter(sum(vids, []))
+    assert max(counts.values()) <= 40 * 3 // n_video and len(counts) == n_video
     assert {int(t) for kind, x in seen if kind == "id" for t in x} == set(range(len(text_video)))  # every caption
     torch.manual_seed(123)  # another global RNG state: the seed alone fixes batches and initialisation
     again = train_dual_encoder(video, text, text_video, embed_dim=4, steps=40, batch_size=3)
@@ -375,3 +380,360 @@ def test_llm_text_encoder_mean_pools_only_real_tokens():
             alone = llm(**ids, output_hidden_states=True).hidden_states[-1][0].mean(0)
             assert torch.allclose(row, alone, atol=1e-5)
     assert not torch.allclose(out[0], out[2], atol=1e-3)
+
+
+# ---------------------------------------------------------------------- the results record of evaluate_retrieval
+# extract_features is replaced by a recording stand-in (the real one is exercised end to end above), so the record
+# can be checked field by field: the exact key sets, every setting, the counts, the plumbing of each argument.
+_FEATS = {name: torch.randn(2, 6, generator=torch.Generator().manual_seed(k))
+          for k, name in enumerate(["red", "green", "blue", "white"])}
+_WORDS = ["red", "green", "blue", "white"]
+
+
+def _words(texts):
+    """A stand-in text encoder: which colour words the caption names, its digit, and a constant."""
+    return torch.tensor([[float(n in t.split()) for n in _WORDS] + [float(t.split()[-1]), 1.0] for t in texts])
+
+
+class FakeTower:  # all evaluate_retrieval itself reads of a tower once extract_features is replaced
+    hidden_size = 6
+
+
+@pytest.fixture
+def fake_pipeline(monkeypatch):
+    """Records every extract_features and train_dual_encoder call; a clock that reads 100.0 then 102.34567."""
+    import types
+
+    import evals.retrieval as retrieval
+
+    calls = {"extract": [], "train": []}
+
+    def extract(tower, videos, **kw):
+        calls["extract"].append((tower, list(videos), kw))
+        index = [i for i, v in enumerate(videos) if "broken" not in v.name]
+        errors = {i: f"cannot decode {v.name}" for i, v in enumerate(videos) if "broken" in v.name}
+        return torch.stack([_FEATS[videos[i].stem] for i in index]), index, errors
+
+    real_train = retrieval.train_dual_encoder
+
+    def train(*args, **kw):
+        out = real_train(*args, **kw)
+        calls["train"].append((args, kw, out))
+        return out
+
+    ticks = iter([100.0])
+    monkeypatch.setattr(retrieval, "extract_features", extract)
+    monkeypatch.setattr(retrieval, "train_dual_encoder", train)
+    monkeypatch.setattr(retrieval, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks, 102.34567)))
+    return calls
+
+
+def _retrieval_items(tmp_path):
+    from evals.retrieval import RetrievalItem
+
+    def item(name, *caps):
+        return RetrievalItem(tmp_path / f"{name}.mp4", list(caps))
+
+    train = [item("red", "red 1", "red 2"), item("broken_a", "red 3", "blue 4"), item("green", "green 5"),
+             item("blue", "blue 6", "blue 7", "blue 8"), item("white", "white 9")]
+    test = [item("white", "white 1", "white 2"), item("broken_b", "green 3"), item("blue", "blue 4"),
+            item("red", "red 5", "red 6")]
+    return train, test
+
+
+def _check_record(res, out, calls, *, tower_id, dataset_name, objective, num_frames, steps, batch_size, embed_dim,
+                  lr, seed, progress, text_encoder_name):
+    """Everything evaluate_retrieval reports and saves for the items of `_retrieval_items`, recomputed here."""
+    from safetensors.torch import load_file
+
+    from evals.retrieval import DualEncoder
+
+    # frozen features: one call per split, each with the split's own cache file, the tower id and the progress flag
+    assert [(tower is not None, [v.stem for v in videos], kw) for tower, videos, kw in calls["extract"]] == [
+        (True, ["red", "broken_a", "green", "blue", "white"],
+         {"num_frames": num_frames, "cache": out / "features_train.safetensors", "tower_id": tower_id,
+          "progress": progress}),
+        (True, ["white", "broken_b", "blue", "red"],
+         {"num_frames": num_frames, "cache": out / "features_test.safetensors", "tower_id": tower_id,
+          "progress": progress})]
+    # training: the decodable train videos, their captions in order, caption -> index among the kept videos
+    (args, kw, trained), = calls["train"]
+    assert kw == {"objective": objective, "embed_dim": embed_dim, "steps": steps, "batch_size": batch_size,
+                  "lr": lr, "seed": seed, "progress": progress}
+    assert torch.equal(args[0], torch.stack([_FEATS[n] for n in ["red", "green", "blue", "white"]]))
+    assert torch.equal(args[1], _words(["red 1", "red 2", "green 5", "blue 6", "blue 7", "blue 8", "white 9"]))
+    assert list(args[2]) == [0, 0, 1, 2, 2, 2, 3]
+    assert len(trained.losses) == steps and len(set(trained.losses[:2])) == 2 and len(set(trained.losses[-2:])) == 2
+
+    # metrics recomputed from the saved heads, the decodable test videos and their captions
+    saved = load_file(str(out / "dual_encoder.safetensors"))
+    assert saved.keys() == trained.model.state_dict().keys()
+    model = DualEncoder(6, 6, embed_dim)
+    model.load_state_dict(saved)
+    assert model.video_proj.out_features == embed_dim
+    captions = ["white 1", "white 2", "blue 4", "red 5", "red 6"]
+    owner = [0, 0, 1, 2, 2]
+    expected = _naive_metrics(model.similarity(torch.stack([_FEATS[n] for n in ["white", "blue", "red"]]),
+                                               _words(captions)), owner)
+    assert res.task_type == "retrieval" and res.model == tower_id
+    assert res.dataset == {"name": dataset_name, "train_videos": 5, "test_videos": 4}
+    assert res.metrics.keys() == {f"{d}_{m}" for d in ("t2v", "v2t") for m in ("R@1", "R@5", "R@10", "MdR", "MnR")}
+    assert res.metrics == pytest.approx({k: v for k, v in expected.items() if not k.endswith("queries")})
+    assert res.per_task.keys() == {"t2v", "v2t"}
+    for d in ("t2v", "v2t"):
+        assert res.per_task[d] == pytest.approx({k[4:]: v for k, v in expected.items() if k.startswith(d + "_")})
+    assert res.counts == {"test_videos": 4, "text_queries": 5, "video_queries": 3, "skipped_train": 1,
+                          "skipped_test": 1, "elapsed_seconds": 2.346,
+                          "skipped_reasons": [f"train: {out.parent / 'broken_a.mp4'}: cannot decode broken_a.mp4",
+                                              f"test: {out.parent / 'broken_b.mp4'}: cannot decode broken_b.mp4"]}
+    assert type(res.counts["elapsed_seconds"]) is float
+    assert res.settings == {
+        "objective": objective, "final_temperature": pytest.approx(trained.objective.temperature, rel=1e-6),
+        "final_loss": trained.losses[-1], "first_loss": trained.losses[0], "steps": steps, "batch_size": batch_size,
+        "embed_dim": embed_dim, "lr": lr, "seed": seed, "num_frames": num_frames, "text_encoder": text_encoder_name,
+        "tie_rule": "pessimistic (a tie with a wrong item counts against the query)",
+        "video_query_rank": "best rank among the video's own captions"}
+    assert res.profile is None and res.judge is None
+    # saved: the record, the heads, the report and its chart
+    assert json.loads((out / "results.json").read_text(encoding="utf-8")) == res.to_dict()
+    assert sorted(p.name for p in out.iterdir()) == ["dual_encoder.safetensors", "per_task.png", "report.md",
+                                                     "results.json"]
+    return trained
+
+
+def test_evaluate_retrieval_record_with_the_defaults(tmp_path, fake_pipeline, monkeypatch):
+    """Defaults: the packaged MiniLM text encoder, 8 frames, 300 InfoNCE steps of up to 64 videos, 256-d heads,
+    lr 1e-3, seed 0, progress shown, dataset named "retrieval", the tower named by its class and width."""
+    import evals.text_embed
+    from evals.retrieval import evaluate_retrieval
+
+    class PackagedEncoder:
+        model_id = "fake/minilm"
+
+        def __call__(self, texts):
+            return _words(texts)
+
+    monkeypatch.setattr(evals.text_embed, "shared_minilm", PackagedEncoder)
+    train, test = _retrieval_items(tmp_path)
+    res = evaluate_retrieval(FakeTower(), train, test, tmp_path / "out")
+    trained = _check_record(res, tmp_path / "out", fake_pipeline, tower_id="FakeTower(hidden=6)",
+                            dataset_name="retrieval", objective="infonce", num_frames=8, steps=300, batch_size=64,
+                            embed_dim=256, lr=1e-3, seed=0, progress=True, text_encoder_name="fake/minilm")
+    assert 1.0 / trained.objective.scale.item() == pytest.approx(res.settings["final_temperature"], rel=1e-6)
+
+
+def test_evaluate_retrieval_record_with_every_setting_given(tmp_path, fake_pipeline):
+    """Each argument reaches the record and the calls; a tower spec names the tower (sorted JSON); a plain
+    function as text encoder is named by its type."""
+    from evals.retrieval import evaluate_retrieval
+
+    def encoder(texts):
+        return _words(texts)
+
+    train, test = _retrieval_items(tmp_path)
+    res = evaluate_retrieval(FakeTower(), train, test, tmp_path / "out", text_encoder=encoder, objective="siglip",
+                             num_frames=3, steps=7, batch_size=2, embed_dim=8, lr=0.02, seed=5,
+                             tower_spec={"name": "tiny", "frames": 3}, dataset="msrvtt-mini", progress=False)
+    trained = _check_record(res, tmp_path / "out", fake_pipeline, tower_id='{"frames": 3, "name": "tiny"}',
+                            dataset_name="msrvtt-mini", objective="siglip", num_frames=3, steps=7, batch_size=2,
+                            embed_dim=8, lr=0.02, seed=5, progress=False, text_encoder_name="function")
+    assert 1.0 / trained.objective.t_prime.exp().item() == pytest.approx(res.settings["final_temperature"], rel=1e-6)
+
+
+# ---------------------------------------------------------------------- train_dual_encoder: defaults, optimiser, logging
+def test_train_dual_encoder_defaults(monkeypatch, caplog):
+    """Defaults: InfoNCE, 256-d heads, 300 steps of 64 distinct videos, no progress logging."""
+    import logging
+
+    import evals.retrieval as retrieval
+
+    sizes = []
+
+    class Recording(retrieval.DualEncoder):
+        def encode_video(self, feats):
+            sizes.append(len(set(feats[:, 0, 0].tolist())))
+            return super().encode_video(feats)
+
+    monkeypatch.setattr(retrieval, "DualEncoder", Recording)
+    caplog.set_level(logging.INFO, logger="evals.retrieval")
+    n = 70
+    video = torch.arange(n, dtype=torch.float).view(-1, 1, 1).expand(n, 2, 3).contiguous()
+    text = torch.randn(n, 2, generator=torch.Generator().manual_seed(0))
+    out = train_dual_encoder(video, text, list(range(n)))
+    assert len(out.losses) == 300 and len(sizes) == 300
+    assert sizes[0] == 64 and max(sizes) == 64  # 64 distinct videos per batch (of 70)
+    assert out.model.video_proj.out_features == 256 and out.model.text_proj.out_features == 256
+    assert isinstance(out.objective, InfoNCELoss)
+    assert not [r for r in caplog.records if r.name == "evals.retrieval"]
+
+
+def test_train_dual_encoder_first_step_is_one_adamw_step():
+    """One step from the seeded initial heads (`steps=0` returns them untrained): AdamW's decoupled weight decay
+    p * (1 - lr * wd), then a first Adam step of size lr * |g| / (|g| + eps) = lr. Default lr 1e-3 and wd 1e-4."""
+    g = torch.Generator().manual_seed(0)
+    video, text = torch.randn(6, 2, 4, generator=g), torch.randn(6, 3, generator=g)
+    tv = [0, 1, 2, 3, 4, 5]
+    init = train_dual_encoder(video, text, tv, steps=0, embed_dim=16)
+    assert init.losses == []
+    p0 = {k: v.clone() for k, v in init.model.state_dict().items()}
+    for kwargs, lr, wd in [({}, 1e-3, 1e-4), ({"lr": 0.02, "weight_decay": 0.5}, 0.02, 0.5)]:
+        one = train_dual_encoder(video, text, tv, steps=1, embed_dim=16, **kwargs)
+        for k, p in one.model.state_dict().items():
+            step = (p - p0[k] * (1 - lr * wd)).abs()
+            assert torch.allclose(step, torch.full_like(step, lr), rtol=2e-3, atol=0), (k, kwargs)
+
+
+def test_train_dual_encoder_needs_two_captioned_videos():
+    video, text = torch.randn(3, 2, 4), torch.randn(3, 5)
+    assert len(train_dual_encoder(video, text, [0, 1, 1], steps=2, embed_dim=4).losses) == 2  # two are enough
+    with pytest.raises(ValueError, match="^contrastive training needs at least two videos with captions$"):
+        train_dual_encoder(video, text, [1, 1, 1], steps=2, embed_dim=4)
+
+
+def test_caption_ids_may_be_any_integer_valued_tensor():
+    """text_video is converted to integer ids: a float or int32 tensor works like the list."""
+    g = torch.Generator().manual_seed(0)
+    video, text = torch.randn(4, 2, 4, generator=g), torch.randn(6, 5, generator=g)
+    tv = [0, 0, 1, 2, 3, 3]
+    ref = train_dual_encoder(video, text, tv, steps=4, embed_dim=4).losses
+    for ids in (torch.tensor(tv, dtype=torch.float), torch.tensor(tv, dtype=torch.int32)):
+        assert train_dual_encoder(video, text, ids, steps=4, embed_dim=4).losses == ref
+    sim = torch.randn(6, 4, generator=g)
+    ref_m = retrieval_metrics(sim, tv)
+    for ids in (torch.tensor(tv, dtype=torch.float), torch.tensor(tv, dtype=torch.int32)):
+        assert retrieval_metrics(sim, ids) == ref_m
+
+
+def test_train_dual_encoder_logs_progress_every_50_steps_and_the_last(caplog):
+    """With progress: steps 1, 51, 101 and the last (102), each with that step's loss and temperature (the
+    temperature after a shorter run of the same seed, which trains identically up to there)."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="evals.retrieval")
+    g = torch.Generator().manual_seed(0)
+    video, text = torch.randn(4, 2, 3, generator=g), torch.randn(5, 2, generator=g)
+    tv = [0, 1, 1, 2, 3]
+    out = train_dual_encoder(video, text, tv, steps=102, embed_dim=4, lr=0.02, progress=True)
+    records = [r for r in caplog.records if r.name == "evals.retrieval"]
+    logged = [1, 51, 101, 102]
+    assert [r.args[:3] for r in records] == [(s, 102, out.losses[s - 1]) for s in logged]
+    temps = [train_dual_encoder(video, text, tv, steps=s, embed_dim=4, lr=0.02).objective.temperature
+             for s in logged[:-1]] + [out.objective.temperature]
+    assert len(set(temps)) == 4
+    assert [r.getMessage() for r in records] == [
+        f"dual encoder step {s}/102: loss {out.losses[s - 1]:.4f}, temperature {t:.4f}" for s, t in zip(logged, temps)]
+    assert [r.args[3] for r in records] == pytest.approx(temps, rel=1e-6)
+    assert all(r.levelno == logging.INFO for r in records)
+
+
+# ---------------------------------------------------------------------- DualEncoder, LLMTextEncoder, load_retrieval
+def test_dual_encoder_default_width_and_single_feature_vectors():
+    """256-d embeddings by default; an unbatched feature vector embeds like a batch of one."""
+    from evals.retrieval import DualEncoder
+
+    torch.manual_seed(0)
+    model = DualEncoder(6, 5)
+    assert model.video_proj.out_features == 256 and model.text_proj.out_features == 256
+    video, text = torch.randn(3, 2, 6), torch.randn(4, 5)
+    v1 = model.encode_video(video.mean(1)[0])  # [Dv] -> [E]
+    t1 = model.encode_text(text[0])  # [Dt] -> [E]
+    assert v1.shape == t1.shape == (256,)
+    assert torch.allclose(v1, model.encode_video(video[:1])[0], atol=1e-6) and v1.norm().item() == pytest.approx(1.0)
+    assert torch.allclose(t1, model.encode_text(text[:1])[0], atol=1e-6) and t1.norm().item() == pytest.approx(1.0)
+
+
+class _FakeLM(torch.nn.Module):
+    """Last hidden state of a token = its id (one channel); records each forward's batch size."""
+
+    def __init__(self, config=None):
+        super().__init__()
+        self.one = torch.nn.Parameter(torch.ones(1))
+        self.batches = []
+        if config is not None:
+            self.config = config
+
+    def forward(self, input_ids, attention_mask, output_hidden_states):
+        import types
+
+        assert output_hidden_states is True
+        self.batches.append(int(input_ids.shape[0]))
+        return types.SimpleNamespace(hidden_states=[torch.zeros(1), input_ids.float().unsqueeze(-1) * self.one])
+
+
+def _fake_tokenizer(texts, padding, return_tensors):
+    """Token id = word length; right-padded with 0."""
+    from transformers import BatchEncoding
+
+    ids = [[len(w) for w in t.split()] for t in texts]
+    width = max(map(len, ids))
+    return BatchEncoding({"input_ids": torch.tensor([i + [0] * (width - len(i)) for i in ids]),
+                          "attention_mask": torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids])})
+
+
+def test_llm_text_encoder_default_batches_and_model_id():
+    """Batches of 16 by default; the id names the LLM's config.name_or_path, else the LLM's class."""
+    import types
+
+    from evals.retrieval import LLMTextEncoder
+
+    texts = [" ".join(["ab"] * (1 + k % 3) + ["abcdef"] * (k % 2)) for k in range(17)]
+    llm = _FakeLM(types.SimpleNamespace(name_or_path="org/tiny-lm"))
+    enc = LLMTextEncoder(llm, _fake_tokenizer)
+    assert enc.model_id == "llm-mean-pool:org/tiny-lm"
+    out = enc(texts)
+    assert llm.batches == [16, 1]
+    expected = [sum(len(w) for w in t.split()) / len(t.split()) for t in texts]  # mean over real tokens only
+    assert out.shape == (17, 1) and out[:, 0].tolist() == pytest.approx(expected)
+    assert LLMTextEncoder(_FakeLM(), _fake_tokenizer).model_id == "llm-mean-pool:_FakeLM"
+    assert LLMTextEncoder(_FakeLM(types.SimpleNamespace()), _fake_tokenizer).model_id == "llm-mean-pool:_FakeLM"
+
+
+def test_load_retrieval_error_messages_name_the_file_and_record(tmp_path):
+    import re
+
+    from evals.retrieval import load_retrieval
+    from vlm.data.conversation import DataFormatError
+
+    path = tmp_path / "r.json"
+    with pytest.raises(DataFormatError, match=re.escape(f"{tmp_path / 'missing.json'}: cannot read retrieval data: ")):
+        load_retrieval(tmp_path / "missing.json")
+    path.write_text("[{]")
+    with pytest.raises(DataFormatError, match=re.escape(f"{path}: cannot read retrieval data: ")):
+        load_retrieval(path)
+    path.write_text(json.dumps({"video": "a.mp4", "captions": ["x"]}))
+    with pytest.raises(DataFormatError, match=re.escape(f"{path}: expected a list of {{video, captions}}")):
+        load_retrieval(path)
+    path.write_text(json.dumps([{"video": "a.mp4", "caption": "x"}, {"video": "b.mp4", "captions": []}]))
+    with pytest.raises(DataFormatError,
+                       match=re.escape(f"{path}[1]: needs 'video' and a non-empty 'captions' list of strings")):
+        load_retrieval(path)
+
+
+def test_load_retrieval_reads_utf8_whatever_the_locale(tmp_path):
+    """The file is UTF-8 even where the locale's encoding is ASCII (here: LC_CTYPE switched to C for the call)."""
+    import codecs
+    import locale
+    import sys
+
+    from evals.retrieval import load_retrieval
+
+    rows = [{"video": "café.mp4", "captions": ["naïve — crème brûlée", "日本語"]}]
+    (tmp_path / "r.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    old = locale.setlocale(locale.LC_CTYPE)
+    try:
+        locale.setlocale(locale.LC_CTYPE, "C")
+        if not sys.flags.utf8_mode and codecs.lookup(locale.getpreferredencoding(False)).name == "ascii":
+            with pytest.raises(UnicodeDecodeError):  # here a read in the locale's encoding fails
+                (tmp_path / "r.json").read_text()
+        items = load_retrieval(tmp_path / "r.json")
+    finally:
+        locale.setlocale(locale.LC_CTYPE, old)
+    assert [(it.video, it.captions) for it in items] == [(tmp_path / "café.mp4", ["naïve — crème brûlée", "日本語"])]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_metrics_on_a_cuda_similarity_matrix_with_caption_ids_as_a_list():
+    sim = torch.tensor(SEVERAL_SIM)
+    assert retrieval_metrics(sim.cuda(), SEVERAL_TEXT_VIDEO) == retrieval_metrics(sim, SEVERAL_TEXT_VIDEO)
+    ranks, ids = video_to_text_ranks(sim.cuda(), torch.tensor(SEVERAL_TEXT_VIDEO).cuda())
+    assert ranks.tolist() == [2, 4, 1, 3, 4, 9] and ids.tolist() == [0, 1, 2, 3, 4, 5]

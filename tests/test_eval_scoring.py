@@ -7,6 +7,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -54,10 +56,10 @@ ITEM = MCQItem("t", 0, Path("v.mp4"), "Which way does it move?", ["left", "right
                "right", 1)
 
 
-def reference_scores(model: VideoLLM, req: ScoringRequest) -> list[float]:
+def reference_scores(model: VideoLLM, req: ScoringRequest, media: str = "video") -> list[float]:
     """log p(option | prompt + prefill) without vlm.scoring: per option, one plain forward over the prompt embeddings
     followed by the option's token embeddings, and the option tokens' log-probs summed by hand."""
-    media = "video" if req.clip is not None else None
+    media = media if req.clip is not None else None
     batch = model.build_batch([model.make_sample(req.turns, req.clip, media)], generation=True, prefill=req.prefill)
     table = model.llm.get_input_embeddings()
     out = []
@@ -165,6 +167,70 @@ def test_shared_prefix_runs_the_prompt_once_and_only_the_options_after_it(model,
     assert calls == [prefix]  # single-token options: the prompt forward is all it takes
 
 
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_a_single_option_and_an_image_request_with_a_system_turn(model, share_prefix):
+    """One continuation (a batch of one row) scores like the reference; an image request keeps its media type even
+    when its first turn is the system prompt (inferring it from the first turn would take it for a video)."""
+    one = ScoringRequest(uid="q", clip=clip(), turns=mvbench_turns(ITEM), prefill="Best option:(",
+                         continuations=["B) right turn"])
+    frame = clip(seed=5)
+    image = Clip(frame.frames[:1], frame.timestamps[:1], frame.indices[:1], "synthetic", 2.0, 1)
+    pic = ScoringRequest(uid="i", clip=image, media_type="image", prefill="",
+                         turns=[Turn("system", "Be brief."), Turn("user", "<image>\nWhat colour is it?")],
+                         continuations=["red", "a blue square"])
+    for req, media in ((one, "video"), (pic, "image")):
+        got = model.score_options([req], share_prefix=share_prefix)[0]
+        assert np.allclose(got, reference_scores(model, req, media), atol=1e-4, rtol=0), req.uid
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_masked_prompt_positions_are_not_attended(model, share_prefix):
+    """A left-padded prompt (as a generation batch pads it) scores like the prompt alone: neither the prompt forward
+    nor the options may attend to the masked positions. RoPE positions are relative, so the shift does not matter."""
+    req = ScoringRequest(uid="q", clip=clip(), turns=mvbench_turns(ITEM), prefill="Best option:(",
+                         continuations=["A) left", "B) right turn", "C"])
+    ref = reference_scores(model, req)
+    conts = [model.tokenizer(c, add_special_tokens=False)["input_ids"] for c in req.continuations]
+    batch = model.build_batch([model.make_sample(req.turns, req.clip, "video")], generation=True, prefill=req.prefill)
+    with torch.no_grad():
+        embeds, attention, _ = model.embed(batch)
+    junk = torch.Generator().manual_seed(0)
+    padded = torch.cat([20 * torch.randn(1, 3, embeds.shape[2], generator=junk), embeds], dim=1)
+    mask = torch.cat([torch.zeros(1, 3, dtype=attention.dtype), attention], dim=1)
+    score = model._score_with_cache if share_prefix else model._score_recompute
+    with torch.no_grad():
+        assert np.allclose(score(padded, mask, conts), ref, atol=1e-4, rtol=0)
+        seen = score(padded, torch.ones_like(mask), conts)  # the junk, attended, changes every score
+    assert all(abs(a - b) > 1e-3 for a, b in zip(seen, ref)), (seen, ref)
+
+
+def test_recompute_casts_option_embeddings_to_the_prompts_dtype(model, monkeypatch):
+    """An embedding table kept in another precision than the prompt embeddings (float32 embeddings beside bfloat16
+    layers, say): the options' embeddings are cast to the prompt's dtype, which the layers expect."""
+    req = ScoringRequest(uid="q", clip=clip(), turns=mvbench_turns(ITEM), prefill="Best option:(",
+                         continuations=["A) left", "B) right turn"])
+    ref = reference_scores(model, req)
+    conts = [model.tokenizer(c, add_special_tokens=False)["input_ids"] for c in req.continuations]
+    batch = model.build_batch([model.make_sample(req.turns, req.clip, "video")], generation=True, prefill=req.prefill)
+    with torch.no_grad():
+        embeds, attention, _ = model.embed(batch)
+    table = torch.nn.Embedding.from_pretrained(model.llm.get_input_embeddings().weight.detach().double())
+    monkeypatch.setattr(model.llm, "get_input_embeddings", lambda: table)
+    with torch.no_grad():
+        assert np.allclose(model._score_recompute(embeds, attention, conts), ref, atol=1e-4, rtol=0)
+
+
+def test_scoring_is_silent(model):
+    """No warning per scored question (an implicit softmax dimension, say), whichever path runs."""
+    options = (["A) left", "B) right turn"], ["A", "B"])  # the continuation forward; the prompt forward alone
+    reqs = [ScoringRequest(uid="q", clip=clip(), turns=mvbench_turns(ITEM), prefill="Best option:(", continuations=c)
+            for c in options]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for share_prefix in (True, False):
+            model.score_options(reqs, share_prefix=share_prefix)
+
+
 def test_single_letter_loglik_agrees_with_greedy_first_token(model):
     letters = ["A", "B", "C", "D"]
     ids = [model.tokenizer(x, add_special_tokens=False)["input_ids"] for x in letters]
@@ -199,6 +265,79 @@ def test_gather_sums_the_right_positions_in_float64():
     assert (torch.tensor(-1.0) + torch.tensor(-1e-8)).item() == -1.0  # the float32 tie this avoids
     longer, shorter = ScoringMixin._gather(first, rest, [[0, 1], [0]])
     assert shorter == -1.0 and longer == pytest.approx(-1.0 - 1e-8, abs=1e-12) and longer < shorter
+
+
+def test_gather_goes_on_after_an_empty_option():
+    first = torch.log_softmax(torch.tensor([0.5, -1.0, 2.0, 0.0]), dim=-1)
+    rest = torch.log_softmax(torch.tensor([[[0.0, 0.0, 0.0, 0.0]], [[0.0, 0.0, 0.0, 0.0]],
+                                           [[0.0, 0.0, 0.0, 0.0]], [[1.0, 0.0, 3.0, 0.0]]]), dim=-1)
+    z = math.log(math.exp(0.5) + math.exp(-1.0) + math.exp(2.0) + 1.0)
+    want = [0.0, -1.0 - z, 0.0, 2.0 - z + 3.0 - math.log(math.exp(1.0) + 2.0 + math.exp(3.0))]
+    assert ScoringMixin._gather(first, rest, [[], [1], [], [2, 2]]) == pytest.approx(want, abs=1e-6)
+
+
+class _Stop(Exception):
+    pass
+
+
+class _IdsOn:
+    """Token ids as a generation step hands them over, on another device than the CPU ("meta" stands in for an
+    accelerator: it keeps shapes and devices but no values, so the rows come from here)."""
+
+    def __init__(self, rows: list[list[int]], device: str):
+        self.rows, self.shape, self.device = rows, (len(rows), len(rows[0])), torch.device(device)
+
+    def tolist(self) -> list[list[int]]:
+        return self.rows
+
+
+class _MetaLLM:
+    """An LLM on another device than the CPU ("meta"): it records where each tensor it gets lives, answers the
+    prompt forward and stops at the next one (where values would be read)."""
+
+    def __init__(self):
+        self.seen: list[dict[str, str]] = []
+
+    def get_input_embeddings(self):
+        def table(ids: torch.Tensor) -> torch.Tensor:
+            self.seen.append({"table": ids.device.type})
+            return torch.zeros(*ids.shape, 4, device=ids.device)
+        return table
+
+    def __call__(self, **kw):
+        self.seen.append({k: v.device.type for k, v in kw.items() if torch.is_tensor(v)})
+        if "inputs_embeds" in kw and kw["use_cache"]:
+            return SimpleNamespace(logits=torch.zeros(1, 1, 10, device="meta"),
+                                   past_key_values=SimpleNamespace(batch_repeat_interleave=lambda k: None))
+        raise _Stop
+
+
+def test_every_tensor_scoring_makes_lives_on_the_inputs_device(model):
+    meta = torch.device("meta")
+    owner = SimpleNamespace(tokenizer=SimpleNamespace(pad_token_id=3))
+    ids, mask = ScoringMixin._continuation_ids(owner, [[5, 6], [8]], meta)
+    assert (ids.device, mask.device, tuple(ids.shape), tuple(mask.shape)) == (meta, meta, (2, 2), (2, 2))
+
+    scorer = ScoringMixin()
+    scorer.tokenizer, scorer.llm = owner.tokenizer, _MetaLLM()
+    embeds, attention = torch.zeros(1, 5, 4, device=meta), torch.ones(1, 5, dtype=torch.long, device=meta)
+    with pytest.raises(_Stop):
+        scorer._score_with_cache(embeds, attention, [[1, 2], [3]])
+    assert scorer.llm.seen == [{"inputs_embeds": "meta", "attention_mask": "meta"},
+                               {"input_ids": "meta", "attention_mask": "meta"}]
+    scorer.llm = _MetaLLM()
+    with pytest.raises(_Stop):
+        scorer._score_recompute(embeds, attention, [[1, 2], [3]])
+    assert scorer.llm.seen == [{"table": "meta"}, {"inputs_embeds": "meta", "attention_mask": "meta"}]
+
+    # the stopping criterion answers on the ids' device, where generate combines it with its own flags
+    rows = [model.tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("A\nB", "A B")]
+    width = max(map(len, rows))
+    rows = [r + [model.tokenizer.pad_token_id] * (width - len(r)) for r in rows]
+    for stops in (["\n"], []):
+        done = FirstLineStop(model.tokenizer, stops)(_IdsOn(rows, "meta"), None)
+        assert (done.device, done.dtype, tuple(done.shape)) == (meta, torch.bool, (2,))
+    assert FirstLineStop(model.tokenizer, ["\n"])(_IdsOn(rows, "cpu"), None).tolist() == [True, False]
 
 
 @pytest.mark.parametrize("pad,fill", [(7, 7), (None, 0)])

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
+from vlm.train import feature_cache
 from vlm.train.feature_cache import FeatureCache, clip_key, tower_fingerprint
 
 CONFIG = {"name": "clip", "config": {"hidden_size": 32}}
@@ -181,3 +185,126 @@ def test_clip_key_sees_a_frame_rewritten_inside_a_frame_folder(tmp_path):
     os.utime(folder, ns=(before.st_atime_ns, before.st_mtime_ns))
     assert os.stat(folder).st_mtime_ns == before.st_mtime_ns
     assert clip_key(folder, 4, "uniform", None, None) != key
+
+
+def test_fingerprint_takes_config_values_json_cannot_write():
+    tower = tiny_tower()
+    config = {"name": "clip", "dtype": torch.bfloat16, "weights": Path("/models/clip")}  # as recipes hold them
+    base = tower_fingerprint(config, PRE, tower)
+    assert len(base) == 16 and base == tower_fingerprint(dict(config), PRE, tiny_tower())
+    assert tower_fingerprint(dict(config, dtype=torch.float16), PRE, tower) != base
+    assert tower_fingerprint(dict(config, weights=Path("/models/other")), PRE, tower) != base
+
+
+def test_default_shard_holds_256_clips(tmp_path):
+    cache = FeatureCache(tmp_path, "fp")
+    for i in range(255):
+        cache.put(f"k{i}", torch.zeros(1, 1, 2), [0.0], (1, 1, 1))
+    assert not list(cache.dir.glob("*.safetensors")) and "k254" in cache
+    cache.put("k255", torch.zeros(1, 1, 2), [0.0], (1, 1, 1))  # the 256th: written without a flush
+    assert [p.name for p in cache.dir.glob("*.safetensors")] == ["shard-r0-00000.safetensors"]
+    assert len(FeatureCache(tmp_path, "fp").index) == 256
+
+
+def test_hits_and_misses_count_every_lookup(tmp_path):
+    cache = FeatureCache(tmp_path, "fp")
+    cache.put("a", *entry(1))
+    cache.flush()
+    for key in ("x", "a", "y", "z", "a"):
+        cache.get(key)
+    assert (cache.hits, cache.misses) == (2, 3)
+
+
+def test_each_shard_is_opened_once(tmp_path, monkeypatch):
+    cache = FeatureCache(tmp_path, "fp")
+    for s in range(2):
+        cache.put(f"k{s}", *entry(s))
+        cache.flush()  # one shard each
+    opened = []
+    real_open = feature_cache.safe_open
+    monkeypatch.setattr(feature_cache, "safe_open", lambda path, **k: opened.append(Path(path).name) or real_open(path, **k))
+    for s in (0, 1, 0, 1, 0):
+        assert_entry(cache.get(f"k{s}"), s)
+    assert opened == ["shard-r0-00000.safetensors", "shard-r0-00001.safetensors"]
+
+
+def test_a_crash_while_writing_the_index_leaves_the_cache_readable(tmp_path, monkeypatch):
+    cache = FeatureCache(tmp_path, "fp")
+    cache.put("a", *entry(1))
+    cache.flush()
+    cache.put("b", *entry(2))
+    real_replace = os.replace
+
+    def dies_on_the_index(src, dst):
+        if str(dst).endswith(".json"):
+            raise OSError("killed")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(feature_cache.os, "replace", dies_on_the_index)
+    with pytest.raises(OSError, match="killed"):
+        cache.flush()
+    monkeypatch.setattr(feature_cache.os, "replace", real_replace)
+    assert sorted(p.name for p in cache.dir.iterdir()) == ["index-r0.json", "index-r0.json.tmp",
+                                                           "shard-r0-00000.safetensors", "shard-r0-00001.safetensors"]
+    later = FeatureCache(tmp_path, "fp")  # the old index, whole; the half-done one is not read
+    assert list(later.index) == ["a"] and "b" not in later
+    assert_entry(later.get("a"), 1)
+    cache.flush()  # the retry writes its own shard and the index
+    assert_entry(FeatureCache(tmp_path, "fp").get("b"), 2)
+    assert not (cache.dir / "index-r0.json.tmp").exists()
+
+
+def test_put_stores_float32_timestamps_and_int64_grids_whatever_it_is_given(tmp_path):
+    cache = FeatureCache(tmp_path, "fp")
+    cache.put("a", torch.ones(1, 2, 3), np.array([0.25, 0.75]), (np.int32(2), np.int32(1), np.int32(3)))
+    cache.put("b", torch.ones(1, 2, 3), torch.tensor([1, 2]), (2.0, 1.0, 3.0))
+    cache.put("c", torch.ones(1, 2, 3), torch.tensor([0.5], dtype=torch.float64), (1, 2, 2))
+    cache.flush()
+    got = {k: cache.get(k) for k in "abc"}
+    assert [g["timestamps"].dtype for g in got.values()] == [torch.float32] * 3
+    assert [g["grid"].dtype for g in got.values()] == [torch.int64] * 3
+    assert got["a"]["timestamps"].tolist() == [0.25, 0.75] and got["b"]["timestamps"].tolist() == [1.0, 2.0]
+    assert got["c"]["timestamps"].tolist() == [0.5]
+    assert [g["grid"].tolist() for g in got.values()] == [[2, 1, 3], [2, 1, 3], [1, 2, 2]]
+
+
+class RecordMoves(TorchFunctionMode):
+    """Every Tensor.to target (a GPU tower's output must be moved off the device before it waits for a flush)."""
+
+    def __init__(self):
+        super().__init__()
+        self.targets: list = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.to:
+            self.targets.append([*args[1:], *kwargs.values()])
+        return func(*args, **kwargs)
+
+
+def test_put_moves_the_tokens_to_the_cpu_right_away(tmp_path):
+    cache = FeatureCache(tmp_path, "fp")
+    tokens = torch.randn(2, 3, 4)
+    with RecordMoves() as moves:
+        cache.put("a", tokens, [0.0, 0.5], (2, 1, 3))
+    assert [str(t) for t in moves.targets[0]] == ["cpu"]
+
+
+def test_the_same_tensor_under_two_keys_flushes(tmp_path):
+    cache = FeatureCache(tmp_path, "fp")
+    tokens, stamps = torch.randn(2, 3, 4), torch.tensor([0.0, 0.5])
+    cache.put("a", tokens, stamps, (2, 1, 3))
+    cache.put("b", tokens, stamps, (2, 1, 3))
+    cache.flush()
+    for key in ("a", "b"):
+        got = cache.get(key)
+        assert torch.equal(got["tokens"], tokens) and torch.equal(got["timestamps"], stamps)
+
+
+def test_non_contiguous_tokens_are_stored(tmp_path):
+    cache = FeatureCache(tmp_path, "fp")
+    tokens = torch.randn(4, 3, 2).transpose(0, 2)  # dense but not contiguous
+    assert not tokens.is_contiguous()
+    cache.put("a", tokens, torch.zeros(2), (2, 1, 3))
+    cache.flush()
+    assert torch.equal(cache.get("a")["tokens"], tokens)

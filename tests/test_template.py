@@ -179,8 +179,10 @@ def test_generation_prompt_ends_with_the_assistant_header_and_prefill(tok):
 def test_a_tokenizer_without_chat_template_is_refused():
     tok = fresh_tokenizer()
     tok.chat_template = None
-    with pytest.raises(ValueError, match="the tokenizer has no chat template"):
+    with pytest.raises(ValueError, match="^the tokenizer has no chat template; set tokenizer.chat_template first$"):
         ChatTemplate(tok)
+    with pytest.raises(ValueError, match="^the tokenizer has no chat template"):
+        ChatTemplate(object())  # not even the attribute: the same clear error, not an AttributeError
 
 
 # ---------------------------------------------------------------- mismatches: errors naming the sample
@@ -260,8 +262,15 @@ def test_truncation_boundaries(tok):
         template.encode(TWO_TURNS, "video", SLOT, max_length=first, where="s8")
     with pytest.raises(TemplateMismatchError, match=rf"^s8: no assistant token left to learn from \(max_length={last_visual + 1}\)$"):
         template.encode(TWO_TURNS, "video", SLOT, max_length=last_visual + 1, where="s8")  # cut right after the visual tokens
-    with pytest.raises(TemplateMismatchError, match=rf"^s8: {n} tokens exceed max_length={last_visual} inside the visual tokens"):
+    with pytest.raises(TemplateMismatchError, match=rf"^s8: {n} tokens exceed max_length={last_visual} inside the visual "
+                                                    r"tokens; use fewer frames or a larger max_length$"):
         template.encode(TWO_TURNS, "video", SLOT, max_length=last_visual, where="s8")
+    assert full.truncated is False  # a bool in the record, not a falsy stand-in
+    # without `where`, errors name the sample generically
+    with pytest.raises(TemplateMismatchError, match=r"^sample: no assistant token left"):
+        template.encode(TWO_TURNS, "video", SLOT, max_length=first)
+    with pytest.raises(TemplateMismatchError, match=r"^sample: expected exactly one <image> in the rendered conversation, found 0$"):
+        template.encode_prompt(TWO_TURNS[:1], "image", SLOT)
 
 
 # ---------------------------------------------------------------- training skips the sample

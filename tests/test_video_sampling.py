@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from vlm.video import POLICIES, register_policy, sample_indices
-from vlm.video.sampling import uniform
+from vlm.video.sampling import SamplingRequest, _frame_window, uniform
 
 LOGGER = "vlm.video.sampling"
 
@@ -100,6 +100,58 @@ def test_uniform_window_outside_collapses_onto_the_nearest_frame(caplog):
     # Wholly before the start: the first frame.
     assert sample_indices(50, 10.0, 3, start=-5.0, end=-1.0).tolist() == [0] * 3
     assert len(_warnings(caplog)) == 3
+
+
+def test_window_messages_name_the_window(caplog):
+    """The clamp (debug) and collapse (warning) lines quote the window the caller gave, the video and the frame."""
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
+    sample_indices(50, 10.0, 5, start=-3.0, end=99.0)
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG] == [
+        "window [-3.0, 99.0) s clamped to the video's 50 frames at 10.000 fps"]
+    caplog.clear()
+    sample_indices(50, 10.0, 4, start=20.0, end=30.0)  # 50 frames at 10 fps = 5 s; the last frame is 49
+    assert _warnings(caplog) == ["window [20.0, 30.0) s lies outside the video (5.000 s); using frame 49"]
+    caplog.clear()
+    sample_indices(50, 10.0, 4, start=-5.0, end=-1.0)
+    assert _warnings(caplog) == ["window [-5.0, -1.0) s lies outside the video (5.000 s); using frame 0"]
+
+
+def test_window_one_float_step_wide_inside_the_video_is_its_frame(caplog):
+    """start < end, but start * fps == end * fps in floats: the point's frame, not a collapse onto frame 0."""
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    # 0.6999999999999998 s and 0.7 s at 3 fps both give position 2.0999999999999996: frame 2.
+    assert sample_indices(10, 3.0, 2, "uniform", 0.6999999999999998, 0.7).tolist() == [2, 2]
+    # 22.439999999999998 s and 22.44 s at 25 fps both give exactly 561.0: frame 561.
+    assert sample_indices(1000, 25.0, 3, "uniform", 22.439999999999998, 22.44).tolist() == [561] * 3
+    assert sample_indices(1000, 25.0, 3, "fps", 22.439999999999998, 22.44, target_fps=1.0).tolist() == [561]
+    # At the video's start: 0 s and 5e-324 s at 0.5 fps are both position 0.0: frame 0.
+    assert sample_indices(10, 0.5, 2, "uniform", 0.0, 5e-324).tolist() == [0, 0]
+    assert _warnings(caplog) == []
+    # ... while a window starting at the video's end (position 10.0 of 10 frames) is outside it: a warning.
+    assert sample_indices(10, 0.5, 2, "uniform", 20.0, float(np.nextafter(20.0, 21.0))).tolist() == [9, 9]
+    assert len(_warnings(caplog)) == 1
+
+def test_collapsed_window_is_one_whole_frame():
+    # The helper's contract is a window [lo, hi) with lo < hi: a collapse is the one frame [edge, edge + 1).
+    def req(start, end):
+        return SamplingRequest(50, 10.0, 4, start, end, 0, None, None)
+
+    assert _frame_window(req(20.0, 30.0)) == (49.0, 50.0)
+    assert _frame_window(req(-5.0, -1.0)) == (0.0, 1.0)
+    assert _frame_window(req(-3.0, 99.0)) == (0.0, 50.0)  # clamped, not collapsed
+
+
+def test_uniform_centre_rounding_onto_the_window_end_stays_inside():
+    # [9.999999999999998, 10) at 1 fps holds only (a sliver of) frame 9. Its centre, lo + half an ulp, rounds
+    # to exactly 10.0 in floats; frame 10 is outside the window, so every sample must still be frame 9.
+    lo = float(np.nextafter(10.0, 0.0))
+    assert sample_indices(20, 1.0, 1, "uniform", lo, 10.0).tolist() == [9]
+    assert sample_indices(20, 1.0, 3, "uniform", lo, 10.0).tolist() == [9, 9, 9]
+    # The same window through `fps`'s spreading path (target rate far above the video's: 1 frame to spread).
+    assert sample_indices(20, 1.0, 4, "fps", lo, 10.0, target_fps=1e20).tolist() == [9]
+    # A window ending at the video's end: frame 20 does not exist, the last frame is 19.
+    lo = float(np.nextafter(20.0, 0.0))
+    assert sample_indices(20, 1.0, 2, "uniform", lo, 20.0).tolist() == [19, 19]
 
 
 # -- segment_middle (MVBench) -------------------------------------------------------------------------
@@ -310,6 +362,30 @@ def test_registry_adds_a_policy_in_one_function(scratch_policy):
     with pytest.raises(ValueError, match="already registered"):
         register_policy("uniform")(uniform)
 
+
+
+def test_builtin_policies_return_int64_themselves():
+    """Policies are public (POLICIES): the module promises np.int64 positions from each, not only from
+    `sample_indices`."""
+    # uniform: 10 frames, 5 segments of 2, centres 1, 3, 5, 7, 9.
+    out = POLICIES["uniform"](SamplingRequest(10, 1.0, 5, None, None, 0, None, None))
+    assert out.dtype == np.int64 and out.tolist() == [1, 3, 5, 7, 9]
+    # fps capped at 8 of 10 steps -> spread: 8 segments of 31.25, centres 15.625 + 31.25 k.
+    out = POLICIES["fps"](SamplingRequest(250, 25.0, 16, None, None, 0, 1.0, 8))
+    assert out.dtype == np.int64 and out.tolist() == [15, 46, 78, 109, 140, 171, 203, 234]
+    # fps on its step grid: 10 steps of 25 frames at 12.5 + 25 k.
+    out = POLICIES["fps"](SamplingRequest(250, 25.0, 16, None, None, 0, 1.0, None))
+    assert out.dtype == np.int64 and out.tolist()[:3] == [12, 37, 62]
+    # segment_middle: 10 frames, seg 1.8 -> 0, 2, 4, 5, 7.
+    out = POLICIES["segment_middle"](SamplingRequest(10, 1.0, 5, None, None, 0, None, None))
+    assert out.dtype == np.int64 and out.tolist() == [0, 2, 4, 5, 7]
+
+
+@pytest.mark.parametrize("raw", [[0.0, 3.0], np.array([0, 3], dtype=np.int32), np.array([0, 3], dtype=np.uint8)])
+def test_sample_indices_casts_a_policys_output_to_int64(scratch_policy, raw):
+    scratch_policy("test_raw", lambda req: raw)
+    idx = sample_indices(10, 1.0, 2, "test_raw")
+    assert idx.dtype == np.int64 and idx.tolist() == [0, 3]
 
 @pytest.mark.parametrize("bad", [[10], [-1], []])
 def test_a_policy_leaving_the_video_is_caught(scratch_policy, bad):

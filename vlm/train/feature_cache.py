@@ -89,8 +89,9 @@ class FeatureCache:
         return {name: handle.get_tensor(f"{key}/{name}") for name in ("tokens", "timestamps", "grid")}
 
     def put(self, key: str, tokens: torch.Tensor, timestamps: torch.Tensor, grid: tuple[int, int, int]) -> None:
-        self._pending[f"{key}/tokens"] = tokens.detach().to("cpu").contiguous()
-        self._pending[f"{key}/timestamps"] = torch.as_tensor(timestamps, dtype=torch.float32).contiguous()
+        # own copies: a CPU tensor put under two keys (or a view of a batch) must not share storage at flush
+        self._pending[f"{key}/tokens"] = tokens.detach().to("cpu").clone(memory_format=torch.contiguous_format)
+        self._pending[f"{key}/timestamps"] = torch.as_tensor(timestamps, dtype=torch.float32).clone()
         self._pending[f"{key}/grid"] = torch.tensor(grid, dtype=torch.int64)
         if len(self._pending) >= 3 * self.shard_size:
             self.flush()

@@ -152,6 +152,11 @@ def _frame_window(req: SamplingRequest) -> tuple[float, float]:
     if (lo_c, hi_c) != (lo, hi):
         logger.debug("window [%s, %s) s clamped to the video's %d frames at %.3f fps", req.start, req.end, n, req.fps)
     if hi_c <= lo_c:
+        if 0.0 <= lo < n:
+            # start < end, yet both seconds land on one frame position in floats: a point inside the video,
+            # i.e. the frame holding it (no warning: the window is not outside the video).
+            point = float(math.floor(lo))
+            return point, point + 1.0
         # The whole window lies outside the video: it collapses onto the nearest frame.
         edge = float(n - 1) if lo >= n else 0.0
         logger.warning(
@@ -161,18 +166,23 @@ def _frame_window(req: SamplingRequest) -> tuple[float, float]:
     return lo_c, hi_c
 
 
-def _uniform_positions(lo: float, hi: float, count: int, num_frames_total: int) -> np.ndarray:
-    """Frames at the centres of `count` equal segments of [lo, hi), kept inside the window's frames."""
-    centres = lo + (np.arange(count, dtype=np.float64) + 0.5) * ((hi - lo) / count)  # [count]
-    first, last = math.floor(lo), min(math.ceil(hi) - 1, num_frames_total - 1)
-    return np.clip(np.floor(centres).astype(np.int64), first, max(first, last))
+def _uniform_positions(lo: float, hi: float, count: int) -> np.ndarray:
+    """Frames at the centres of `count` equal segments of [lo, hi), kept inside the window's frames.
+
+    `0 <= lo < hi <= num_frames_total` (as `_frame_window` returns), so ceil(hi) - 1, the last frame reaching
+    into the window, is a frame of the video. A centre is lo plus a non-negative step, which never rounds below
+    lo; but it can round up onto hi itself (a window a few ulps wide ending on a whole frame), so it is capped
+    at ceil(hi) - 1.
+    """
+    centres = lo + (np.arange(count) + 0.5) * ((hi - lo) / count)  # [count]
+    return np.minimum(np.floor(centres).astype(np.int64), math.ceil(hi) - 1)
 
 
 @register_policy("uniform")
 def uniform(req: SamplingRequest) -> np.ndarray:
     """`num_samples` frames at the centres of equal segments of the window."""
     lo, hi = _frame_window(req)
-    return _uniform_positions(lo, hi, req.num_samples, req.num_frames_total)
+    return _uniform_positions(lo, hi, req.num_samples)
 
 
 @register_policy("segment_middle")
@@ -212,5 +222,5 @@ def fixed_rate(req: SamplingRequest) -> np.ndarray:
         positions = lo + (np.arange(count, dtype=np.float64) + 0.5) * step  # [count]
         picked = np.clip(np.floor(positions).astype(np.int64), 0, req.num_frames_total - 1)
     else:
-        picked = _uniform_positions(lo, hi, count, req.num_frames_total)
+        picked = _uniform_positions(lo, hi, count)
     return np.unique(picked)  # partial edge frames can make two steps land on one frame
