@@ -1,7 +1,7 @@
 """Mutation score of the modules where a silent error would corrupt results (on demand, never in CI).
 
     .venv/bin/pip install mutmut            # a dev tool, not a dependency of the package
-    python scripts/mutation.py --run        # mutate, run the covering tests per mutant (~30 min on 2 cores)
+    python scripts/mutation.py --run        # mutate, run the covering tests per mutant (~50 min on 2 cores)
     python scripts/mutation.py              # only report the last run's results
     python scripts/mutation.py --survivors  # also list each surviving mutant (then `mutmut show NAME`)
 
