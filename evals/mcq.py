@@ -55,15 +55,19 @@ def decode_item_clip(item: MCQItem, num_frames: int, sampling: str, backend: str
                      first_index=1 if item.data_type == "frame" else 0)
 
 
+def _check_score_count(scores: Sequence[float], num_options: int, uid: str) -> None:
+    if len(scores) != num_options:
+        raise ValueError(f"{uid}: the model returned {len(scores)} scores for {num_options} options "
+                         f"(score_options must return one score per continuation)")
+
+
 def pick_loglik(scores: Sequence[float], num_options: int, uid: str = "question") -> Parsed:
     """The best-scoring option; a tie for the best or a non-finite score is unparsable (never a guess).
 
     Scores are compared as the Python floats they are (never cast down), so scores 1e-8 apart are no tie.
     A score count other than `num_options` is a bug in the model's `score_options`: ValueError naming `uid`.
     """
-    if len(scores) != num_options:
-        raise ValueError(f"{uid}: the model returned {len(scores)} scores for {num_options} options "
-                         f"(score_options must return one score per continuation)")
+    _check_score_count(scores, num_options, uid)
     bad = [LETTERS[i] for i, s in enumerate(scores) if not math.isfinite(s)]
     if bad:
         return Parsed(None, "", f"non-finite score for options {bad}")
@@ -139,9 +143,9 @@ class _Runner:
         else:
             assert self.profile.continuations is not None
             scores = [float(s) for s in output]
-            compared = (normalize_scores(scores, self.profile.continuations(item), self.profile.score_norm)
-                        if len(scores) == n else scores)
-            parsed = pick_loglik(compared, n, item.uid)  # a wrong number of scores raises, naming the question
+            _check_score_count(scores, n, item.uid)  # before normalising: the error names the question
+            compared = normalize_scores(scores, self.profile.continuations(item), self.profile.score_norm)
+            parsed = pick_loglik(compared, n, item.uid)
             rec["scores"] = scores
             if self.profile.score_norm != "sum":
                 rec["scores_normalized"] = compared

@@ -5,8 +5,8 @@
     python scripts/mutation.py              # only report the last run's results
     python scripts/mutation.py --survivors  # also list each surviving mutant (then `mutmut show NAME`)
 
-What is mutated and which tests run is `[tool.mutmut]` in pyproject.toml (the modules listed there; the
-non-slow tests that cover each mutated function). The score is killed / (killed + survived) per module, where
+What is mutated and which tests run is `[tool.mutmut]` in pyproject.toml (the modules listed there; of the
+test files listed there, the non-slow tests that cover each mutated function). The score is killed / (killed + survived) per module, where
 "survived" includes mutants no test reaches and timeouts count as killed; mutants judged equivalent (they
 cannot change any result) are listed with the reason in scripts/mutation_equivalent.txt and left out.
 """
