@@ -15,9 +15,9 @@ import yaml
 from safetensors.torch import load_file
 
 from tests.train_helpers import Solo, make_tiny_data, tiny_recipe
-from vlm.checkpoint import CheckpointMismatchError
+from vlm.weights import CheckpointMismatchError
 from vlm.model import VideoLLM
-from vlm.train.checkpoints import load_checkpoint
+from vlm.train.resume import load_checkpoint
 from vlm.train.metrics import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import TINY_LLM, TINY_TOWERS
-from vlm.checkpoint import CheckpointMismatchError
+from vlm.weights import CheckpointMismatchError
 from vlm.data.conversation import Turn
 from vlm.llm.template import IGNORE_INDEX, VISUAL_TOKEN, TemplateMismatchError
 from vlm.model import VideoLLM, VideoLLMConfig

@@ -20,7 +20,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 import vlm.connectors  # noqa: F401  (registers built-in connectors)
 import vlm.towers  # noqa: F401  (registers built-in towers)
 from vlm import __version__
-from vlm.checkpoint import CheckpointMismatchError, atomic_dir, load_module, save_tensors
+from vlm.weights import CheckpointMismatchError, atomic_dir, load_module, save_tensors
 from vlm.connectors.base import Instruction, VisualTokens, build_connector
 from vlm.data.conversation import PLACEHOLDERS, Turn
 from vlm.llm.load import load_llm

@@ -75,7 +75,7 @@ def load_lora(module: nn.Module, folder: str | os.PathLike, part: str = "model")
     add_lora(module, settings, part)
     state = load_file(str(folder / "adapter.safetensors"))
     expected = lora_state_dict(module)
-    from vlm.checkpoint import check_state_dict
+    from vlm.weights import check_state_dict
 
     check_state_dict(expected, state, f"{part} LoRA ({folder})")
     set_peft_model_state_dict(module, state, adapter_name=ADAPTER)

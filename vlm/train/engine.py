@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from vlm.data.dataset import BatchPlan, ConversationDataset, SourceSpec, load_mixture, steps_for, subsample
 from vlm.model import PARTS, VideoLLM
-from vlm.train.checkpoints import list_checkpoints, load_checkpoint, save_checkpoint
+from vlm.train.resume import list_checkpoints, load_checkpoint, save_checkpoint
 from vlm.train.feature_cache import FeatureCache, clip_key, tower_fingerprint
 from vlm.train.metrics import MetricsLog, plot_loss_curves
 from vlm.train.recipe import Recipe, StageSpec

@@ -36,7 +36,7 @@ from vlm.data.dataset import steps_for
 from vlm.model import PARTS
 from vlm.towers.hf import IMAGENET_MEAN, IMAGENET_STD
 from vlm.towers.video_vit import VideoViT, VideoViTConfig, save_encoder
-from vlm.train.checkpoints import list_checkpoints, load_checkpoint, save_checkpoint
+from vlm.train.resume import list_checkpoints, load_checkpoint, save_checkpoint
 from vlm.train.engine import build_accelerator, lr_lambda, warmup_for
 from vlm.train.metrics import MetricsLog, plot_loss_curves
 from vlm.train.recipe import DataSpec, PartSpec, RecipeError, StageSpec, _build, _interpolate

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlm.checkpoint import atomic_dir, load_module, save_tensors
+from vlm.weights import atomic_dir, load_module, save_tensors
 from vlm.towers.video_vit.attention import Grid
 from vlm.towers.video_vit.blocks import build_blocks
 from vlm.towers.video_vit.config import VideoViTConfig

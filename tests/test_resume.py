@@ -16,10 +16,10 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-import vlm.train.checkpoints as ckpts
+import vlm.train.resume as ckpts
 from tests.train_helpers import Solo
-from vlm.checkpoint import CheckpointMismatchError
-from vlm.train.checkpoints import list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from vlm.weights import CheckpointMismatchError
+from vlm.train.resume import list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
 
 class Net(nn.Module):

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from vlm.checkpoint import check_state_dict
+from vlm.weights import check_state_dict
 
 _NAME = re.compile(r"^step-(\d{7})$")
 
