@@ -11,16 +11,15 @@ The evaluator takes any callable `classifier(clip: vlm.video.Clip) -> logits [C]
 array), so a trained video-transformer head plugs in the same way as the probe here.
 
 Data: JSONL (or a JSON list) of {"video", "label", ["label_id"]} with video paths relative to `root` (default:
-the file's folder), and `classes.json` (a list of class names, index = label id) next to it or given.
+the file's folder), and `classes.json` (a list of class names, index = label id) next to it or given; read by
+`vlm.data.classification.load_classification`, the loader classification training uses too.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -32,52 +31,13 @@ from tqdm import tqdm
 
 from evals.features import describe_tower, extract_features
 from evals.results import EvalResult, PredictionLog
-from vlm.data.conversation import DataFormatError
+from vlm.data.classification import ClassItem
 from vlm.towers.base import VisionTower
+from vlm.train.loop import CONSTANT_LR, ScheduleSpec
 from vlm.video import Clip, VideoDecodeError, VideoReader, sample_indices
 
 log = logging.getLogger(__name__)
 Classifier = Callable[[Clip], Any]  # clip -> logits [C]
-
-
-@dataclass
-class ClassItem:
-    uid: str
-    video: Path
-    label: str
-    label_id: int
-
-
-def load_classification(path: str | os.PathLike, root: str | os.PathLike | None = None,
-                        classes: str | os.PathLike | Sequence[str] | None = None) -> tuple[list[ClassItem], list[str]]:
-    """(items, class names). Without a classes file next to the data or given, classes are the sorted labels."""
-    path = Path(path)
-    base = Path(root) if root is not None else path.parent
-    text = path.read_text(encoding="utf-8")
-    try:
-        rows = [json.loads(x) for x in text.splitlines() if x.strip()] if path.suffix == ".jsonl" else json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataFormatError(f"{path}: malformed JSON: {e.msg}") from None
-    if isinstance(classes, (str, os.PathLike)):
-        names = list(json.loads(Path(classes).read_text(encoding="utf-8")))
-    elif classes is not None:
-        names = list(classes)
-    elif (path.parent / "classes.json").is_file():
-        names = list(json.loads((path.parent / "classes.json").read_text(encoding="utf-8")))
-    else:
-        names = sorted({str(r.get("label")) for r in rows if isinstance(r, dict)})
-    index = {n: i for i, n in enumerate(names)}
-    items = []
-    for i, r in enumerate(rows):
-        if not isinstance(r, dict) or "video" not in r or ("label" not in r and "label_id" not in r):
-            raise DataFormatError(f"{path}[{i}]: needs 'video' and 'label' (or 'label_id')")
-        label = str(r["label"]) if "label" in r else names[int(r["label_id"])]
-        if label not in index:
-            raise DataFormatError(f"{path}[{i}]: label '{label}' is not one of the {len(names)} classes")
-        if "label_id" in r and int(r["label_id"]) != index[label]:
-            raise DataFormatError(f"{path}[{i}]: label_id {r['label_id']} disagrees with label '{label}' ({index[label]})")
-        items.append(ClassItem(str(r.get("id", i)), base / r["video"], label, index[label]))
-    return items, names
 
 
 def spatial_crops(frames: np.ndarray, num_crops: int) -> list[np.ndarray]:
@@ -200,19 +160,23 @@ class LinearProbe(nn.Module):
 
 
 def fit_linear_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int, *, steps: int = 300,
-                     lr: float = 1e-2, weight_decay: float = 1e-3, seed: int = 0) -> LinearProbe:
-    """Full-batch AdamW on cross-entropy over features [N, D] with integer labels [N]."""
+                     lr: float = 1e-2, weight_decay: float = 1e-3, seed: int = 0,
+                     schedule: ScheduleSpec = CONSTANT_LR) -> LinearProbe:
+    """Full-batch AdamW on cross-entropy over features [N, D] with integer labels [N], its rate following the
+    training loop's warmup + cosine `schedule` (default: constant)."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         probe = LinearProbe(features.shape[1], num_classes)
     probe.mean.copy_(features.mean(0))
     probe.std.copy_(features.std(0).clamp(min=1e-6) if features.shape[0] > 1 else torch.ones(features.shape[1]))
     opt = torch.optim.AdamW(probe.linear.parameters(), lr=lr, weight_decay=weight_decay)
+    scheduler = schedule.scheduler(opt, steps)
     for _ in range(steps):
         loss = F.cross_entropy(probe(features), labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        scheduler.step()
     probe.eval()
     log.info("linear probe: final training loss %.4f, training accuracy %.1f%%", float(loss.detach()),
              100.0 * float((probe(features).argmax(1) == labels).float().mean()))

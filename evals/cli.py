@@ -114,7 +114,7 @@ def _retrieval(args: argparse.Namespace) -> int:
     if args.text_encoder == "llm":
         if model is None:
             raise SystemExit("--text-encoder llm needs --model DIR")
-        encoder = LLMTextEncoder(model.llm, model.tokenizer)
+        encoder = LLMTextEncoder(model.llm, model.processor.tokenizer)
     result = evaluate_retrieval(tower, load_retrieval(args.train, args.root), load_retrieval(args.test, args.root),
                                 args.out, text_encoder=encoder, objective=args.objective, num_frames=args.frames,
                                 steps=args.steps, batch_size=args.batch_size, embed_dim=args.embed_dim, lr=args.lr,
@@ -124,7 +124,8 @@ def _retrieval(args: argparse.Namespace) -> int:
 
 
 def _classify(args: argparse.Namespace) -> int:
-    from evals.classify import evaluate_classification, load_classification, train_probe
+    from evals.classify import evaluate_classification, train_probe
+    from vlm.data.classification import load_classification
 
     tower, spec, _ = _tower(args)
     train, classes = load_classification(args.train, args.root, args.classes)

@@ -127,8 +127,8 @@ class ConnectorTokens(FeatureSource):
 
     @torch.no_grad()
     def __call__(self, clip: Any) -> torch.Tensor:
-        sample = self.model.make_sample([], clip, "video")
-        out = self.model.encode_visual([sample["pixel_values"]], [sample["timestamps"]])
+        pixel_values, timestamps = self.model.processor.preprocess_clip(clip)
+        out = self.model.encode_visual([pixel_values], [timestamps])
         return out.embeds[0].float().flatten()
 
 

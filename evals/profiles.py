@@ -105,8 +105,8 @@ def check_ans(pred: str, gt: str) -> bool:
     """The notebook's `check_ans`, re-implemented: compare the first space-separated words, lower-cased.
 
     True when the prediction's first word (dots removed) is a substring of the ground truth's first word
-    "(x)", or the ground truth's first word is a substring of the prediction's. Known quirk (Ask-Anything
-    issue #227): a bare "(" or ")" or "" passes for every ground truth; `parse_mvbench` treats an answer that
+    "(x)", or the ground truth's first word is a substring of the prediction's. Known quirk (Ask-Anything's
+    GitHub issue 227): a bare "(" or ")" or "" passes for every ground truth; `parse_mvbench` treats an answer that
     passes for more than one option as unparsable instead of correct.
     """
     pred_option = pred.lower().split(" ")[0]

@@ -56,7 +56,7 @@ def visual_reliance(model: Any, data: str | os.PathLike, out_dir: str | os.PathL
                     media_root: str | os.PathLike | None = None, limit: int = 64, num_frames: int | None = None,
                     sampling: str = "uniform", seed: int = 0, model_name: str | None = None) -> EvalResult:
     """Own-video vs swapped-video answer loss on up to `limit` video samples of `data` (a deterministic shuffle
-    by `seed`). `model` needs `make_sample`, `build_batch` and a forward returning `.loss` (VideoLLM has them).
+    by `seed`). `model` needs a `processor` (`make_sample`, `build_batch`) and a forward returning `.loss` (VideoLLM has them).
     Malformed records, clips that fail to decode and samples whose chat template does not match the tokenizer
     are skipped, counted and named (counts.skipped_reasons)."""
     t0 = time.time()
@@ -85,8 +85,8 @@ def visual_reliance(model: Any, data: str | os.PathLike, out_dir: str | os.PathL
         partners.append(j)
 
     def loss(i: int, clip_index: int) -> float:
-        sample = model.make_sample(kept[i].turns, clips[clip_index], sample_id=kept[i].id)
-        return float(model(model.build_batch([sample])).loss)
+        sample = model.processor.make_sample(kept[i].turns, clips[clip_index], sample_id=kept[i].id)
+        return float(model(model.processor.build_batch([sample])).loss)
 
     was_training = getattr(model, "training", False)
     if was_training:

@@ -41,6 +41,7 @@ from evals.results import EvalResult
 from vlm.data.conversation import DataFormatError
 from vlm.objectives import build_objective
 from vlm.towers.base import VisionTower
+from vlm.train.loop import CONSTANT_LR, ScheduleSpec
 
 log = logging.getLogger(__name__)
 TextEncoder = Callable[[Sequence[str]], torch.Tensor]  # texts -> [N, D]
@@ -171,8 +172,10 @@ class TrainedDualEncoder:
 
 def train_dual_encoder(video_feats: torch.Tensor, text_feats: torch.Tensor, text_video: Sequence[int] | torch.Tensor, *,
                        objective: str = "infonce", embed_dim: int = 256, steps: int = 300, batch_size: int = 64,
-                       lr: float = 1e-3, weight_decay: float = 1e-4, seed: int = 0, progress: bool = False) -> TrainedDualEncoder:
-    """Train the heads (and the objective's temperature / bias) on (video, caption) pairs.
+                       lr: float = 1e-3, weight_decay: float = 1e-4, seed: int = 0, progress: bool = False,
+                       schedule: ScheduleSpec = CONSTANT_LR) -> TrainedDualEncoder:
+    """Train the heads (and the objective's temperature / bias) on (video, caption) pairs, the rate following the
+    training loop's warmup + cosine `schedule` (default: constant).
 
     Each step draws up to `batch_size` distinct videos and one random caption of each, so every batch row has
     exactly one positive. video_feats [Nv, T', Dv], text_feats [Nt, Dt], text_video [Nt] (caption -> video).
@@ -192,6 +195,7 @@ def train_dual_encoder(video_feats: torch.Tensor, text_feats: torch.Tensor, text
         loss_fn = build_objective(objective)
     params = list(model.parameters()) + [p for p in loss_fn.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    scheduler = schedule.scheduler(opt, steps)
     losses: list[float] = []
     b = min(batch_size, len(videos))
     order: list[int] = []
@@ -208,6 +212,7 @@ def train_dual_encoder(video_feats: torch.Tensor, text_feats: torch.Tensor, text
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        scheduler.step()
         losses.append(float(loss.detach()))
         if progress and (step % 50 == 0 or step == steps - 1):
             log.info("dual encoder step %d/%d: loss %.4f, temperature %.4f", step + 1, steps, losses[-1], loss_fn.temperature)

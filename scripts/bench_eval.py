@@ -65,7 +65,7 @@ def mean_generated_tokens(model: VideoLLM, predictions: Path) -> float | None:
     raws = [r["raw"] for r in rows if "raw" in r]
     if not raws:
         return None
-    return sum(len(model.tokenizer(r, add_special_tokens=False)["input_ids"]) for r in raws) / len(raws)
+    return sum(len(model.processor.tokenizer(r, add_special_tokens=False)["input_ids"]) for r in raws) / len(raws)
 
 
 def render(rows: list[list[str]], header: list[str]) -> str:

@@ -237,17 +237,17 @@ def build_pair(frames: int, batch_size: int):  # noqa: ANN201
         "llm": {"loader": "random", "config": {"model_type": "llama", **LLAMA}},
         "num_frames": frames,
     })
-    tok = ours.tokenizer
+    tok = ours.processor.tokenizer
     vocab = ours.llm.config.vocab_size
     video, source = video_frames(frames)
     samples = []
     for i in range(batch_size):
         q, a = CONVERSATIONS[i % len(CONVERSATIONS)]
         q = q if "<video>" in q else "<video>\n" + q
-        pix = ours.tower.preprocessor(video if i % 2 == 0 else video[::-1].copy())
+        pix = ours.processor.preprocess_clip(video if i % 2 == 0 else video[::-1].copy())[0]
         samples.append({"id": f"s{i}", "turns": [Turn("user", q), Turn("assistant", a)], "media_type": "video",
                         "pixel_values": pix, "timestamps": torch.arange(frames) * 0.33})
-    batch = ours.build_batch(samples)
+    batch = ours.processor.build_batch(samples)
     used = set(batch.input_ids[batch.input_ids >= 0].tolist())
     free = [i for i in range(vocab - 1, 0, -1) if i not in used][:2]  # ids absent from the batch's text
     video_id, image_id = free

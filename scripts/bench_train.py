@@ -60,11 +60,10 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_docs import DOCS, update_section  # noqa: E402
 
-from vlm.data.dataset import BatchPlan, ConversationDataset, SourceSpec, load_mixture, steps_for  # noqa: E402
+from vlm.data.dataset import steps_for  # noqa: E402
 from vlm.model import Batch, VideoLLM  # noqa: E402
-from vlm.train.engine import (Collate, VisualLoader, build_accelerator, lr_lambda, make_optimizer,  # noqa: E402
-                              precompute_features, stage_model, train_stage)
-from vlm.train.feature_cache import FeatureCache, tower_fingerprint  # noqa: E402
+from vlm.train.engine import Collate, make_optimizer, precompute_features, stage_data, stage_model, train_stage  # noqa: E402
+from vlm.train.loop import build_accelerator  # noqa: E402
 from vlm.train.metrics import read_jsonl  # noqa: E402
 from vlm.train.recipe import Recipe, load_recipe  # noqa: E402
 
@@ -107,39 +106,19 @@ def make_recipe(data: Path, out: Path, samples: int, feature_cache: bool, num_wo
     return recipe
 
 
-def stage_items(recipe: Recipe) -> list[Any]:
-    """The stage's mixture items exactly as `train_stage` builds them."""
-    st = recipe.stages[0]
-    items, _ = load_mixture([SourceSpec(m.path, m.media_root, m.weight) for m in st.data.mixture], recipe.seed)
-    return items[: st.data.max_samples] if st.data.max_samples else items
-
-
-def seeded_model(recipe: Recipe) -> VideoLLM:
-    torch.manual_seed(recipe.seed)  # what train_stage does before building stage 0's model
-    return stage_model(recipe, recipe.stages[0], None)
-
-
-def open_cache(recipe: Recipe, model: VideoLLM, root: Path, rank: int = 0) -> VisualLoader:
-    """A VisualLoader on the feature cache under `root`, opened the way train_stage opens it."""
-    fp = tower_fingerprint(model.config.tower, model.tower.preprocessor.to_dict(), model.tower)
-    cache = FeatureCache(root, fp, rank=rank)
-    st = recipe.stages[0]
-    return VisualLoader(model, st.data.frames, st.data.sampling, cache)
-
-
 def precompute(recipe: Recipe, cache_root: Path, on_batch: Callable[..., None] | None = None) -> dict[str, Any]:
-    """The engine's precompute step (what train_stage runs first when the cache is on and empty), timed.
+    """The engine's precompute step (what train_stage's setup runs first when the cache is on and empty), timed.
     `on_batch`: a forward hook on the tower, which the precompute calls once per batch of clips."""
-    model = seeded_model(recipe)
+    st = recipe.stages[0]
+    model = stage_model(recipe, 0, None)
     if on_batch is not None:
         model.tower.register_forward_hook(on_batch)
-    accelerator, _ = build_accelerator(recipe.stages[0])
-    visual = open_cache(recipe, model, cache_root, accelerator.process_index)
-    items = stage_items(recipe)
+    accelerator, _ = build_accelerator(st, st.deepspeed)
+    data = stage_data(recipe, 0, model, accelerator.process_index, accelerator.num_processes, cache_root)
     t0, c0 = time.perf_counter(), time.process_time()
-    stats = precompute_features(model, items, visual, accelerator)
+    stats = precompute_features(model, data.items, data.visual, accelerator)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-    del model, visual
+    del model, data
     gc.collect()
     return {"seconds": seconds, "cpu_seconds": cpu, **stats}
 
@@ -292,17 +271,14 @@ def run_trainer(recipe: Recipe, cache_root: Path, full_vocab_loss: bool) -> dict
     from transformers import Trainer, TrainingArguments
 
     st = recipe.stages[0]
-    model = seeded_model(recipe)
-    # no Accelerator of ours here: resetting accelerate's shared state would pull it from under the running loops
-    visual = open_cache(recipe, model, cache_root)  # a clip missing from the cache fails the batch (DictCollate)
-    items = stage_items(recipe)
-    dataset = ConversationDataset(items, visual, model.encode_sample, model.num_visual_tokens(st.data.frames))
-    plan = BatchPlan([dataset.length(i) for i in range(len(dataset))], st.batch_size, 1, 0, recipe.seed,
-                     st.group_by_length)
+    # The engine's setup pieces without its Accelerator: resetting accelerate's shared state would pull it from
+    # under the running loops. A clip missing from the cache fails the batch (DictCollate).
+    model = stage_model(recipe, 0, None)
+    data = stage_data(recipe, 0, model, cache_dir=cache_root)
+    dataset, plan = data.dataset, data.plan
     total = steps_for(len(plan), st.grad_accum, st.epochs, st.max_steps)
-    warmup = st.schedule.warmup_steps if st.schedule.warmup_steps is not None else int(st.schedule.warmup_ratio * total)
     optimizer = make_optimizer(model, st)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, warmup, st.schedule.min_lr_ratio))
+    scheduler = st.schedule.scheduler(optimizer, total)
 
     class PlannedTrainer(Trainer):
         def get_train_dataloader(self) -> torch.utils.data.DataLoader:
@@ -489,7 +465,7 @@ def measure(args: argparse.Namespace, env: dict[str, Any]) -> dict[str, Any]:
         shared = work / "cache" / "feature_cache"  # the cached engine side's own cache, read by the Trainer sides
         print("standalone precompute (its cache feeds the cached sides) ...", flush=True)
         alone = precompute(recipes["cache"], shared)
-        probe = seeded_model(recipes["cache"])
+        probe = stage_model(recipes["cache"], 0, None)
         env["visual_tokens"] = probe.num_visual_tokens(recipes["cache"].stages[0].data.frames)
         env["connector_params"] = sum(p.numel() for p in probe.connector.parameters())
         del probe

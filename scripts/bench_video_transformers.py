@@ -124,7 +124,7 @@ def build_classifier(mode: str, encoder_dir: Path | None = None):
     import torch
 
     from vlm.towers import build_tower
-    from vlm.train.classify import VideoClassifier
+    from vlm.classifier import VideoClassifier
 
     torch.manual_seed(0)
     if encoder_dir is not None:
@@ -137,7 +137,7 @@ def build_classifier(mode: str, encoder_dir: Path | None = None):
 
 def evaluate(model, name: str, test, items, classes, out: Path, views: tuple[int, int]) -> dict:
     from evals.classify import evaluate_classification  # the shared multi-view evaluator
-    from vlm.train.classify import accuracy
+    from vlm.classifier import accuracy
 
     single = accuracy(model, test.pixels, test.labels)
     shutil.rmtree(out / name, ignore_errors=True)
@@ -166,8 +166,8 @@ def run_accuracy(out: Path, num: int, steps: int, pretrain_steps: int, threads: 
                  modes: tuple[str, ...]) -> dict:
     import torch
 
-    from evals.classify import load_classification
-    from vlm.train.classify import ClassifyTrainConfig, load_labelled, train_classifier
+    from vlm.data.classification import load_classification, load_labelled
+    from vlm.train.classify import ClassifyTrainConfig, train_classifier
     from vlm.train.pretrain import load_pretrain_recipe, pretrain
 
     torch.set_num_threads(threads)

@@ -81,7 +81,7 @@ class TowerRuns:
 def from_scratch(model: VideoLLM, chat: VideoChat, question: str) -> str:
     """The next answer computed the plain way: the whole conversation through build_batch + HF generate."""
     turns = chat.conversation(question)
-    batch = model.build_batch([model.make_sample(turns, chat.clip, chat.media_type)], generation=True)
+    batch = model.processor.build_batch([model.processor.make_sample(turns, chat.clip, chat.media_type)], generation=True)
     return model.generate(batch, max_new_tokens=NEW)[0]
 
 
@@ -143,7 +143,7 @@ def test_streaming_joins_to_the_answer_and_keeps_history(model, video):
 
 
 def test_stream_decoder_multibyte_and_merged_tokens(model):
-    tok = model.tokenizer
+    tok = model.processor.tokenizer
     text = "Ça va? 🎬 frames 世界 of ünïcödé"
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert len(ids) > len(text.split())  # some characters span several byte-level tokens

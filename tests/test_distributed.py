@@ -41,7 +41,7 @@ def test_two_process_training(tmp_path, deepspeed):
         assert [r["step"] for r in rows] == list(range(1, steps + 1))
         assert (tmp_path / "run" / stage / "checkpoints" / f"step-{steps:07d}").is_dir()
     final = tmp_path / "run" / "2-instruct" / "final"
-    # Saved parts are whole tensors, never empty ZeRO-3 partitions (LLaVA issue #665), and they reload.
+    # Saved parts are whole tensors, never empty ZeRO-3 partitions (LLaVA's GitHub issue 665), and they reload.
     connector = load_file(str(final / "connector.safetensors"))
     assert all(t.numel() > 0 for t in connector.values()) and any(t.abs().sum() > 0 for t in connector.values())
     lora = load_file(str(final / "llm_lora" / "adapter.safetensors"))

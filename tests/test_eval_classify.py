@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from evals.classify import (evaluate_classification, load_classification, multiview_clips, spatial_crops, train_probe)
+from evals.classify import evaluate_classification, multiview_clips, spatial_crops, train_probe
 from tests.conftest import TINY_TOWERS
 from tests.eval_helpers import single_thread  # noqa: F401  (fixture)
+from vlm.data.classification import ClassItem, load_classification
 from vlm.towers import build_tower
 from vlm.video import write_video
 
@@ -51,6 +52,34 @@ def test_views_are_clips_times_crops_from_one_decode(data):
     assert not np.array_equal(views[0].frames, views[2].frames)  # left and right crops differ
     tall = np.zeros((2, 40, 20, 3), dtype=np.uint8)
     assert [c.shape for c in spatial_crops(tall, 3)] == [(2, 20, 20, 3)] * 3
+
+
+def test_the_classification_loader_names_file_line_and_reason(tmp_path):
+    """One loader for training and evaluation: every malformed record is an error naming the file, the line (JSONL)
+    or record index (JSON list) and the reason; `label_id` alone picks its class."""
+    import re
+
+    from vlm.data.conversation import DataFormatError
+
+    good = json.dumps({"video": "a.mp4", "label": "red"})
+    cases = [('{"video": "a.mp4"}', "needs 'video' and 'label' (or 'label_id')"),
+             ('{"video": "a.mp4", "label": "pink"}', "label 'pink' is not one of the 3 classes"),
+             ('{"video": "a.mp4", "label": "red", "label_id": 2}', "label_id 2 disagrees with label 'red' (0)"),
+             ('{"video": "a.mp4", "label_id": 7}', "label_id 7 is not a class index (0 to 2)"),
+             ('{"video": "a.mp4", "label_id": "1"}', "label_id '1' is not a class index (0 to 2)"),
+             ('{"video": ', "malformed JSON")]
+    path = tmp_path / "c.jsonl"
+    for line, reason in cases:
+        path.write_text(f"{good}\n\n{line}\n")  # the blank line still counts: the bad record is on line 3
+        with pytest.raises(DataFormatError, match="^" + re.escape(f"{path}:3: {reason}")):
+            load_classification(path, classes=CLASSES)
+    (tmp_path / "c.json").write_text(json.dumps([json.loads(good), {"video": "b.mp4", "label_id": 2, "id": "x"}, 3]))
+    with pytest.raises(DataFormatError, match="^" + re.escape(f"{tmp_path / 'c.json'}[2]: needs 'video'")):
+        load_classification(tmp_path / "c.json", classes=CLASSES)
+    (tmp_path / "c.json").write_text(json.dumps([json.loads(good), {"video": "b.mp4", "label_id": 2, "id": "x"}]))
+    items, names = load_classification(tmp_path / "c.json", classes=CLASSES)
+    assert names == CLASSES and [(i.uid, i.label, i.label_id) for i in items] == [("0", "red", 0), ("x", "blue", 2)]
+    assert items[0].video == tmp_path / "a.mp4"
 
 
 SEVEN = CLASSES + ["c3", "c4", "c5", "c6"]  # more classes than k = 5
@@ -122,7 +151,6 @@ def test_probe_features_and_labels_stay_aligned_past_undecodable_videos(data, tm
     """train_probe skips an undecodable and a missing video: the probe is fitted on the other videos' features,
     each with its own label, and the classifier it returns is that probe over the clip's pooled tower features."""
     import evals.classify as classify
-    from evals.classify import ClassItem
     from vlm.video import read_clip
 
     torch.manual_seed(0)

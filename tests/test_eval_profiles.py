@@ -131,7 +131,7 @@ def test_check_ans_compares_first_words():
     assert not check_ans("(A) Slept.", "(B) Slept.") and not check_ans("x (B)", "(B) x")  # only the first word
     # words are split at spaces only, as the notebook's `split(' ')` does: a tab or newline joins two words ...
     assert not check_ans("(B\tx", "(B) y") and not check_ans("(c)\nz", "(C)\nx")
-    # ... and a leading space makes the first word "", which is inside every ground truth (issue #227's quirk)
+    # ... and a leading space makes the first word "", inside every ground truth (Ask-Anything's GitHub issue 227)
     assert check_ans(" x", "(B) y") and check_ans("(D)", " (C) x")
 
 

@@ -27,6 +27,7 @@ class FakeModel:
     """Loss from a rule over (sample id, the clip it was given): scripts a blind or a sighted model."""
 
     config = SimpleNamespace(num_frames=4)
+    processor = property(lambda self: self)  # the fake is its own processor
 
     def __init__(self, rule):
         self.rule = rule

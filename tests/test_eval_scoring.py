@@ -60,7 +60,8 @@ def reference_scores(model: VideoLLM, req: ScoringRequest, media: str = "video")
     """log p(option | prompt + prefill) without vlm.scoring: per option, one plain forward over the prompt embeddings
     followed by the option's token embeddings, and the option tokens' log-probs summed by hand."""
     media = media if req.clip is not None else None
-    batch = model.build_batch([model.make_sample(req.turns, req.clip, media)], generation=True, prefill=req.prefill)
+    processor = model.processor
+    batch = processor.build_batch([processor.make_sample(req.turns, req.clip, media)], generation=True, prefill=req.prefill)
     table = model.llm.get_input_embeddings()
     out = []
     with torch.no_grad():
@@ -68,7 +69,7 @@ def reference_scores(model: VideoLLM, req: ScoringRequest, media: str = "video")
         assert bool(attention.all()), "one prompt, no padding"
         s = prompt.shape[1]
         for text in req.continuations:
-            ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = model.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
             full = torch.cat([prompt[0], table(torch.tensor(ids, dtype=torch.long))], dim=0)[None]  # [1, S + n, D]
             keep = len(ids) + 1  # logits of positions s - 1 ... s + n - 1 only (the lm head is most of the cost)
             logits = model.llm(inputs_embeds=full, logits_to_keep=keep).logits[0]  # [keep, V]
@@ -99,7 +100,7 @@ OPTION_SETS = {
 @pytest.mark.parametrize("options", list(OPTION_SETS))
 def test_option_scores_equal_an_independent_reference(model, share_prefix, options):
     conts = OPTION_SETS[options]
-    lengths = [len(model.tokenizer(c, add_special_tokens=False)["input_ids"]) for c in conts]
+    lengths = [len(model.processor.tokenizer(c, add_special_tokens=False)["input_ids"]) for c in conts]
     assert lengths[0] == {"mixed": 3, "one_token": 1, "two_tokens": 2, "at_most_two": 2}[options]
     req = ScoringRequest(uid="q", clip=clip(), turns=mvbench_turns(ITEM), prefill="Best option:(", continuations=conts)
     scores = model.score_options([req], share_prefix=share_prefix)[0]
@@ -130,8 +131,8 @@ def test_several_requests_each_get_their_own_prompt_prefill_and_order(model, sha
 
 def test_options_get_no_special_tokens_even_from_a_tokenizer_that_adds_bos(model, monkeypatch):
     """Llama-style tokenizers put BOS before every text they tokenize; an option must be scored without it."""
-    monkeypatch.setattr(model.tokenizer, "add_bos_token", True)
-    assert model.tokenizer("A) left")["input_ids"][0] == model.tokenizer.bos_token_id
+    monkeypatch.setattr(model.processor.tokenizer, "add_bos_token", True)
+    assert model.processor.tokenizer("A) left")["input_ids"][0] == model.processor.tokenizer.bos_token_id
     req = ScoringRequest(uid="q", clip=clip(), turns=mvbench_turns(ITEM), prefill="Best option:(",
                          continuations=["A) left", "B) right turn", ""])
     ref = reference_scores(model, req)
@@ -140,15 +141,15 @@ def test_options_get_no_special_tokens_even_from_a_tokenizer_that_adds_bos(model
 
 
 def test_shared_prefix_runs_the_prompt_once_and_only_the_options_after_it(model, monkeypatch):
-    """share_prefix=True: one prompt forward keeping only the last logits, then one cached forward over the K
-    option tokens; share_prefix=False: one forward over K full sequences."""
+    """share_prefix=True: one prompt forward keeping only the last logits, then one forward over the K option
+    tokens after the cached prompt; share_prefix=False: one forward over K full sequences."""
     calls: list[dict] = []
     real = model.llm.forward
 
     def spy(*args, **kw):
         calls.append({k: (tuple(v.shape) if torch.is_tensor(v) else v) for k, v in kw.items()
                       if k in ("inputs_embeds", "input_ids", "logits_to_keep", "use_cache")}
-                     | {"cache": kw.get("past_key_values") is not None})
+                     | {"past": 0 if kw.get("past_key_values") is None else kw["past_key_values"].get_seq_length()})
         return real(*args, **kw)
 
     monkeypatch.setattr(model.llm, "forward", spy)
@@ -157,11 +158,11 @@ def test_shared_prefix_runs_the_prompt_once_and_only_the_options_after_it(model,
     model.score_options([req])
     (prefix, rest) = calls
     s, d = prefix["inputs_embeds"][1], prefix["inputs_embeds"][2]
-    assert prefix == {"inputs_embeds": (1, s, d), "logits_to_keep": 1, "use_cache": True, "cache": False}
-    assert rest == {"input_ids": (3, 12), "use_cache": True, "cache": True}
+    assert prefix == {"inputs_embeds": (1, s, d), "logits_to_keep": 1, "use_cache": True, "past": 0}
+    assert rest == {"inputs_embeds": (3, 12, d), "logits_to_keep": 0, "use_cache": True, "past": s}
     calls.clear()
     model.score_options([req], share_prefix=False)
-    assert calls == [{"inputs_embeds": (3, s + 12, d), "use_cache": False, "cache": False}]
+    assert calls == [{"inputs_embeds": (3, s + 12, d), "use_cache": False, "past": 0}]
     calls.clear()
     model.score_options([dataclasses.replace(req, continuations=["A", "B", ""])])
     assert calls == [prefix]  # single-token options: the prompt forward is all it takes
@@ -190,8 +191,9 @@ def test_masked_prompt_positions_are_not_attended(model, share_prefix):
     req = ScoringRequest(uid="q", clip=clip(), turns=mvbench_turns(ITEM), prefill="Best option:(",
                          continuations=["A) left", "B) right turn", "C"])
     ref = reference_scores(model, req)
-    conts = [model.tokenizer(c, add_special_tokens=False)["input_ids"] for c in req.continuations]
-    batch = model.build_batch([model.make_sample(req.turns, req.clip, "video")], generation=True, prefill=req.prefill)
+    conts = [model.processor.tokenizer(c, add_special_tokens=False)["input_ids"] for c in req.continuations]
+    sample = model.processor.make_sample(req.turns, req.clip, "video")
+    batch = model.processor.build_batch([sample], generation=True, prefill=req.prefill)
     with torch.no_grad():
         embeds, attention, _ = model.embed(batch)
     junk = torch.Generator().manual_seed(0)
@@ -210,8 +212,9 @@ def test_recompute_casts_option_embeddings_to_the_prompts_dtype(model, monkeypat
     req = ScoringRequest(uid="q", clip=clip(), turns=mvbench_turns(ITEM), prefill="Best option:(",
                          continuations=["A) left", "B) right turn"])
     ref = reference_scores(model, req)
-    conts = [model.tokenizer(c, add_special_tokens=False)["input_ids"] for c in req.continuations]
-    batch = model.build_batch([model.make_sample(req.turns, req.clip, "video")], generation=True, prefill=req.prefill)
+    conts = [model.processor.tokenizer(c, add_special_tokens=False)["input_ids"] for c in req.continuations]
+    sample = model.processor.make_sample(req.turns, req.clip, "video")
+    batch = model.processor.build_batch([sample], generation=True, prefill=req.prefill)
     with torch.no_grad():
         embeds, attention, _ = model.embed(batch)
     table = torch.nn.Embedding.from_pretrained(model.llm.get_input_embeddings().weight.detach().double())
@@ -233,18 +236,19 @@ def test_scoring_is_silent(model):
 
 def test_single_letter_loglik_agrees_with_greedy_first_token(model):
     letters = ["A", "B", "C", "D"]
-    ids = [model.tokenizer(x, add_special_tokens=False)["input_ids"] for x in letters]
+    ids = [model.processor.tokenizer(x, add_special_tokens=False)["input_ids"] for x in letters]
     assert all(len(i) == 1 for i in ids)
     for seed in range(3):
         c = clip(seed)
         req = ScoringRequest(uid="q", clip=c, turns=mvbench_turns(ITEM), prefill="Best option:(", continuations=letters)
         scores = model.score_options([req])[0]
-        batch = model.build_batch([model.make_sample(req.turns, c, "video")], generation=True, prefill=req.prefill)
+        sample = model.processor.make_sample(req.turns, c, "video")
+        batch = model.processor.build_batch([sample], generation=True, prefill=req.prefill)
         embeds, attention, _ = model.embed(batch)
         with torch.no_grad():
             out = model.llm.generate(inputs_embeds=embeds, attention_mask=attention, max_new_tokens=1, do_sample=False,
                                      output_scores=True, return_dict_in_generate=True,
-                                     pad_token_id=model.tokenizer.pad_token_id)
+                                     pad_token_id=model.processor.tokenizer.pad_token_id)
         first = F.log_softmax(out.scores[0][0].float(), dim=-1)  # greedy's first-step distribution
         letter_logp = [float(first[i[0]]) for i in ids]
         assert torch.allclose(torch.tensor(scores), torch.tensor(letter_logp), atol=1e-4)
@@ -293,9 +297,11 @@ class _IdsOn:
 
 class _MetaLLM:
     """An LLM on another device than the CPU ("meta"): it records where each tensor it gets lives, answers the
-    prompt forward and stops at the next one (where values would be read)."""
+    prompt forward (the one that keeps the last position's logits) and stops at the next one (where values would
+    be read)."""
 
-    def __init__(self):
+    def __init__(self, config):
+        self.config = config
         self.seen: list[dict[str, str]] = []
 
     def get_input_embeddings(self):
@@ -306,43 +312,50 @@ class _MetaLLM:
 
     def __call__(self, **kw):
         self.seen.append({k: v.device.type for k, v in kw.items() if torch.is_tensor(v)})
-        if "inputs_embeds" in kw and kw["use_cache"]:
-            return SimpleNamespace(logits=torch.zeros(1, 1, 10, device="meta"),
-                                   past_key_values=SimpleNamespace(batch_repeat_interleave=lambda k: None))
+        if kw.get("logits_to_keep") == 1:
+            return SimpleNamespace(logits=torch.zeros(1, 1, 10, device="meta"))
         raise _Stop
+
+
+class _MetaScorer(ScoringMixin):
+    """ScoringMixin with VideoLLM's own KV-cache path over a `_MetaLLM`."""
+
+    prefill, extend = VideoLLM.prefill, VideoLLM.extend
+
+    def __init__(self, processor, llm):
+        self.processor, self.llm = processor, llm
 
 
 def test_every_tensor_scoring_makes_lives_on_the_inputs_device(model):
     meta = torch.device("meta")
-    owner = SimpleNamespace(tokenizer=SimpleNamespace(pad_token_id=3))
+    owner = SimpleNamespace(processor=SimpleNamespace(tokenizer=SimpleNamespace(pad_token_id=3)))
     ids, mask = ScoringMixin._continuation_ids(owner, [[5, 6], [8]], meta)
     assert (ids.device, mask.device, tuple(ids.shape), tuple(mask.shape)) == (meta, meta, (2, 2), (2, 2))
 
-    scorer = ScoringMixin()
-    scorer.tokenizer, scorer.llm = owner.tokenizer, _MetaLLM()
+    scorer = _MetaScorer(owner.processor, _MetaLLM(model.llm.config))
     embeds, attention = torch.zeros(1, 5, 4, device=meta), torch.ones(1, 5, dtype=torch.long, device=meta)
     with pytest.raises(_Stop):
         scorer._score_with_cache(embeds, attention, [[1, 2], [3]])
-    assert scorer.llm.seen == [{"inputs_embeds": "meta", "attention_mask": "meta"},
-                               {"input_ids": "meta", "attention_mask": "meta"}]
-    scorer.llm = _MetaLLM()
+    assert scorer.llm.seen == [{"inputs_embeds": "meta", "attention_mask": "meta"}, {"table": "meta"},
+                               {"inputs_embeds": "meta", "attention_mask": "meta"}]
+    scorer.llm = _MetaLLM(model.llm.config)
     with pytest.raises(_Stop):
         scorer._score_recompute(embeds, attention, [[1, 2], [3]])
     assert scorer.llm.seen == [{"table": "meta"}, {"inputs_embeds": "meta", "attention_mask": "meta"}]
 
     # the stopping criterion answers on the ids' device, where generate combines it with its own flags
-    rows = [model.tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("A\nB", "A B")]
+    rows = [model.processor.tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("A\nB", "A B")]
     width = max(map(len, rows))
-    rows = [r + [model.tokenizer.pad_token_id] * (width - len(r)) for r in rows]
+    rows = [r + [model.processor.tokenizer.pad_token_id] * (width - len(r)) for r in rows]
     for stops in (["\n"], []):
-        done = FirstLineStop(model.tokenizer, stops)(_IdsOn(rows, "meta"), None)
+        done = FirstLineStop(model.processor.tokenizer, stops)(_IdsOn(rows, "meta"), None)
         assert (done.device, done.dtype, tuple(done.shape)) == (meta, torch.bool, (2,))
-    assert FirstLineStop(model.tokenizer, ["\n"])(_IdsOn(rows, "cpu"), None).tolist() == [True, False]
+    assert FirstLineStop(model.processor.tokenizer, ["\n"])(_IdsOn(rows, "cpu"), None).tolist() == [True, False]
 
 
 @pytest.mark.parametrize("pad,fill", [(7, 7), (None, 0)])
 def test_continuation_ids_are_right_padded_with_a_mask(pad, fill):
-    owner = SimpleNamespace(tokenizer=SimpleNamespace(pad_token_id=pad))
+    owner = SimpleNamespace(processor=SimpleNamespace(tokenizer=SimpleNamespace(pad_token_id=pad)))
     ids, mask = ScoringMixin._continuation_ids(owner, [[5, 6, 4], [8], []], torch.device("cpu"))
     assert ids.dtype == mask.dtype == torch.long
     assert ids.tolist() == [[5, 6, 4], [8, fill, fill], [fill, fill, fill]]
@@ -352,7 +365,7 @@ def test_continuation_ids_are_right_padded_with_a_mask(pad, fill):
 
 
 def test_first_line_stop(model):
-    tok = model.tokenizer
+    tok = model.processor.tokenizer
     pad = tok.pad_token_id
 
     def rows(*texts: str, left: dict[int, int] | None = None) -> torch.Tensor:
@@ -385,7 +398,7 @@ def test_generate_answers_groups_by_prefill_in_chunks_with_the_chunks_limits(mod
     max_new_tokens and the union of its stops; every answer goes back to its own request."""
     built: list[tuple[list[str], str, bool]] = []
     calls: list[tuple[int, int, tuple[str, ...] | None]] = []
-    real_build = model.build_batch
+    real_build = model.processor.build_batch
 
     def build(samples, *, generation=False, prefill=""):
         built.append(([s["id"] for s in samples], prefill, generation))
@@ -399,7 +412,7 @@ def test_generate_answers_groups_by_prefill_in_chunks_with_the_chunks_limits(mod
         calls.append((batch.input_ids.shape[0], max_new_tokens, None if crit is None else crit[0].stops))
         return [f"call{len(calls) - 1}-row{j}" for j in range(batch.input_ids.shape[0])]
 
-    monkeypatch.setattr(model, "build_batch", build)
+    monkeypatch.setattr(model.processor, "build_batch", build)
     monkeypatch.setattr(model, "generate", generate)
     reqs = [_gen("r0", "P:", 3, ("\n",)), _gen("r1", "", 5), _gen("r2", "P:", 7, (".",)), _gen("r3", "", 2),
             _gen("r4", "P:", 1, ("\n",))]
@@ -466,12 +479,12 @@ def test_tiny_model_through_the_harness(model, tmp_path):
     right = 0
     for items in data.values():
         for item in items:
-            sample = model.make_sample(mvbench_turns(item), decode_item_clip(item, 4, "segment_middle"), "video")
+            sample = model.processor.make_sample(mvbench_turns(item), decode_item_clip(item, 4, "segment_middle"), "video")
             with torch.no_grad():
-                embeds, attention, _ = model.embed(model.build_batch([sample], generation=True, prefill=short.prefill))
+                embeds, attention, _ = model.embed(model.processor.build_batch([sample], generation=True, prefill=short.prefill))
                 ids = model.llm.generate(inputs_embeds=embeds, attention_mask=attention, max_new_tokens=3,
-                                         do_sample=False, pad_token_id=model.tokenizer.pad_token_id)
-            parsed = parse_mvbench(model.tokenizer.decode(ids[0], skip_special_tokens=True), len(item.candidates))
+                                         do_sample=False, pad_token_id=model.processor.tokenizer.pad_token_id)
+            parsed = parse_mvbench(model.processor.tokenizer.decode(ids[0], skip_special_tokens=True), len(item.candidates))
             assert (rows[item.uid]["pred"], rows[item.uid]["parsed_answer"]) == (parsed.letter, parsed.answer)
             right += parsed.letter == item.answer_letter
     assert gen.counts["scored"] == 12 and gen.counts["skipped"] == 0

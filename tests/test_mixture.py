@@ -106,8 +106,28 @@ def test_exact_per_source_counts_when_the_epoch_divides(tmp_path):
             assert Counter(k[0] for k in per_sample.elements()) == {"a": 9, "b": 8, "c": 3}
             assert all(per_sample[f"b{i}"] == 2 for i in range(4))
             assert sorted(per_sample[f"a{i}"] for i in range(6)) == [1, 1, 1, 2, 2, 2]
-    with pytest.raises(ValueError, match="20 samples cannot fill one global batch of 24"):
-        BatchPlan(lengths, 4, 6)
+    short = [BatchPlan(lengths, 4, 6, rank, group_by_length=group_by_length) for rank in range(6)
+             for group_by_length in (True, False)]
+    assert all(len(p) == 1 for p in short)  # fewer samples than a global batch: one short batch, shared evenly
+    assert all(sorted(i for p in short[k::2] for i in p.epoch(0)[0]) == list(range(20)) for k in (0, 1))
+    assert sorted(len(p.epoch(0)[0]) for p in short[::2]) == [3, 3, 3, 3, 4, 4]
+    with pytest.raises(ValueError, match="20 samples cannot give each of 24 processes one"):
+        BatchPlan(lengths, 1, 24)
+
+
+def test_the_trainers_orders_are_kept():
+    """VideoMAE's and classification's orders are the ones their runs have always drawn (same numbers)."""
+    import torch
+
+    torch_plan = BatchPlan(10, 3, shuffle="torch", group_by_length=False, seed=2)
+    perm = torch.randperm(10, generator=torch.Generator().manual_seed(2 * 100_003 + 1)).tolist()
+    assert torch_plan.epoch(1) == [perm[0:3], perm[3:6], perm[6:9]]
+    stream = BatchPlan(10, 4, shuffle="torch_stream", group_by_length=False, seed=5)
+    g = torch.Generator().manual_seed(5)
+    perms = [torch.randperm(10, generator=g).tolist() for _ in range(3)]
+    assert [stream.epoch(e) for e in range(3)] == [[p[0:4], p[4:8]] for p in perms]
+    with pytest.raises(ValueError, match="grouping by length needs 'numpy'"):
+        BatchPlan(10, 2, shuffle="torch")
 
 
 def test_a_source_listed_twice_draws_its_fractions_independently(tmp_path):

@@ -27,8 +27,27 @@ def data(tmp_path_factory):
 
 
 def test_all_recipes_are_tested():
-    shipped = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml") if p.stem != "videomae_pretrain")
-    assert shipped == sorted(RECIPES)
+    shipped = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml"))
+    assert shipped == sorted(RECIPES + ["video_vit_classify", "videomae_pretrain"])
+
+
+def test_pretraining_and_classification_recipes_parse_with_overrides():
+    """The one recipe machinery (variables, --set) reads the VideoMAE and the classification recipe too; their
+    runs are tested in tests/test_train.py and tests/test_videomae.py."""
+    from vlm.train.classify import load_classify_recipe
+    from vlm.train.pretrain import load_pretrain_recipe
+    from vlm.train.recipe import RecipeError
+
+    mae = load_pretrain_recipe(REPO / "recipes" / "videomae_pretrain.yaml", ["vars.data=/d", "train.max_steps=7"])
+    assert mae.data.sources == ["/d/classification_train.jsonl"] and mae.train.max_steps == 7
+    assert mae.train.betas == [0.9, 0.95] and mae.objective.mask_ratio == 0.9
+    cls = load_classify_recipe(REPO / "recipes" / "video_vit_classify.yaml", ["vars.data=/d", "tower.attention=joint"])
+    assert cls.data.train == "/d/classification_train.jsonl" and cls.tower["attention"] == "joint"
+    assert cls.train.max_steps == 1200 and cls.output_dir == "runs/video_vit_classify"
+    with pytest.raises(RecipeError, match="train.precision 'fp8': choose fp32, bf16 or fp16"):
+        load_classify_recipe(REPO / "recipes" / "video_vit_classify.yaml", ["train.precision=fp8"])
+    with pytest.raises(RecipeError, match=r"train: unknown key\(s\) \['lr_group'\]"):
+        load_pretrain_recipe(REPO / "recipes" / "videomae_pretrain.yaml", ["train.lr_group=1"])
 
 
 @pytest.mark.parametrize("name", RECIPES)

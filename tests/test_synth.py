@@ -15,8 +15,9 @@ from data_tools.synth.contact_sheet import decode_frames
 from data_tools.synth.generate import class_of, split_of
 from data_tools.synth.language import movers, object_action, timeline
 from data_tools.synth.render import render_clip
+from data_tools.synth.scenarios import sample_clip
 from data_tools.synth.tasks import TASKS, AnswerPlacer, Question, clip_questions
-from data_tools.synth.world import BG_TONES, COLORS, sample_clip
+from data_tools.synth.world import BG_TONES, COLORS
 
 NUM, FRAMES, SIZE, SEED, EVAL = 12, 16, 112, 7, 0.34  # 4 test clips
 

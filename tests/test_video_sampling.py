@@ -352,7 +352,7 @@ def scratch_policy():
 
     yield add
     for name in names:
-        POLICIES.pop(name, None)
+        POLICIES.unregister(name)
 
 
 def test_registry_adds_a_policy_in_one_function(scratch_policy):
@@ -361,6 +361,15 @@ def test_registry_adds_a_policy_in_one_function(scratch_policy):
     assert idx.tolist() == [0, 1, 2] and idx.dtype == np.int64
     with pytest.raises(ValueError, match="already registered"):
         register_policy("uniform")(uniform)
+    assert "test_first_n" in POLICIES.names() and "test_first_n" in POLICIES
+
+
+def test_registry_rejects_what_is_not_a_policy():
+    with pytest.raises(TypeError, match="cannot be called as SamplingPolicy"):
+        register_policy("two_args")(lambda req, extra: np.arange(1))
+    with pytest.raises(TypeError, match="must be a function"):
+        register_policy("not_callable")(np.arange(3))
+    assert "two_args" not in POLICIES and "not_callable" not in POLICIES
 
 
 
@@ -368,16 +377,16 @@ def test_builtin_policies_return_int64_themselves():
     """Policies are public (POLICIES): the module promises np.int64 positions from each, not only from
     `sample_indices`."""
     # uniform: 10 frames, 5 segments of 2, centres 1, 3, 5, 7, 9.
-    out = POLICIES["uniform"](SamplingRequest(10, 1.0, 5, None, None, 0, None, None))
+    out = POLICIES.get("uniform")(SamplingRequest(10, 1.0, 5, None, None, 0, None, None))
     assert out.dtype == np.int64 and out.tolist() == [1, 3, 5, 7, 9]
     # fps capped at 8 of 10 steps -> spread: 8 segments of 31.25, centres 15.625 + 31.25 k.
-    out = POLICIES["fps"](SamplingRequest(250, 25.0, 16, None, None, 0, 1.0, 8))
+    out = POLICIES.get("fps")(SamplingRequest(250, 25.0, 16, None, None, 0, 1.0, 8))
     assert out.dtype == np.int64 and out.tolist() == [15, 46, 78, 109, 140, 171, 203, 234]
     # fps on its step grid: 10 steps of 25 frames at 12.5 + 25 k.
-    out = POLICIES["fps"](SamplingRequest(250, 25.0, 16, None, None, 0, 1.0, None))
+    out = POLICIES.get("fps")(SamplingRequest(250, 25.0, 16, None, None, 0, 1.0, None))
     assert out.dtype == np.int64 and out.tolist()[:3] == [12, 37, 62]
     # segment_middle: 10 frames, seg 1.8 -> 0, 2, 4, 5, 7.
-    out = POLICIES["segment_middle"](SamplingRequest(10, 1.0, 5, None, None, 0, None, None))
+    out = POLICIES.get("segment_middle")(SamplingRequest(10, 1.0, 5, None, None, 0, None, None))
     assert out.dtype == np.int64 and out.tolist() == [0, 2, 4, 5, 7]
 
 

@@ -150,9 +150,11 @@ def test_invalid_configs_are_rejected_with_the_reason():
 def test_classifier_trains_on_labelled_clips_and_plugs_into_the_multiview_evaluator(tmp_path):
     import json
 
-    from evals.classify import evaluate_classification, load_classification
+    from evals.classify import evaluate_classification
     from tests.train_helpers import make_tiny_data
-    from vlm.train.classify import ClassifyTrainConfig, VideoClassifier, accuracy, load_labelled, train_classifier
+    from vlm.classifier import VideoClassifier, accuracy
+    from vlm.data.classification import load_classification, load_labelled
+    from vlm.train.classify import ClassifyTrainConfig, train_classifier
 
     make_tiny_data(tmp_path, n=8, frames=4, bad=False)  # a square moving right (even i) or left (odd i)
     rows = [{"video": f"videos/v{i}.mp4", "label": "right" if i % 2 == 0 else "left"} for i in range(8)]

@@ -17,7 +17,7 @@ from tests.conftest import TINY_LLM
 from vlm.model import VideoLLM
 from vlm.towers import build_tower
 from vlm.towers.video_vit import VideoViT, VideoViTConfig
-from vlm.train.videomae import MAEConfig, VideoMAE, make_mask, patchify, reconstruction_targets
+from vlm.towers.video_vit.mae import MAEConfig, VideoMAE, make_mask, patchify, reconstruction_targets
 
 ENC = dict(depth=2, width=32, heads=4, patch_size=8, tubelet=2, image_size=32, num_frames=8)
 
@@ -169,8 +169,8 @@ def test_pretraining_resumes_exactly_and_the_encoder_loads_as_a_tower_in_a_video
     from tests.test_model import CONVERSATION
 
     sample = {"id": "s0", "turns": CONVERSATION, "media_type": "video",
-              "pixel_values": model.tower.preprocessor(video), "timestamps": torch.arange(4) * 0.5}
-    batch = model.build_batch([sample])
+              "pixel_values": model.processor.preprocess_clip(video)[0], "timestamps": torch.arange(4) * 0.5}
+    batch = model.processor.build_batch([sample])
     loss = model(batch).loss
     assert torch.isfinite(loss)
     model.save_pretrained(tmp_path / "vlm")

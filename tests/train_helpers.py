@@ -1,9 +1,15 @@
-"""Tiny data and recipes for the training tests, and a one-process stand-in for the accelerator."""
+"""Tiny data and recipes for the training tests, a one-process stand-in for the accelerator, and `vlm` commands run
+in subprocesses (one of them killed with SIGKILL in the middle of a run)."""
 
 from __future__ import annotations
 
 import copy
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -84,3 +90,48 @@ class Solo:
 
     def load_state(self, path: str, **kwargs) -> None:
         self.calls.append(("load_state", path, kwargs))
+
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+
+# `vlm <args>`, stopped for good (sleeping until killed) right after it logs step `step` of its first run of the
+# loop; it touches `marker` first, so the test knows where the run is when it kills it.
+_PAUSE = """
+import sys, time
+from pathlib import Path
+from vlm.train.metrics import MetricsLog
+from vlm.cli import main
+step, marker, args = int(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
+write = MetricsLog.write
+def pausing_write(self, record):
+    write(self, record)
+    if record["step"] == step and not marker.exists():
+        marker.touch()
+        time.sleep(600)
+MetricsLog.write = pausing_write
+sys.exit(main(args))
+"""
+
+
+def run_vlm(args: list[str]) -> str:
+    """`vlm <args>` in a fresh single-threaded process; returns its log (stderr), fails the test if it fails."""
+    proc = subprocess.run([sys.executable, "-m", "vlm.cli", *args], env=ENV, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stderr
+
+
+def kill_after_step(args: list[str], step: int, marker: Path, timeout: float = 300) -> None:
+    """Run `vlm <args>` in a subprocess and SIGKILL it once it has logged optimizer step `step`."""
+    log = marker.with_name(marker.name + ".log")
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", _PAUSE, str(step), str(marker), *args], env=ENV,
+                                stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            deadline = time.time() + timeout
+            while not marker.exists() and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.05)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+    assert marker.exists(), f"the run never reached step {step}: {log.read_text()[-3000:]}"

@@ -34,9 +34,21 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from vlm.train.pretrain import run_cli
+    from vlm.train.pretrain import load_pretrain_recipe, pretrain
 
-    return run_cli(args)
+    encoder = pretrain(load_pretrain_recipe(args.recipe, args.set or []), resume=not args.no_resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"pretrained encoder: {encoder}  (tower: {{\"name\": \"video_vit\", \"checkpoint\": \"{encoder}\"}})")
+    return 0
+
+
+def _classify(args: argparse.Namespace) -> int:
+    from vlm.train.classify import classify, load_classify_recipe
+
+    folder = classify(load_classify_recipe(args.recipe, args.set or []), resume=not args.no_resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"trained classifier: {folder}")
+    return 0
 
 
 def _chat(args: argparse.Namespace) -> int:
@@ -79,11 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a recipe value, e.g. data.frames=8, stages.1.batch_size=4, model.num_frames=8")
     p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints and finished stages")
     p.set_defaults(func=_train)
-    p = sub.add_parser("pretrain", help="VideoMAE pretraining of a video_vit encoder (recipes/videomae_pretrain.yaml)")
-    p.add_argument("recipe", help="recipes/videomae_pretrain.yaml")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe value, e.g. train.max_steps=100")
-    p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
-    p.set_defaults(func=_pretrain)
+    for name, func, recipe, about in (
+            ("pretrain", _pretrain, "videomae_pretrain", "VideoMAE pretraining of a video_vit encoder"),
+            ("classify", _classify, "video_vit_classify", "train a video classifier (any tower + a linear head)")):
+        p = sub.add_parser(name, help=f"{about} (recipes/{recipe}.yaml); launch with torchrun for several processes")
+        p.add_argument("recipe", help=f"recipes/{recipe}.yaml")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override a recipe value, e.g. train.max_steps=100")
+        p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
+        p.set_defaults(func=func)
     for ep in sorted(entry_points(group="vlm.commands"), key=lambda e: e.name):
         ep.load()(sub)
     return parser

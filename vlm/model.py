@@ -2,6 +2,10 @@
 
     pixels [B, T, 3, H, W] -> tower -> VisualFeatures [B, T', N, D_vis] -> connector -> [B, L, D_llm]
     -> spliced into the LLM's input embeddings at the <video>/<image> placeholder -> loss / generate
+
+The module holds tensors; its `processor` (`VideoLLMProcessor`, saved and loaded with it) prepares text and pixels.
+The video-to-LLM path of training, generation, scoring and chat lives here once: `encode_visual` (clips -> visual
+tokens), `drop_pruned` + `splice` (input embeddings, visual tokens at the placeholder), `prefill` + `extend` (KV cache).
 """
 
 from __future__ import annotations
@@ -11,21 +15,22 @@ import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers import Cache, DynamicCache
 
 import vlm.connectors  # noqa: F401  (registers built-in connectors)
 import vlm.towers  # noqa: F401  (registers built-in towers)
 from vlm import __version__
 from vlm.weights import CheckpointMismatchError, atomic_dir, load_module, save_tensors
 from vlm.connectors.base import Instruction, VisualTokens, build_connector
-from vlm.data.conversation import PLACEHOLDERS, Turn
 from vlm.llm.load import load_llm
 from vlm.llm.lora import LoRASettings, add_lora, has_lora, load_lora, save_lora
-from vlm.llm.template import IGNORE_INDEX, VISUAL_TOKEN, ChatTemplate
+from vlm.llm.template import IGNORE_INDEX, VISUAL_TOKEN
+from vlm.objectives import STAGE_OBJECTIVES
+from vlm.processor import CONFIG_NAME, Batch, VideoLLMProcessor
 from vlm.scoring import ScoringMixin
 from vlm.towers.base import VisionTower, VisualFeatures, build_tower
 
@@ -62,59 +67,25 @@ class VideoLLMConfig:
         return cls(**copy.deepcopy(d))
 
 
-@dataclass
-class Batch:
-    """Model inputs for a batch of conversations; pixel tensors only for samples that have media."""
-
-    input_ids: torch.Tensor  # [B, S] with VISUAL_TOKEN at visual positions
-    attention_mask: torch.Tensor  # [B, S]
-    labels: torch.Tensor | None  # [B, S] or None for generation
-    pixel_values: list[torch.Tensor]  # per media sample, [T, 3, H, W] (empty when features are cached)
-    timestamps: list[torch.Tensor]  # per media sample, [T]
-    features: list[torch.Tensor] = field(default_factory=list)  # cached tower outputs [T', N, D] (instead of pixels)
-    grids: list[tuple[int, int, int]] = field(default_factory=list)  # the grid of each cached feature tensor
-    instruction_ids: torch.Tensor | None = None  # [B_media, S_i] for instruction-aware connectors
-    instruction_mask: torch.Tensor | None = None
-
-    def to(self, device: torch.device | str) -> "Batch":
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return Batch(move(self.input_ids), move(self.attention_mask), move(self.labels),
-                     [p.to(device) for p in self.pixel_values], [t.to(device) for t in self.timestamps],
-                     [f.to(device) for f in self.features], list(self.grids),
-                     move(self.instruction_ids), move(self.instruction_mask))
-
-    def __len__(self) -> int:
-        return self.input_ids.shape[0]
-
-
-def pad_sequences(seqs: Sequence[Sequence[int]], value: int, left: bool = False) -> torch.Tensor:
-    width = max((len(s) for s in seqs), default=0)
-    out = torch.full((len(seqs), width), value, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if len(s):
-            if left:
-                out[i, width - len(s):] = torch.as_tensor(s)
-            else:
-                out[i, : len(s)] = torch.as_tensor(s)
-    return out
-
-
 class VideoLLM(ScoringMixin, nn.Module):
-    """The model. Parameter groups are its three children, `tower`, `connector` and `llm`."""
+    """The model. Parameter groups are its three children, `tower`, `connector` and `llm`; `processor` turns
+    conversations and clips into its `Batch` (its visual slots sized by this model's `visual_grid`)."""
 
-    def __init__(self, config: VideoLLMConfig, tower: VisionTower, connector: nn.Module, llm: nn.Module, tokenizer: Any):
+    def __init__(self, config: VideoLLMConfig, tower: VisionTower, connector: nn.Module, llm: nn.Module,
+                 processor: VideoLLMProcessor):
         super().__init__()
         self.config = config
         self.tower = tower
         self.connector = connector
         self.llm = llm
-        self.tokenizer = tokenizer
-        self.template = ChatTemplate(tokenizer, config.system_prompt)
+        self.processor = processor
+        processor.visual_grid = self.visual_grid
         self.modes: dict[str, str] = {"tower": "frozen", "connector": "full", "llm": "frozen"}
 
     # ---------------------------------------------------------------- building
     @classmethod
-    def from_config(cls, config: VideoLLMConfig | dict[str, Any]) -> "VideoLLM":
+    def from_config(cls, config: VideoLLMConfig | dict[str, Any], processor: VideoLLMProcessor | None = None) -> "VideoLLM":
+        """Build the parts from their registry keys; the processor from the config unless one is given."""
         if isinstance(config, dict):
             config = VideoLLMConfig.from_dict(config)
         tower_cfg = dict(config.tower)
@@ -127,7 +98,11 @@ class VideoLLM(ScoringMixin, nn.Module):
         if norm is not None:  # visual tokens at the per-channel RMS of the text embeddings
             with torch.no_grad():
                 norm.scale.fill_(float(llm.get_input_embeddings().weight.float().pow(2).mean().sqrt()))
-        model = cls(config, tower, connector, llm, tokenizer)
+        if processor is None:
+            processor = VideoLLMProcessor(tokenizer, tower.preprocessor, system_prompt=config.system_prompt,
+                                          max_length=config.max_length, time_stamps=config.time_stamps,
+                                          uses_instruction=bool(getattr(connector, "uses_instruction", False)))
+        model = cls(config, tower, connector, llm, processor)
         for part, mode in model.modes.items():  # defaults: tower and LLM frozen, connector trained
             model.set_mode(part, mode)
         for part, settings in list(config.lora.items()):
@@ -175,32 +150,22 @@ class VideoLLM(ScoringMixin, nn.Module):
             return {"targets": list(self.tower.lora_targets)}
         return {}
 
-    # ---------------------------------------------------------------- visual tokens
+    # ---------------------------------------------------------------- video -> LLM
     @property
     def device(self) -> torch.device:
         return next(self.llm.parameters()).device
 
     def visual_grid(self, num_frames: int) -> tuple[int, int]:
         """(groups, tokens per group) the connector emits for `num_frames` preprocessed frames."""
-        size = self.tower.preprocessor.size
-        h, w = (size, size) if isinstance(size, int) else size
-        return self.connector.output_grid(self.tower.grid_for(num_frames, h, w))
+        return self.connector.output_grid(self.tower.grid_for(num_frames, *self.tower.preprocessor.hw))
 
     def num_visual_tokens(self, num_frames: int) -> int:
         groups, per_group = self.visual_grid(num_frames)
         return groups * per_group
 
-    def visual_slot(self, num_frames: int, timestamps: Sequence[float] | None = None) -> list[int]:
-        """Token ids that replace the placeholder: VISUAL_TOKEN runs, with "Time: x.xs" stamps if enabled."""
-        groups, per_group = self.visual_grid(num_frames)
-        if not self.config.time_stamps or timestamps is None or groups < 2:
-            return [VISUAL_TOKEN] * (groups * per_group)
-        slot: list[int] = []
-        for g in range(groups):
-            t = float(timestamps[g * num_frames // groups])
-            slot += self.tokenizer(f"Time: {t:.1f}s", add_special_tokens=False)["input_ids"]
-            slot += [VISUAL_TOKEN] * per_group
-        return slot
+    def tower_features(self, pixel_values: torch.Tensor, timestamps: torch.Tensor) -> VisualFeatures:
+        """The tower on pixels [B, T, 3, H, W] (in the tower's dtype) with timestamps [B, T]: tokens [B, T', N, D]."""
+        return self.tower(pixel_values.to(self.device, next(self.tower.parameters()).dtype), timestamps.to(self.device))
 
     def encode_visual(self, pixel_values: list[torch.Tensor], timestamps: list[torch.Tensor],
                       instruction: Instruction | None = None, features: list[torch.Tensor] | None = None,
@@ -222,7 +187,7 @@ class VideoLLM(ScoringMixin, nn.Module):
                     ts = ts[:, :: self.tower.temporal_patch][:, : grid[0]]
                 feats = VisualFeatures(tokens=x.to(next(self.connector.parameters()).dtype), grid=grid, timestamps=ts)
             else:
-                feats = self.tower(x.to(next(self.tower.parameters()).dtype), ts)
+                feats = self.tower_features(x, ts)
             ins = None
             if instruction is not None and getattr(self.connector, "uses_instruction", False):
                 ins = Instruction(instruction.embeds[idx], instruction.mask[idx])
@@ -230,158 +195,89 @@ class VideoLLM(ScoringMixin, nn.Module):
             groups = out.groups
             for j, i in enumerate(idx):
                 pieces[i] = (out.embeds[j], None if out.mask is None else out.mask[j])
-        embeds = [pieces[i][0] for i in range(len(inputs))]
-        masks = [pieces[i][1] for i in range(len(inputs))]
+        embeds = [pieces[i][0] for i in range(len(inputs))]  # each [L_i, D]
+        masks = None if all(pieces[i][1] is None for i in pieces) else [
+            m if m is not None else torch.ones(e.shape[0], dtype=torch.bool, device=e.device)
+            for e, m in (pieces[i] for i in range(len(inputs)))]
         if len({e.shape for e in embeds}) != 1:  # clips of different lengths: concatenated in sample order
-            cat_mask = None
-            if any(m is not None for m in masks):
-                cat_mask = torch.cat([m if m is not None else torch.ones(e.shape[0], dtype=torch.bool, device=e.device)
-                                      for m, e in zip(masks, embeds)])[None]
-            return VisualTokens(torch.cat(embeds)[None], groups, cat_mask)
-        mask = None if all(m is None for m in masks) else torch.stack(
-            [m if m is not None else torch.ones(e.shape[0], dtype=torch.bool, device=e.device) for m, e in zip(masks, embeds)])
-        return VisualTokens(torch.stack(embeds), groups, mask)
+            return VisualTokens(torch.cat(embeds)[None], groups, None if masks is None else torch.cat(masks)[None])
+        return VisualTokens(torch.stack(embeds), groups, None if masks is None else torch.stack(masks))
 
-    # ---------------------------------------------------------------- batching
-    def make_sample(self, turns: Sequence[Turn], clip: Any = None, media_type: str | None = None,
-                    sample_id: str = "sample") -> dict[str, Any]:
-        """A `build_batch` sample from conversation turns and a decoded `vlm.video.Clip` (or None for text)."""
-        if clip is None:
-            return {"id": sample_id, "turns": list(turns), "media_type": None}
-        if media_type is None:
-            media_type = "image" if clip.frames.shape[0] == 1 and PLACEHOLDERS["image"] in turns[0].text else "video"
-        return {"id": sample_id, "turns": list(turns), "media_type": media_type,
-                "pixel_values": self.tower.preprocessor(clip.frames),  # [T, 3, H, W]
-                "timestamps": torch.as_tensor(clip.timestamps, dtype=torch.float32)}
+    def embed_instruction(self, ids: torch.Tensor, mask: torch.Tensor) -> Instruction:
+        """What an instruction-aware connector attends to: the LLM's embeddings of ids [B, S] with mask [B, S]."""
+        return Instruction(self.llm.get_input_embeddings()(ids.to(self.device)), mask.to(self.device))
 
-    def _instruction_text(self, turns: Sequence[Turn], media_type: str | None) -> str:
-        text = next((t.text for t in turns if t.role == "user"), "")
-        return text.replace(PLACEHOLDERS.get(media_type or "", "\0"), "").strip()
+    @staticmethod
+    def drop_pruned(ids: torch.Tensor, attention: torch.Tensor, labels: torch.Tensor | None,
+                    keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Remove the visual positions a token reducer pruned from ids, attention and labels [B, S]; `keep` [n] says
+        per VISUAL_TOKEN position (in order) whether it stays. Rows are re-padded on the side they were padded on."""
+        is_visual = ids == VISUAL_TOKEN
+        if keep.numel() != int(is_visual.sum()):
+            raise ValueError(f"the ids have {int(is_visual.sum())} visual positions, the keep mask {keep.numel()}")
+        kept = attention.bool().clone()
+        kept[is_visual] = keep.reshape(-1).to(kept.device)
+        left, width = bool(attention[:, 0].eq(0).any()), int(kept.sum(1).max())
+        new_ids, new_attention = ids.new_zeros(ids.shape[0], width), attention.new_zeros(ids.shape[0], width)  # pad: any id
+        new_labels = None if labels is None else labels.new_full((ids.shape[0], width), IGNORE_INDEX)
+        for i in range(ids.shape[0]):
+            r = kept[i].nonzero().squeeze(-1)
+            sl = slice(width - len(r), width) if left else slice(0, len(r))
+            new_ids[i, sl], new_attention[i, sl] = ids[i, r], 1
+            if new_labels is not None:
+                new_labels[i, sl] = labels[i, r]  # type: ignore[index]
+        return new_ids, new_attention, new_labels
 
-    def encode_sample(self, sample: dict[str, Any], *, generation: bool = False, prefill: str = "") -> dict[str, Any]:
-        """Tokenize one sample {"id", "turns", "media_type", "pixel_values" [T,3,H,W] | "features" [T',N,D] + "grid"
-        + "num_frames", "timestamps" [T]} into ids/labels around its visual slot. Raises TemplateMismatchError."""
-        media_type = sample.get("media_type")
-        out: dict[str, Any] = {"id": str(sample.get("id", "sample"))}
-        slot: list[int] = []
-        if media_type is not None:
-            if "features" in sample:
-                num_frames = int(sample["num_frames"])
-                out["features"], out["grid"] = sample["features"], tuple(sample["grid"])
-            else:
-                num_frames = sample["pixel_values"].shape[0]
-                out["pixel_values"] = sample["pixel_values"]
-            ts = sample.get("timestamps")
-            ts = torch.zeros(num_frames) if ts is None else torch.as_tensor(ts, dtype=torch.float32)
-            out["timestamps"] = ts
-            slot = self.visual_slot(num_frames, ts.tolist())
-            if getattr(self.connector, "uses_instruction", False):
-                text = self._instruction_text(sample["turns"], media_type)
-                out["instruction_ids"] = self.tokenizer(text, add_special_tokens=False)["input_ids"] or [self.tokenizer.eos_token_id]
-        if generation:
-            out["input_ids"] = self.template.encode_prompt(sample["turns"], media_type, slot, prefill, out["id"])
-        else:
-            enc = self.template.encode(sample["turns"], media_type, slot, self.config.max_length, out["id"])
-            out["input_ids"], out["labels"] = enc.input_ids, enc.labels
-        return out
+    def splice(self, ids: torch.Tensor, visual: torch.Tensor | None = None) -> torch.Tensor:
+        """Input embeddings [B, S, D] of ids [B, S]: the LLM's token embeddings, with the rows of `visual` [n, D]
+        filling the n VISUAL_TOKEN positions in order."""
+        ids = ids.to(self.device)
+        embeds = self.llm.get_input_embeddings()(ids.clamp(min=0))  # [B, S, D]
+        is_visual = ids == VISUAL_TOKEN  # [B, S]
+        count = 0 if visual is None else visual.shape[0]
+        if count != int(is_visual.sum()):
+            raise ValueError(f"the ids have {int(is_visual.sum())} visual positions but {count} visual tokens were "
+                             "given; build batches with VideoLLM.processor.build_batch")
+        return embeds if visual is None else embeds.masked_scatter(is_visual.unsqueeze(-1), visual.to(embeds.dtype))
 
-    def collate(self, encoded: Sequence[dict[str, Any]], *, generation: bool = False) -> Batch:
-        """Pad encoded samples into a Batch (left padding for generation)."""
-        pad_id = self.tokenizer.pad_token_id
-        ids = [e["input_ids"] for e in encoded]
-        media = [e for e in encoded if "timestamps" in e]
-        instr = [e["instruction_ids"] for e in media if "instruction_ids" in e]
-        batch = Batch(
-            input_ids=pad_sequences(ids, pad_id, left=generation),
-            attention_mask=pad_sequences([[1] * len(x) for x in ids], 0, left=generation),
-            labels=None if generation else pad_sequences([e["labels"] for e in encoded], IGNORE_INDEX),
-            pixel_values=[e["pixel_values"] for e in media if "pixel_values" in e],
-            timestamps=[e["timestamps"] for e in media],
-            features=[e["features"] for e in media if "features" in e],
-            grids=[e["grid"] for e in media if "features" in e],
-        )
-        if instr:
-            batch.instruction_ids = pad_sequences(instr, pad_id)
-            batch.instruction_mask = pad_sequences([[1] * len(x) for x in instr], 0).bool()
-        return batch
+    def embed(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(inputs_embeds [B, S, D], attention_mask [B, S], labels [B, S]) with visual tokens spliced in and the
+        positions a token reducer pruned removed."""
+        ids, attention = batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
+        labels = None if batch.labels is None else batch.labels.to(self.device)
+        visual = None
+        if batch.pixel_values or batch.features:
+            instruction = None if batch.instruction_ids is None else self.embed_instruction(batch.instruction_ids,
+                                                                                            batch.instruction_mask)
+            tokens = self.encode_visual(batch.pixel_values, batch.timestamps, instruction, batch.features, batch.grids)
+            visual = tokens.embeds.reshape(-1, tokens.embeds.shape[-1])  # [sum L, D]
+            if tokens.mask is not None and not bool(tokens.mask.all()):
+                ids, attention, labels = self.drop_pruned(ids, attention, labels, tokens.mask)
+                visual = visual[tokens.mask.reshape(-1)]
+        if labels is not None:
+            labels = labels.masked_fill(ids == VISUAL_TOKEN, IGNORE_INDEX)
+        return self.splice(ids, visual), attention, labels
 
-    def build_batch(self, samples: Sequence[dict[str, Any]], *, generation: bool = False, prefill: str = "") -> Batch:
-        """`encode_sample` + `collate`: for training, labels cover assistant tokens; for generation the prompt ends
-        with the assistant header (+ `prefill`) and sequences are left-padded."""
-        return self.collate([self.encode_sample(s, generation=generation, prefill=prefill) for s in samples],
-                            generation=generation)
+    def prefill(self, embeds: torch.Tensor, attention: torch.Tensor | None = None,
+                logits_to_keep: int = 1) -> tuple[torch.Tensor, Cache]:
+        """Run a prompt's embeddings [B, S, D] through the LLM into a new KV cache: (logits [B, keep, V] of the last
+        `logits_to_keep` positions (0: all), the cache)."""
+        cache = DynamicCache(config=self.llm.config)
+        return self.extend(cache, embeds, attention, logits_to_keep), cache
+
+    def extend(self, cache: Cache, embeds: torch.Tensor, attention: torch.Tensor | None = None,
+               logits_to_keep: int = 1) -> torch.Tensor:
+        """Append positions (embeddings [B, S, D]) to `cache` in place; `attention` [B, past + S] covers the cached
+        positions too. Returns the logits [B, keep, V] of the last `logits_to_keep` positions (0: all)."""
+        return self.llm(inputs_embeds=embeds, attention_mask=attention, past_key_values=cache, use_cache=True,
+                        logits_to_keep=logits_to_keep).logits
 
     # ---------------------------------------------------------------- forward
-    def embed(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(inputs_embeds [B, S, D], attention_mask [B, S], labels [B, S]) with visual tokens spliced in."""
-        ids = batch.input_ids.to(self.device)
-        attention = batch.attention_mask.to(self.device)
-        labels = None if batch.labels is None else batch.labels.to(self.device)
-        embed_tokens = self.llm.get_input_embeddings()
-        is_visual = ids == VISUAL_TOKEN  # [B, S]
-        embeds = embed_tokens(ids.clamp(min=0))  # [B, S, D]
-        if not batch.pixel_values and not batch.features:
-            if is_visual.any():
-                raise ValueError("input_ids have visual positions but the batch has no pixels")
-            return embeds, attention, labels
-        instruction = None
-        if batch.instruction_ids is not None:
-            instruction = Instruction(embed_tokens(batch.instruction_ids.to(self.device)), batch.instruction_mask.to(self.device))
-        visual = self.encode_visual(batch.pixel_values, batch.timestamps, instruction, batch.features, batch.grids)
-        flat = visual.embeds.reshape(-1, visual.embeds.shape[-1]).to(embeds.dtype)  # [sum L, D]
-        if flat.shape[0] != int(is_visual.sum()):
-            raise ValueError(f"the batch has {int(is_visual.sum())} visual positions but the connector produced "
-                             f"{flat.shape[0]} tokens; build batches with VideoLLM.build_batch")
-        embeds = embeds.masked_scatter(is_visual.unsqueeze(-1), flat)
-        if labels is not None:
-            labels = labels.masked_fill(is_visual, IGNORE_INDEX)
-        if visual.mask is not None and not bool(visual.mask.all()):
-            embeds, attention, labels = self._drop_pruned(embeds, attention, labels, is_visual, visual.mask)
-        return embeds, attention, labels
-
-    def _drop_pruned(self, embeds: torch.Tensor, attention: torch.Tensor, labels: torch.Tensor | None,
-                     is_visual: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Remove visual positions a token reducer pruned, re-padding on the side the batch was padded on."""
-        keep = attention.bool().clone()
-        keep[is_visual] = mask.reshape(-1).to(keep.device)
-        left = bool(attention[:, 0].eq(0).any())
-        rows = [keep[i].nonzero().squeeze(-1) for i in range(embeds.shape[0])]
-        width = max(len(r) for r in rows)
-        new_e = embeds.new_zeros(embeds.shape[0], width, embeds.shape[-1])
-        new_a = attention.new_zeros(embeds.shape[0], width)
-        new_l = None if labels is None else labels.new_full((embeds.shape[0], width), IGNORE_INDEX)
-        for i, r in enumerate(rows):
-            sl = slice(width - len(r), width) if left else slice(0, len(r))
-            new_e[i, sl] = embeds[i, r]
-            new_a[i, sl] = 1
-            if new_l is not None:
-                new_l[i, sl] = labels[i, r]  # type: ignore[index]
-        return new_e, new_a, new_l
-
     def forward(self, batch: Batch, return_logits: bool = False, objective: str = "lm") -> Any:
-        """Causal-LM output: `.loss` (mean over assistant tokens) when the batch has labels, `.logits` when it has
-        none or `return_logits` is set. `objective="words"` returns `word_alignment_loss` instead (no LLM forward).
-
-        For training, the LM head runs only at positions that predict an assistant token: the vocabulary
-        projection (49k x D for SmolLM2) at every position is most of the head's cost and memory otherwise.
-        """
-        if objective == "words":
-            return CausalLMOutputWithPast(loss=self.word_alignment_loss(batch))
-        if objective != "lm":
-            raise ValueError(f"unknown objective '{objective}' (lm | words)")
-        embeds, attention, labels = self.embed(batch)
-        decoder = getattr(self.llm, getattr(self.llm, "base_model_prefix", "model"), None)
-        head = self.llm.get_output_embeddings()
-        sparse = (labels is not None and not return_logits and decoder is not None and head is not None
-                  and not getattr(self.llm.config, "final_logit_softcapping", None))
-        if not sparse:
-            return self.llm(inputs_embeds=embeds, attention_mask=attention, labels=labels, use_cache=False)
-        hidden = decoder(inputs_embeds=embeds, attention_mask=attention, use_cache=False).last_hidden_state  # [B, S, D]
-        targets = labels[:, 1:]  # position i predicts token i + 1
-        picked = targets != IGNORE_INDEX  # [B, S-1]
-        logits = head(hidden[:, :-1][picked]).float()  # [n, V]
-        loss = torch.nn.functional.cross_entropy(logits, targets[picked])
-        return CausalLMOutputWithPast(loss=loss)
+        """The stage objective `objective` (registered in `vlm.objectives`) on a batch: "lm", the causal-LM output
+        (`.loss` on assistant tokens when the batch has labels, `.logits` without them or with `return_logits`);
+        "words", `word_alignment_loss` as `.loss` (no LLM forward)."""
+        return STAGE_OBJECTIVES.get(objective)(self, batch, return_logits)
 
     def word_alignment_loss(self, batch: Batch, temperature: float = 0.05) -> torch.Tensor:
         """Ground the visual tokens in the LLM's own word embeddings, without running the LLM.
@@ -422,11 +318,12 @@ class VideoLLM(ScoringMixin, nn.Module):
                  top_p: float = 1.0, **kwargs: Any) -> list[str]:
         """Answers for a generation batch (greedy by default; sampling with do_sample=True)."""
         embeds, attention, _ = self.embed(batch)
+        tokenizer = self.processor.tokenizer
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {"do_sample": False}
         out = self.llm.generate(inputs_embeds=embeds, attention_mask=attention, max_new_tokens=max_new_tokens,
-                                pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
+                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                                 **sampling, **kwargs)
-        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+        return [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
 
     # ---------------------------------------------------------------- saving / loading
     def _tower_rebuildable(self) -> bool:
@@ -446,7 +343,8 @@ class VideoLLM(ScoringMixin, nn.Module):
         return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
     def save_pretrained(self, folder: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-        """Write config.json, the connector, the trained or non-rebuildable parts, adapters and the tokenizer.
+        """Write config.json, the connector, the trained or non-rebuildable parts, adapters and the processor
+        (processor_config.json + tokenizer/).
 
         `state_dict`: the full model state when the live modules are partitioned (ZeRO-3), gathered beforehand.
         """
@@ -467,13 +365,14 @@ class VideoLLM(ScoringMixin, nn.Module):
             meta = {"vlm_version": __version__, "config": self.config.to_dict(), "saved_parts": saved,
                     "modes": self.modes, "num_visual_tokens": self.num_visual_tokens(self.config.num_frames)}
             (tmp / "config.json").write_text(json.dumps(meta, indent=2))
-            self.tokenizer.save_pretrained(tmp / "tokenizer")
+            self.processor.save_pretrained(tmp)
         log.info("saved %s (%s)", folder, ", ".join(saved))
         return folder
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> "VideoLLM":
-        """Rebuild from config.json and load the saved parts strictly (mismatches name part and key)."""
+        """Rebuild from config.json and load the saved parts strictly (mismatches name part and key). The processor
+        is the saved one; a folder saved without one gets a processor built from config.json."""
         folder = Path(folder)
         meta_path = folder / "config.json"
         if not meta_path.is_file():
@@ -482,12 +381,16 @@ class VideoLLM(ScoringMixin, nn.Module):
         config = VideoLLMConfig.from_dict(meta["config"])
         lora = config.lora
         config.lora = {}
-        model = cls.from_config(config)
+        processor = VideoLLMProcessor.from_pretrained(folder) if (folder / CONFIG_NAME).is_file() else None
+        model = cls.from_config(config, processor)
+        if model.processor.preprocessor != model.tower.preprocessor:
+            raise CheckpointMismatchError(f"{folder}: {CONFIG_NAME} preprocesses frames as {model.processor.preprocessor}, "
+                                          f"the tower expects {model.tower.preprocessor}")
         saved = set(meta["saved_parts"])
         for part in ("tower", "llm"):
             module = model.part(part)
             if part in saved:
-                load_module(_without_lora(module), folder / f"{part}.safetensors", part)
+                load_module(module, folder / f"{part}.safetensors", part)  # LoRA is added after its base
             if f"{part}_lora" in saved:
                 settings = load_lora(module, folder / f"{part}_lora", part)
                 model.config.lora[part] = settings.to_dict()
@@ -502,13 +405,11 @@ class VideoLLM(ScoringMixin, nn.Module):
     def connector_record(self) -> dict[str, Any]:
         """What a stage-1 connector needs to be re-attached: tower, dims, frames, connector config."""
         n = self.config.num_frames
-        size = self.tower.preprocessor.size
-        h, w = (size, size) if isinstance(size, int) else size
         return {
             "vlm_version": __version__,
             "tower": self.config.tower, "tower_hidden_size": self.tower.hidden_size,
             "preprocessor": self.tower.preprocessor.to_dict(), "num_frames": n,
-            "grid": list(self.tower.grid_for(n, h, w)), "connector": self.config.connector,
+            "grid": list(self.tower.grid_for(n, *self.tower.preprocessor.hw)), "connector": self.config.connector,
             "num_visual_tokens": self.num_visual_tokens(n),
             "llm": self.config.llm, "llm_hidden_size": self.llm.get_input_embeddings().embedding_dim,
             "time_stamps": self.config.time_stamps,
@@ -543,30 +444,3 @@ class VideoLLM(ScoringMixin, nn.Module):
         model.load_connector(folder)
         return model
 
-
-def _without_lora(module: nn.Module) -> nn.Module:
-    """A view of the module's base weights for saving/loading: LoRA parameters are stored separately."""
-    if not has_lora(module):
-        return module
-    return _BaseWeights(module)
-
-
-class _BaseWeights(nn.Module):
-    """Exposes `state_dict`/`load_state_dict` of a LoRA-injected module without the adapter tensors, under the
-    original (pre-injection) key names."""
-
-    def __init__(self, module: nn.Module):
-        super().__init__()
-        self._m = [module]
-
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:  # type: ignore[override]
-        return {k.replace(".base_layer.", "."): v for k, v in self._m[0].state_dict().items() if "lora_" not in k}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True, assign: bool = False) -> Any:  # type: ignore[override]
-        target = self._m[0].state_dict()
-        renamed = {}
-        for k in target:
-            if "lora_" in k:
-                continue
-            renamed[k] = state[k.replace(".base_layer.", ".")]
-        return self._m[0].load_state_dict(renamed, strict=False)

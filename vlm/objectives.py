@@ -1,8 +1,14 @@
-"""Contrastive objectives for video-text dual encoders: symmetric InfoNCE and SigLIP's pairwise sigmoid loss.
+"""Training objectives, one registry per kind.
 
-Both take L2-normalised embeddings video [B, E] and text [B, E] where row i of each is a matching pair, or an
-explicit `positives` mask [B_video, B_text] (True where the pair matches: several captions of one video in a
-batch). They live in `vlm` (not `evals`) because training code may use them and `vlm` never imports `evals`.
+Stage objectives (`STAGE_OBJECTIVES`, a recipe stage's `objective:`) are what `VideoLLM.forward` computes for a
+batch: "lm", the causal-LM loss on assistant tokens, and "words", the word-alignment loss that trains the
+connector without running the LLM. Each is a function (model, batch, return_logits) -> CausalLMOutputWithPast.
+
+Contrastive objectives (`CONTRASTIVE_OBJECTIVES`) train video-text dual encoders: symmetric InfoNCE and SigLIP's
+pairwise sigmoid loss. They live in `vlm` (not `evals`) because training code may use them and `vlm` never imports
+`evals`. Both take L2-normalised embeddings video [B, E] and text [B, E] where row i of each is a matching pair,
+or an explicit `positives` mask [B_video, B_text] (True where the pair matches: several captions of one video in
+a batch).
 
 InfoNCE (CLIP; Radford et al. 2021, and the video-text form of e.g. CLIP4Clip): logits = s * V T^T with a
 learnable scale s = exp(log_scale), initialised to 1/0.07 and clamped to <= 100; loss = mean of the
@@ -17,12 +23,63 @@ binary problem, z = +1 for a positive and -1 otherwise, loss = -sum(log sigmoid(
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from vlm.llm.template import IGNORE_INDEX
+from vlm.registry import FunctionRegistry, Registry
+
+if TYPE_CHECKING:
+    from vlm.model import VideoLLM
+    from vlm.processor import Batch
 
 
+# ---------------------------------------------------------------------------------------------- stage objectives
+class StageObjective(Protocol):
+    """A stage objective: the model and a batch in, a causal-LM output whose `.loss` the stage minimises."""
+
+    def __call__(self, model: VideoLLM, batch: Batch, return_logits: bool = False) -> CausalLMOutputWithPast: ...
+
+
+STAGE_OBJECTIVES: FunctionRegistry[StageObjective] = FunctionRegistry("stage objective", StageObjective)
+register_stage_objective = STAGE_OBJECTIVES.register
+
+
+@register_stage_objective("lm")
+def causal_lm(model: VideoLLM, batch: Batch, return_logits: bool = False) -> CausalLMOutputWithPast:
+    """Causal-LM output: `.loss` (mean over assistant tokens) when the batch has labels, `.logits` when it has
+    none or `return_logits` is set.
+
+    For training, the LM head runs only at positions that predict an assistant token: the vocabulary
+    projection (49k x D for SmolLM2) at every position is most of the head's cost and memory otherwise.
+    """
+    embeds, attention, labels = model.embed(batch)
+    llm = model.llm
+    decoder = getattr(llm, getattr(llm, "base_model_prefix", "model"), None)
+    head = llm.get_output_embeddings()
+    sparse = (labels is not None and not return_logits and decoder is not None and head is not None
+              and not getattr(llm.config, "final_logit_softcapping", None))
+    if not sparse:
+        return llm(inputs_embeds=embeds, attention_mask=attention, labels=labels, use_cache=False)
+    hidden = decoder(inputs_embeds=embeds, attention_mask=attention, use_cache=False).last_hidden_state  # [B, S, D]
+    targets = labels[:, 1:]  # position i predicts token i + 1
+    picked = targets != IGNORE_INDEX  # [B, S-1]
+    logits = head(hidden[:, :-1][picked]).float()  # [n, V]
+    loss = F.cross_entropy(logits, targets[picked])
+    return CausalLMOutputWithPast(loss=loss)
+
+
+@register_stage_objective("words")
+def word_alignment(model: VideoLLM, batch: Batch, return_logits: bool = False) -> CausalLMOutputWithPast:
+    """`VideoLLM.word_alignment_loss` as the output's `.loss`: trains the connector without running the LLM."""
+    return CausalLMOutputWithPast(loss=model.word_alignment_loss(batch))
+
+
+# ---------------------------------------------------------------------------------------------- contrastive
 def _check(video: torch.Tensor, text: torch.Tensor, positives: torch.Tensor | None) -> torch.Tensor:
     if video.dim() != 2 or text.dim() != 2 or video.shape[1] != text.shape[1]:
         raise ValueError(f"expected video [B, E] and text [B', E], got {tuple(video.shape)} and {tuple(text.shape)}")
@@ -37,7 +94,24 @@ def _check(video: torch.Tensor, text: torch.Tensor, positives: torch.Tensor | No
     return positives.bool()
 
 
-class InfoNCELoss(nn.Module):
+class ContrastiveObjective(nn.Module):
+    """A contrastive loss: `forward(video [Bv, E], text [Bt, E], positives=None)` -> scalar loss, `logits(video,
+    text)` -> [Bv, Bt], and the `temperature` it has learnt (for logging)."""
+
+    def logits(self, video: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def temperature(self) -> float:
+        raise NotImplementedError
+
+
+CONTRASTIVE_OBJECTIVES: Registry[ContrastiveObjective] = Registry("contrastive objective", ContrastiveObjective)
+register_contrastive_objective = CONTRASTIVE_OBJECTIVES.register
+
+
+@register_contrastive_objective("infonce")
+class InfoNCELoss(ContrastiveObjective):
     """Symmetric InfoNCE with a learnable temperature (scale = 1 / temperature)."""
 
     def __init__(self, init_temperature: float = 0.07, learnable: bool = True, max_scale: float = 100.0):
@@ -69,7 +143,8 @@ class InfoNCELoss(nn.Module):
         return 0.5 * (loss_v + loss_t)
 
 
-class SigmoidLoss(nn.Module):
+@register_contrastive_objective("siglip")
+class SigmoidLoss(ContrastiveObjective):
     """SigLIP's pairwise sigmoid loss with learnable temperature t and bias b."""
 
     def __init__(self, init_t: float = math.log(10.0), init_b: float = -10.0, learnable: bool = True):
@@ -91,11 +166,6 @@ class SigmoidLoss(nn.Module):
         return -F.logsigmoid(z * self.logits(video, text)).sum() / video.shape[0]
 
 
-OBJECTIVES = {"infonce": InfoNCELoss, "siglip": SigmoidLoss}
-
-
-def build_objective(name: str, **kwargs: float) -> nn.Module:
-    """"infonce" | "siglip"."""
-    if name not in OBJECTIVES:
-        raise KeyError(f"unknown contrastive objective '{name}'; objectives: {', '.join(OBJECTIVES)}")
-    return OBJECTIVES[name](**kwargs)
+def build_objective(name: str, **kwargs: float) -> ContrastiveObjective:
+    """A registered contrastive objective by name ("infonce" | "siglip") with its keyword arguments."""
+    return CONTRASTIVE_OBJECTIVES.build(name, **kwargs)

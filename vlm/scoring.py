@@ -7,8 +7,8 @@ dataclasses live in `evals.interface`, which `vlm` never imports); a request nee
     + max_new_tokens: int, stop: tuple[str, ...]       (generate_answers)
     + continuations: list[str]                          (score_options)
 
-Option scoring shares the prompt: the video + question prefix runs once with the KV cache on, the cache is
-repeated along the batch dimension once per continuation, and only the continuation tokens run after it.
+Option scoring shares the prompt: the video + question prefix is prefilled into a KV cache once, the cache is
+repeated along the batch dimension once per continuation, and only the continuation tokens extend it.
 `share_prefix=False` recomputes every continuation from scratch (the reference the tests compare against).
 """
 
@@ -46,7 +46,7 @@ class FirstLineStop(StoppingCriteria):
 
 
 class ScoringMixin:
-    """`generate_answers` and `score_options` for a `VideoLLM` (uses make_sample, build_batch, embed, llm)."""
+    """`generate_answers` and `score_options` for a `VideoLLM` (uses its processor, embed, prefill, extend, llm)."""
 
     # ------------------------------------------------------------------ text answers
     @torch.no_grad()
@@ -61,12 +61,12 @@ class ScoringMixin:
             for start in range(0, len(idx), step):
                 chunk = idx[start : start + step]
                 samples = [self._request_sample(requests[i]) for i in chunk]
-                batch = self.build_batch(samples, generation=True, prefill=prefill)  # type: ignore[attr-defined]
+                batch = self.processor.build_batch(samples, generation=True, prefill=prefill)  # type: ignore[attr-defined]
                 max_new = max(int(requests[i].max_new_tokens) for i in chunk)
                 stops = sorted({s for i in chunk for s in getattr(requests[i], "stop", ())})
                 extra: dict[str, Any] = {}
                 if stops:
-                    extra["stopping_criteria"] = StoppingCriteriaList([FirstLineStop(self.tokenizer, stops)])  # type: ignore[attr-defined]
+                    extra["stopping_criteria"] = StoppingCriteriaList([FirstLineStop(self.processor.tokenizer, stops)])  # type: ignore[attr-defined]
                 texts = self.generate(batch, max_new_tokens=max_new, **extra)  # type: ignore[attr-defined]
                 for i, text in zip(chunk, texts):
                     answers[i] = text
@@ -83,9 +83,10 @@ class ScoringMixin:
         out: list[list[float]] = []
         for r in requests:
             sample = self._request_sample(r)
-            batch = self.build_batch([sample], generation=True, prefill=r.prefill)  # type: ignore[attr-defined]
+            batch = self.processor.build_batch([sample], generation=True, prefill=r.prefill)  # type: ignore[attr-defined]
             embeds, attention, _ = self.embed(batch)  # type: ignore[attr-defined]  # [1, S, D], [1, S]
-            conts = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in r.continuations]  # type: ignore[attr-defined]
+            tokenizer = self.processor.tokenizer  # type: ignore[attr-defined]
+            conts = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in r.continuations]
             if share_prefix:
                 out.append(self._score_with_cache(embeds, attention, conts))
             else:
@@ -93,12 +94,13 @@ class ScoringMixin:
         return out
 
     def _request_sample(self, r: Any) -> dict[str, Any]:
-        return self.make_sample(r.turns, r.clip, r.media_type if r.clip is not None else None, str(r.uid))  # type: ignore[attr-defined]
+        return self.processor.make_sample(r.turns, r.clip, r.media_type if r.clip is not None else None, str(r.uid))  # type: ignore[attr-defined]
 
     def _continuation_ids(self, conts: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded continuation ids [K, L] and their mask [K, L]."""
         width = max(1, max(len(c) for c in conts))
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0  # type: ignore[attr-defined]
+        tok = self.processor.tokenizer  # type: ignore[attr-defined]
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         ids = torch.full((len(conts), width), int(pad), dtype=torch.long, device=device)
         mask = torch.zeros((len(conts), width), dtype=torch.long, device=device)
         for k, c in enumerate(conts):
@@ -127,29 +129,27 @@ class ScoringMixin:
         return scores
 
     def _score_with_cache(self, embeds: torch.Tensor, attention: torch.Tensor, conts: list[list[int]]) -> list[float]:
-        llm = self.llm  # type: ignore[attr-defined]
         # logits only at the last prompt position: the rest of the prompt is never scored
-        prefix = llm(inputs_embeds=embeds, attention_mask=attention, use_cache=True, logits_to_keep=1)
-        first_logp = F.log_softmax(prefix.logits[0, -1].float(), dim=-1)  # [V]
+        logits, cache = self.prefill(embeds, attention)  # type: ignore[attr-defined]  # [1, 1, V]
+        first_logp = F.log_softmax(logits[0, -1].float(), dim=-1)  # [V]
         if all(len(c) <= 1 for c in conts):
             return self._gather(first_logp, first_logp.new_zeros(len(conts), 1, 1), conts)
-        cache = prefix.past_key_values
         cache.batch_repeat_interleave(len(conts))  # [1, ...] -> [K, ...] per layer, in place
         ids, mask = self._continuation_ids(conts, embeds.device)  # [K, L]
         full_mask = torch.cat([attention.expand(len(conts), -1), mask], dim=1)  # [K, S + L]
-        out = llm(input_ids=ids, attention_mask=full_mask, past_key_values=cache, use_cache=True)
-        rest_logp = F.log_softmax(out.logits.float(), dim=-1)  # [K, L, V]; position j predicts token j + 1
+        cont_embeds = self.llm.get_input_embeddings()(ids)  # type: ignore[attr-defined]  # [K, L, D]
+        logits = self.extend(cache, cont_embeds, full_mask, logits_to_keep=0)  # type: ignore[attr-defined]
+        rest_logp = F.log_softmax(logits.float(), dim=-1)  # [K, L, V]; position j predicts token j + 1
         return self._gather(first_logp, rest_logp, conts)
 
     def _score_recompute(self, embeds: torch.Tensor, attention: torch.Tensor, conts: list[list[int]]) -> list[float]:
         """Reference: each continuation appended to the prompt and run in one full forward, no cache."""
-        llm = self.llm  # type: ignore[attr-defined]
         k, s = len(conts), embeds.shape[1]
         ids, mask = self._continuation_ids(conts, embeds.device)  # [K, L]
-        cont_embeds = llm.get_input_embeddings()(ids).to(embeds.dtype)  # [K, L, D]
+        cont_embeds = self.llm.get_input_embeddings()(ids).to(embeds.dtype)  # type: ignore[attr-defined]  # [K, L, D]
         full = torch.cat([embeds.expand(k, -1, -1), cont_embeds], dim=1)  # [K, S + L, D]
         full_mask = torch.cat([attention.expand(k, -1), mask], dim=1)
-        logits = llm(inputs_embeds=full, attention_mask=full_mask, use_cache=False).logits.float()  # [K, S + L, V]
+        logits = self.llm(inputs_embeds=full, attention_mask=full_mask, use_cache=False).logits.float()  # type: ignore[attr-defined]
         logp = F.log_softmax(logits, dim=-1)
         first_logp = logp[0, s - 1]
         return self._gather(first_logp, logp[:, s:], conts)

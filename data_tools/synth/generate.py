@@ -20,12 +20,13 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from data_tools.synth.language import (
-    CAPTION_REQUESTS, MCQ_INSTRUCTIONS, caption, format_mcq, open_questions, retrieval_captions, with_video,
-)
+from data_tools.synth.captions import caption, retrieval_captions
+from data_tools.synth.prompts import CAPTION_REQUESTS, MCQ_INSTRUCTIONS, format_mcq, with_video
+from data_tools.synth.qa import open_questions
 from data_tools.synth.render import render_clip
+from data_tools.synth.scenarios import sample_clip
 from data_tools.synth.tasks import TASKS, AnswerPlacer, Question, clip_questions
-from data_tools.synth.world import CLASSES, sample_clip
+from data_tools.synth.world import CLASSES
 from vlm.video.encode import write_video
 
 log = logging.getLogger(__name__)

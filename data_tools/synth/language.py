@@ -1,6 +1,7 @@
-"""Words for clips: naming objects and events, captions in several phrasings, and open-ended questions.
+"""Words for clips: naming objects and events, the phrases of a clip's instants, and each object's action.
 
-Everything here reads a clip's ground truth (see `world.py`) and an rng; nothing looks at pixels.
+Everything here reads a clip's ground truth (see `world.py`) and an rng; nothing looks at pixels. Captions
+(`captions.py`), open-ended questions (`qa.py`) and the benchmark tasks (`tasks.py`) are written with these words.
 """
 
 from __future__ import annotations
@@ -15,23 +16,6 @@ from data_tools.synth.world import BG_TONES, COLORS, NUM_BOXES, instants
 ORDINALS = ("first", "second", "third", "fourth", "fifth")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five")
 TIMES = {1: "once", 2: "twice"}
-
-CAPTION_REQUESTS = (
-    "Describe what happens in the video.",
-    "What is happening in this video?",
-    "Give a short description of the video.",
-    "Describe the video in one or two sentences.",
-    "Summarize the events of this clip in order.",
-    "What do you see in this clip? Describe it briefly.",
-    "Write a caption for this video.",
-    "Explain what the objects in the video do.",
-)
-MCQ_INSTRUCTIONS = (
-    "Answer with the option's letter from the given choices directly.",
-    "Answer with the option's letter from the given choices directly.",
-    "Only give the best option.",
-    "Answer with the letter of the correct option.",
-)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -77,6 +61,13 @@ def count_words(n: int) -> str:
     return TIMES.get(n, f"{NUMBER_WORDS[n]} times" if n < len(NUMBER_WORDS) else f"{n} times")
 
 
+def and_list(items: list[str]) -> str:
+    """'a, b and c'."""
+    if len(items) <= 1:
+        return "".join(items)
+    return ", ".join(items[:-1]) + " and " + items[-1]
+
+
 def cap(text: str) -> str:
     return text[:1].upper() + text[1:]
 
@@ -118,7 +109,7 @@ def instant_phrase(clip: dict[str, Any], kind: str, ev: dict[str, Any]) -> Phras
     before = max(0, ev.get("start_frame", 0) - 1)
     subj = the(obj, before) if obj is not None else ""
     if kind == "start":
-        return Phrase(subj, "starts", "start", f" moving {_dir_words(ev['direction'])}")
+        return Phrase(subj, "starts", "start", f" moving {direction_words(ev['direction'])}")
     if kind == "stop":
         return Phrase(subj, "stops", "stop", " moving")
     if kind == "bounce":
@@ -148,7 +139,7 @@ def instant_phrase(clip: dict[str, Any], kind: str, ev: dict[str, Any]) -> Phras
     raise ValueError(f"no phrase for instant kind {kind!r}")
 
 
-def _dir_words(direction: str) -> str:
+def direction_words(direction: str) -> str:
     return {"left": "to the left", "right": "to the right", "up": "up", "down": "down"}[direction]
 
 
@@ -267,7 +258,7 @@ def object_action(clip: dict[str, Any], obj: dict[str, Any]) -> str | None:
             continue
         t = ev["type"]
         if t == "move":
-            return "moves " + _dir_words(ev["direction"])
+            return "moves " + direction_words(ev["direction"])
         if t == "bounce":
             return ACTIONS[4]
         if t == "color_change":
@@ -307,276 +298,8 @@ def stills(clip: dict[str, Any]) -> list[dict[str, Any]]:
     return [o for o in clip["objects"] if o["role"] == "still"]
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# Captions
-# ------------------------------------------------------------------------------------------------------------------
-
-def _join(items: list[str]) -> str:
-    if len(items) <= 1:
-        return "".join(items)
-    return ", ".join(items[:-1]) + " and " + items[-1]
-
-
-def _clauses(clip: dict[str, Any]) -> list[tuple[int, str, str]]:
-    """(frame, subject, predicate) of everything that happens, in time order; spans from frame 0 come first."""
-    objs = objects_by_id(clip)
-    out: list[tuple[int, str, str]] = []
-    # Actions under way from the first frame.
-    moving0: dict[str, list[str]] = {}
-    for ev in clip["events"]:
-        if ev["start_frame"] != 0 or ev.get("object") is None:
-            continue
-        obj = objs[ev["object"]]
-        if ev["type"] == "move":
-            moving0.setdefault(ev["direction"], []).append(the(obj))
-        elif ev["type"] == "rotate":
-            out.append((0, the(obj), f"rotates {ev['direction']}"))
-        elif ev["type"] in ("grow", "shrink"):
-            out.append((0, the(obj), "grows larger" if ev["type"] == "grow" else "shrinks"))
-    for d, names in moving0.items():
-        out.append((0, _join(names), ("move " if len(names) > 1 else "moves ") + _dir_words(d)))
-    for o in clip["objects"]:
-        if o.get("initial_direction"):
-            out.append((0, the(o), "moves " + _dir_words(o["initial_direction"])))
-    for p in timeline(clip):
-        ph = p["phrase"]
-        kind, ev = p["kind"], p["event"]
-        if kind == "appear":
-            obj = objs[ev["object"]]
-            out.append((p["frame"], article(obj_noun(obj, p["frame"], size=True)),
-                        "fades in" if ev["style"] == "fade" else "appears"))
-        elif kind == "disappear":
-            out.append((p["frame"], ph.subject, "fades out" if ev["style"] == "fade" else "disappears"))
-        else:
-            out.append((p["frame"], ph.subject, ph.predicate()))
-    out.sort(key=lambda c: c[0])
-    return out
-
-
-def _narrate(clauses: list[tuple[int, str, str]], style: int) -> str:
-    """Clauses joined in time order; a repeated subject becomes 'it'."""
-    parts = []
-    prev = None
-    for _, subj, pred in clauses:
-        parts.append(f"it {pred}" if subj == prev else f"{subj} {pred}")
-        prev = subj
-    if not parts:
-        return ""
-    if len(parts) == 1:
-        return cap(parts[0]) + "."
-    if style == 0:
-        mid = "".join(f", then {p}" for p in parts[1:-1])
-        last = f", and finally {parts[-1]}" if len(parts) > 2 else f", then {parts[-1]}"
-        return cap(parts[0]) + mid + last + "."
-    if style == 1:
-        mid = "".join(f" Then {p}." for p in parts[1:-1])
-        return f"First, {parts[0]}.{mid} Finally, {parts[-1]}." if len(parts) > 2 else f"First, {parts[0]}. Then {parts[1]}."
-    return cap(parts[0]) + "." + "".join(f" After that, {p}." for p in parts[1:])
-
-
-def _intro(clip: dict[str, Any], style: int) -> str:
-    bg = bg_noun(clip["background"])
-    shown = [o for o in clip["objects"] if o["track"]["visible"][0] and o["role"] not in ("box", "ball")]
-    if not shown:
-        return f"The video starts with {bg} and no objects."
-    names = _join([article(obj_noun(o, 0, size=True)) for o in shown])
-    verb = "is" if len(shown) == 1 else "are"
-    if style == 0:
-        return cap(f"{names} {verb} on {bg}.")
-    if style == 1:
-        return f"On {bg}, there {verb} {names}."
-    return f"The video shows {names} on {bg}."
-
-
-def _still_note(clip: dict[str, Any]) -> str:
-    st = [o for o in stills(clip) if movers(clip)]
-    if not st:
-        return ""
-    names = _join([the(o) for o in st])
-    return f" {cap(names)} {'stays' if len(st) == 1 else 'stay'} still."
-
-
-def _shuffle_caption(clip: dict[str, Any], style: int, timed: bool = False) -> str:
-    sh = clip["shuffle"]
-    bg = bg_noun(clip["background"])
-    n = len(sh["swaps"])
-    ball = f"{sh['ball_color']} ball"
-    start, end = box_ordinal(sh["start_position"]), box_ordinal(sh["end_position"])
-    swaps = "once" if n == 1 else f"{NUMBER_WORDS[n]} times"
-    if timed:
-        sw = [e for e in clip["events"] if e["type"] == "swap"]
-        times = _join([f"{e['start_s']:.1f}" for e in sw])
-        return (f"On {bg}, {article(ball)} is placed under {start} of {NUMBER_WORDS[NUM_BOXES]} {sh['box_color']} boxes. "
-                f"The boxes swap places at {times} seconds, and the ball ends up under {end}.")
-    if style == 1:
-        return (f"{cap(article(ball))} is hidden under one of {NUMBER_WORDS[NUM_BOXES]} identical {sh['box_color']} "
-                f"boxes on {bg}: it starts under {start}. After the boxes swap places {swaps}, the ball is under {end}.")
-    return (f"{cap(article(ball))} sits on {bg} under {start} of {NUMBER_WORDS[NUM_BOXES]} {sh['box_color']} boxes. "
-            f"The box is lowered over the ball, then the boxes swap places {swaps}. At the end, the ball is under {end}.")
-
-
-def caption(clip: dict[str, Any], style: int = 0) -> str:
-    """A full caption: the scene, then every event in temporal order (style 0-2 vary the phrasing)."""
-    if clip["label"] == "shuffling":
-        return _shuffle_caption(clip, style)
-    story = _narrate(_clauses(clip), style)
-    return " ".join(s for s in (_intro(clip, style), story) if s) + _still_note(clip)
-
-
-def timed_caption(clip: dict[str, Any]) -> str:
-    """A caption that states when each instant happens."""
-    if clip["label"] == "shuffling":
-        return _shuffle_caption(clip, 0, timed=True)
-    parts = []
-    for frame, subj, pred in _clauses(clip):
-        when = "From the start" if frame == 0 else f"At {frame / clip['fps']:.1f} seconds"
-        parts.append(f"{when}, {subj} {pred}.")
-    return " ".join([_intro(clip, 0), *parts])
-
-
-def short_caption(clip: dict[str, Any]) -> str:
-    """One sentence about the dominant action only."""
-    label = clip["label"]
-    if label == "shuffling":
-        ball = article(f"{clip['shuffle']['ball_color']} ball")
-        return f"{cap(ball)} is hidden under one of {NUMBER_WORDS[NUM_BOXES]} boxes that are shuffled."
-    actors = [o for o in clip["objects"] if object_action(clip, o)]
-    if label == "bouncing":
-        o = actors[0]
-        return f"{cap(article(obj_noun(o, 0, size=True)))} bounces off the walls {count_words(o['bounces'])}."
-    if label == "changing color":
-        n = sum(e["type"] == "color_change" for e in clip["events"])
-        who = "An object" if len(actors) == 1 else f"{cap(NUMBER_WORDS[len(actors)])} objects"
-        return f"{who} {'changes' if len(actors) == 1 else 'change'} color {count_words(n)} in total."
-    names = _join([article(obj_noun(o, 0, size=True)) for o in actors])
-    act = object_action(clip, actors[0])
-    if len(actors) > 1:
-        act = {"moves": "move", "appears": "appear", "disappears": "disappear"}.get(act.split()[0], act.split()[0]) + \
-            act[len(act.split()[0]):]
-    return cap(f"{names} {act}.")
-
-
-def retrieval_captions(clip: dict[str, Any], rng: np.random.Generator) -> list[str]:
-    """Several distinct captions of one clip: two narrative phrasings, a timed one and a one-sentence summary."""
-    styles = rng.permutation(3)[:2]
-    out = []
-    for c in (caption(clip, int(styles[0])), caption(clip, int(styles[1])), timed_caption(clip), short_caption(clip)):
-        if c not in out:
-            out.append(c)
-    return out
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Open-ended questions
-# ------------------------------------------------------------------------------------------------------------------
-
-def open_questions(clip: dict[str, Any], rng: np.random.Generator) -> list[tuple[str, str]]:
-    """Every open-ended (question, answer) pair the ground truth supports for this clip."""
-    fps = clip["fps"]
-    qa: list[tuple[str, str]] = []
-    objs = [o for o in clip["objects"] if o["role"] not in ("box", "ball")]
-    mv = movers(clip)
-    if clip["label"] == "shuffling":
-        sh = clip["shuffle"]
-        n = len(sh["swaps"])
-        qa += [
-            ("Under which box is the ball at the end of the video?", cap(f"Under {box_ordinal(sh['end_position'])}.")),
-            ("Where is the ball hidden when the video ends?", cap(f"It is under {box_ordinal(sh['end_position'])}.")),
-            ("Under which box is the ball placed at the beginning?", cap(f"Under {box_ordinal(sh['start_position'])}.")),
-            ("How many times do the boxes swap places?", f"{cap(count_words(n))}."),
-            ("What color is the ball?", f"It is {sh['ball_color']}."),
-            ("How many boxes are there?", f"There are {NUMBER_WORDS[NUM_BOXES]} {sh['box_color']} boxes."),
-        ]
-    else:
-        qa.append(("How many objects are there in the video?",
-                   f"{cap(NUMBER_WORDS[len(objs)])}: {_join([article(obj_noun(o, 0, size=True)) for o in objs])}."))
-        qa.append(("How many objects move from one place to another?",
-                   "None of them." if not mv else f"{cap(NUMBER_WORDS[len(mv)])}: {_join([the(o) for o in mv])}."))
-        if clip.get("background_after"):
-            ev = next(e for e in clip["events"] if e["type"] == "background_change")
-            qa.append(("Does the background change during the video?",
-                       f"Yes. It changes from {bg_noun(clip['background'])} to {bg_noun(clip['background_after'])} "
-                       f"at about {seconds(ev['start_frame'], fps)}."))
-        else:
-            qa.append(("What does the background look like?",
-                       f"It is {bg_noun(clip['background'])}, and it does not change."))
-    for o in objs:
-        act = object_action(clip, o)
-        evs = [e for e in clip["events"] if e.get("object") == o["id"]]
-        name = the(o)
-        if act is None:
-            qa.append((f"What does {name} do?", "It stays still the whole time."))
-            continue
-        qa.append((f"What does {name} do in the video?", f"It {act}."))
-        for e in evs:
-            if e["type"] == "move":
-                qa.append((f"In which direction does {name} move?", cap(_dir_words(e["direction"])) + "."))
-            elif e["type"] == "start":
-                qa.append((f"When does {name} start moving?", f"At about {seconds(e['start_frame'], fps)}."))
-            elif e["type"] == "stop":
-                qa.append((f"Does {name} keep moving until the end?",
-                           f"No, it stops at about {seconds(e['start_frame'], fps)}."))
-            elif e["type"] == "rotate":
-                qa.append((f"Which way does {name} rotate?", cap(e["direction"]) + "."))
-            elif e["type"] in ("grow", "shrink"):
-                qa.append((f"Does {name} get bigger or smaller?",
-                           "It gets bigger." if e["type"] == "grow" else "It gets smaller."))
-            elif e["type"] == "appear":
-                how = "fades in" if e["style"] == "fade" else "appears"
-                qa.append((f"Is {name} visible at the start of the video?",
-                           f"No, it {how} at about {seconds(e['start_frame'], fps)}."))
-            elif e["type"] == "disappear":
-                how = "fades out" if e["style"] == "fade" else "disappears"
-                qa.append((f"Is {name} still visible at the end of the video?",
-                           f"No, it {how} at about {seconds(e['start_frame'], fps)}."))
-        if act.startswith("bounces"):
-            walls = [e["wall"] for e in evs if e["type"] == "bounce"]
-            qa.append((f"How many times does {name} bounce off a wall?", f"{cap(count_words(len(walls)))}."))
-            qa.append((f"Which wall does {name} hit first?", f"The {walls[0]} wall."))
-            qa.append((f"In which direction is {name} moving at the beginning?",
-                       cap(_dir_words(o["initial_direction"])) + "."))
-        if act == "changes color":
-            colors = [o["track"]["color"][0]] + [e["to_color"] for e in evs if e["type"] == "color_change"]
-            shape = f"the {o['shape']}"
-            qa.append((f"What color is {shape} at the end of the video?", f"{cap(colors[-1])}."))
-            qa.append((f"How does the color of {shape} change?", cap(", then ".join(colors)) + "."))
-            qa.append((f"How many times does {shape} change color?", f"{cap(count_words(len(colors) - 1))}."))
-    tl = timeline(clip)
-    uniq = unique_texts(tl)
-    if len(tl) >= 2:
-        if tl[0]["phrase"].text in uniq and tl[0]["frame"] < tl[1]["frame"]:
-            qa.append(("What happens first in the video?", cap(tl[0]["phrase"].text) + "."))
-        if tl[-1]["phrase"].text in uniq and tl[-2]["frame"] < tl[-1]["frame"]:
-            qa.append(("What is the last thing that happens?", cap(tl[-1]["phrase"].text) + "."))
-        i = int(rng.integers(0, len(tl) - 1))
-        if tl[i]["phrase"].text in uniq and tl[i + 1]["phrase"].text in uniq:
-            qa.append((f"What happens right after {tl[i]['phrase'].text}?", cap(tl[i + 1]["phrase"].text) + "."))
-    for p in tl:
-        if p["phrase"].text in uniq:
-            qa.append((p["phrase"].question("When"), f"At about {seconds(p['frame'], fps)}."))
-    return qa
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Multiple-choice text
-# ------------------------------------------------------------------------------------------------------------------
-
-def format_mcq(question: str, candidates: list[str], style: int = 0, instruction: str = MCQ_INSTRUCTIONS[0]) -> str:
-    """The multiple-choice prompt in the benchmark's style: question, '(A) ...' lines, an instruction."""
-    options = "\n".join(f"({'ABCDEFGH'[i]}) {c}" for i, c in enumerate(candidates))
-    if style == 0:
-        return f"Question: {question}\nOptions:\n{options}\n{instruction}"
-    return f"{question}\n{options}\n{instruction}"
-
-
-def with_video(text: str, video_first: bool) -> str:
-    """Put the single <video> placeholder at the start or the end of the first human turn."""
-    return f"<video>\n{text}" if video_first else f"{text}\n<video>"
-
-
 __all__ = [
-    "ACTIONS", "ANTONYMS", "CAPTION_REQUESTS", "MCQ_INSTRUCTIONS", "Phrase", "article", "bg_noun", "box_ordinal",
-    "cap", "caption", "count_words", "fake_instants", "false_actions", "format_mcq", "instant_phrase", "movers",
-    "obj_noun", "object_action", "open_questions", "retrieval_captions", "short_caption", "stills", "the", "timeline",
-    "timed_caption", "unique_texts", "with_video",
+    "ACTIONS", "ANTONYMS", "NUMBER_WORDS", "ORDINALS", "Phrase", "and_list", "article", "bg_noun", "box_ordinal",
+    "cap", "count_words", "direction_words", "fake_instants", "false_actions", "instant_key", "instant_phrase",
+    "movers", "obj_noun", "object_action", "objects_by_id", "seconds", "stills", "the", "timeline", "unique_texts",
 ]

@@ -15,8 +15,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from data_tools.synth.captions import still_note, timed_caption
 from data_tools.synth.generate import _write_json
-from data_tools.synth.language import _still_note, timed_caption
 from vlm.data.conversation import describe_in_place, read_records
 
 #: the files of a synthetic folder that get an oracle twin (when present)
@@ -25,7 +25,7 @@ ORACLE_FILES = ("captions_train.json", "instruct_train.json", "instruct_test.jso
 
 def describe(meta: dict[str, Any]) -> str:
     """The ground-truth description of one clip from its `meta.jsonl` record."""
-    still = _still_note(meta) if meta["label"] != "shuffling" else ""
+    still = still_note(meta) if meta["label"] != "shuffling" else ""
     return f"{timed_caption(meta)}{still} The video lasts {meta['duration_s']:.1f} seconds."
 
 

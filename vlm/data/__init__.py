@@ -4,6 +4,7 @@ from vlm.data.conversation import (
     ConversationSample,
     DataFormatError,
     MediaPathError,
+    TemplateMismatchError,
     Turn,
     load_conversations,
     parse_record,
@@ -14,7 +15,7 @@ from vlm.data.conversation import (
 from vlm.data.mvbench import OFFICIAL_TASKS, MCQItem, MVBenchTask, load_mvbench, load_task, load_tasks
 
 __all__ = [
-    "ConversationSample", "DataFormatError", "MediaPathError", "Turn", "load_conversations", "parse_record",
-    "read_records", "record_problems", "resolve_media",
+    "ConversationSample", "DataFormatError", "MediaPathError", "TemplateMismatchError", "Turn", "load_conversations",
+    "parse_record", "read_records", "record_problems", "resolve_media",
     "OFFICIAL_TASKS", "MCQItem", "MVBenchTask", "load_mvbench", "load_task", "load_tasks",
 ]

@@ -29,6 +29,10 @@ class MediaPathError(DataFormatError):
     """A media path is absolute outside the media root, or climbs out of it."""
 
 
+class TemplateMismatchError(ValueError):
+    """The chat template and the tokenizer disagree about a sample; the message names the sample."""
+
+
 @dataclass
 class Turn:
     role: str  # "system" | "user" | "assistant"

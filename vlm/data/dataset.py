@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from vlm.data.conversation import ConversationSample, DataFormatError, parse_record, read_records, resolve_media
-from vlm.llm.template import TemplateMismatchError
+from vlm.data.conversation import TemplateMismatchError
 from vlm.video.errors import VideoDecodeError
 
 log = logging.getLogger(__name__)
@@ -28,9 +28,11 @@ SAMPLE_ERRORS = (VideoDecodeError, DataFormatError, TemplateMismatchError, FileN
 
 @dataclass
 class SourceSpec:
-    path: str
-    media_root: str | None = None
-    weight: float = 1.0
+    """One file of a mixture (a recipe's `data.mixture` entry)."""
+
+    path: str  # LLaVA-style JSON / JSONL
+    media_root: str | None = None  # default: the file's folder
+    weight: float = 1.0  # sampling weight: the share of an epoch drawn from this source is len * weight
 
 
 @dataclass
@@ -76,7 +78,7 @@ def subsample(items: Sequence[MixtureItem], n: int, seed: int = 0) -> list[Mixtu
 
 
 class ConversationDataset(torch.utils.data.Dataset):
-    """Items of a mixture -> encoded samples (see `VideoLLM.encode_sample`), via `load_visual` for media.
+    """Items of a mixture -> encoded samples (see `VideoLLMProcessor.encode_sample`), via `load_visual` for media.
 
     load_visual(path, sample) returns the visual part of a sample: {"pixel_values", "timestamps"} or
     {"features", "grid", "num_frames", "timestamps"} (from the feature cache).
@@ -124,38 +126,60 @@ class ConversationDataset(torch.utils.data.Dataset):
         raise RuntimeError(f"{self.max_retries} consecutive bad samples from index {i}; last: {skipped[-1]}")
 
 
+SHUFFLES = ("numpy", "torch", "torch_stream")
+
+
 class BatchPlan:
     """Deterministic batches of indices for one process: shuffled per (seed, epoch), optionally grouped by
-    modality and length (LLaVA's `group_by_modality_length`), split across processes, resumable at any batch."""
+    modality and length (LLaVA's `group_by_modality_length`), split across processes, resumable at any batch.
+    The incomplete last global batch is dropped unless it is the epoch's only one (then each process gets an even
+    share). `lengths`: each sample's signed length (`ConversationDataset.length`), or the sample count.
+    `shuffle` keeps each trainer's order, so its runs reproduce: "numpy" (VLM stages: seeded by [seed, epoch]; the
+    only one that groups), "torch" (VideoMAE: torch.randperm seeded by seed * 100003 + epoch), "torch_stream"
+    (classification: one torch generator seeded once, epoch e its e+1-th permutation).
+    """
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, world_size: int = 1, rank: int = 0, seed: int = 0,
-                 group_by_length: bool = True):
-        self.lengths = np.asarray(lengths)
+    def __init__(self, lengths: Sequence[int] | int, batch_size: int, world_size: int = 1, rank: int = 0,
+                 seed: int = 0, group_by_length: bool = True, shuffle: str = "numpy"):
+        self.lengths = np.zeros(lengths, dtype=np.int64) if isinstance(lengths, int) else np.asarray(lengths)
         self.batch_size = batch_size
         self.world_size = world_size
         self.rank = rank
         self.seed = seed
         self.group_by_length = group_by_length
+        self.shuffle = shuffle
         self.global_batch = batch_size * world_size
-        if len(self.lengths) < self.global_batch:
-            raise ValueError(f"{len(self.lengths)} samples cannot fill one global batch of {self.global_batch}")
+        if shuffle not in SHUFFLES or (group_by_length and shuffle != "numpy"):
+            raise ValueError(f"shuffle must be one of {SHUFFLES} (grouping by length needs 'numpy'), got {shuffle!r}")
+        if len(self.lengths) < world_size:
+            raise ValueError(f"{len(self.lengths)} samples cannot give each of {world_size} processes one")
 
     def __len__(self) -> int:
-        """Batches per epoch for each process (the incomplete last global batch is dropped)."""
-        return len(self.lengths) // self.global_batch
+        """Batches per epoch for each process."""
+        return max(1, len(self.lengths) // self.global_batch)
 
     def _megabatches(self, idx: np.ndarray, rng: np.random.Generator) -> list[list[int]]:
         idx = idx[rng.permutation(len(idx))]
         megas = [idx[k:k + self.global_batch] for k in range(0, len(idx), self.global_batch)]
         return [sorted(m.tolist(), key=lambda i: -abs(int(self.lengths[i]))) for m in megas]
 
-    def epoch(self, epoch: int) -> list[list[int]]:
-        rng = np.random.default_rng([self.seed, epoch])
+    def _order(self, epoch: int) -> list[int]:
         n = len(self.lengths)
+        if self.shuffle == "numpy":
+            return np.random.default_rng([self.seed, epoch]).permutation(n).tolist()
+        if self.shuffle == "torch":
+            return torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch)).tolist()
+        generator = torch.Generator().manual_seed(self.seed)
+        for _ in range(epoch):
+            torch.randperm(n, generator=generator)
+        return torch.randperm(n, generator=generator).tolist()
+
+    def epoch(self, epoch: int) -> list[list[int]]:
         if not self.group_by_length:
-            order = rng.permutation(n)
-            globals_ = [order[k:k + self.global_batch].tolist() for k in range(0, n, self.global_batch)]
+            order = self._order(epoch)
+            globals_ = [order[k:k + self.global_batch] for k in range(0, len(order), self.global_batch)]
         else:
+            rng = np.random.default_rng([self.seed, epoch])
             mm = np.flatnonzero(self.lengths >= 0)
             text = np.flatnonzero(self.lengths < 0)
             megas = self._megabatches(mm, rng) + self._megabatches(text, rng)
@@ -163,6 +187,8 @@ class BatchPlan:
             rest = [i for m in megas if len(m) < self.global_batch for i in m]  # leftovers mix modalities
             full += [rest[k:k + self.global_batch] for k in range(0, len(rest), self.global_batch)]
             globals_ = [full[i] for i in rng.permutation(len(full))]
+        if len(self.lengths) < self.global_batch:  # one short global batch, shared evenly
+            return [globals_[0][self.rank::self.world_size]]
         globals_ = [g for g in globals_ if len(g) == self.global_batch][: len(self)]
         return [g[self.rank * self.batch_size:(self.rank + 1) * self.batch_size] for g in globals_]
 

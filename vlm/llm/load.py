@@ -11,37 +11,31 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Protocol
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from vlm.registry import FunctionRegistry
+
 log = logging.getLogger(__name__)
 
-LLMLoader = Callable[..., tuple[PreTrainedModel, PreTrainedTokenizerBase]]
-_LOADERS: dict[str, LLMLoader] = {}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def register_llm_loader(name: str) -> Callable[[LLMLoader], LLMLoader]:
-    """Register a function (**kwargs) -> (model, tokenizer) under `name`; duplicate names raise."""
+class LLMLoader(Protocol):
+    """A loader: keyword arguments (path, dtype, ...) in, (model, tokenizer) out."""
 
-    def decorator(fn: LLMLoader) -> LLMLoader:
-        if not callable(fn):
-            raise TypeError(f"LLM loader '{name}' must be callable")
-        if name in _LOADERS:
-            raise KeyError(f"LLM loader '{name}' is already registered")
-        _LOADERS[name] = fn
-        return fn
+    def __call__(self, **kwargs: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]: ...
 
-    return decorator
+
+LLM_LOADERS: FunctionRegistry[LLMLoader] = FunctionRegistry("LLM loader", LLMLoader)
+register_llm_loader = LLM_LOADERS.register
 
 
 def load_llm(loader: str = "hf", **kwargs: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model, tokenizer) from a registered loader; `kwargs` are that loader's (path, dtype, ...)."""
-    if loader not in _LOADERS:
-        raise KeyError(f"unknown LLM loader '{loader}'; registered: {', '.join(sorted(_LOADERS))}")
-    model, tokenizer = _LOADERS[loader](**kwargs)
+    model, tokenizer = LLM_LOADERS.get(loader)(**kwargs)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

@@ -13,14 +13,10 @@ from typing import Sequence
 
 from transformers import PreTrainedTokenizerBase
 
-from vlm.data.conversation import PLACEHOLDERS, Turn
+from vlm.data.conversation import PLACEHOLDERS, TemplateMismatchError, Turn
 
 VISUAL_TOKEN = -200  # a visual-token position in input_ids (LLaVA's convention)
 IGNORE_INDEX = -100
-
-
-class TemplateMismatchError(ValueError):
-    """The chat template and the tokenizer disagree about a sample; the message names the sample."""
 
 
 @dataclass

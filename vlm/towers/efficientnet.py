@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from vlm.towers.base import VisionTower, register_tower
-from vlm.towers.hf import resolve_dtype
+from vlm.towers.common import resolve_dtype
 from vlm.video.transforms import VideoPreprocessor
 
 if TYPE_CHECKING:

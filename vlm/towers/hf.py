@@ -1,21 +1,17 @@
 """Transformers-backed towers: CLIP and SigLIP (per-frame ViTs) and VideoMAE (tubelet ViT).
 
-Each tower is built either from a checkpoint (`model=`: a local folder or hub id, loaded with
-`from_pretrained`, never with remote code) or from a config dict (`config=`: random weights, used by tests).
-
-Layer taps index `hidden_states` as transformers defines it: index 0 is the embedding output, index k the
-output of encoder layer k, so a model with L layers has L + 1 entries and -1 is the last layer, -2 the
-penultimate (the default, as LLaVA). With `truncate=True` (the default) the tower keeps only what its
-output depends on: the encoder layers after the tap are deleted at load time (and `num_hidden_layers` in the
-kept config is lowered to match; a layer-0 tap keeps one layer, since transformers records hidden states
-through layer hooks), and so are the parts that only feed the pooled output (CLIP's and SigLIP's
-`post_layernorm`, SigLIP's attention-pool head, VideoMAE's final layernorm). That saves their compute and
-makes every parameter of the tower reach its output, which DDP needs when the tower is trained.
+Each tower is built either from a checkpoint (`model=`) or from a config dict (`config=`), see
+`vlm/towers/hf_checkpoint.py`; layers are tapped as `vlm/towers/common.py` says (-2, the penultimate, by default).
+With `truncate=True` (the default) the tower keeps only what its output depends on: the encoder layers after the
+tap are deleted at load time (and `num_hidden_layers` in the kept config is lowered to match; a layer-0 tap keeps
+one layer, since transformers records hidden states through layer hooks), and so are the parts that only feed the
+pooled output (CLIP's and SigLIP's `post_layernorm`, SigLIP's attention-pool head, VideoMAE's final layernorm).
+That saves their compute and makes every parameter of the tower reach its output, which DDP needs when the tower
+is trained.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import TYPE_CHECKING, Any
@@ -24,10 +20,12 @@ import torch
 from torch import nn
 
 from vlm.towers.base import VisionTower, register_tower
-from vlm.video.transforms import MODES, VideoPreprocessor
+from vlm.towers.common import IMAGENET_MEAN, IMAGENET_STD, resolve_dtype, resolve_layer
+from vlm.towers.hf_checkpoint import load_hf_model, preprocessor_for
+from vlm.video.transforms import VideoPreprocessor
 
 if TYPE_CHECKING:
-    from transformers import PretrainedConfig, PreTrainedModel
+    from transformers import PretrainedConfig
 
 logger = logging.getLogger(__name__)
 
@@ -35,130 +33,6 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-_PREPROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json")
-
-
-# ---------------------------------------------------------------------------------------------- helpers
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
-    """"bfloat16" / torch.bfloat16 / None (float32) -> torch.dtype."""
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    resolved = getattr(torch, str(dtype).removeprefix("torch."), None)
-    if not isinstance(resolved, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}; use e.g. 'float32', 'bfloat16', 'float16'")
-    return resolved
-
-
-def resolve_layer(layer: int, num_layers: int, what: str) -> int:
-    """Map a hidden_states index (negative from the end) of a `num_layers`-layer encoder to 0..num_layers."""
-    index = layer if layer >= 0 else num_layers + 1 + layer
-    if not 0 <= index <= num_layers:
-        raise ValueError(
-            f"{what}: layer {layer} is out of range for a {num_layers}-layer encoder "
-            f"(hidden_states has {num_layers + 1} entries: valid layers are {-(num_layers + 1)}..{num_layers})"
-        )
-    return index
-
-
-def _read_preprocessor_config(model: str) -> dict[str, Any] | None:
-    """The checkpoint's (video_)preprocessor_config.json as a dict, or None when it has none."""
-    for name in _PREPROCESSOR_FILES:
-        path: str | None = None
-        if os.path.isdir(model):
-            candidate = os.path.join(model, name)
-            path = candidate if os.path.isfile(candidate) else None
-        else:
-            try:
-                from transformers.utils import cached_file
-
-                path = cached_file(
-                    model,
-                    name,
-                    _raise_exceptions_for_missing_entries=False,
-                    _raise_exceptions_for_connection_errors=False,
-                )
-            except Exception as exc:  # a hub id that cannot be reached: the model load reports it
-                logger.debug("no %s for %s: %s", name, model, exc)
-        if path:
-            with open(path, encoding="utf-8") as f:
-                return json.load(f)
-    return None
-
-
-def _size_from_hf(value: Any) -> int | tuple[int, int] | None:
-    """HF size dicts ({"shortest_edge": n} / {"height": h, "width": w}) or ints -> our size."""
-    if value is None:
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, dict):
-        if "height" in value and "width" in value:
-            return (int(value["height"]), int(value["width"]))
-        if "shortest_edge" in value:
-            return int(value["shortest_edge"])
-    return None
-
-
-def preprocessor_for(
-    model: str | None,
-    default: VideoPreprocessor,
-    image_size: int | None,
-    mode: str | None,
-) -> VideoPreprocessor:
-    """The tower's preprocessor: the checkpoint's preprocessor config when present, else `default`;
-    `image_size` and `mode` override either."""
-    pre = default
-    hf = _read_preprocessor_config(model) if model is not None else None
-    if hf is not None:
-        mean = tuple(hf.get("image_mean", pre.mean))
-        std = tuple(hf.get("image_std", pre.std))
-        if hf.get("do_center_crop", False) and _size_from_hf(hf.get("crop_size")) is not None:
-            size, hf_mode = _size_from_hf(hf.get("crop_size")), "resize_crop"
-        else:
-            size = _size_from_hf(hf.get("size"))
-            hf_mode = "squash" if isinstance(size, tuple) else "resize_crop"
-        pre = VideoPreprocessor(size=size or pre.size, mean=mean, std=std, mode=hf_mode)  # type: ignore[arg-type]
-        logger.info("%s: preprocessing from its preprocessor config: %s", model, pre.to_dict())
-    if image_size is not None:
-        pre = VideoPreprocessor(size=image_size, mean=pre.mean, std=pre.std, mode=pre.mode)
-    if mode is not None:
-        if mode not in MODES:
-            raise ValueError(f"preprocess_mode must be one of {', '.join(MODES)}; got {mode!r}")
-        pre = VideoPreprocessor(size=pre.size, mean=pre.mean, std=pre.std, mode=mode)
-    return pre
-
-
-def _load_hf_model(
-    class_name: str,
-    model: str | os.PathLike | None,
-    config: "dict[str, Any] | PretrainedConfig | None",
-    dtype: torch.dtype,
-    what: str,
-) -> "PreTrainedModel":
-    """from_pretrained(model) or a random model from a config dict; exactly one of them.
-
-    transformers is imported here, not at module import, so `import vlm.towers` stays cheap."""
-    import transformers
-
-    model_class = getattr(transformers, class_name)
-    config_class = model_class.config_class
-    if (model is None) == (config is None):
-        raise ValueError(f"{what}: pass exactly one of model= (a folder or hub id) or config= (a config dict)")
-    if model is not None:
-        logger.info("%s: loading %s", what, model)
-        return model_class.from_pretrained(str(model), dtype=dtype)  # remote code is never enabled here
-    if isinstance(config, dict):
-        config = dict(config.get("vision_config", config))  # a full CLIP/SigLIP config dict works too
-        config.pop("model_type", None)
-        config = config_class(**config)
-    if not isinstance(config, config_class):
-        raise TypeError(f"{what}: config must be a dict or a {config_class.__name__}, got {type(config).__name__}")
-    return model_class(config).to(dtype)
 
 
 # ---------------------------------------------------------------------------------------------- CLIP / SigLIP
@@ -189,7 +63,7 @@ class _PerFrameViTTower(VisionTower):
             raise ValueError(f"{what}: select must be 'patch' or 'cls_patch', got {select!r}")
         if select == "cls_patch" and not self.has_cls:
             raise ValueError(f"{what}: this model has no CLS token; use select='patch'")
-        self.model = _load_hf_model(self.model_class, model, config, resolve_dtype(dtype), what)
+        self.model = load_hf_model(self.model_class, model, config, resolve_dtype(dtype), what)
         cfg = self.model.config
         self.num_layers = int(cfg.num_hidden_layers)
         self.layer = layer
@@ -310,7 +184,7 @@ class VideoMAETower(VisionTower):
     ) -> None:
         super().__init__()
         what = "VideoMAETower"
-        self.model = _load_hf_model("VideoMAEModel", model, config, resolve_dtype(dtype), what)
+        self.model = load_hf_model("VideoMAEModel", model, config, resolve_dtype(dtype), what)
         cfg = self.model.config
         self.num_layers = int(cfg.num_hidden_layers)
         self.layer = layer
@@ -386,4 +260,4 @@ class VideoMAETower(VisionTower):
         return f"{taps}, num_frames={self.num_frames}"
 
 
-__all__ = ["CLIPTower", "SigLIPTower", "VideoMAETower", "sinusoid_positions", "resolve_layer", "resolve_dtype"]
+__all__ = ["CLIPTower", "SigLIPTower", "VideoMAETower", "sinusoid_positions"]

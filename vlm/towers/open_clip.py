@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from vlm.towers.base import VisionTower, register_tower
-from vlm.towers.hf import resolve_dtype, resolve_layer
+from vlm.towers.common import resolve_dtype, resolve_layer
 from vlm.video.transforms import VideoPreprocessor
 
 logger = logging.getLogger(__name__)

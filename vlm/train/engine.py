@@ -1,7 +1,8 @@
-"""The training loop: one explicit loop on accelerate, single-process, DDP or DeepSpeed ZeRO-2/3.
+"""VLM training stages on the shared training loop (`vlm.train.loop`), single-process, DDP or DeepSpeed ZeRO-2/3.
 
     run_recipe(recipe)                      every stage in order, each starting from the previous one's output
-      train_stage(recipe, i, init_from)     one stage: build -> set modes -> (feature cache) -> loop -> save
+      train_stage(recipe, i, init_from)     one stage: setup_stage -> loop -> save
+        setup_stage(...)                    model, accelerator, data (+ feature cache), optimizer, schedule, resume
 """
 
 from __future__ import annotations
@@ -9,21 +10,21 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import math
 import os
-import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from vlm.data.dataset import BatchPlan, ConversationDataset, SourceSpec, load_mixture, steps_for, subsample
+from vlm.data.dataset import BatchPlan, ConversationDataset, MixtureItem, load_mixture, subsample
 from vlm.model import PARTS, VideoLLM
-from vlm.train.resume import list_checkpoints, load_checkpoint, save_checkpoint
+from vlm.processor import preprocess_clip
 from vlm.train.feature_cache import FeatureCache, clip_key, tower_fingerprint
-from vlm.train.metrics import MetricsLog, plot_loss_curves
+from vlm.train.loop import Run, build_accelerator, setup, train
+from vlm.train.metrics import plot_loss_curves
 from vlm.train.recipe import Recipe, StageSpec
 from vlm.video import read_clip
 from vlm.video.errors import VideoDecodeError
@@ -32,68 +33,8 @@ log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- setup
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def build_accelerator(stage: StageSpec) -> tuple[Any, bool]:
-    """An Accelerator for the stage (DeepSpeed when the stage names a config) and whether DeepSpeed is on."""
-    from accelerate import Accelerator, DeepSpeedPlugin
-    from accelerate.state import AcceleratorState, GradientState
-    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
-
-    AcceleratorState._reset_state()  # a new stage may switch between DDP and ZeRO (the process group stays)
-    GradientState._reset_state()
-    cuda = torch.cuda.is_available()
-    if stage.precision == "fp16" and not cuda:
-        raise ValueError(f"stage '{stage.name}': fp16 needs a GPU; use bf16 or fp32 on CPU")
-    mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[stage.precision]
-    handlers: list[Any] = [DistributedDataParallelKwargs(find_unused_parameters=True)]
-    if not cuda and (int(os.environ.get("WORLD_SIZE", "1")) > 1 or stage.deepspeed):
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))  # CPU processes talk over gloo
-    plugin = None
-    if stage.deepspeed:
-        ds = json.loads(Path(stage.deepspeed).read_text())
-        ds["train_micro_batch_size_per_gpu"] = stage.batch_size
-        ds["gradient_accumulation_steps"] = stage.grad_accum
-        ds["gradient_clipping"] = stage.max_grad_norm
-        ds["bf16"] = {"enabled": stage.precision == "bf16"}
-        ds["fp16"] = {"enabled": stage.precision == "fp16"}
-        ds.setdefault("zero_allow_untested_optimizer", True)  # a plain torch AdamW: no JIT-built fused optimizer
-        ds.pop("train_batch_size", None)
-        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-        for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port())), ("RANK", "0"),
-                           ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
-            os.environ.setdefault(key, value)  # a single process still needs a process group for DeepSpeed
-        zero3 = ds.get("zero_optimization", {}).get("stage") == 3
-        plugin = DeepSpeedPlugin(hf_ds_config=ds, zero3_save_16bit_model=zero3)
-    else:
-        os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
-    accelerator = Accelerator(cpu=not cuda and plugin is None, mixed_precision=mixed, deepspeed_plugin=plugin,
-                              gradient_accumulation_steps=stage.grad_accum, kwargs_handlers=handlers)
-    return accelerator, plugin is not None
-
-
-def lr_lambda(total_steps: int, warmup: int, min_ratio: float):
-    """Linear warmup over `warmup` steps, then cosine decay to `min_ratio` of each group's lr."""
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)  # the first step already learns; the rate reaches 1 after warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return f
-
-
-def warmup_for(steps: int | None, ratio: float, total: int) -> int:
-    """Warmup steps: the explicit count, else the ratio of the total rounded up (a nonzero ratio never means 0)."""
-    return steps if steps is not None else math.ceil(ratio * total)
-
-
 def make_optimizer(model: VideoLLM, stage: StageSpec) -> torch.optim.Optimizer:
+    """AdamW with one group per trainable part, at the stage's rate and weight decay for that part."""
     groups = []
     for part, params in model.parameter_groups().items():
         if params:
@@ -104,8 +45,16 @@ def make_optimizer(model: VideoLLM, stage: StageSpec) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, betas=(0.9, 0.999))
 
 
-def stage_model(recipe: Recipe, stage: StageSpec, init_from: Path | None) -> VideoLLM:
-    """The stage's starting model (the previous stage's output, or built from the recipe) with its modes set."""
+def stage_model(recipe: Recipe, index: int, init_from: Path | None) -> VideoLLM:
+    """Stage `index`'s starting model (the previous stage's output, or built from the recipe with the stage's
+    seed) with its modes set."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    # The model is built whole before DeepSpeed is set up: a previous ZeRO-3 stage must not make transformers
+    # build it partitioned (saved parts are loaded into full tensors; DeepSpeed partitions at prepare()).
+    unset_hf_deepspeed_config()
+    stage = recipe.stages[index]
+    torch.manual_seed(recipe.seed + index)
     model = VideoLLM.from_pretrained(init_from) if init_from is not None else VideoLLM.from_config(recipe.model_config())
     model.config.num_frames = stage.data.frames
     model.config.sampling = stage.data.sampling
@@ -138,7 +87,7 @@ class VisualLoader:
     def decode(self, path: Path, sample: Any) -> dict[str, Any]:
         frames, policy, start, end = self.clip_args(sample)
         clip = read_clip(path, frames, policy, start, end)
-        return {"pixel_values": self.preprocessor(clip.frames), "timestamps": torch.as_tensor(clip.timestamps, dtype=torch.float32)}
+        return dict(zip(("pixel_values", "timestamps"), preprocess_clip(self.preprocessor, clip)))
 
     def __call__(self, path: Path, sample: Any) -> dict[str, Any]:
         if self.cache is None:
@@ -221,134 +170,90 @@ class Collate:
 
     def __call__(self, items: list[dict[str, Any]]) -> tuple[Any, list[str]]:
         skipped = [r for it in items for r in it.pop("skipped", [])]
-        return self.model.collate(items), skipped
+        return self.model.processor.collate(items), skipped
 
 
-# ---------------------------------------------------------------- one stage
+@dataclass
+class StageData:
+    """What a stage trains on: its mixture, how clips (or cached features) are read, the dataset, the batches."""
+
+    items: list[MixtureItem]
+    bad_records: list[str]  # malformed records left out of the mixture
+    visual: VisualLoader
+    dataset: ConversationDataset
+    plan: BatchPlan
+    cache_stats: dict[str, int] | None = None  # what the feature-cache precompute did (None: no cache)
+
+
+def stage_data(recipe: Recipe, index: int, model: VideoLLM, rank: int = 0, world_size: int = 1,
+               cache_dir: Path | None = None) -> StageData:
+    """Stage `index`'s data for process `rank` of `world_size`; with the tower frozen and `feature_cache` on, clips
+    are read from the feature cache under `cache_dir` (default `<output_dir>/feature_cache`)."""
+    stage = recipe.stages[index]
+    seed = recipe.seed + index
+    items, bad_records = load_mixture(stage.data.mixture, seed)
+    if stage.data.max_samples:
+        items = subsample(items, stage.data.max_samples, seed)
+    cache = None
+    if stage.feature_cache and stage.parts["tower"].mode == "frozen":
+        fp = tower_fingerprint(model.config.tower, model.tower.preprocessor.to_dict(), model.tower)
+        cache = FeatureCache(cache_dir or Path(recipe.output_dir) / "feature_cache", fp, rank=rank)
+    visual = VisualLoader(model, stage.data.frames, stage.data.sampling, cache)
+    dataset = ConversationDataset(items, visual, model.processor.encode_sample, model.num_visual_tokens(stage.data.frames))
+    plan = BatchPlan([dataset.length(i) for i in range(len(dataset))], stage.batch_size, world_size, rank, seed,
+                     stage.group_by_length)
+    return StageData(items, bad_records, visual, dataset, plan)
+
+
+def setup_stage(recipe: Recipe, index: int, init_from: Path | None, stage_dir: Path,
+                resume: bool = True) -> tuple[Run, StageData]:
+    """Everything stage `index` trains with: its model, accelerator, data (the feature cache filled first), optimizer
+    and schedule, prepared and resumed from the newest checkpoint in `stage_dir` (unless resume=False)."""
+    stage = recipe.stages[index]
+    model = stage_model(recipe, index, init_from)
+    accelerator, deepspeed = build_accelerator(stage, stage.deepspeed)
+    data = stage_data(recipe, index, model, accelerator.process_index, accelerator.num_processes)
+    if data.visual.cache is not None:
+        data.cache_stats = precompute_features(model, data.items, data.visual, accelerator)
+    run = setup(stage, stage.schedule, accelerator, deepspeed, model, make_optimizer(model, stage), data.dataset,
+                Collate(model), data.plan, stage_dir, stage.data.num_workers, resume)
+    return run, data
+
+
 def train_stage(recipe: Recipe, index: int, init_from: Path | None, stage_dir: Path, resume: bool = True) -> Path:
     """Train stage `index` into `stage_dir`; returns the saved model folder (`stage_dir/final`)."""
     stage = recipe.stages[index]
     t_stage = time.time()
-    # The model is built whole before DeepSpeed is set up: a previous ZeRO-3 stage must not make transformers
-    # build it partitioned (saved parts are loaded into full tensors; DeepSpeed partitions at prepare()).
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-    unset_hf_deepspeed_config()
-    torch.manual_seed(recipe.seed + index)
-    model = stage_model(recipe, stage, init_from)
-    accelerator, deepspeed = build_accelerator(stage)
+    run, data = setup_stage(recipe, index, init_from, stage_dir, resume)
+    accelerator = run.accelerator
+    model = accelerator.unwrap_model(run.model)
     main = accelerator.is_main_process
-
-    items, bad_records = load_mixture([SourceSpec(m.path, m.media_root, m.weight) for m in stage.data.mixture],
-                                      recipe.seed + index)
-    if stage.data.max_samples:
-        items = subsample(items, stage.data.max_samples, recipe.seed + index)
-    cache = None
-    if stage.feature_cache and stage.parts["tower"].mode == "frozen":
-        fp = tower_fingerprint(model.config.tower, model.tower.preprocessor.to_dict(), model.tower)
-        cache = FeatureCache(Path(recipe.output_dir) / "feature_cache", fp, rank=accelerator.process_index)
-    visual = VisualLoader(model, stage.data.frames, stage.data.sampling, cache)
-    cache_stats = precompute_features(model, items, visual, accelerator) if cache else None
-    dataset = ConversationDataset(items, visual, model.encode_sample, model.num_visual_tokens(stage.data.frames))
-    plan = BatchPlan([dataset.length(i) for i in range(len(dataset))], stage.batch_size, accelerator.num_processes,
-                     accelerator.process_index, recipe.seed + index, stage.group_by_length)
-    total = steps_for(len(plan), stage.grad_accum, stage.epochs, stage.max_steps)
-    warmup = warmup_for(stage.schedule.warmup_steps, stage.schedule.warmup_ratio, total)
-
-    optimizer = make_optimizer(model, stage)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, warmup, stage.schedule.min_lr_ratio))
-    wrapped, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-
-    ckpt_dir = stage_dir / "checkpoints"
-    position = {"step": 0, "epoch": 0, "batch": 0, "skipped": 0}
-    existing = list_checkpoints(ckpt_dir) if resume else []
-    if existing:
-        position = load_checkpoint(accelerator, wrapped, optimizer, scheduler, existing[-1], deepspeed)
-        log.info("resumed stage %s from %s (step %d)", stage.name, existing[-1], position["step"])
-    start_step = position["step"]
-    metrics = MetricsLog(stage_dir / "metrics.jsonl", resume_step=start_step) if main else None
-    skipped_log = open(stage_dir / "skipped.txt", "a", encoding="utf-8") if main else None
     if main:
-        stage_dir.mkdir(parents=True, exist_ok=True)
         (stage_dir / "stage.json").write_text(json.dumps({
             "recipe": recipe.source, "stage": index, "name": stage.name, "init_from": str(init_from) if init_from else None,
-            "total_steps": total, "batches_per_epoch": len(plan), "processes": accelerator.num_processes,
-            "deepspeed": stage.deepspeed, "feature_cache": cache_stats, "malformed_records": len(bad_records),
+            "total_steps": run.total_steps, "batches_per_epoch": len(data.plan), "processes": accelerator.num_processes,
+            "deepspeed": stage.deepspeed, "feature_cache": data.cache_stats, "malformed_records": len(data.bad_records),
             "visual_tokens": model.num_visual_tokens(stage.data.frames),
             "trainable": {p: sum(x.numel() for x in ps) for p, ps in model.parameter_groups().items()},
         }, indent=2))
 
-    wrapped.train()
-    bar = tqdm(total=total, initial=position["step"], desc=f"stage {index + 1}/{len(recipe.stages)} {stage.name}",
-               unit="step", disable=not accelerator.is_local_main_process)
-    loss_sum, micro, t0, samples = 0.0, 0, time.time(), 0
-    while position["step"] < total:
-        batches = plan.epoch(position["epoch"])[position["batch"]:]
-        # a generator of its own: creating the loader must not draw from the global RNG (exact resume)
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=Collate(model),
-                                             num_workers=stage.data.num_workers,
-                                             generator=torch.Generator().manual_seed(recipe.seed + position["epoch"]))
-        for batch, skipped in loader:
-            if skipped:
-                position["skipped"] += len(skipped)
-                if skipped_log:
-                    skipped_log.write("\n".join(skipped) + "\n")
-                    skipped_log.flush()
-            with accelerator.accumulate(wrapped):
-                out = wrapped(batch.to(accelerator.device), objective=stage.objective)
-                accelerator.backward(out.loss)
-                if accelerator.sync_gradients:
-                    if stage.max_grad_norm and not deepspeed:
-                        accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], stage.max_grad_norm)
-                    lrs = {g.get("name", str(k)): g["lr"] for k, g in enumerate(optimizer.param_groups)}  # this step's
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            position["batch"] += 1
-            loss_sum += float(out.loss.detach())
-            micro += 1
-            samples += len(batch) * accelerator.num_processes
-            if not accelerator.sync_gradients:
-                continue
-            position["step"] += 1
-            loss = float(accelerator.reduce(torch.tensor(loss_sum / micro, device=accelerator.device), "mean"))
-            elapsed = time.time() - t0
-            record = {"stage": stage.name, "step": position["step"], "epoch": position["epoch"], "loss": loss,
-                      "lr": lrs, "samples_per_s": samples / max(elapsed, 1e-9), "skipped": position["skipped"]}
-            if metrics and position["step"] % stage.log_every == 0:
-                metrics.write(record)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{max(lrs.values()):.2e}", sps=f"{record['samples_per_s']:.1f}")
-            loss_sum, micro, t0, samples = 0.0, 0, time.time(), 0
-            if stage.save_every and position["step"] % stage.save_every == 0 and position["step"] < total:
-                save_checkpoint(accelerator, wrapped, optimizer, scheduler, position, ckpt_dir, stage.keep_last, deepspeed)
-            if position["step"] >= total:
-                break
-        else:
-            position["epoch"] += 1
-            position["batch"] = 0
-    bar.close()
-    save_checkpoint(accelerator, wrapped, optimizer, scheduler, position, ckpt_dir, stage.keep_last, deepspeed)
+    def step(net: torch.nn.Module, batch: Any, epoch: int, batch_index: int) -> dict[str, torch.Tensor]:
+        return {"loss": net(batch.to(accelerator.device), objective=stage.objective).loss}
 
-    state = accelerator.get_state_dict(wrapped) if deepspeed else None  # gathers ZeRO-3 partitions
+    train(run, step, f"stage {index + 1}/{len(recipe.stages)} {stage.name}", tags={"stage": stage.name})
+    state = accelerator.get_state_dict(run.model) if run.deepspeed else None  # gathers ZeRO-3 partitions
     final = stage_dir / "final"
     if main:
-        inner = accelerator.unwrap_model(wrapped)
-        inner.save_pretrained(final, state_dict=state)
+        model.save_pretrained(final, state_dict=state)
         if stage.save == "connector":
-            inner.save_connector(stage_dir / "connector", state_dict=state)
-        metrics.close()
-        skipped_log.close()
+            model.save_connector(stage_dir / "connector", state_dict=state)
         summary = json.loads((stage_dir / "stage.json").read_text()) | {
-            "skipped_samples": position["skipped"], "final": str(final),
+            "skipped_samples": run.position["skipped"], "final": str(final),
             "seconds": round(time.time() - t_stage, 1),  # this run's wall time (feature cache included)
-            "resumed_from_step": start_step}
+            "resumed_from_step": run.resumed_from}
         (stage_dir / "stage.json").write_text(json.dumps(summary, indent=2))
-        if position["skipped"]:
-            log.warning("stage %s: %d bad samples were skipped (listed in %s)", stage.name, position["skipped"],
-                        stage_dir / "skipped.txt")
     accelerator.wait_for_everyone()
-    del wrapped, optimizer, scheduler, model
+    del run, data, model
     accelerator.free_memory()
     gc.collect()
     return final

@@ -1,6 +1,8 @@
-"""Recipes: YAML -> validated dataclasses. A recipe names the model parts and a list of stages; each stage
-says per part `frozen | lora | full` and its learning rate, its data mixture, frames, batch, schedule and
-precision, and starts from the previous stage's output."""
+"""Recipes: YAML -> validated dataclasses, for every trainer. The machinery here (read, `--set` overrides,
+`${var}` interpolation, dataclasses that reject unknown keys) parses all of them; this module also holds the VLM
+recipe: it names the model parts and a list of stages; each stage says per part `frozen | lora | full` and its
+learning rate, its data mixture, frames, batch, schedule and precision, and starts from the previous stage's
+output. VideoMAE (`vlm.train.pretrain`) and classification (`vlm.train.classify`) recipes sit beside their trainers."""
 
 from __future__ import annotations
 
@@ -9,11 +11,13 @@ import os
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 
+from vlm.data.dataset import SourceSpec
 from vlm.model import MODES, PARTS, VideoLLMConfig
+from vlm.train.loop import LoopSpec, ScheduleSpec
 
 
 class RecipeError(ValueError):
@@ -29,15 +33,8 @@ class PartSpec:
 
 
 @dataclass
-class DataSource:
-    path: str  # LLaVA-style JSON / JSONL
-    media_root: str | None = None  # default: the file's folder
-    weight: float = 1.0  # sampling weight: the share of an epoch drawn from this source is len * weight
-
-
-@dataclass
 class DataSpec:
-    mixture: list[DataSource] = field(default_factory=list)
+    mixture: list[SourceSpec] = field(default_factory=list)
     frames: int = 16
     sampling: str = "uniform"
     num_workers: int = 0
@@ -45,58 +42,51 @@ class DataSpec:
 
 
 @dataclass
-class ScheduleSpec:
-    warmup_ratio: float = 0.03  # of the stage's optimizer steps (LLaVA's 0.03)
-    warmup_steps: int | None = None  # overrides warmup_ratio
-    min_lr_ratio: float = 0.0  # cosine floor as a fraction of each part's lr
+class StageSpec(LoopSpec):
+    """One stage: the loop's settings (batch_size, grad_accum, epochs, max_steps, precision, max_grad_norm,
+    save_every, keep_last, log_every) and what the stage trains on and how."""
 
-
-@dataclass
-class StageSpec:
     name: str
     parts: dict[str, PartSpec]
     data: DataSpec
-    batch_size: int = 8  # per process
-    grad_accum: int = 1
-    epochs: float = 1.0
-    max_steps: int | None = None  # optimizer steps; overrides epochs
     schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
-    precision: str = "bf16"  # fp32 | bf16 | fp16
     deepspeed: str | None = None  # path to a DeepSpeed JSON config (recipes/deepspeed/zero2.json, ...)
     gradient_checkpointing: bool = False
     group_by_length: bool = True  # LLaVA's modality-length grouping
     feature_cache: bool = True  # when the tower is frozen: encode each clip once, train from the cache
-    max_grad_norm: float = 1.0
-    save_every: int = 0  # optimizer steps between checkpoints (0: only at the end)
-    keep_last: int = 2
-    log_every: int = 1
     save: str = "model"  # model (a full VideoLLM folder) | connector (a connector-only save too)
     # lm: next-token loss on assistant tokens; words: align each clip's visual tokens with the LLM's input embeddings
     # of the words of its target text (no LLM forward; see VideoLLM.word_alignment_loss)
     objective: str = "lm"
 
 
-@dataclass
-class Recipe:
+@dataclass(kw_only=True)
+class RecipeBase:
+    """What every recipe has besides its own sections."""
+
     name: str
-    model: dict[str, Any]  # VideoLLMConfig fields
-    stages: list[StageSpec]
     output_dir: str = "runs/${name}"
     seed: int = 0
-    vars: dict[str, Any] = field(default_factory=dict)
-    source: str = "<recipe>"
-
-    def model_config(self) -> VideoLLMConfig:
-        return VideoLLMConfig.from_dict(self.model)
+    vars: dict[str, Any] = field(default_factory=dict)  # values for ${var}
+    source: str = "<recipe>"  # the file it was read from
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
+@dataclass
+class Recipe(RecipeBase):
+    model: dict[str, Any]  # VideoLLMConfig fields
+    stages: list[StageSpec]
+
+    def model_config(self) -> VideoLLMConfig:
+        return VideoLLMConfig.from_dict(self.model)
+
+
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
-def _interpolate(value: Any, variables: dict[str, Any], where: str) -> Any:
+def _substitute(value: Any, variables: dict[str, Any], where: str) -> Any:
     if isinstance(value, str):
         whole = _VAR.fullmatch(value)
         if whole and whole.group(1) in variables:  # "${frames}" keeps the variable's type (int, list, ...)
@@ -112,48 +102,71 @@ def _interpolate(value: Any, variables: dict[str, Any], where: str) -> Any:
 
         return _VAR.sub(sub, value)
     if isinstance(value, dict):
-        return {k: _interpolate(v, variables, f"{where}.{k}") for k, v in value.items()}
+        return {k: _substitute(v, variables, f"{where}.{k}") for k, v in value.items()}
     if isinstance(value, list):
-        return [_interpolate(v, variables, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [_substitute(v, variables, f"{where}[{i}]") for i, v in enumerate(value)]
     return value
 
 
-def _parse_scalar(text: str) -> Any:
-    return yaml.safe_load(text)
+def interpolate(raw: Any, source: str, default_name: str, required: Sequence[str] = ()) -> dict[str, Any]:
+    """A copy of the raw recipe with every ${var} replaced (from its `vars:`, `name`, then the environment),
+    checked to be a mapping holding the `required` keys."""
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{source}: a recipe is a mapping")
+    variables = dict(raw.get("vars") or {})
+    variables.setdefault("name", raw.get("name", default_name))
+    raw = _substitute(copy.deepcopy(raw), variables, source)
+    for key in required:
+        if key not in raw:
+            raise RecipeError(f"{source}: missing '{key}'")
+    return raw
 
 
 def apply_override(raw: dict[str, Any], assignment: str, stage: int | None = None) -> None:
-    """Apply `a.b.c=value` to the raw recipe dict. Keys under a stage (data.frames=8) go to `stage`, or to every
-    stage when `stage` is None; `stages.1.batch_size=4` addresses a stage explicitly; `model.*`, `vars.*`,
-    `seed`, `output_dir` address the recipe."""
+    """Apply `a.b.c=value` (value parsed as YAML) to the raw recipe dict. In a recipe with `stages`, keys that are
+    not top-level recipe fields (data.frames=8) go to `stage`, or to every stage when `stage` is None;
+    `stages.1.batch_size=4` addresses a stage explicitly; `model.*`, `vars.*`, `seed`, `output_dir` address the
+    recipe. In other recipes every key addresses the recipe."""
     if "=" not in assignment:
         raise RecipeError(f"--set '{assignment}': expected key=value")
     key, text = assignment.split("=", 1)
-    value = _parse_scalar(text)
+    value = yaml.safe_load(text)
     path = key.strip().split(".")
-    top = {f.name for f in fields(Recipe)}
-    targets: list[dict[str, Any]]
-    if path[0] in top:
-        targets = [raw]
-    else:
+    targets = [raw]
+    if "stages" in raw and path[0] not in {f.name for f in fields(Recipe)}:
         stages = raw.get("stages") or []
-        targets = [stages[stage]] if stage is not None else list(stages)
         if stage is not None and not 0 <= stage < len(stages):
             raise RecipeError(f"--stage {stage}: the recipe has {len(stages)} stages")
+        targets = [stages[stage]] if stage is not None else list(stages)
     for target in targets:
         node = target
-        for i, part in enumerate(path[:-1]):
-            if isinstance(node, list):
-                node = node[int(part)]
-                continue
-            node = node.setdefault(part, {})
+        for part in path[:-1]:
+            node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+            if not isinstance(node, (dict, list)):
+                raise RecipeError(f"--set '{assignment}': '{part}' is not a mapping")
         if isinstance(node, list):
             node[int(path[-1])] = value
         else:
             node[path[-1]] = value
 
 
-def _build(cls: type, data: Any, where: str) -> Any:
+def read_recipe(path: str | os.PathLike, overrides: Sequence[str] = (), stage: int | None = None) -> dict[str, Any]:
+    """A recipe file's raw mapping with the `key=value` overrides applied (see `apply_override`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: malformed YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping")
+    for assignment in overrides:
+        apply_override(raw, assignment, stage)
+    return raw
+
+
+def build(cls: type, data: Any, where: str) -> Any:
     """Dataclass from a dict, rejecting unknown keys with the list of allowed ones."""
     if not isinstance(data, dict):
         raise RecipeError(f"{where}: expected a mapping, got {type(data).__name__}")
@@ -161,7 +174,16 @@ def _build(cls: type, data: Any, where: str) -> Any:
     unknown = set(data) - allowed
     if unknown:
         raise RecipeError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
-    return cls(**data)
+    try:
+        return cls(**data)
+    except TypeError as e:  # a required key is missing
+        raise RecipeError(f"{where}: {e}") from None
+
+
+def check_loop(spec: LoopSpec, where: str) -> None:
+    """Raise RecipeError for the first problem of a loop section."""
+    for problem in spec.problems():
+        raise RecipeError(f"{where}.{problem}")
 
 
 def _stage(raw: dict[str, Any], i: int, where: str) -> StageSpec:
@@ -172,47 +194,30 @@ def _stage(raw: dict[str, Any], i: int, where: str) -> StageSpec:
     unknown = set(parts_raw) - set(PARTS)
     if unknown:
         raise RecipeError(f"{where}.parts: unknown part(s) {sorted(unknown)}; parts are {list(PARTS)}")
-    parts = {p: _build(PartSpec, parts_raw.get(p) or {}, f"{where}.parts.{p}") for p in PARTS}
+    parts = {p: build(PartSpec, parts_raw.get(p) or {}, f"{where}.parts.{p}") for p in PARTS}
     data_raw = dict(raw.pop("data", None) or {})
-    mixture = [_build(DataSource, m, f"{where}.data.mixture[{j}]") for j, m in enumerate(data_raw.pop("mixture", []) or [])]
-    data = _build(DataSpec, {**data_raw, "mixture": mixture}, f"{where}.data")
-    schedule = _build(ScheduleSpec, raw.pop("schedule", None) or {}, f"{where}.schedule")
-    return _build(StageSpec, {**raw, "parts": parts, "data": data, "schedule": schedule}, where)
+    mixture = [build(SourceSpec, m, f"{where}.data.mixture[{j}]") for j, m in enumerate(data_raw.pop("mixture", []) or [])]
+    data = build(DataSpec, {**data_raw, "mixture": mixture}, f"{where}.data")
+    schedule = build(ScheduleSpec, raw.pop("schedule", None) or {}, f"{where}.schedule")
+    return build(StageSpec, {**raw, "parts": parts, "data": data, "schedule": schedule}, where)
 
 
 def parse_recipe(raw: dict[str, Any], source: str = "<recipe>", check_files: bool = True) -> Recipe:
-    raw = copy.deepcopy(raw)
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{source}: a recipe is a mapping")
-    variables = dict(raw.get("vars") or {})
-    variables.setdefault("name", raw.get("name", "recipe"))
-    raw = _interpolate(raw, variables, source)
-    for key in ("name", "model", "stages"):
-        if key not in raw:
-            raise RecipeError(f"{source}: missing '{key}'")
+    raw = interpolate(raw, source, "recipe", ("name", "model", "stages"))
     if not isinstance(raw["stages"], list) or not raw["stages"]:
         raise RecipeError(f"{source}: 'stages' must be a non-empty list")
     stages = [_stage(s, i, source) for i, s in enumerate(raw["stages"])]
     rest = {k: v for k, v in raw.items() if k != "stages"}
-    recipe = _build(Recipe, {**rest, "stages": stages, "source": source}, source)
+    recipe = build(Recipe, {**rest, "stages": stages, "source": source}, source)
     validate(recipe, check_files)
     return recipe
 
 
-def load_recipe(path: str | os.PathLike, overrides: list[str] = (), stage: int | None = None,
+def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = (), stage: int | None = None,
                 check_files: bool = True) -> Recipe:
     """Read, override (`key=value`), interpolate ${vars} and validate a recipe file (data and DeepSpeed files
     must exist unless check_files=False)."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"{path}: recipe file not found")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: malformed YAML: {e}") from None
-    for assignment in overrides:
-        apply_override(raw, assignment, stage)
-    return parse_recipe(raw, str(path), check_files)
+    return parse_recipe(read_recipe(path, overrides, stage), str(path), check_files)
 
 
 def validate(recipe: Recipe, check_files: bool = True) -> None:
@@ -220,7 +225,7 @@ def validate(recipe: Recipe, check_files: bool = True) -> None:
     import vlm.connectors  # noqa: F401
     import vlm.towers  # noqa: F401
     from vlm.connectors.base import CONNECTORS, REDUCERS
-    from vlm.llm.load import _LOADERS
+    from vlm.llm.load import LLM_LOADERS as _LOADERS
     from vlm.towers.base import TOWERS
     from vlm.video.sampling import POLICIES
 
@@ -250,19 +255,13 @@ def validate(recipe: Recipe, check_files: bool = True) -> None:
                 raise RecipeError(f"{where}.parts.{part}: 'lora' settings given but mode is '{ps.mode}'")
         if all(ps.mode == "frozen" for ps in st.parts.values()):
             raise RecipeError(f"{where}: every part is frozen; nothing would train")
-        if st.precision not in ("fp32", "bf16", "fp16"):
-            raise RecipeError(f"{where}.precision '{st.precision}': choose fp32, bf16 or fp16")
+        check_loop(st, where)
         if st.objective not in ("lm", "words"):
             raise RecipeError(f"{where}.objective '{st.objective}': choose lm or words")
         if st.objective == "words" and any(ps.mode != "frozen" for p, ps in st.parts.items() if p != "connector"):
             raise RecipeError(f"{where}: objective 'words' trains the connector only; freeze the other parts")
         if st.save not in ("model", "connector"):
             raise RecipeError(f"{where}.save '{st.save}': choose model or connector")
-        for name in ("batch_size", "grad_accum", "keep_last"):
-            if getattr(st, name) < 1:
-                raise RecipeError(f"{where}.{name} must be >= 1")
-        if st.max_steps is None and not st.epochs > 0:
-            raise RecipeError(f"{where}: set epochs > 0 or max_steps")
         if st.data.sampling not in POLICIES:
             raise RecipeError(f"{where}.data.sampling '{st.data.sampling}': choose from {sorted(POLICIES)}")
         if st.data.frames < 1:

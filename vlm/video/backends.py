@@ -10,11 +10,12 @@ import logging
 import os
 import re
 from abc import ABC, abstractmethod
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import numpy as np
 from PIL import Image, ImageSequence, UnidentifiedImageError
 
+from vlm.registry import Registry
 from vlm.video.clip import VideoInfo
 from vlm.video.errors import VideoDecodeError
 
@@ -30,9 +31,14 @@ _FRAME_FILE = re.compile(r"^(\d+)\.(jpe?g|png)$", re.IGNORECASE)
 class Backend(ABC):
     """One opened source. `read` takes sorted, unique, in-range positions and returns their frames."""
 
-    name: ClassVar[str]
+    registry_name: ClassVar[str]  # set by @register_backend
     path: str
     info: VideoInfo
+
+    @property
+    def name(self) -> str:
+        """The name the backend is registered under (what `VideoInfo.backend` reports)."""
+        return self.registry_name
 
     @abstractmethod
     def read(self, indices: np.ndarray) -> np.ndarray:
@@ -46,21 +52,8 @@ class Backend(ABC):
         """Release files and decoder state; reading afterwards is an error."""
 
 
-BACKENDS: dict[str, type[Backend]] = {}
-
-
-def register_backend(name: str) -> Callable[[type[Backend]], type[Backend]]:
-    """Register a Backend subclass under `name`; duplicate names raise."""
-
-    def wrap(cls: type[Backend]) -> type[Backend]:
-        assert issubclass(cls, Backend), f"{cls} is not a Backend"
-        if name in BACKENDS:
-            raise ValueError(f"video backend {name!r} is already registered")
-        cls.name = name
-        BACKENDS[name] = cls
-        return cls
-
-    return wrap
+BACKENDS: Registry[Backend] = Registry("video backend", Backend)
+register_backend = BACKENDS.register
 
 
 def _positive_fps(path: str, fps: float | None, default: float) -> float:

@@ -68,12 +68,12 @@ def _open_backend(path: str, backend: str, fps: float | None) -> Backend:
     if backend == "auto":
         backend = choose_backend(path)
     if backend not in BACKENDS:
-        raise ValueError(f"unknown video backend {backend!r}; known: auto, {', '.join(sorted(BACKENDS))}")
+        raise ValueError(f"unknown video backend {backend!r}; known: auto, {', '.join(BACKENDS.names())}")
     if backend == "decord" and not decord_available():
         raise VideoDecodeError(path, "backend 'decord' asked for, but decord is not installed")
     if not os.path.exists(path):
         raise VideoDecodeError(path, "file not found")
-    opened = BACKENDS[backend](path, fps=fps)
+    opened = BACKENDS.get(backend)(path, fps=fps)
     logger.debug("%s: opened with %s: %s", path, backend, opened.info)
     return opened
 

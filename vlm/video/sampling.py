@@ -20,9 +20,11 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Protocol
 
 import numpy as np
+
+from vlm.registry import FunctionRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -48,20 +50,14 @@ class SamplingRequest:
         return self.num_frames_total / self.fps
 
 
-PolicyFn = Callable[[SamplingRequest], np.ndarray]
-POLICIES: dict[str, PolicyFn] = {}
+class SamplingPolicy(Protocol):
+    """A policy: the validated request in, frame positions (int64 [K], ascending, in range) out."""
+
+    def __call__(self, req: SamplingRequest) -> np.ndarray: ...
 
 
-def register_policy(name: str) -> Callable[[PolicyFn], PolicyFn]:
-    """Register a sampling policy under `name`; duplicate names raise."""
-
-    def wrap(fn: PolicyFn) -> PolicyFn:
-        if name in POLICIES:
-            raise ValueError(f"sampling policy {name!r} is already registered")
-        POLICIES[name] = fn
-        return fn
-
-    return wrap
+POLICIES: FunctionRegistry[SamplingPolicy] = FunctionRegistry("sampling policy", SamplingPolicy)
+register_policy = POLICIES.register
 
 
 def sample_indices(
@@ -96,7 +92,7 @@ def sample_indices(
     """
     req = _validate(num_frames_total, fps, num_samples, policy, start, end, first_index, target_fps, max_frames)
     # [K]
-    indices = np.asarray(POLICIES[policy](req), dtype=np.int64)
+    indices = np.asarray(POLICIES.get(policy)(req), dtype=np.int64)
     assert indices.ndim == 1 and indices.size >= 1, f"policy {policy!r} returned no indices"
     assert indices.min() >= 0 and indices.max() < num_frames_total, f"policy {policy!r} left the video"
     return indices
@@ -114,7 +110,7 @@ def _validate(
     max_frames: int | None,
 ) -> SamplingRequest:
     if policy not in POLICIES:
-        raise ValueError(f"unknown sampling policy {policy!r}; known: {sorted(POLICIES)}")
+        raise ValueError(f"unknown sampling policy {policy!r}; known: {POLICIES.names()}")
     if int(num_frames_total) != num_frames_total or num_frames_total < 1:
         raise ValueError(f"num_frames_total must be a positive integer, got {num_frames_total!r}")
     try:

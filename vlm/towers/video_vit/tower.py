@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from vlm.towers.base import VisionTower, register_tower
-from vlm.towers.hf import IMAGENET_MEAN, IMAGENET_STD, resolve_dtype, resolve_layer
+from vlm.towers.common import IMAGENET_MEAN, IMAGENET_STD, resolve_dtype, resolve_layer
 from vlm.towers.video_vit.config import VideoViTConfig
 from vlm.towers.video_vit.encoder import VideoViT, load_encoder
 from vlm.video.transforms import VideoPreprocessor

@@ -16,14 +16,13 @@
   (VideoMAE's norm_pix_loss). The normalisation removes any per-channel affine transform of the input, so it is
   computed on the tower-normalised pixels directly. Loss: MSE over the masked tubelets only.
 
-The training loop, recipe and CLI are in vlm/train/pretrain.py (`python -m vlm.train.videomae RECIPE`).
+Pretraining (recipe, data, the shared training loop) is `vlm.train.pretrain` (`vlm pretrain RECIPE`).
 """
 
 from __future__ import annotations
 
-import sys
-from dataclasses import asdict, dataclass, fields
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -54,16 +53,6 @@ class MAEConfig:
             raise ValueError(f"videomae: mask_ratio must be in [0, 1), got {self.mask_ratio}")
         if self.decoder_depth < 1:
             raise ValueError(f"videomae: decoder_depth must be >= 1, got {self.decoder_depth}")
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "MAEConfig":
-        unknown = set(data) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"videomae: unknown objective key(s) {sorted(unknown)}")
-        return cls(**data)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class Mask(NamedTuple):
@@ -198,9 +187,3 @@ class VideoMAE(nn.Module):
         target = target[mask.masked].view(b, -1, target.shape[-1])  # [B, L_m, P]
         loss = F.mse_loss(pred.float(), target)
         return MAEOutput(loss, pred, target, mask)
-
-
-if __name__ == "__main__":  # python -m vlm.train.videomae recipes/videomae_pretrain.yaml [--set key=value ...]
-    from vlm.train.pretrain import main
-
-    sys.exit(main())
