@@ -1,6 +1,6 @@
 """Frozen-tower features for probes (retrieval dual encoders, linear classification probes), cached on disk.
 
-A clip goes through the tower's own preprocessor (`vlm.processor.preprocess_clip`) and the tower; its tokens
+A clip goes through the tower's own preprocessor (`VideoPreprocessor.clip`) and the tower; its tokens
 [T', N, D] are mean-pooled over space to [T', D] (the probes pool over time themselves). The tower is run in eval
 mode under no_grad here, because a probe never trains it; that is a choice of this call, not of the tower.
 """
@@ -18,7 +18,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from vlm.processor import preprocess_clip
 from vlm.towers.base import VisionTower
 from vlm.train.feature_cache import tower_fingerprint, video_ident
 from vlm.video import Clip, VideoDecodeError, read_clip
@@ -41,7 +40,7 @@ def clip_features(tower: VisionTower, clips: Sequence[Clip]) -> torch.Tensor:
     tower.eval()
     try:
         param = next(tower.parameters())
-        pixels = torch.stack([preprocess_clip(tower.preprocessor, c)[0] for c in clips])  # [B, T, 3, H, W]
+        pixels = torch.stack([tower.preprocessor.clip(c)[0] for c in clips])  # [B, T, 3, H, W]
         feats = tower(pixels.to(param.device, param.dtype))  # tokens [B, T', N, D]
         return feats.tokens.float().mean(dim=2).cpu()  # [B, T', D]
     finally:

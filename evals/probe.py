@@ -112,7 +112,7 @@ class TowerTokens(FeatureSource):
 
     @torch.no_grad()
     def __call__(self, clip: Any) -> torch.Tensor:
-        pixels = self.tower.preprocessor(clip.frames)[None]  # [1, T, 3, H, W]
+        pixels = self.tower.preprocessor.clip(clip)[0][None]  # [1, T, 3, H, W]
         feats = self.tower(pixels.to(next(self.tower.parameters()).dtype))
         t, h, w = feats.grid
         x = feats.tokens[0].float().reshape(t, h, w, -1).permute(0, 3, 1, 2)  # [T', D, h, w]

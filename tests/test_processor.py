@@ -14,7 +14,7 @@ from tests.conftest import TINY_LLM, TINY_TOWERS
 from vlm.data.conversation import Turn
 from vlm.llm.template import IGNORE_INDEX, VISUAL_TOKEN
 from vlm.model import VideoLLM
-from vlm.processor import CONFIG_NAME, VideoLLMProcessor, preprocess_clip
+from vlm.processor import CONFIG_NAME, VideoLLMProcessor
 from vlm.video import Clip
 from vlm.weights import CheckpointMismatchError
 
@@ -49,7 +49,7 @@ def test_preprocess_clip_is_the_towers_preprocessing_with_timestamps():
     pixels, stamps = model.processor.preprocess_clip(c)
     assert torch.equal(pixels, model.tower.preprocessor(c.frames)) and pixels.shape == (4, 3, 32, 32)
     assert stamps.dtype == torch.float32 and stamps.tolist() == [0.0, 0.5, 1.0, 1.5]
-    bare, zeros = preprocess_clip(model.tower.preprocessor, c.frames)  # bare frames: no timestamps known
+    bare, zeros = model.tower.preprocessor.clip(c.frames)  # bare frames: no timestamps known
     assert torch.equal(bare, pixels) and zeros.tolist() == [0.0] * 4
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Any, Protocol
+from typing import Any
 
 import pytest
 import torch
@@ -11,23 +11,15 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from vlm.llm.template import IGNORE_INDEX
-from vlm.registry import DuplicateNameError, FunctionRegistry, Registry
+from vlm.registry import DuplicateNameError, Registry
 
 
 class Base:
     pass
 
 
-class Scorer(Protocol):
-    def __call__(self, x: int, y: int = 0, *, scale: float = 1.0) -> float: ...
-
-
-class Loader(Protocol):
-    def __call__(self, **kwargs: Any) -> object: ...
-
-
 def test_class_registry_checks_the_base_and_refuses_duplicates() -> None:
-    reg: Registry[Base] = Registry("thing", Base)
+    reg: Registry[type[Base]] = Registry("thing", Base)
 
     @reg.register("a")
     class A(Base):
@@ -48,30 +40,18 @@ def test_a_duplicate_is_both_a_key_error_and_a_value_error() -> None:
     assert issubclass(DuplicateNameError, KeyError) and issubclass(DuplicateNameError, ValueError)
 
 
-def test_function_registry_checks_the_call_signature() -> None:
-    reg: FunctionRegistry[Scorer] = FunctionRegistry("scorer", Scorer)
+def test_function_registry_takes_functions_only() -> None:
+    reg: Registry[Any] = Registry("scorer")
     reg.register("plain")(lambda x, y=0, *, scale=1.0: x * scale)
     reg.register("flexible")(lambda *args, **kwargs: 0.0)
-    reg.register("positional")(lambda x, y, scale=1.0: x)  # scale accepted by keyword
-    assert reg.names() == ["flexible", "plain", "positional"] and list(reg) == reg.names()
-    for bad in (lambda x: x, lambda x, y, z, *, scale: x, lambda: 0.0):
-        with pytest.raises(TypeError, match=r"cannot be called as Scorer\(x: 'int', y: 'int' = 0"):
-            reg.register("bad")(bad)
+    assert reg.names() == ["flexible", "plain"] and list(reg) == reg.names()
     with pytest.raises(TypeError, match="must be a function"):
         reg.register("class")(Base)
     with pytest.raises(TypeError, match="must be a function"):
         reg.register("value")(3)
     with pytest.raises(DuplicateNameError, match="already registered by .*<lambda>"):
         reg.register("plain")(lambda x, y=0, *, scale=1.0: x)
-    assert "bad" not in reg
-
-
-def test_keyword_only_protocols_need_keyword_friendly_functions() -> None:
-    reg: FunctionRegistry[Loader] = FunctionRegistry("loader", Loader)
-    reg.register("path")(lambda path, dtype="float32": path)
-    reg.register("kw")(lambda *, config, seed=0: config)
-    with pytest.raises(TypeError, match="cannot be called as Loader"):
-        reg.register("positional_only")(eval("lambda path, /: path"))
+    assert "class" not in reg and "value" not in reg
 
 
 def test_every_pluggable_kind_is_on_a_registry() -> None:
@@ -136,3 +116,15 @@ def test_contrastive_objectives_build_by_name() -> None:
     assert loss.temperature == pytest.approx(0.1)
     with pytest.raises(KeyError, match="unknown contrastive objective 'clip'; registered: infonce, siglip"):
         build_objective("clip")
+
+
+def test_vlm_list_prints_every_registry_with_its_builtins(capsys):
+    from vlm.cli import main
+
+    assert main(["list"]) == 0
+    lines = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
+    expected = {"towers": "efficientnet_lite0", "connectors": "stc", "token reducers": "tome", "LLM loaders": "smollm2",
+                "sampling policies": "segment_middle", "video backends": "pyav", "stage objectives": "words",
+                "contrastive objectives": "siglip"}
+    assert set(lines) == set(expected)
+    assert all(name in lines[title].split(", ") for title, name in expected.items())

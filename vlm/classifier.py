@@ -15,7 +15,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlm.processor import preprocess_clip
 from vlm.towers import build_tower
 from vlm.towers.base import VisionTower
 from vlm.video import Clip
@@ -55,7 +54,7 @@ class VideoClassifier(nn.Module):
         """One view (uint8 frames [T, H, W, 3]) -> logits [C], in eval mode: the evaluator's callable."""
         was_training = self.training
         self.eval()
-        pixels = preprocess_clip(self.tower.preprocessor, clip)[0][None]  # [1, T, 3, S, S]
+        pixels = self.tower.preprocessor.clip(clip)[0][None]  # [1, T, 3, S, S]
         logits = self(pixels.to(self.head.fc.weight.device))[0]
         self.train(was_training)
         return logits

@@ -14,9 +14,15 @@ def _list(args: argparse.Namespace) -> int:
     import vlm.connectors  # noqa: F401  (registers the built-ins)
     import vlm.towers  # noqa: F401
     from vlm.connectors.base import CONNECTORS, REDUCERS
+    from vlm.llm.load import LLM_LOADERS
+    from vlm.objectives import CONTRASTIVE_OBJECTIVES, STAGE_OBJECTIVES
     from vlm.towers.base import TOWERS
+    from vlm.video.backends import BACKENDS
+    from vlm.video.sampling import POLICIES
 
-    for title, registry in (("towers", TOWERS), ("connectors", CONNECTORS), ("token reducers", REDUCERS)):
+    for title, registry in (("towers", TOWERS), ("connectors", CONNECTORS), ("token reducers", REDUCERS),
+                            ("LLM loaders", LLM_LOADERS), ("sampling policies", POLICIES), ("video backends", BACKENDS),
+                            ("stage objectives", STAGE_OBJECTIVES), ("contrastive objectives", CONTRASTIVE_OBJECTIVES)):
         print(f"{title}: {', '.join(registry.names())}")
     return 0
 
@@ -71,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlm", description="video language models: build, train, evaluate, chat")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("list", help="list registered towers, connectors and token reducers")
+    p = sub.add_parser("list", help="list every registry: towers, connectors, reducers, LLM loaders, sampling, backends, objectives")
     p.set_defaults(func=_list)
     p = sub.add_parser("chat", help="chat about a video in the terminal (streamed answers; /reset, /video PATH, /quit)")
     p.add_argument("--model", required=True, help="a saved VideoLLM folder")

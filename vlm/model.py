@@ -1,8 +1,5 @@
 """VideoLLM: vision tower + connector + causal LLM, assembled from a config of registry keys.
 
-    pixels [B, T, 3, H, W] -> tower -> VisualFeatures [B, T', N, D_vis] -> connector -> [B, L, D_llm]
-    -> spliced into the LLM's input embeddings at the <video>/<image> placeholder -> loss / generate
-
 The module holds tensors; its `processor` (`VideoLLMProcessor`, saved and loaded with it) prepares text and pixels.
 The video-to-LLM path of training, generation, scoring and chat lives here once: `encode_visual` (clips -> visual
 tokens), `drop_pruned` + `splice` (input embeddings, visual tokens at the placeholder), `prefill` + `extend` (KV cache).
@@ -326,9 +323,6 @@ class VideoLLM(ScoringMixin, nn.Module):
         return [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
 
     # ---------------------------------------------------------------- saving / loading
-    def _tower_rebuildable(self) -> bool:
-        return bool(getattr(self.tower, "loaded_from_checkpoint", False))
-
     def part_state(self, part: str, state_dict: dict[str, torch.Tensor] | None = None, *,
                    base: bool = False) -> dict[str, torch.Tensor]:
         """One part's weights, from the live module or from a full (e.g. ZeRO-3-gathered) `state_dict`.
@@ -358,7 +352,8 @@ class VideoLLM(ScoringMixin, nn.Module):
                     save_lora(module, LoRASettings.from_dict(self.config.lora[part]), tmp / f"{part}_lora",
                               None if state_dict is None else self.part_state(part, state_dict))
                     saved.append(f"{part}_lora")
-                rebuildable = self._tower_rebuildable() if part == "tower" else self.config.llm.get("loader") != "random"
+                rebuildable = (getattr(self.tower, "loaded_from_checkpoint", False) if part == "tower"
+                               else self.config.llm.get("loader") != "random")
                 if self.modes[part] == "full" or not rebuildable:
                     save_tensors(self.part_state(part, state_dict, base=True), tmp / f"{part}.safetensors")
                     saved.append(part)

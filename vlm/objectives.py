@@ -5,10 +5,9 @@ batch: "lm", the causal-LM loss on assistant tokens, and "words", the word-align
 connector without running the LLM. Each is a function (model, batch, return_logits) -> CausalLMOutputWithPast.
 
 Contrastive objectives (`CONTRASTIVE_OBJECTIVES`) train video-text dual encoders: symmetric InfoNCE and SigLIP's
-pairwise sigmoid loss. They live in `vlm` (not `evals`) because training code may use them and `vlm` never imports
-`evals`. Both take L2-normalised embeddings video [B, E] and text [B, E] where row i of each is a matching pair,
-or an explicit `positives` mask [B_video, B_text] (True where the pair matches: several captions of one video in
-a batch).
+pairwise sigmoid loss. Both take L2-normalised embeddings video [B, E] and text [B, E] where row i of each is a
+matching pair, or an explicit `positives` mask [B_video, B_text] (True where the pair matches: several captions of
+one video in a batch).
 
 InfoNCE (CLIP; Radford et al. 2021, and the video-text form of e.g. CLIP4Clip): logits = s * V T^T with a
 learnable scale s = exp(log_scale), initialised to 1/0.07 and clamped to <= 100; loss = mean of the
@@ -31,7 +30,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from vlm.llm.template import IGNORE_INDEX
-from vlm.registry import FunctionRegistry, Registry
+from vlm.registry import Registry
 
 if TYPE_CHECKING:
     from vlm.model import VideoLLM
@@ -45,7 +44,7 @@ class StageObjective(Protocol):
     def __call__(self, model: VideoLLM, batch: Batch, return_logits: bool = False) -> CausalLMOutputWithPast: ...
 
 
-STAGE_OBJECTIVES: FunctionRegistry[StageObjective] = FunctionRegistry("stage objective", StageObjective)
+STAGE_OBJECTIVES: Registry[StageObjective] = Registry("stage objective")
 register_stage_objective = STAGE_OBJECTIVES.register
 
 
@@ -106,7 +105,7 @@ class ContrastiveObjective(nn.Module):
         raise NotImplementedError
 
 
-CONTRASTIVE_OBJECTIVES: Registry[ContrastiveObjective] = Registry("contrastive objective", ContrastiveObjective)
+CONTRASTIVE_OBJECTIVES: Registry[type[ContrastiveObjective]] = Registry("contrastive objective", ContrastiveObjective)
 register_contrastive_objective = CONTRASTIVE_OBJECTIVES.register
 
 

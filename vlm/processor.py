@@ -69,16 +69,6 @@ def pad_sequences(seqs: Sequence[Sequence[int]], value: int, left: bool = False)
     return out
 
 
-def preprocess_clip(preprocessor: VideoPreprocessor,
-                    clip: Clip | np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A decoded clip (or bare uint8 frames [T, H, W, 3]) -> (pixel_values float32 [T, 3, H, W], timestamps
-    float32 [T] in seconds; zeros for bare frames). The one clip-to-pixels step of training, eval and chat."""
-    if isinstance(clip, Clip):
-        return preprocessor(clip.frames), torch.as_tensor(np.asarray(clip.timestamps), dtype=torch.float32)
-    pixel_values = preprocessor(clip)  # [T, 3, H, W]
-    return pixel_values, torch.zeros(pixel_values.shape[0])
-
-
 class VideoLLMProcessor:
     """Tokenizer + chat template + clip preprocessing + sample building + collation into `Batch`."""
 
@@ -104,7 +94,7 @@ class VideoLLMProcessor:
     # ---------------------------------------------------------------- media
     def preprocess_clip(self, clip: Clip | np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(pixel_values [T, 3, H, W], timestamps [T]) of a clip, with this processor's `VideoPreprocessor`."""
-        return preprocess_clip(self.preprocessor, clip)
+        return self.preprocessor.clip(clip)
 
     def visual_slot(self, num_frames: int, timestamps: Sequence[float] | None = None) -> list[int]:
         """Token ids that replace the placeholder: VISUAL_TOKEN runs, with "Time: x.xs" stamps if enabled."""

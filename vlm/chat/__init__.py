@@ -22,15 +22,8 @@ plain text chat until a video is loaded. Loading a video starts a new conversati
 Instruction-aware connectors (e.g. an InstructBLIP-style Q-Former) condition the visual tokens on the first
 question, exactly as in training: for them the tower still runs once per video, and the connector runs again
 whenever the first question of the conversation changes (after `reset`).
-
-Modules: `session` (VideoChat), `cache` (the KV cache and the ids it holds), `generation` (settings, sampling
-with transformers' logits warpers, stream decoding), `repl` (the terminal loop). The model's own video-to-LLM
-path (`VideoLLM.encode_visual`, `splice`, `prefill`, `extend`) does the tensor work.
 """
 
 from vlm.chat.generation import GenerationSettings, StreamDecoder, TurnStats
 from vlm.chat.repl import REPL_HELP, repl
 from vlm.chat.session import ContextOverflowError, LoadStats, NoVideoError, VideoChat
-
-__all__ = ["ContextOverflowError", "GenerationSettings", "LoadStats", "NoVideoError", "REPL_HELP", "StreamDecoder",
-           "TurnStats", "VideoChat", "repl"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import torch
@@ -84,9 +84,6 @@ class TurnStats:
     decode_tokens_per_s: float = 0.0  # generated tokens after the first, per second
     total_s: float = 0.0
     stopped: str = ""  # "eos", "max_new_tokens", "context", "interrupted"
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class StreamDecoder:

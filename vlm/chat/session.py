@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
@@ -44,9 +44,6 @@ class LoadStats:
     decode_s: float = 0.0
     visual_encode_s: float = 0.0  # tower + connector
     prefill_s: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _sanitize(text: str) -> str:

@@ -15,22 +15,3 @@ from vlm.connectors.mlp import MLPConnector
 from vlm.connectors.qformer import QFormerConnector
 from vlm.connectors.reduce import DiffPrune, Pool2d, TokenMerge, check_reducer_chain
 from vlm.connectors.stc import STCConnector
-
-__all__ = [
-    "CONNECTORS",
-    "REDUCERS",
-    "Connector",
-    "DiffPrune",
-    "Instruction",
-    "MLPConnector",
-    "Pool2d",
-    "QFormerConnector",
-    "STCConnector",
-    "TokenMerge",
-    "TokenReducer",
-    "VisualTokens",
-    "build_connector",
-    "check_reducer_chain",
-    "register_connector",
-    "register_reducer",
-]

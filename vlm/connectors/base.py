@@ -106,8 +106,8 @@ class OutputNorm(nn.Module):
         return (x * self.gain * self.scale).to(embeds.dtype)
 
 
-CONNECTORS: Registry[Connector] = Registry("connector", Connector)
-REDUCERS: Registry[TokenReducer] = Registry("token reducer", TokenReducer)
+CONNECTORS: Registry[type[Connector]] = Registry("connector", Connector)
+REDUCERS: Registry[type[TokenReducer]] = Registry("token reducer", TokenReducer)
 register_connector = CONNECTORS.register
 register_reducer = REDUCERS.register
 

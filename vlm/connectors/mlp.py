@@ -51,7 +51,6 @@ class MLPConnector(Connector):
             raise ValueError(f"mlp connector: pool must be >= 1, got {pool}")
         check_reducer_chain(self.reducers, consumer=f"mlp(pool={pool})", consumer_needs_spatial=pool > 1)
         self.pool = pool
-        self.projector_kind = projector
         self.projector = build_projector(projector, in_dim, out_dim)
 
     def project_grid(self, grid: tuple[int, int, int]) -> tuple[int, int]:

@@ -52,10 +52,6 @@ def check_reducer_chain(reducers: Sequence[TokenReducer], consumer: str, consume
         )
 
 
-def _pool_out(size: int, stride: int) -> int:
-    return math.ceil(size / stride)
-
-
 def masked_avg_pool2d(
     tokens: torch.Tensor, grid: Grid, mask: torch.Tensor | None, stride: int
 ) -> tuple[torch.Tensor, torch.Tensor | None, Grid]:
@@ -66,7 +62,7 @@ def masked_avg_pool2d(
     """
     b, t, n, d = tokens.shape
     _, h, w = grid
-    ho, wo = _pool_out(h, stride), _pool_out(w, stride)
+    ho, wo = math.ceil(h / stride), math.ceil(w / stride)
     x = tokens.reshape(b * t, h, w, d).permute(0, 3, 1, 2)  # [B*T, D, h, w]
     m = torch.ones(b * t, 1, h, w, dtype=x.dtype, device=x.device)
     if mask is not None:
@@ -108,7 +104,7 @@ class Pool2d(TokenReducer):
 
     def output_grid(self, grid: Grid) -> Grid:
         t, h, w = grid
-        return (t, _pool_out(h, self.stride), _pool_out(w, self.stride))
+        return (t, math.ceil(h / self.stride), math.ceil(w / self.stride))
 
     def forward(self, feats: VisualFeatures) -> VisualFeatures:
         if self.stride == 1:

@@ -13,9 +13,3 @@ from vlm.data.conversation import (
     resolve_media,
 )
 from vlm.data.mvbench import OFFICIAL_TASKS, MCQItem, MVBenchTask, load_mvbench, load_task, load_tasks
-
-__all__ = [
-    "ConversationSample", "DataFormatError", "MediaPathError", "TemplateMismatchError", "Turn", "load_conversations",
-    "parse_record", "read_records", "record_problems", "resolve_media",
-    "OFFICIAL_TASKS", "MCQItem", "MVBenchTask", "load_mvbench", "load_task", "load_tasks",
-]

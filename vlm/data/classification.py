@@ -89,7 +89,7 @@ def load_labelled(path: str | os.PathLike, num_frames: int, preprocessor: VideoP
         except (VideoDecodeError, OSError) as e:
             skipped.append(f"{item.video}: {e}")
             continue
-        pixels.append(preprocessor(clip.frames))
+        pixels.append(preprocessor.clip(clip)[0])
         labels.append(item.label_id)
         videos.append(str(item.video))
     if skipped:

@@ -4,6 +4,3 @@ from vlm.data.conversation import TemplateMismatchError
 from vlm.llm.load import LLM_LOADERS, load_llm, packaged_smollm2_folder, register_llm_loader
 from vlm.llm.lora import LoRASettings, add_lora
 from vlm.llm.template import IGNORE_INDEX, VISUAL_TOKEN, ChatTemplate
-
-__all__ = ["LLM_LOADERS", "load_llm", "packaged_smollm2_folder", "register_llm_loader", "LoRASettings", "add_lora",
-           "IGNORE_INDEX", "VISUAL_TOKEN", "ChatTemplate", "TemplateMismatchError"]

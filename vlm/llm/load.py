@@ -16,11 +16,10 @@ from typing import Any, Protocol
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from vlm.registry import FunctionRegistry
+from vlm.registry import Registry
+from vlm.towers.common import resolve_dtype
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class LLMLoader(Protocol):
@@ -29,7 +28,7 @@ class LLMLoader(Protocol):
     def __call__(self, **kwargs: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]: ...
 
 
-LLM_LOADERS: FunctionRegistry[LLMLoader] = FunctionRegistry("LLM loader", LLMLoader)
+LLM_LOADERS: Registry[LLMLoader] = Registry("LLM loader")
 register_llm_loader = LLM_LOADERS.register
 
 
@@ -44,14 +43,6 @@ def load_llm(loader: str = "hf", **kwargs: Any) -> tuple[PreTrainedModel, PreTra
 def cache_root() -> Path:
     """Where converted models live: $VLM_CACHE, else ~/.cache/vlm."""
     return Path(os.environ.get("VLM_CACHE", Path.home() / ".cache" / "vlm"))
-
-
-def _dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype '{dtype}'; use one of {sorted(DTYPES)}")
-    return DTYPES[dtype]
 
 
 def _quantization(quantization: str | None) -> dict[str, Any]:
@@ -80,7 +71,7 @@ def load_hf(path: str, dtype: str = "float32", trust_remote_code: bool = False, 
             tokenizer: str | None = None, attn_implementation: str = "sdpa") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """An HF causal LM from a local folder or a hub id (hub ids need the network, unless cached)."""
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=_dtype(dtype), trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
+        path, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
         **_quantization(quantization),
     )
     tok = AutoTokenizer.from_pretrained(tokenizer or path, trust_remote_code=trust_remote_code)
@@ -181,5 +172,5 @@ def load_random(config: dict[str, Any], tokenizer: str = "smollm2", dtype: str =
     cfg = AutoConfig.for_model(model_type, **config)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(cfg, dtype=_dtype(dtype))
+        model = AutoModelForCausalLM.from_config(cfg, dtype=resolve_dtype(dtype))
     return model, tok

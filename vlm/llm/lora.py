@@ -13,6 +13,8 @@ from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model,
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from vlm.weights import check_state_dict
+
 ADAPTER = "default"
 
 
@@ -75,8 +77,6 @@ def load_lora(module: nn.Module, folder: str | os.PathLike, part: str = "model")
     add_lora(module, settings, part)
     state = load_file(str(folder / "adapter.safetensors"))
     expected = lora_state_dict(module)
-    from vlm.weights import check_state_dict
-
     check_state_dict(expected, state, f"{part} LoRA ({folder})")
     set_peft_model_state_dict(module, state, adapter_name=ADAPTER)
     return settings

@@ -12,17 +12,3 @@ from vlm.towers.efficientnet import EfficientNetLite0Tower
 from vlm.towers.hf import CLIPTower, SigLIPTower, VideoMAETower
 from vlm.towers.open_clip import OpenCLIPTower
 from vlm.towers.video_vit import VideoViTTower
-
-__all__ = [
-    "TOWERS",
-    "VisionTower",
-    "VisualFeatures",
-    "build_tower",
-    "register_tower",
-    "CLIPTower",
-    "SigLIPTower",
-    "VideoMAETower",
-    "EfficientNetLite0Tower",
-    "OpenCLIPTower",
-    "VideoViTTower",
-]

@@ -59,7 +59,7 @@ class VisionTower(nn.Module):
         return VisualFeatures(tokens=tokens, grid=grid, timestamps=timestamps)
 
 
-TOWERS: Registry[VisionTower] = Registry("vision tower", VisionTower)
+TOWERS: Registry[type[VisionTower]] = Registry("vision tower", VisionTower)
 register_tower = TOWERS.register
 
 

@@ -1,4 +1,5 @@
-"""What every tower family resolves the same way: the dtype name, the layer tap, and ImageNet normalisation.
+"""What every tower family resolves the same way: the dtype name (the LLM loaders' too), the layer tap, and
+ImageNet / CLIP normalisation.
 
 Layer taps index `hidden_states` as transformers defines it: index 0 is the embedding output, index k the output
 of encoder layer k, so a model with L layers has L + 1 entries and -1 is the last layer, -2 the penultimate (the
@@ -11,6 +12,8 @@ import torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:

@@ -1,7 +1,9 @@
 """Transformers-backed towers: CLIP and SigLIP (per-frame ViTs) and VideoMAE (tubelet ViT).
 
-Each tower is built either from a checkpoint (`model=`) or from a config dict (`config=`), see
-`vlm/towers/hf_checkpoint.py`; layers are tapped as `vlm/towers/common.py` says (-2, the penultimate, by default).
+Each tower is built either from a checkpoint (`model=`: a local folder or hub id, loaded with `from_pretrained`,
+never with remote code, and preprocessed as its (video_)preprocessor_config.json says) or from a config dict
+(`config=`: random weights, used by tests); layers are tapped as `vlm/towers/common.py` says (-2, the
+penultimate, by default).
 With `truncate=True` (the default) the tower keeps only what its output depends on: the encoder layers after the
 tap are deleted at load time (and `num_hidden_layers` in the kept config is lowered to match; a layer-0 tap keeps
 one layer, since transformers records hidden states through layer hooks), and so are the parts that only feed the
@@ -12,31 +14,138 @@ is trained.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from vlm.towers.base import VisionTower, register_tower
-from vlm.towers.common import IMAGENET_MEAN, IMAGENET_STD, resolve_dtype, resolve_layer
-from vlm.towers.hf_checkpoint import load_hf_model, preprocessor_for
-from vlm.video.transforms import VideoPreprocessor
+from vlm.towers.common import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, resolve_dtype, resolve_layer
+from vlm.video.transforms import MODES, VideoPreprocessor
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
 logger = logging.getLogger(__name__)
+_PREPROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json")
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+def _read_preprocessor_config(model: str) -> dict[str, Any] | None:
+    """The checkpoint's (video_)preprocessor_config.json as a dict, or None when it has none."""
+    for name in _PREPROCESSOR_FILES:
+        path: str | None = None
+        if os.path.isdir(model):
+            candidate = os.path.join(model, name)
+            path = candidate if os.path.isfile(candidate) else None
+        else:
+            try:
+                from transformers.utils import cached_file
+
+                path = cached_file(
+                    model,
+                    name,
+                    _raise_exceptions_for_missing_entries=False,
+                    _raise_exceptions_for_connection_errors=False,
+                )
+            except Exception as exc:  # a hub id that cannot be reached: the model load reports it
+                logger.debug("no %s for %s: %s", name, model, exc)
+        if path:
+            with open(path, encoding="utf-8") as f:
+                return json.load(f)
+    return None
+
+
+def _size_from_hf(value: Any) -> int | tuple[int, int] | None:
+    """HF size dicts ({"shortest_edge": n} / {"height": h, "width": w}) or ints -> our size."""
+    if value is None:
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, dict):
+        if "height" in value and "width" in value:
+            return (int(value["height"]), int(value["width"]))
+        if "shortest_edge" in value:
+            return int(value["shortest_edge"])
+    return None
+
+
+def preprocessor_for(
+    model: str | None,
+    default: VideoPreprocessor,
+    image_size: int | None,
+    mode: str | None,
+) -> VideoPreprocessor:
+    """The tower's preprocessor: the checkpoint's preprocessor config when present, else `default`;
+    `image_size` and `mode` override either."""
+    pre = default
+    hf = _read_preprocessor_config(model) if model is not None else None
+    if hf is not None:
+        mean = tuple(hf.get("image_mean", pre.mean))
+        std = tuple(hf.get("image_std", pre.std))
+        if hf.get("do_center_crop", False) and _size_from_hf(hf.get("crop_size")) is not None:
+            size, hf_mode = _size_from_hf(hf.get("crop_size")), "resize_crop"
+        else:
+            size = _size_from_hf(hf.get("size"))
+            hf_mode = "squash" if isinstance(size, tuple) else "resize_crop"
+        pre = VideoPreprocessor(size=size or pre.size, mean=mean, std=std, mode=hf_mode)  # type: ignore[arg-type]
+        logger.info("%s: preprocessing from its preprocessor config: %s", model, pre.to_dict())
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"preprocess_mode must be one of {', '.join(MODES)}; got {mode!r}")
+    return replace(pre, **{k: v for k, v in (("size", image_size), ("mode", mode)) if v is not None})
+
+
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
 
 
+class _HFTower(VisionTower):
+    """A transformers vision model behind the tower API, tapped at `hidden_states[layer_index]`."""
+
+    def _load(self, class_name: str, model: str | os.PathLike | None,
+              config: "dict[str, Any] | PretrainedConfig | None", dtype: str | torch.dtype | None, layer: int) -> None:
+        """`self.model`: from_pretrained(model) or a random model from a config dict (exactly one of them)."""
+        import transformers  # here, not at module import, so `import vlm.towers` stays cheap
+
+        what = type(self).__name__
+        model_class = getattr(transformers, class_name)
+        config_class = model_class.config_class
+        if (model is None) == (config is None):
+            raise ValueError(f"{what}: pass exactly one of model= (a folder or hub id) or config= (a config dict)")
+        if model is not None:
+            logger.info("%s: loading %s", what, model)
+            self.model = model_class.from_pretrained(str(model), dtype=resolve_dtype(dtype))  # never remote code
+        else:
+            if isinstance(config, dict):
+                config = dict(config.get("vision_config", config))  # a full CLIP/SigLIP config dict works too
+                config.pop("model_type", None)
+                config = config_class(**config)
+            if not isinstance(config, config_class):
+                raise TypeError(f"{what}: config must be a dict or a {config_class.__name__}, "
+                                f"got {type(config).__name__}")
+            self.model = model_class(config).to(resolve_dtype(dtype))
+        self.num_layers = int(self.model.config.num_hidden_layers)
+        self.layer = layer
+        self.layer_index = resolve_layer(layer, self.num_layers, what)
+        self.hidden_size = int(self.model.config.hidden_size)
+        self.patch_size = int(self.model.config.patch_size)
+
+    def _keep_layers(self, layers: nn.ModuleList) -> int:
+        """Delete the encoder layers after the tap; returns how many are kept."""
+        keep = max(self.layer_index, 1)  # transformers records hidden_states from layer hooks: keep >= 1 layer
+        del layers[keep:]
+        self.model.config.num_hidden_layers = keep
+        return keep
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer} (hidden_states[{self.layer_index}] of {self.num_layers})"
+
+
 # ---------------------------------------------------------------------------------------------- CLIP / SigLIP
-class _PerFrameViTTower(VisionTower):
+class _PerFrameViTTower(_HFTower):
     """A transformers image ViT applied to every frame: [B, T, 3, H, W] -> [B, T, N, D]."""
 
     model_class: str  # a transformers class name
@@ -58,20 +167,14 @@ class _PerFrameViTTower(VisionTower):
         preprocess_mode: str | None = None,
     ) -> None:
         super().__init__()
-        what = f"{type(self).__name__}"
+        what = type(self).__name__
         if select not in ("patch", "cls_patch"):
             raise ValueError(f"{what}: select must be 'patch' or 'cls_patch', got {select!r}")
         if select == "cls_patch" and not self.has_cls:
             raise ValueError(f"{what}: this model has no CLS token; use select='patch'")
-        self.model = load_hf_model(self.model_class, model, config, resolve_dtype(dtype), what)
-        cfg = self.model.config
-        self.num_layers = int(cfg.num_hidden_layers)
-        self.layer = layer
-        self.layer_index = resolve_layer(layer, self.num_layers, what)
+        self._load(self.model_class, model, config, dtype, layer)
         self.select = select
-        self.hidden_size = int(cfg.hidden_size)
-        self.patch_size = int(cfg.patch_size)
-        self.native_image_size = int(cfg.image_size)
+        self.native_image_size = int(self.model.config.image_size)
         default = VideoPreprocessor(
             size=self.native_image_size, mean=self.default_mean, std=self.default_std, mode=self.default_mode
         )
@@ -83,9 +186,7 @@ class _PerFrameViTTower(VisionTower):
 
     def _truncate(self) -> None:
         """Drop the encoder layers after the tap and the pooled-output-only modules."""
-        keep = max(self.layer_index, 1)  # transformers records hidden_states from layer hooks: keep >= 1 layer
-        del self.model.encoder.layers[keep:]
-        self.model.config.num_hidden_layers = keep
+        keep = self._keep_layers(self.model.encoder.layers)
         if isinstance(getattr(self.model, "post_layernorm", None), nn.Module):
             self.model.post_layernorm = nn.Identity()
         self.tap_is_last = self.layer_index == keep  # then last_hidden_state is the tap: keep no other layer outputs
@@ -114,7 +215,7 @@ class _PerFrameViTTower(VisionTower):
         return hidden.reshape(b, t, hidden.shape[1], hidden.shape[2])  # [B, T, N, D]
 
     def extra_repr(self) -> str:
-        return f"layer={self.layer} (hidden_states[{self.layer_index}] of {self.num_layers}), select={self.select}"
+        return f"{super().extra_repr()}, select={self.select}"
 
 
 @register_tower("clip")
@@ -125,10 +226,8 @@ class CLIPTower(_PerFrameViTTower):
     """
 
     model_class = "CLIPVisionModel"
-    has_cls = True
     default_mean = CLIP_MEAN
     default_std = CLIP_STD
-    default_mode = "resize_crop"
 
 
 @register_tower("siglip")
@@ -161,7 +260,7 @@ def sinusoid_positions(positions: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 @register_tower("videomae")
-class VideoMAETower(VisionTower):
+class VideoMAETower(_HFTower):
     """VideoMAE (transformers `VideoMAEModel`): tubelets of `tubelet_size` frames -> [B, T / 2, h*w, D].
 
     VideoMAE adds a fixed sin/cos position table over the flattened (t, y, x) token index, sized for the
@@ -184,14 +283,9 @@ class VideoMAETower(VisionTower):
     ) -> None:
         super().__init__()
         what = "VideoMAETower"
-        self.model = load_hf_model("VideoMAEModel", model, config, resolve_dtype(dtype), what)
+        self._load("VideoMAEModel", model, config, dtype, layer)
         cfg = self.model.config
-        self.num_layers = int(cfg.num_hidden_layers)
-        self.layer = layer
-        self.layer_index = resolve_layer(layer, self.num_layers, what)
-        self.hidden_size = int(cfg.hidden_size)
         self.temporal_patch = int(cfg.tubelet_size)
-        self.patch_size = int(cfg.patch_size)
         self.image_size = int(cfg.image_size)
         self.native_num_frames = int(cfg.num_frames)
         self.num_frames = int(num_frames or cfg.num_frames)
@@ -208,9 +302,7 @@ class VideoMAETower(VisionTower):
                 f"{what}: preprocessing size {self.preprocessor.hw} differs from the model's {self.image_size}"
             )
         if truncate:
-            keep = max(self.layer_index, 1)  # hidden_states are recorded from layer hooks: keep >= 1 layer
-            del self.model.encoder.layer[keep:]
-            self.model.config.num_hidden_layers = keep
+            self._keep_layers(self.model.encoder.layer)
             if isinstance(getattr(self.model, "layernorm", None), nn.Module):
                 self.model.layernorm = None  # the model skips a None final norm (use_mean_pooling checkpoints)
 
@@ -256,8 +348,4 @@ class VideoMAETower(VisionTower):
         return hidden.reshape(b, tp, h * w, hidden.shape[-1])  # [B, T', N, D]
 
     def extra_repr(self) -> str:
-        taps = f"layer={self.layer} (hidden_states[{self.layer_index}] of {self.num_layers})"
-        return f"{taps}, num_frames={self.num_frames}"
-
-
-__all__ = ["CLIPTower", "SigLIPTower", "VideoMAETower", "sinusoid_positions"]
+        return f"{super().extra_repr()}, num_frames={self.num_frames}"

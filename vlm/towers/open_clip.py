@@ -16,13 +16,10 @@ from typing import Any
 import torch
 
 from vlm.towers.base import VisionTower, register_tower
-from vlm.towers.common import resolve_dtype, resolve_layer
+from vlm.towers.common import CLIP_MEAN, CLIP_STD, resolve_dtype, resolve_layer
 from vlm.video.transforms import VideoPreprocessor
 
 logger = logging.getLogger(__name__)
-
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def _import_open_clip() -> Any:
@@ -86,8 +83,8 @@ class OpenCLIPTower(VisionTower):
         self.hidden_size = int(visual.transformer.width)
         self.patch_size = _pair(visual.patch_size)
         size = _pair(visual.image_size)
-        mean = tuple(getattr(visual, "image_mean", None) or OPENAI_MEAN)
-        std = tuple(getattr(visual, "image_std", None) or OPENAI_STD)
+        mean = tuple(getattr(visual, "image_mean", None) or CLIP_MEAN)
+        std = tuple(getattr(visual, "image_std", None) or CLIP_STD)
         self.preprocessor = VideoPreprocessor(size=size, mean=mean, std=std, mode="resize_crop")  # type: ignore
         logger.info("open_clip tower: %s (%s), tapping block %d of %d", model, pretrained, self.block_index, num_layers)
 

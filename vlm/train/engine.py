@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from vlm.data.conversation import resolve_media
 from vlm.data.dataset import BatchPlan, ConversationDataset, MixtureItem, load_mixture, subsample
 from vlm.model import PARTS, VideoLLM
-from vlm.processor import preprocess_clip
 from vlm.train.feature_cache import FeatureCache, clip_key, tower_fingerprint
 from vlm.train.loop import Run, build_accelerator, setup, train
 from vlm.train.metrics import plot_loss_curves
@@ -87,7 +87,7 @@ class VisualLoader:
     def decode(self, path: Path, sample: Any) -> dict[str, Any]:
         frames, policy, start, end = self.clip_args(sample)
         clip = read_clip(path, frames, policy, start, end)
-        return dict(zip(("pixel_values", "timestamps"), preprocess_clip(self.preprocessor, clip)))
+        return dict(zip(("pixel_values", "timestamps"), self.preprocessor.clip(clip)))
 
     def __call__(self, path: Path, sample: Any) -> dict[str, Any]:
         if self.cache is None:
@@ -109,8 +109,6 @@ def precompute_features(model: VideoLLM, items: list[Any], loader: VisualLoader,
     cache = loader.cache
     assert cache is not None
     jobs: dict[str, tuple[Path, Any]] = {}
-    from vlm.data.conversation import resolve_media
-
     for it in items:
         s = it.sample
         if s.media:

@@ -21,7 +21,6 @@ import torch
 
 from vlm.data.conversation import read_records
 from vlm.data.dataset import BatchPlan
-from vlm.processor import preprocess_clip
 from vlm.towers.common import IMAGENET_MEAN, IMAGENET_STD
 from vlm.towers.video_vit import VideoViT, VideoViTConfig, save_encoder
 from vlm.towers.video_vit.mae import MAEConfig, VideoMAE
@@ -132,7 +131,7 @@ class ClipDataset(torch.utils.data.Dataset):
         path = self.videos[i]
         try:
             clip = read_clip(path, self.frames, self.sampling)
-            item = {"pixels": preprocess_clip(self.preprocessor, clip)[0]}
+            item = {"pixels": self.preprocessor.clip(clip)[0]}
         except (VideoDecodeError, OSError) as e:
             item = {"error": f"{path}: {e}"}
         if self.cache is not None:

@@ -1,8 +1,6 @@
-"""Recipes: YAML -> validated dataclasses, for every trainer. The machinery here (read, `--set` overrides,
-`${var}` interpolation, dataclasses that reject unknown keys) parses all of them; this module also holds the VLM
-recipe: it names the model parts and a list of stages; each stage says per part `frozen | lora | full` and its
-learning rate, its data mixture, frames, batch, schedule and precision, and starts from the previous stage's
-output. VideoMAE (`vlm.train.pretrain`) and classification (`vlm.train.classify`) recipes sit beside their trainers."""
+"""Recipes: YAML -> validated dataclasses. The machinery here (read, `--set` overrides, `${var}` interpolation,
+dataclasses that reject unknown keys) parses every trainer's recipe; the VLM recipe (model parts + stages) lives
+here too, VideoMAE's (`vlm.train.pretrain`) and classification's (`vlm.train.classify`) beside their trainers."""
 
 from __future__ import annotations
 
@@ -15,9 +13,13 @@ from typing import Any, Sequence
 
 import yaml
 
+from vlm.connectors.base import CONNECTORS, REDUCERS
 from vlm.data.dataset import SourceSpec
-from vlm.model import MODES, PARTS, VideoLLMConfig
+from vlm.llm.load import LLM_LOADERS
+from vlm.model import MODES, PARTS, VideoLLMConfig  # importing vlm.model registers the built-in towers and connectors
+from vlm.towers.base import TOWERS
 from vlm.train.loop import LoopSpec, ScheduleSpec
+from vlm.video.sampling import POLICIES
 
 
 class RecipeError(ValueError):
@@ -222,25 +224,18 @@ def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = (), stage: i
 
 def validate(recipe: Recipe, check_files: bool = True) -> None:
     """Every check that can fail before training starts: registry keys, modes, rates, files, numbers."""
-    import vlm.connectors  # noqa: F401
-    import vlm.towers  # noqa: F401
-    from vlm.connectors.base import CONNECTORS, REDUCERS
-    from vlm.llm.load import LLM_LOADERS as _LOADERS
-    from vlm.towers.base import TOWERS
-    from vlm.video.sampling import POLICIES
-
     src = recipe.source
     try:
         cfg = recipe.model_config()
     except ValueError as e:
         raise RecipeError(f"{src}: model: {e}") from None
-    for part, registry, key in (("tower", TOWERS, "name"), ("connector", CONNECTORS, "name"), ("llm", None, "loader")):
+    registries = (("tower", TOWERS, "name"), ("connector", CONNECTORS, "name"), ("llm", LLM_LOADERS, "loader"))
+    for part, registry, key in registries:
         spec = getattr(cfg, part)
         if key not in spec:
             raise RecipeError(f"{src}: model.{part} needs '{key}'")
-        names = registry.names() if registry is not None else sorted(_LOADERS)
-        if spec[key] not in names:
-            raise RecipeError(f"{src}: model.{part}.{key} '{spec[key]}' is not registered; choose from {names}")
+        if spec[key] not in registry:
+            raise RecipeError(f"{src}: model.{part}.{key} '{spec[key]}' is not registered; choose from {registry.names()}")
     for j, r in enumerate(cfg.connector.get("reduce", []) or []):
         if r.get("name") not in REDUCERS:
             raise RecipeError(f"{src}: model.connector.reduce[{j}] '{r.get('name')}' is not registered; choose from {REDUCERS.names()}")

@@ -99,8 +99,8 @@ def save_checkpoint(accelerator: Any, model: Any, optimizer: Any, scheduler: Any
 def load_checkpoint(accelerator: Any, model: Any, optimizer: Any, scheduler: Any, ckpt: Path,
                     deepspeed: bool) -> dict[str, Any]:
     """Restore what `save_checkpoint` wrote; returns the training position."""
+    inner = accelerator.unwrap_model(model)
     if deepspeed:
-        inner = accelerator.unwrap_model(model)
         expected = {n: torch.empty(tuple(getattr(p, "ds_shape", p.shape)), device="meta")  # ZeRO-3: full shape
                     for n, p in inner.named_parameters() if p.requires_grad}
         found = {n: torch.empty(s, device="meta") for n, s in deepspeed_trainable_shapes(ckpt).items()}
@@ -109,7 +109,6 @@ def load_checkpoint(accelerator: Any, model: Any, optimizer: Any, scheduler: Any
         # its module state cannot load strictly; the checks above make any other key or shape an error.
         accelerator.load_state(str(ckpt), load_module_strict=False)
     else:
-        inner = accelerator.unwrap_model(model)
         state = load_file(str(ckpt / "trainable.safetensors"))
         expected = {n: p for n, p in inner.named_parameters() if p.requires_grad}
         check_state_dict(expected, state, f"trainable parameters ({ckpt})")

@@ -6,23 +6,3 @@ from vlm.video.decode import VideoReader, choose_backend, probe_video, read_clip
 from vlm.video.encode import write_video
 from vlm.video.errors import VideoDecodeError
 from vlm.video.sampling import POLICIES, SamplingPolicy, SamplingRequest, register_policy, sample_indices
-
-__all__ = [
-    "BACKENDS",
-    "Backend",
-    "Clip",
-    "POLICIES",
-    "SamplingPolicy",
-    "SamplingRequest",
-    "VideoDecodeError",
-    "VideoInfo",
-    "VideoReader",
-    "choose_backend",
-    "probe_video",
-    "read_clip",
-    "read_frames",
-    "register_backend",
-    "register_policy",
-    "sample_indices",
-    "write_video",
-]

@@ -31,14 +31,9 @@ _FRAME_FILE = re.compile(r"^(\d+)\.(jpe?g|png)$", re.IGNORECASE)
 class Backend(ABC):
     """One opened source. `read` takes sorted, unique, in-range positions and returns their frames."""
 
-    registry_name: ClassVar[str]  # set by @register_backend
+    registry_name: ClassVar[str]  # set by @register_backend; what `VideoInfo.backend` reports
     path: str
     info: VideoInfo
-
-    @property
-    def name(self) -> str:
-        """The name the backend is registered under (what `VideoInfo.backend` reports)."""
-        return self.registry_name
 
     @abstractmethod
     def read(self, indices: np.ndarray) -> np.ndarray:
@@ -52,11 +47,11 @@ class Backend(ABC):
         """Release files and decoder state; reading afterwards is an error."""
 
 
-BACKENDS: Registry[Backend] = Registry("video backend", Backend)
+BACKENDS: Registry[type[Backend]] = Registry("video backend", Backend)
 register_backend = BACKENDS.register
 
 
-def _positive_fps(path: str, fps: float | None, default: float) -> float:
+def positive_fps(path: str, fps: float | None, default: float) -> float:
     value = default if fps is None else float(fps)
     if not value > 0 or not np.isfinite(value):
         raise ValueError(f"{path}: fps must be > 0, got {fps!r}")
@@ -80,7 +75,7 @@ class FrameFolderBackend(Backend):
 
     def __init__(self, path: str, fps: float | None = None):
         self.path = path
-        fps_ = _positive_fps(path, fps, DEFAULT_FRAME_FOLDER_FPS)
+        fps_ = positive_fps(path, fps, DEFAULT_FRAME_FOLDER_FPS)
         if not os.path.isdir(path):
             raise VideoDecodeError(path, "not a frame folder")
         numbered: dict[int, str] = {}
@@ -106,7 +101,7 @@ class FrameFolderBackend(Backend):
         self.files = [os.path.join(path, numbered[i]) for i in range(first, last + 1)]
         height, width = _load_rgb(self.files[0]).shape[:2]
         n = len(self.files)
-        self.info = VideoInfo(n, fps_, n / fps_, width, height, self.name)
+        self.info = VideoInfo(n, fps_, n / fps_, width, height, self.registry_name)
 
     def read(self, indices: np.ndarray) -> np.ndarray:
         out = np.empty((len(indices), self.info.height, self.info.width, 3), np.uint8)  # [K, H, W, 3]
@@ -141,14 +136,14 @@ class GifBackend(Backend):
             raise VideoDecodeError(path, f"not a readable GIF ({e})") from None
         n = len(delays_ms)
         if fps is not None or not all(d > 0 for d in delays_ms):
-            fps_ = _positive_fps(path, fps, DEFAULT_GIF_FPS)
+            fps_ = positive_fps(path, fps, DEFAULT_GIF_FPS)
             self._starts = np.arange(n, dtype=np.float64) / fps_  # [n]
             duration = n / fps_
         else:
             self._starts = np.concatenate([[0.0], np.cumsum(delays_ms[:-1])]) / 1000.0  # [n]
             duration = sum(delays_ms) / 1000.0
             fps_ = n / duration
-        self.info = VideoInfo(n, fps_, duration, width, height, self.name)
+        self.info = VideoInfo(n, fps_, duration, width, height, self.registry_name)
 
     def read(self, indices: np.ndarray) -> np.ndarray:
         out = np.empty((len(indices), self.info.height, self.info.width, 3), np.uint8)  # [K, H, W, 3]
@@ -171,10 +166,10 @@ class ImageBackend(Backend):
 
     def __init__(self, path: str, fps: float | None = None):
         self.path = path
-        fps_ = _positive_fps(path, fps, DEFAULT_IMAGE_FPS)
+        fps_ = positive_fps(path, fps, DEFAULT_IMAGE_FPS)
         self._frame = _load_rgb(path)  # [H, W, 3]
         height, width = self._frame.shape[:2]
-        self.info = VideoInfo(1, fps_, 1.0 / fps_, width, height, self.name)
+        self.info = VideoInfo(1, fps_, 1.0 / fps_, width, height, self.registry_name)
 
     def read(self, indices: np.ndarray) -> np.ndarray:
         return np.repeat(self._frame[None], len(indices), axis=0)  # [K, H, W, 3]

@@ -14,7 +14,7 @@ import logging
 
 import numpy as np
 
-from vlm.video.backends import Backend, register_backend
+from vlm.video.backends import Backend, positive_fps, register_backend
 from vlm.video.clip import VideoInfo
 from vlm.video.errors import VideoDecodeError
 from vlm.video.pyav_backend import build_index, open_video
@@ -55,19 +55,17 @@ class DecordBackend(Backend):
         try:
             self._vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=threads)
             n = len(self._vr)
-            rate = float(fps) if fps is not None else float(self._vr.get_avg_fps())
+            rate = positive_fps(path, fps, 0.0) if fps is not None else float(self._vr.get_avg_fps())
         except (RuntimeError, decord.DECORDError) as e:
             raise VideoDecodeError(path, f"decord could not open it ({str(e).splitlines()[0][:200]})") from None
         if n == 0:
             raise VideoDecodeError(path, "video has no frames")
-        if fps is not None and not rate > 0:
-            raise ValueError(f"{path}: fps must be > 0, got {fps!r}")
         if not rate > 0:
             rate = 25.0
         if n != index.num_frames:
             logger.warning("%s: decord counts %d frames, PyAV %d; following decord", path, n, index.num_frames)
         self._pts = index if (index.has_pts and n == index.num_frames and fps is None) else None
-        self.info = VideoInfo(n, rate, n / rate, int(width), int(height), self.name)
+        self.info = VideoInfo(n, rate, n / rate, int(width), int(height), self.registry_name)
 
     def read(self, indices: np.ndarray) -> np.ndarray:
         import decord

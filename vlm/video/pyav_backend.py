@@ -22,7 +22,7 @@ import av
 import av.logging
 import numpy as np
 
-from vlm.video.backends import Backend, register_backend
+from vlm.video.backends import Backend, positive_fps, register_backend
 from vlm.video.clip import VideoInfo
 from vlm.video.errors import VideoDecodeError
 
@@ -46,7 +46,6 @@ class StreamIndex:
     seek_ts: np.ndarray  # int64 [N] timestamp to seek to for that keyframe (its dts: what demuxers index by)
     time_base: Fraction
     has_pts: bool  # False: no usable timestamps; frames are counted in decode order, never sought
-    num_keyframes: int
 
     @property
     def num_frames(self) -> int:
@@ -140,13 +139,13 @@ def build_index(path: str, container: av.container.InputContainer, stream: av.vi
     if not has_pts:
         logger.debug("%s: no usable packet timestamps; reading in decode order", path)
         frame_pts, zeros = np.arange(n, dtype=np.int64), np.zeros(n, np.int64)
-        return StreamIndex(frame_pts, zeros, zeros, _time_base(stream), False, len(keyframes))
+        return StreamIndex(frame_pts, zeros, zeros, _time_base(stream), False)
     frame_pts = np.sort(np.asarray(pts_list, dtype=np.int64))  # [N] presentation order
     keys = np.asarray(sorted(keyframes), dtype=np.int64).reshape(-1, 2)  # [K, 2] (pts, dts) by pts
     which = np.searchsorted(keys[:, 0], frame_pts, side="right") - 1  # [N] last keyframe at or before each frame
     # Frames before the first keyframe (open GOP / leading frames) are reached from the first keyframe.
     which = np.maximum(which, 0)
-    return StreamIndex(frame_pts, keys[which, 0], keys[which, 1], _time_base(stream), True, len(keys))
+    return StreamIndex(frame_pts, keys[which, 0], keys[which, 1], _time_base(stream), True)
 
 
 def _declared_seconds(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> float | None:
@@ -233,9 +232,7 @@ class PyAVBackend(Backend):
         n = idx.num_frames
         nominal = _nominal_fps(stream)
         if fps is not None:
-            if not fps > 0:
-                raise ValueError(f"{self.path}: fps must be > 0, got {fps!r}")
-            rate = float(fps)
+            rate = positive_fps(self.path, fps, 0.0)
         elif idx.has_pts and n > 1:
             span = float((idx.frame_pts[-1] - idx.frame_pts[0]) * idx.time_base)  # first to last frame, s
             measured = (n - 1) / span if span > 0 else None
@@ -248,7 +245,7 @@ class PyAVBackend(Backend):
                 rate = measured
         else:
             rate = nominal or 25.0
-        return VideoInfo(n, rate, n / rate, int(ctx.width), int(ctx.height), self.name)
+        return VideoInfo(n, rate, n / rate, int(ctx.width), int(ctx.height), self.registry_name)
 
     def timestamps(self, indices: np.ndarray) -> np.ndarray:
         idx = self.index

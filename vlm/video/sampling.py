@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
 
-from vlm.registry import FunctionRegistry
+from vlm.registry import Registry
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class SamplingPolicy(Protocol):
     def __call__(self, req: SamplingRequest) -> np.ndarray: ...
 
 
-POLICIES: FunctionRegistry[SamplingPolicy] = FunctionRegistry("sampling policy", SamplingPolicy)
+POLICIES: Registry[SamplingPolicy] = Registry("sampling policy")
 register_policy = POLICIES.register
 
 
@@ -90,25 +90,18 @@ def sample_indices(
     Returns `num_samples` indices for `uniform` / `segment_middle` (repeats when the window is short),
     between 1 and the cap for `fps` (no repeats).
     """
-    req = _validate(num_frames_total, fps, num_samples, policy, start, end, first_index, target_fps, max_frames)
-    # [K]
-    indices = np.asarray(POLICIES.get(policy)(req), dtype=np.int64)
+    req = SamplingRequest(num_frames_total, fps, num_samples, start, end, first_index, target_fps, max_frames)
+    req = _validate(req, policy)
+    indices = np.asarray(POLICIES.get(policy)(req), dtype=np.int64)  # [K]
     assert indices.ndim == 1 and indices.size >= 1, f"policy {policy!r} returned no indices"
     assert indices.min() >= 0 and indices.max() < num_frames_total, f"policy {policy!r} left the video"
     return indices
 
 
-def _validate(
-    num_frames_total: int,
-    fps: float,
-    num_samples: int,
-    policy: str,
-    start: float | None,
-    end: float | None,
-    first_index: int,
-    target_fps: float | None,
-    max_frames: int | None,
-) -> SamplingRequest:
+def _validate(req: SamplingRequest, policy: str) -> SamplingRequest:
+    """`req` with its counts made int and its rate float; ValueError naming the argument that is wrong."""
+    num_frames_total, fps, num_samples, start, end = req.num_frames_total, req.fps, req.num_samples, req.start, req.end
+    first_index, target_fps, max_frames = req.first_index, req.target_fps, req.max_frames
     if policy not in POLICIES:
         raise ValueError(f"unknown sampling policy {policy!r}; known: {POLICIES.names()}")
     if int(num_frames_total) != num_frames_total or num_frames_total < 1:
@@ -133,10 +126,8 @@ def _validate(
             raise ValueError(f"policy 'fps' needs target_fps > 0, got {target_fps!r}")
     if max_frames is not None and (int(max_frames) != max_frames or max_frames < 1):
         raise ValueError(f"max_frames must be an integer >= 1 or None, got {max_frames!r}")
-    return SamplingRequest(
-        int(num_frames_total), fps, int(num_samples), start, end, first_index, target_fps,
-        None if max_frames is None else int(max_frames),
-    )
+    return replace(req, num_frames_total=int(num_frames_total), fps=fps, num_samples=int(num_samples),
+                   max_frames=None if max_frames is None else int(max_frames))
 
 
 def _frame_window(req: SamplingRequest) -> tuple[float, float]:

@@ -108,6 +108,14 @@ class VideoPreprocessor:
         out = torch.cat([self._process(flat[i : i + _CHUNK]) for i in range(0, flat.shape[0], _CHUNK)])
         return out.reshape(*lead, *out.shape[1:])  # [T, 3, S_h, S_w] or [B, T, 3, S_h, S_w]
 
+    def clip(self, clip: Clip | np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A decoded clip (or bare uint8 frames [T, H, W, 3]) -> (pixel_values float32 [T, 3, S_h, S_w], timestamps
+        float32 [T] in seconds; zeros for bare frames). The one clip-to-pixels step of training, eval and chat."""
+        if isinstance(clip, (np.ndarray, torch.Tensor)):
+            pixel_values = self(clip)
+            return pixel_values, torch.zeros(pixel_values.shape[0])
+        return self(clip.frames), torch.as_tensor(np.asarray(clip.timestamps), dtype=torch.float32)
+
     def batch(self, clips: Sequence["Clip"]) -> torch.Tensor:
         """Preprocess clips (each `.frames` uint8 [T, H, W, 3]; sizes may differ) -> [B, T, 3, S_h, S_w]."""
         if len(clips) == 0:

@@ -27,15 +27,3 @@ uses absolute positions (no relative ones); TimeSformer's temporal attention has
 from vlm.towers.video_vit.config import ATTENTION_MODES, POS_EMBEDS, VideoViTConfig
 from vlm.towers.video_vit.encoder import MAE_MASKINGS, VideoViT, load_encoder, read_encoder_config, save_encoder
 from vlm.towers.video_vit.tower import VideoViTTower
-
-__all__ = [
-    "ATTENTION_MODES",
-    "MAE_MASKINGS",
-    "POS_EMBEDS",
-    "VideoViT",
-    "VideoViTConfig",
-    "VideoViTTower",
-    "load_encoder",
-    "read_encoder_config",
-    "save_encoder",
-]

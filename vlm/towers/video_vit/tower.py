@@ -24,10 +24,7 @@ _FREE_WITH_CHECKPOINT = ("image_size", "num_frames")
 class VideoViTTower(VisionTower):
     """Our video transformer: [B, T, 3, H, W] -> [B, ceil(T / tubelet), h', w' tokens, width].
 
-    Architecture kwargs (see VideoViTConfig): depth, width, heads, mlp_ratio, patch_size, tubelet, image_size,
-    num_frames, attention (joint | factorized_encoder | divided | factorized_dot_product | window | pooling),
-    pos_embed (factorized | joint | none), temporal_depth, window, shift, kv_pool, kv_stride, q_pool_blocks,
-    q_stride, qkv_bias.
+    Architecture kwargs (`**arch`, None = default): the fields of VideoViTConfig (depth, width, heads, attention, ...).
     checkpoint: a folder written by `save_encoder` (e.g. VideoMAE pretraining's `runs/videomae/encoder`): the
       architecture and preprocessing come from its config.json and its weights are loaded strictly; architecture
       kwargs given as well must agree with it, except image_size (the preprocessing size; positions are
@@ -42,16 +39,6 @@ class VideoViTTower(VisionTower):
 
     def __init__(
         self,
-        depth: int | None = None,
-        width: int | None = None,
-        heads: int | None = None,
-        mlp_ratio: float | None = None,
-        patch_size: int | None = None,
-        tubelet: int | None = None,
-        image_size: int | None = None,
-        num_frames: int | None = None,
-        attention: str | None = None,
-        pos_embed: str | None = None,
         layer: int = -2,
         checkpoint: str | os.PathLike | None = None,
         truncate: bool = True,
@@ -62,10 +49,7 @@ class VideoViTTower(VisionTower):
         **arch: Any,
     ) -> None:
         super().__init__()
-        given = {k: v for k, v in dict(depth=depth, width=width, heads=heads, mlp_ratio=mlp_ratio,
-                                       patch_size=patch_size, tubelet=tubelet, image_size=image_size,
-                                       num_frames=num_frames, attention=attention, pos_embed=pos_embed, **arch).items()
-                 if v is not None}
+        given = {k: v for k, v in arch.items() if v is not None}
         saved_pre: dict[str, Any] | None = None
         self.loaded_from_checkpoint = False
         if checkpoint is not None:
@@ -94,10 +78,10 @@ class VideoViTTower(VisionTower):
         self.hidden_size = cfg.width
         self.temporal_patch = cfg.tubelet
         self.patch_size = cfg.patch_size
-        self.num_frames = int(num_frames or cfg.num_frames)
+        self.num_frames = int(given.get("num_frames", cfg.num_frames))
         pre = dict(saved_pre or {"size": cfg.image_size, "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
                                  "mode": "resize_crop"})
-        for key, value in (("size", image_size), ("mean", mean), ("std", std), ("mode", preprocess_mode)):
+        for key, value in (("size", given.get("image_size")), ("mean", mean), ("std", std), ("mode", preprocess_mode)):
             if value is not None:
                 pre[key] = value
         self.preprocessor = VideoPreprocessor.from_dict(pre)
