@@ -2,6 +2,8 @@
 
     python scripts/grounding_chart.py --run "text oracle=runs/oracle_text" --run "quickstart=runs/quickstart" \\
         --out docs/grounding_variants.png
+    python scripts/grounding_chart.py --keep docs/grounding_variants.json --run "V-f x5 clips=runs/scale5" \\
+        --out docs/grounding_variants.png      # add runs to the rows of an earlier chart
 
 Each run folder needs `eval_cloze/results.json` (from `vlm eval mcq --profile cloze`) and, for a video model,
 `reliance/results.json` (from `vlm eval reliance`). Writes the PNG and a JSON of the numbers beside it.
@@ -27,9 +29,11 @@ def read_run(folder: Path) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", action="append", required=True, metavar="LABEL=FOLDER")
+    p.add_argument("--keep", help="a JSON this script wrote before: its rows come first (their run folders may be gone)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
-    rows = {label: read_run(Path(folder)) for label, folder in (r.split("=", 1) for r in args.run)}
+    rows = json.loads(Path(args.keep).read_text()) if args.keep else {}
+    rows.update({label: read_run(Path(folder)) for label, folder in (r.split("=", 1) for r in args.run)})
     import matplotlib
 
     matplotlib.use("Agg")
@@ -52,7 +56,7 @@ def main() -> None:
     for ax in axes:
         ax.set_xlim(0, 100)
         ax.grid(axis="x", alpha=0.3)
-    fig.suptitle("Does the model use the video? (demo world, 30 training steps)")
+    fig.suptitle("Does the model use the video? (demo world; 30 training steps unless the label says otherwise)")
     fig.tight_layout()
     out = Path(args.out)
     fig.savefig(out, dpi=110)

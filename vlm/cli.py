@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="recipes/<name>.yaml")
     p.add_argument("--stage", type=int, default=None, help="run only this stage (1-based); its --set overrides apply to it")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a recipe value, e.g. data.frames=8, stages.1.batch_size=4, model.num_frames=8")
+                   help="override a recipe value, e.g. data.frames=8 (every stage), stages.0.batch_size=4 (the first stage: list indices count from 0), model.num_frames=8")
     p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints and finished stages")
     p.set_defaults(func=_train)
     for name, func, recipe, about in (

@@ -127,7 +127,7 @@ def interpolate(raw: Any, source: str, default_name: str, required: Sequence[str
 def apply_override(raw: dict[str, Any], assignment: str, stage: int | None = None) -> None:
     """Apply `a.b.c=value` (value parsed as YAML) to the raw recipe dict. In a recipe with `stages`, keys that are
     not top-level recipe fields (data.frames=8) go to `stage`, or to every stage when `stage` is None;
-    `stages.1.batch_size=4` addresses a stage explicitly; `model.*`, `vars.*`, `seed`, `output_dir` address the
+    `stages.0.batch_size=4` addresses one stage (list index, from 0: the first stage); `model.*`, `vars.*`, `seed`, `output_dir` address the
     recipe. In other recipes every key addresses the recipe."""
     if "=" not in assignment:
         raise RecipeError(f"--set '{assignment}': expected key=value")
