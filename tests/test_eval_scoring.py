@@ -56,6 +56,16 @@ ITEM = MCQItem("t", 0, Path("v.mp4"), "Which way does it move?", ["left", "right
                "right", 1)
 
 
+
+def prompt_embeds(model, req) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:
+    """(continuation ids, prompt embeddings [1, S, D], attention [1, S]) of a request, as score_options builds them."""
+    conts = [model.processor.tokenizer(c, add_special_tokens=False)["input_ids"] for c in req.continuations]
+    sample = model.processor.make_sample(req.turns, req.clip, "video")
+    batch = model.processor.build_batch([sample], generation=True, prefill=req.prefill)
+    with torch.no_grad():
+        embeds, attention, _ = model.embed(batch)
+    return conts, embeds, attention
+
 def reference_scores(model: VideoLLM, req: ScoringRequest, media: str = "video") -> list[float]:
     """log p(option | prompt + prefill) without vlm.scoring: per option, one plain forward over the prompt embeddings
     followed by the option's token embeddings, and the option tokens' log-probs summed by hand."""
@@ -191,11 +201,7 @@ def test_masked_prompt_positions_are_not_attended(model, share_prefix):
     req = ScoringRequest(uid="q", clip=clip(), turns=mvbench_turns(ITEM), prefill="Best option:(",
                          continuations=["A) left", "B) right turn", "C"])
     ref = reference_scores(model, req)
-    conts = [model.processor.tokenizer(c, add_special_tokens=False)["input_ids"] for c in req.continuations]
-    sample = model.processor.make_sample(req.turns, req.clip, "video")
-    batch = model.processor.build_batch([sample], generation=True, prefill=req.prefill)
-    with torch.no_grad():
-        embeds, attention, _ = model.embed(batch)
+    conts, embeds, attention = prompt_embeds(model, req)
     junk = torch.Generator().manual_seed(0)
     padded = torch.cat([20 * torch.randn(1, 3, embeds.shape[2], generator=junk), embeds], dim=1)
     mask = torch.cat([torch.zeros(1, 3, dtype=attention.dtype), attention], dim=1)
@@ -212,11 +218,7 @@ def test_recompute_casts_option_embeddings_to_the_prompts_dtype(model, monkeypat
     req = ScoringRequest(uid="q", clip=clip(), turns=mvbench_turns(ITEM), prefill="Best option:(",
                          continuations=["A) left", "B) right turn"])
     ref = reference_scores(model, req)
-    conts = [model.processor.tokenizer(c, add_special_tokens=False)["input_ids"] for c in req.continuations]
-    sample = model.processor.make_sample(req.turns, req.clip, "video")
-    batch = model.processor.build_batch([sample], generation=True, prefill=req.prefill)
-    with torch.no_grad():
-        embeds, attention, _ = model.embed(batch)
+    conts, embeds, attention = prompt_embeds(model, req)
     table = torch.nn.Embedding.from_pretrained(model.llm.get_input_embeddings().weight.detach().double())
     monkeypatch.setattr(model.llm, "get_input_embeddings", lambda: table)
     with torch.no_grad():
