@@ -111,11 +111,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _input_errors() -> tuple[type[BaseException], ...]:
+    """What a user's input raises (a malformed or missing file, recipe or model folder), not a bug."""
+    from vlm.data.conversation import DataFormatError, TemplateMismatchError
+    from vlm.train.recipe import RecipeError
+    from vlm.video.errors import VideoDecodeError
+    from vlm.weights import CheckpointMismatchError
+
+    return (DataFormatError, TemplateMismatchError, RecipeError, VideoDecodeError, CheckpointMismatchError,
+            FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except _input_errors() as e:  # a bad file, recipe or model folder: one line naming it (the traceback with -v)
+        if args.verbose:
+            raise
+        print("vlm: error: " + " ".join(str(e).split()), file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import vlm.connectors  # noqa: F401  (registers built-in connectors)
 import vlm.towers  # noqa: F401  (registers built-in towers)
 from vlm import __version__
 from vlm.weights import CheckpointMismatchError, atomic_dir, load_module, save_tensors
+from vlm.data.conversation import DataFormatError
 from vlm.connectors.base import Instruction, VisualTokens, build_connector
 from vlm.llm.load import load_llm
 from vlm.llm.lora import LoRASettings, add_lora, has_lora, load_lora, save_lora
@@ -372,8 +373,11 @@ class VideoLLM(ScoringMixin, nn.Module):
         meta_path = folder / "config.json"
         if not meta_path.is_file():
             raise FileNotFoundError(f"{folder}: not a saved VideoLLM (no config.json)")
-        meta = json.loads(meta_path.read_text())
-        config = VideoLLMConfig.from_dict(meta["config"])
+        try:
+            meta = json.loads(meta_path.read_text())
+            config = VideoLLMConfig.from_dict(meta["config"])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise DataFormatError(f"{meta_path}: not a VideoLLM config ({type(e).__name__}: {e})") from None
         lora = config.lora
         config.lora = {}
         processor = VideoLLMProcessor.from_pretrained(folder) if (folder / CONFIG_NAME).is_file() else None

@@ -2,8 +2,9 @@
 
 The official benchmark (OpenGVLab/MVBench) keeps each task's videos under `video/<source dataset>/`; the table
 below is its task list, prefixes and bound flags. A dataset written in the same layout may carry a
-`tasks.json` manifest at its root (a list of {"task", "json", "prefix", "data_type", "bound", ["fps"]}) that
-replaces the official table; the synthetic benchmark of `vlm data synth` does.
+`tasks.json` manifest at its root (a list of {"task", "json", "prefix", "data_type", "bound", ["fps"]}, or MVBench's
+own `data_list` mapping written as JSON) that replaces the official table; the synthetic benchmark of
+`vlm data synth` writes one.
 """
 
 from __future__ import annotations
@@ -87,21 +88,58 @@ class MCQItem:
 
 
 def load_tasks(root: str | os.PathLike) -> list[MVBenchTask]:
-    """The task table of a benchmark root: its `tasks.json` manifest if present, else the official table."""
+    """The task table of a benchmark root: its `tasks.json` manifest if present, else the official table.
+
+    The manifest is either a list of {"task", "json", ["prefix"], ["data_type"], ["bound"], ["fps"]} (prefix relative
+    to the root, default "video/"), or MVBench's own `data_list` as a JSON mapping
+    {"Action Sequence": ["action_sequence.json", "star/Charades_v1_480/", "video", true], ...} whose prefixes are
+    relative to `<root>/video/`, as in the official layout (an absolute prefix is kept as it is).
+    """
     manifest = Path(root) / "tasks.json"
     if not manifest.is_file():
         return list(OFFICIAL_TASKS)
     try:
         entries = json.loads(manifest.read_text(encoding="utf-8"))
-        return [
-            MVBenchTask(
-                name=e["task"], json=e["json"], prefix=e.get("prefix", "video/"),
-                data_type=e.get("data_type", "video"), bound=bool(e.get("bound", False)), fps=e.get("fps"),
-            )
-            for e in entries
-        ]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise DataFormatError(f"{manifest}: malformed task manifest: {e}") from None
+    except json.JSONDecodeError as e:
+        raise DataFormatError(f"{manifest}:{e.lineno}: malformed JSON: {e.msg}") from None
+    if isinstance(entries, dict):
+        return [_data_list_task(manifest, name, value) for name, value in entries.items()]
+    if not isinstance(entries, list):
+        raise DataFormatError(f"{manifest}: expected a list of tasks or MVBench's data_list mapping, got "
+                              f"{type(entries).__name__}")
+    return [_manifest_task(manifest, i, e) for i, e in enumerate(entries)]
+
+
+def _manifest_task(manifest: Path, i: int, e: object) -> MVBenchTask:
+    where = f"{manifest}[{i}]"
+    if not isinstance(e, dict):
+        raise DataFormatError(f"{where}: expected an object with 'task' and 'json', got {type(e).__name__}")
+    missing = [k for k in ("task", "json") if not isinstance(e.get(k), str) or not e.get(k)]
+    if missing:
+        raise DataFormatError(f"{where}: '{missing[0]}' must be a non-empty string")
+    return _checked(where, MVBenchTask(e["task"], e["json"], e.get("prefix", "video/"), e.get("data_type", "video"),
+                                       e.get("bound", False), e.get("fps")))
+
+
+def _data_list_task(manifest: Path, name: str, value: object) -> MVBenchTask:
+    where = f"{manifest}['{name}']"
+    if not isinstance(value, list) or not 2 <= len(value) <= 4 or not all(isinstance(v, str) for v in value[:2]):
+        raise DataFormatError(f"{where}: expected [json file, video prefix, (data type), (bound)], got {value!r}")
+    json_name, prefix, *rest = value
+    prefix = prefix if Path(prefix).is_absolute() else "video/" + prefix
+    return _checked(where, MVBenchTask(name, json_name, prefix, *rest))
+
+
+def _checked(where: str, task: MVBenchTask) -> MVBenchTask:
+    if task.data_type not in ("video", "frame", "gif"):
+        raise DataFormatError(f"{where}: data_type '{task.data_type}' is not video, frame or gif")
+    if not isinstance(task.bound, bool):
+        raise DataFormatError(f"{where}: bound must be true or false, got {task.bound!r}")
+    if task.fps is not None and not (isinstance(task.fps, (int, float)) and task.fps > 0):
+        raise DataFormatError(f"{where}: fps must be a positive number, got {task.fps!r}")
+    if not isinstance(task.prefix, str):
+        raise DataFormatError(f"{where}: prefix must be a string, got {task.prefix!r}")
+    return task
 
 
 def select_tasks(all_tasks: list[MVBenchTask], names: list[str] | None) -> list[MVBenchTask]:

@@ -160,7 +160,9 @@ def read_recipe(path: str | os.PathLike, overrides: Sequence[str] = (), stage: i
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: malformed YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        at = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        raise RecipeError(f"{path}{at}: malformed YAML: {getattr(e, 'problem', None) or e}") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe is a mapping")
     for assignment in overrides:
