@@ -27,10 +27,15 @@ def _print_result(result: Any, out: str) -> None:
     print(f"results: {Path(out) / 'results.json'}  report: {Path(out) / 'report.md'}")
 
 
-def _load_model(path: str) -> Any:
+def _load_model(path: str, args: argparse.Namespace) -> Any:
     from vlm.model import VideoLLM
 
-    return VideoLLM.from_pretrained(path)
+    return VideoLLM.from_pretrained(path, device=args.device, dtype=args.dtype)
+
+
+def _placement_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: CUDA when available, else CPU)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bfloat16 on CUDA, else float32)")
 
 
 def _tower(args: argparse.Namespace) -> tuple[Any, Any, Any]:
@@ -42,7 +47,7 @@ def _tower(args: argparse.Namespace) -> tuple[Any, Any, Any]:
         kwargs = dict(spec)
         return build_tower(kwargs.pop("name"), **kwargs), spec, None
     if args.model:
-        model = _load_model(args.model)
+        model = _load_model(args.model, args)
         return model.tower, {"model": args.model, "tower": model.config.tower}, model
     raise SystemExit("give --tower JSON (a registered tower spec) or --model DIR (a saved VideoLLM)")
 
@@ -50,7 +55,7 @@ def _tower(args: argparse.Namespace) -> tuple[Any, Any, Any]:
 def _mcq(args: argparse.Namespace) -> int:
     from evals.mcq import evaluate_mcq
 
-    model = _load_model(args.model)
+    model = _load_model(args.model, args)
     result = evaluate_mcq(model, args.bench, args.out, profile=args.profile, tasks=args.tasks, num_frames=args.frames,
                           sampling=args.sampling, limit=args.limit, batch_size=args.batch_size,
                           model_name=args.model_name or args.model, descriptions=args.descriptions)
@@ -62,7 +67,7 @@ def _reliance(args: argparse.Namespace) -> int:
     from evals.reliance import visual_reliance
     from evals.report import write_report
 
-    model = _load_model(args.model).eval()
+    model = _load_model(args.model, args).eval()
     result = visual_reliance(model, args.data, args.out, media_root=args.media_root, limit=args.limit,
                              num_frames=args.frames, seed=args.seed, model_name=args.model)
     write_report([result], args.out)
@@ -98,7 +103,7 @@ def _openqa(args: argparse.Namespace) -> int:
         if not (args.model and args.data):
             raise SystemExit("give --model DIR and --data FILE, or --predictions FILE")
         items = load_openqa(args.data, args.videos, answers=args.answers, video_template=args.video_template)
-        result = evaluate_openqa(_load_model(args.model), items, judge, args.out, dataset=Path(args.data).stem,
+        result = evaluate_openqa(_load_model(args.model, args), items, judge, args.out, dataset=Path(args.data).stem,
                                  num_frames=args.frames, sampling=args.sampling, batch_size=args.batch_size,
                                  max_new_tokens=args.max_new_tokens, limit=args.limit,
                                  model_name=args.model_name or args.model)
@@ -166,6 +171,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model-name", default=None, help="name recorded in results (default: the model folder)")
     p.add_argument("--descriptions", default=None,
                    help="text oracle: JSON {video name or stem: description} used in place of each clip")
+    _placement_args(p)
     p.set_defaults(func=_mcq)
 
     p = sub.add_parser("openqa", help="open-ended video QA scored by a judge")
@@ -188,6 +194,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--model-name", default=None)
+    _placement_args(p)
     p.set_defaults(func=_openqa)
 
     for name, helptext in (("retrieval", "text-video retrieval with a dual encoder trained on frozen tower features"),
@@ -201,6 +208,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--out", required=True)
         p.add_argument("--frames", type=int, default=8)
         p.add_argument("--steps", type=int, default=300)
+        _placement_args(p)  # where --model's tower runs
         if name == "retrieval":
             p.add_argument("--objective", default="infonce", choices=["infonce", "siglip"])
             p.add_argument("--text-encoder", default="minilm", choices=["minilm", "llm"])
@@ -223,6 +231,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=64, help="samples (a seeded shuffle)")
     p.add_argument("--frames", type=int, default=None, help="default: the model's num_frames")
     p.add_argument("--seed", type=int, default=0)
+    _placement_args(p)
     p.set_defaults(func=_reliance)
 
     p = sub.add_parser("probe", help="linear + MLP probes: is what the questions need in a tower's or connector's output?")

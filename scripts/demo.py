@@ -40,6 +40,8 @@ def main() -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override")
     p.add_argument("--profile", default="cloze", help="evaluation profile: cloze | loglik | mvbench | lmms_eval")
     p.add_argument("--train-only", action="store_true", help="stop after training (used by the notebook)")
+    p.add_argument("--device", default=None, help="where the trained model is evaluated and chats (default: CUDA if any)")
+    p.add_argument("--dtype", default=None, help="its precision (default: bfloat16 on CUDA, float32 on CPU)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "matplotlib", "PIL"):
@@ -72,7 +74,7 @@ def main() -> int:
     from vlm.model import VideoLLM
     from vlm.viz import frame_strip
 
-    model = VideoLLM.from_pretrained(final)
+    model = VideoLLM.from_pretrained(final, device=args.device, dtype=args.dtype)
     t = time.time()
     result = evaluate_mcq(model, data / "mvbench", out / f"eval_{args.profile}", profile=args.profile,
                           num_frames=model.config.num_frames, model_name=str(final))

@@ -31,6 +31,7 @@ from vlm.objectives import STAGE_OBJECTIVES
 from vlm.processor import CONFIG_NAME, Batch, VideoLLMProcessor
 from vlm.scoring import ScoringMixin
 from vlm.towers.base import VisionTower, VisualFeatures, build_tower
+from vlm.towers.common import placement
 
 log = logging.getLogger(__name__)
 PARTS = ("tower", "connector", "llm")
@@ -366,9 +367,11 @@ class VideoLLM(ScoringMixin, nn.Module):
         return folder
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path) -> "VideoLLM":
+    def from_pretrained(cls, folder: str | Path, *, device: str | torch.device | None = None,
+                        dtype: str | torch.dtype | None = None) -> "VideoLLM":
         """Rebuild from config.json and load the saved parts strictly (mismatches name part and key). The processor
-        is the saved one; a folder saved without one gets a processor built from config.json."""
+        is the saved one; a folder saved without one gets a processor built from config.json. Every part is moved
+        to `device` in `dtype` (defaults: `vlm.towers.common.placement`, CUDA + bfloat16 when a GPU is present)."""
         folder = Path(folder)
         meta_path = folder / "config.json"
         if not meta_path.is_file():
@@ -398,8 +401,8 @@ class VideoLLM(ScoringMixin, nn.Module):
         load_module(model.connector, folder / "connector.safetensors", "connector")
         for part, mode in meta.get("modes", {}).items():
             model.modes[part] = mode
-        model.eval()
-        return model
+        dev, dt = placement(device, dtype)
+        return model.to(device=dev, dtype=dt).eval()
 
     def connector_record(self) -> dict[str, Any]:
         """What a stage-1 connector needs to be re-attached: tower, dims, frames, connector config."""

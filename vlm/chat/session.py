@@ -114,9 +114,10 @@ class VideoChat:
         self._rng: tuple[int, torch.Generator] | None = None  # (seed, generator) of the session's sampling
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike, **kwargs: Any) -> "VideoChat":
-        """A session over `VideoLLM.from_pretrained(folder)`; kwargs as for the constructor."""
-        return cls(VideoLLM.from_pretrained(folder), **kwargs)
+    def from_pretrained(cls, folder: str | os.PathLike, *, device: str | torch.device | None = None,
+                        dtype: str | torch.dtype | None = None, **kwargs: Any) -> "VideoChat":
+        """A session over `VideoLLM.from_pretrained(folder, device=, dtype=)`; kwargs as for the constructor."""
+        return cls(VideoLLM.from_pretrained(folder, device=device, dtype=dtype), **kwargs)
 
     # ---------------------------------------------------------------- state
     @property

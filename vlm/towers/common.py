@@ -1,5 +1,5 @@
-"""What every tower family resolves the same way: the dtype name (the LLM loaders' too), the layer tap, and
-ImageNet / CLIP normalisation.
+"""What every tower family resolves the same way: the dtype name (the LLM loaders' too), where a loaded model
+runs, the layer tap, and ImageNet / CLIP normalisation.
 
 Layer taps index `hidden_states` as transformers defines it: index 0 is the embedding output, index k the output
 of encoder layer k, so a model with L layers has L + 1 entries and -1 is the last layer, -2 the penultimate (the
@@ -26,6 +26,16 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     if not isinstance(resolved, torch.dtype):
         raise ValueError(f"unknown dtype {dtype!r}; use e.g. 'float32', 'bfloat16', 'float16'")
     return resolved
+
+
+def placement(device: str | torch.device | None = None,
+              dtype: str | torch.dtype | None = None) -> tuple[torch.device, torch.dtype]:
+    """Where a loaded model runs: `device` None/"auto" -> CUDA when available, else CPU; `dtype` None/"auto" ->
+    bfloat16 on CUDA, float32 elsewhere."""
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device in (None, "auto") else torch.device(device)
+    if dtype in (None, "auto"):
+        return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
+    return dev, resolve_dtype(dtype)
 
 
 def resolve_layer(layer: int, num_layers: int, what: str) -> int:

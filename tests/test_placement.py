@@ -1,0 +1,92 @@
+"""Device and precision: one convention (CUDA + bfloat16 when a GPU is present, else CPU + float32) that reaches
+every part of a loaded model, the chat's cached prefix, and every command that loads a model."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import TINY_LLM, TINY_TOWERS
+from vlm.data.conversation import Turn
+from vlm.model import VideoLLM
+from vlm.towers.common import placement
+from vlm.video import Clip
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    torch.manual_seed(0)
+    model = VideoLLM.from_config({"tower": copy.deepcopy(TINY_TOWERS["clip"]), "connector": {"name": "mlp"},
+                                  "llm": copy.deepcopy(TINY_LLM), "num_frames": 4})
+    return model.save_pretrained(tmp_path_factory.mktemp("m") / "model")
+
+
+def clip() -> Clip:
+    frames = np.random.default_rng(0).integers(0, 255, (4, 40, 48, 3), dtype=np.uint8)
+    return Clip(frames, np.arange(4) * 0.5, np.arange(4), "c", 2.0, 4)
+
+
+def test_placement_defaults_follow_the_machine():
+    gpu = torch.cuda.is_available()
+    assert placement() == (torch.device("cuda" if gpu else "cpu"), torch.bfloat16 if gpu else torch.float32)
+    assert placement("cpu", "auto") == (torch.device("cpu"), torch.float32)
+    assert placement("cpu", "bfloat16") == (torch.device("cpu"), torch.bfloat16)
+    assert placement("cuda:1", None) == (torch.device("cuda:1"), torch.bfloat16)  # no GPU needed to decide
+    with pytest.raises(ValueError, match="unknown dtype"):
+        placement("cpu", "float13")
+
+
+def test_every_part_and_the_chat_prefix_take_the_requested_dtype(saved):
+    from evals.interface import ScoringRequest
+    from vlm.chat import VideoChat
+
+    ref = VideoLLM.from_pretrained(saved, device="cpu")  # float32 on the CPU: the default here
+    low = VideoLLM.from_pretrained(saved, device="cpu", dtype="bfloat16")
+    for part in ("tower", "connector", "llm"):
+        assert {p.dtype for p in ref.part(part).parameters()} == {torch.float32}
+        assert {p.dtype for p in low.part(part).parameters()} == {torch.bfloat16}, part
+        assert {p.device.type for p in low.part(part).parameters()} == {"cpu"}
+    req = ScoringRequest(uid="q", clip=clip(), turns=[Turn("user", "<video>\nWhat moves?")],
+                         continuations=["a red square", "nothing at all"])
+    want, got = ref.score_options([req])[0], low.score_options([req])[0]
+    assert np.all(np.isfinite(got)) and np.allclose(got, want, rtol=0.05), (got, want)  # bfloat16 rounding only
+
+    chat = VideoChat.from_pretrained(saved, device="cpu", dtype="bfloat16")
+    chat.load_clip(clip())
+    assert chat.ask("Describe the video.", max_new_tokens=4)
+    keys = chat._cache.kv.layers[0].keys  # the cached video + conversation prefix
+    assert keys.dtype == torch.bfloat16 and keys.shape[-2] == chat.context_tokens
+
+
+class Loaded(Exception):
+    """Raised by the stand-in loader with the placement it was asked for."""
+
+
+@pytest.mark.parametrize("argv", [
+    ["eval", "mcq", "--bench", "B", "--out", "O"],
+    ["eval", "openqa", "--data", "D", "--out", "O"],
+    ["eval", "reliance", "--data", "D", "--out", "O"],
+    ["eval", "retrieval", "--train", "T", "--test", "T", "--out", "O"],
+    ["eval", "classify", "--train", "T", "--test", "T", "--out", "O"],
+    ["chat"],
+], ids=lambda a: "-".join(a[:2]))
+def test_every_command_that_loads_a_model_passes_device_and_dtype(argv, monkeypatch):
+    from vlm.cli import main
+
+    def stand_in(cls, folder, *, device=None, dtype=None):
+        raise Loaded(folder, device, dtype)
+
+    monkeypatch.setattr(VideoLLM, "from_pretrained", classmethod(stand_in))
+    monkeypatch.setattr("evals.openqa.load_openqa", lambda *a, **k: [])  # openqa reads its data before the model
+    with pytest.raises(Loaded) as e:
+        main(argv + ["--model", "M", "--device", "cpu", "--dtype", "bfloat16"])
+    assert e.value.args == ("M", "cpu", "bfloat16")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_gpu_gets_the_model_in_bfloat16_by_default(saved):
+    model = VideoLLM.from_pretrained(saved)
+    assert {(p.device.type, p.dtype) for p in model.parameters()} == {("cuda", torch.bfloat16)}
