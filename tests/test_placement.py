@@ -3,25 +3,14 @@ every part of a loaded model, the chat's cached prefix, and every command that l
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
 
-from tests.conftest import TINY_LLM, TINY_TOWERS
 from vlm.data.conversation import Turn
 from vlm.model import VideoLLM
 from vlm.towers.common import placement
 from vlm.video import Clip
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    torch.manual_seed(0)
-    model = VideoLLM.from_config({"tower": copy.deepcopy(TINY_TOWERS["clip"]), "connector": {"name": "mlp"},
-                                  "llm": copy.deepcopy(TINY_LLM), "num_frames": 4})
-    return model.save_pretrained(tmp_path_factory.mktemp("m") / "model")
 
 
 def clip() -> Clip:
@@ -39,12 +28,12 @@ def test_placement_defaults_follow_the_machine():
         placement("cpu", "float13")
 
 
-def test_every_part_and_the_chat_prefix_take_the_requested_dtype(saved):
+def test_every_part_and_the_chat_prefix_take_the_requested_dtype(tiny_model_dir):
     from evals.interface import ScoringRequest
     from vlm.chat import VideoChat
 
-    ref = VideoLLM.from_pretrained(saved, device="cpu")  # float32 on the CPU: the default here
-    low = VideoLLM.from_pretrained(saved, device="cpu", dtype="bfloat16")
+    ref = VideoLLM.from_pretrained(tiny_model_dir, device="cpu")  # float32 on the CPU: the default here
+    low = VideoLLM.from_pretrained(tiny_model_dir, device="cpu", dtype="bfloat16")
     for part in ("tower", "connector", "llm"):
         assert {p.dtype for p in ref.part(part).parameters()} == {torch.float32}
         assert {p.dtype for p in low.part(part).parameters()} == {torch.bfloat16}, part
@@ -54,7 +43,7 @@ def test_every_part_and_the_chat_prefix_take_the_requested_dtype(saved):
     want, got = ref.score_options([req])[0], low.score_options([req])[0]
     assert np.all(np.isfinite(got)) and np.allclose(got, want, rtol=0.05), (got, want)  # bfloat16 rounding only
 
-    chat = VideoChat.from_pretrained(saved, device="cpu", dtype="bfloat16")
+    chat = VideoChat.from_pretrained(tiny_model_dir, device="cpu", dtype="bfloat16")
     chat.load_clip(clip())
     assert chat.ask("Describe the video.", max_new_tokens=4)
     keys = chat._cache.kv.layers[0].keys  # the cached video + conversation prefix
@@ -87,6 +76,6 @@ def test_every_command_that_loads_a_model_passes_device_and_dtype(argv, monkeypa
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_a_gpu_gets_the_model_in_bfloat16_by_default(saved):
-    model = VideoLLM.from_pretrained(saved)
+def test_a_gpu_gets_the_model_in_bfloat16_by_default(tiny_model_dir):
+    model = VideoLLM.from_pretrained(tiny_model_dir)
     assert {(p.device.type, p.dtype) for p in model.parameters()} == {("cuda", torch.bfloat16)}
