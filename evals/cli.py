@@ -38,6 +38,11 @@ def _placement_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bfloat16 on CUDA, else float32)")
 
 
+def _workers_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=int, default=2,
+                   help="processes that decode clips ahead of the model (0: decode in this process when needed)")
+
+
 def _tower(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """(tower, spec, model) from --tower JSON or --model DIR."""
     if args.tower:
@@ -58,7 +63,8 @@ def _mcq(args: argparse.Namespace) -> int:
     model = _load_model(args.model, args)
     result = evaluate_mcq(model, args.bench, args.out, profile=args.profile, tasks=args.tasks, num_frames=args.frames,
                           sampling=args.sampling, limit=args.limit, batch_size=args.batch_size,
-                          model_name=args.model_name or args.model, descriptions=args.descriptions)
+                          model_name=args.model_name or args.model, descriptions=args.descriptions,
+                          workers=args.workers)
     _print_result(result, args.out)
     return 0
 
@@ -171,6 +177,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model-name", default=None, help="name recorded in results (default: the model folder)")
     p.add_argument("--descriptions", default=None,
                    help="text oracle: JSON {video name or stem: description} used in place of each clip")
+    _workers_arg(p)
     _placement_args(p)
     p.set_defaults(func=_mcq)
 

@@ -4,17 +4,19 @@
     result = evaluate_mcq(model, "data/MVBench", "runs/mvbench", profile="mvbench")
     result.metrics  # {"accuracy_mean_over_tasks": ..., "accuracy_over_questions": ..., "unparsable": ...}
 
-What it does, per task: questions are grouped by clip (video + start/end window), each clip is decoded once
-(16 frames, MVBench's `segment_middle` sampling by default, frame folders 1-based as MVBench reads them) and
-shared by its questions; the model is asked in batches through the `evals.interface` methods the profile
-needs; every prediction is appended to `OUT/predictions.jsonl` as it is made, so a rerun resumes where a run
-stopped. A clip that cannot be decoded (or a question the model fails on) is skipped, counted and reported;
+What it does: questions are grouped by clip (video + start/end window), each clip is decoded once (16 frames,
+MVBench's `segment_middle` sampling by default, frame folders 1-based as MVBench reads them), by DataLoader
+workers while the model answers earlier questions, and shared by its questions; the model is asked in batches
+through the `evals.interface` methods the profile needs; every prediction is appended to
+`OUT/predictions.jsonl` as it is made, so a rerun resumes where a run stopped. Under torchrun the clips are
+shared out among the processes (`evals.shard`). A clip that cannot be decoded (or a question the model fails on) is skipped, counted and reported;
 an unparsable answer is scored wrong and stays in the denominator. At the end `OUT/results.json`,
 `OUT/per_task.png` (bars with chance level) and `OUT/report.md` are written.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -29,9 +31,11 @@ from tqdm import tqdm
 from evals.interface import GenerationRequest, ScoringRequest, model_id
 from evals.profiles import MCQProfile, Parsed, get_profile, normalize_scores
 from evals.results import EvalResult, PredictionLog
+from evals.shard import Shard, current_shard, merge_logs, open_log
 from vlm.data.conversation import Turn, describe_in_place
 from vlm.data.mvbench import LETTERS, MCQItem, load_mvbench
-from vlm.video import Clip, VideoDecodeError, read_clip
+from vlm.video import Clip, read_clip
+from vlm.video.prefetch import prefetch_clips
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +182,7 @@ def evaluate_mcq(
     backend: str = "auto",
     progress: bool = True,
     descriptions: str | os.PathLike | dict[str, str] | None = None,
+    workers: int = 2,
 ) -> EvalResult:
     """Evaluate `model` on an MVBench-layout benchmark; results, predictions, chart and report go to `out_dir`.
 
@@ -185,7 +190,9 @@ def evaluate_mcq(
     generation profiles (`mvbench`, `lmms_eval`) and `score_options` for the loglik ones (`loglik`, `cloze`).
     `descriptions` ({video file name or stem: text}, or a JSON file of it) scores the text oracle: each clip is
     replaced by "Video description: <text>" in the same prompt and nothing is decoded; a question whose video
-    has no description is skipped and counted.
+    has no description is skipped and counted. `workers` processes decode clips ahead of the model (0: in this
+    process, when needed). Under torchrun (or `accelerate launch`) each process takes its share of the clips and
+    rank 0 writes the results (see `evals.shard`).
     """
     prof = get_profile(profile) if isinstance(profile, str) else profile
     texts = _load_descriptions(descriptions)
@@ -195,62 +202,84 @@ def evaluate_mcq(
     if limit is not None:
         data = {t: items[:limit] for t, items in data.items()}
     mid = model_id(model, model_name)
-    plog = PredictionLog(out / "predictions.jsonl", identity={"profile": prof.name, "model": mid})
+    identity = {"profile": prof.name, "model": mid}
+    shard = current_shard()
+    plog = open_log(out, shard, identity)
     runner = _Runner(model, prof, plog)
     all_items = [i for items in data.values() for i in items]
-    pending = sum(not plog.done(i.uid) for i in all_items)
-    log.info("mcq: %d tasks, %d questions (%d to ask), profile '%s', model %s", len(data), len(all_items), pending,
-             prof.name, mid)
+    groups = [g for items in data.values() for g in group_by_clip(items).values()]
+    jobs = [todo for g in shard.mine(groups) if (todo := [i for i in g if not plog.done(i.uid)])]
+    pending = sum(len(j) for j in jobs)
+    log.info("mcq: %d tasks, %d questions (%d to ask%s), profile '%s', model %s", len(data), len(all_items), pending,
+             f" by rank {shard.rank} of {shard.world}" if shard.world > 1 else "", prof.name, mid)
+    if texts is not None:
+        clips = ((todo, *_description_of(texts, todo[0])) for todo in jobs)
+    else:
+        read = functools.partial(decode_group_clip, num_frames=num_frames, sampling=sampling, backend=backend)
+        clips = prefetch_clips(jobs, read, workers=workers)
     decoded = asked = 0
     t0 = time.perf_counter()
-    with plog, tqdm(total=pending, desc=f"mcq[{prof.name}]", unit="q", disable=not progress) as bar:
-        for task, items in data.items():
-            buffer: list[tuple[MCQItem, Clip | str]] = []
-            for key, group in group_by_clip(items).items():
-                todo = [i for i in group if not plog.done(i.uid)]
-                if not todo:
-                    continue
-                try:
-                    if texts is not None:
-                        clip: Clip | str = _description_of(texts, todo[0])
-                    else:
-                        clip = decode_item_clip(todo[0], num_frames, sampling, backend)
-                        decoded += 1
-                except (VideoDecodeError, OSError, ValueError, KeyError) as e:
-                    for item in todo:
-                        runner._error(item, "decode", e)
-                    bar.update(len(todo))
-                    continue
-                buffer += [(i, clip) for i in todo]
-                while len(buffer) >= batch_size:
-                    asked += runner.run(buffer[:batch_size])
-                    bar.update(min(batch_size, len(buffer)))
-                    buffer = buffer[batch_size:]
-            asked += runner.run(buffer)
-            bar.update(len(buffer))
-    elapsed = time.perf_counter() - t0
-    records = {u: r for u, r in plog.records.items()}
-    if all_items and not any(u in records and not records[u].get("error") for u in (i.uid for i in all_items)):
-        raise RuntimeError(f"mcq: no question could be scored; first error: {runner.first_error!r}")
-    metrics, per_task, counts = mcq_metrics(data, records)
-    counts.update(resumed=plog.resumed, clips_decoded=decoded, asked=asked, elapsed_seconds=round(elapsed, 3),
-                  questions_per_second=round(asked / elapsed, 3) if elapsed > 0 and asked else None)
-    result = EvalResult(
-        task_type="mcq", model=mid, dataset={"path": str(bench_root), "name": Path(bench_root).name,
-                                             "tasks": list(data)},
-        metrics=metrics, per_task=per_task, counts=counts, profile=prof.record(),
-        settings={"num_frames": num_frames, "sampling": sampling, "limit": limit, "batch_size": batch_size,
-                  "backend": backend, "frame_folders_first_index": 1,
-                  "descriptions": None if texts is None else (str(descriptions) if not isinstance(descriptions, dict)
-                                                              else f"{len(texts)} given")},
-    )
-    result.save(out / "results.json")
-    from evals.report import write_report
+    with plog, tqdm(total=pending, desc=f"mcq[{prof.name}]", unit="q", disable=not (progress and shard.main)) as bar:
+        buffer: list[tuple[MCQItem, Clip | str]] = []
+        for todo, clip, error in clips:
+            if error is not None:
+                for item in todo:
+                    runner._error(item, "decode", error)
+                bar.update(len(todo))
+                continue
+            decoded += texts is None
+            buffer += [(i, clip) for i in todo]
+            while len(buffer) >= batch_size:
+                asked += runner.run(buffer[:batch_size])
+                bar.update(batch_size)
+                buffer = buffer[batch_size:]
+        asked += runner.run(buffer)
+        bar.update(len(buffer))
+    ranks = shard.gather({"asked": asked, "decoded": decoded, "error": repr(runner.first_error)})
+    failure, result = None, None
+    if shard.main:
+        if shard.world > 1:
+            merge_logs(out, identity, order=[i.uid for i in all_items])
+        records = PredictionLog(out / "predictions.jsonl", identity).records if shard.world > 1 else plog.records
+        if all_items and not any(u in records and not records[u].get("error") for u in (i.uid for i in all_items)):
+            failure = f"mcq: no question could be scored; first error: {ranks[0]['error']}"
+        else:
+            result = _mcq_result(data, records, prof, mid, bench_root, shard, ranks, plog.resumed,
+                                 time.perf_counter() - t0,
+                                 settings={"num_frames": num_frames, "sampling": sampling, "limit": limit,
+                                           "batch_size": batch_size, "backend": backend, "frame_folders_first_index": 1,
+                                           "descriptions": None if texts is None else (
+                                               str(descriptions) if not isinstance(descriptions, dict)
+                                               else f"{len(texts)} given")})
+            result.save(out / "results.json")
+            from evals.report import write_report
 
-    write_report([result], out)
-    log.info("mcq[%s]: %.2f%% (mean over tasks), %.2f%% (over questions), %d unparsable, %d skipped -> %s",
+            write_report([result], out)
+    failure = shard.gather(failure)[0]  # every rank waits for rank 0's results
+    if failure:
+        raise RuntimeError(failure)
+    return result if result is not None else EvalResult.load(out / "results.json")
+
+
+def decode_group_clip(todo: Sequence[MCQItem], num_frames: int, sampling: str, backend: str) -> Clip:
+    """The clip shared by a group of questions (`group_by_clip`)."""
+    return decode_item_clip(todo[0], num_frames, sampling, backend)
+
+
+def _mcq_result(data: dict[str, list[MCQItem]], records: dict[str, dict[str, Any]], prof: MCQProfile, mid: str,
+                bench_root: str | os.PathLike, shard: Shard, ranks: list[dict[str, Any]], resumed: int,
+                elapsed: float, settings: dict[str, Any]) -> EvalResult:
+    metrics, per_task, counts = mcq_metrics(data, records)
+    asked = sum(r["asked"] for r in ranks)
+    counts.update(resumed=resumed, clips_decoded=sum(r["decoded"] for r in ranks), asked=asked,
+                  processes=shard.world, elapsed_seconds=round(elapsed, 3),
+                  questions_per_second=round(asked / elapsed, 3) if elapsed > 0 and asked else None)
+    result = EvalResult(task_type="mcq", model=mid, metrics=metrics, per_task=per_task, counts=counts,
+                        dataset={"path": str(bench_root), "name": Path(bench_root).name, "tasks": list(data)},
+                        profile=prof.record(), settings=settings)
+    log.info("mcq[%s]: %.2f%% (mean over tasks), %.2f%% (over questions), %d unparsable, %d skipped",
              prof.name, metrics["accuracy_mean_over_tasks"], metrics["accuracy_over_questions"],
-             counts["unparsable"], counts["skipped"], out)
+             counts["unparsable"], counts["skipped"])
     return result
 
 
@@ -267,13 +296,13 @@ def _load_descriptions(source: str | os.PathLike | dict[str, str] | None) -> dic
     return texts
 
 
-def _description_of(texts: dict[str, str], item: MCQItem) -> str:
-    """The description of an item's video, by file name or stem (KeyError naming the video when missing)."""
+def _description_of(texts: dict[str, str], item: MCQItem) -> tuple[str | None, KeyError | None]:
+    """(the description of an item's video, by file name or stem, None), or (None, a KeyError naming the video)."""
     video = Path(item.video)
     for key in (video.name, video.stem):
         if key in texts:
-            return texts[key]
-    raise KeyError(f"{video}: no description for '{video.name}' or '{video.stem}'")
+            return texts[key], None
+    return None, KeyError(f"{video}: no description for '{video.name}' or '{video.stem}'")
 
 
 def mcq_metrics(data: dict[str, list[MCQItem]], records: dict[str, dict[str, Any]]

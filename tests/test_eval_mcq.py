@@ -96,7 +96,7 @@ def test_each_clip_is_decoded_once_per_task_and_bounds_are_honoured(bench, truth
 
     monkeypatch.setattr(mcq, "read_clip", counting)
     model = ScriptedModel(lambda r: "A) x")
-    evaluate_mcq(model, bench, tmp_path, profile="mvbench", num_frames=4, progress=False, batch_size=3)
+    evaluate_mcq(model, bench, tmp_path, profile="mvbench", num_frames=4, progress=False, batch_size=3, workers=0)
     # Moving Direction: red, green, blue, missing; Action Sequence: 2 windows of long.mp4 + red; Episodic: 2 windows
     assert Counter(calls) == Counter([("red.mp4", None, None), ("green.mp4", None, None), ("blue.mp4", None, None),
                                       ("missing.mp4", None, None), ("long.mp4", 0.0, 2.0), ("long.mp4", 3.0, 6.0),

@@ -18,7 +18,8 @@ def clip() -> Clip:
     return Clip(frames, np.arange(4) * 0.5, np.arange(4), "c", 2.0, 4)
 
 
-def test_placement_defaults_follow_the_machine():
+def test_placement_defaults_follow_the_machine(monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
     gpu = torch.cuda.is_available()
     assert placement() == (torch.device("cuda" if gpu else "cpu"), torch.bfloat16 if gpu else torch.float32)
     assert placement("cpu", "auto") == (torch.device("cpu"), torch.float32)
@@ -26,6 +27,9 @@ def test_placement_defaults_follow_the_machine():
     assert placement("cuda:1", None) == (torch.device("cuda:1"), torch.bfloat16)  # no GPU needed to decide
     with pytest.raises(ValueError, match="unknown dtype"):
         placement("cpu", "float13")
+    monkeypatch.setenv("LOCAL_RANK", "3")  # under torchrun each process takes its own GPU
+    assert placement("cuda")[0] == torch.device("cuda:3") and placement("cuda:0")[0] == torch.device("cuda:0")
+    assert placement("cpu")[0] == torch.device("cpu")
 
 
 def test_every_part_and_the_chat_prefix_take_the_requested_dtype(tiny_model_dir):

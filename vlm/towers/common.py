@@ -8,6 +8,8 @@ default, as LLaVA).
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -30,9 +32,11 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
 
 def placement(device: str | torch.device | None = None,
               dtype: str | torch.dtype | None = None) -> tuple[torch.device, torch.dtype]:
-    """Where a loaded model runs: `device` None/"auto" -> CUDA when available, else CPU; `dtype` None/"auto" ->
-    bfloat16 on CUDA, float32 elsewhere."""
+    """Where a loaded model runs: `device` None/"auto" -> CUDA when available, else CPU ("cuda" under torchrun:
+    the process's own GPU, cuda:LOCAL_RANK); `dtype` None/"auto" -> bfloat16 on CUDA, float32 elsewhere."""
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device in (None, "auto") else torch.device(device)
+    if dev.type == "cuda" and dev.index is None and "LOCAL_RANK" in os.environ:  # one GPU per torchrun process
+        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     if dtype in (None, "auto"):
         return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
     return dev, resolve_dtype(dtype)

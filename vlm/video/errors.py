@@ -12,3 +12,6 @@ class VideoDecodeError(RuntimeError):
         self.path = str(path)
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
+
+    def __reduce__(self) -> tuple:  # travels from a DataLoader worker intact
+        return type(self), (self.path, self.reason)
