@@ -17,6 +17,7 @@ the file's folder), and `classes.json` (a list of class names, index = label id)
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -34,7 +35,8 @@ from evals.results import EvalResult, PredictionLog
 from vlm.data.classification import ClassItem
 from vlm.towers.base import VisionTower
 from vlm.train.loop import CONSTANT_LR, ScheduleSpec
-from vlm.video import Clip, VideoDecodeError, VideoReader, sample_indices
+from vlm.video import Clip, VideoReader, sample_indices
+from vlm.video.prefetch import prefetch_clips
 
 log = logging.getLogger(__name__)
 Classifier = Callable[[Clip], Any]  # clip -> logits [C]
@@ -88,19 +90,22 @@ def evaluate_classification(
     model_name: str = "classifier",
     dataset: str = "",
     progress: bool = True,
+    workers: int = 2,
 ) -> EvalResult:
-    """Top-1 / top-5 of the view-averaged softmax; predictions logged per video (resumable)."""
+    """Top-1 / top-5 of the view-averaged softmax; predictions logged per video (resumable); `workers` processes
+    decode videos ahead of the classifier (0: in this process)."""
     out = Path(out_dir)
     plog = PredictionLog(out / "predictions.jsonl", identity={"model": model_name,
                                                              "views": f"{num_clips}x{num_crops}x{num_frames}"})
     k5 = min(5, len(classes))
     t0 = time.perf_counter()
     with plog:
-        for item in tqdm([i for i in items if not plog.done(i.uid)], desc="classify", unit="video", disable=not progress):
-            try:
-                views = multiview_clips(item.video, num_frames=num_frames, num_clips=num_clips, num_crops=num_crops,
-                                        sampling=sampling)
-            except (VideoDecodeError, OSError, ValueError) as e:
+        todo = [i for i in items if not plog.done(i.uid)]
+        read = functools.partial(_item_views, num_frames=num_frames, num_clips=num_clips, num_crops=num_crops,
+                                 sampling=sampling)
+        for item, views, e in tqdm(prefetch_clips(todo, read, workers=workers), total=len(todo), desc="classify",
+                                   unit="video", disable=not progress):
+            if e is not None:
                 log.warning("classify: skipping %s: %s", item.video, e)
                 plog.write({"uid": item.uid, "video": str(item.video), "error": f"decode: {e}"})
                 continue
@@ -135,6 +140,10 @@ def evaluate_classification(
 
     write_report([result], out)
     return result
+
+
+def _item_views(item: ClassItem, **views: Any) -> list[Clip]:
+    return multiview_clips(item.video, **views)
 
 
 def _view_logits(classifier: Classifier, views: Sequence[Clip]) -> torch.Tensor:
@@ -199,10 +208,11 @@ class ProbeClassifier:
 
 def train_probe(tower: VisionTower, items: Sequence[ClassItem], num_classes: int, *, num_frames: int = 8,
                 cache: str | os.PathLike | None = None, tower_spec: Any = None, steps: int = 300,
-                progress: bool = True) -> ProbeClassifier:
+                progress: bool = True, workers: int = 2) -> ProbeClassifier:
     """Fit a linear probe on one centre view per training video (frozen tower features, cached if `cache`)."""
     feats, index, errors = extract_features(tower, [i.video for i in items], num_frames=num_frames, cache=cache,
-                                            tower_id=describe_tower(tower, tower_spec), progress=progress)
+                                            tower_id=describe_tower(tower, tower_spec), progress=progress,
+                                            workers=workers)
     if errors:
         log.warning("linear probe: %d training videos skipped (undecodable)", len(errors))
     labels = torch.tensor([items[i].label_id for i in index])

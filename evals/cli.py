@@ -75,7 +75,7 @@ def _reliance(args: argparse.Namespace) -> int:
 
     model = _load_model(args.model, args).eval()
     result = visual_reliance(model, args.data, args.out, media_root=args.media_root, limit=args.limit,
-                             num_frames=args.frames, seed=args.seed, model_name=args.model)
+                             num_frames=args.frames, seed=args.seed, model_name=args.model, workers=args.workers)
     write_report([result], args.out)
     _print_result(result, args.out)
     return 0
@@ -112,7 +112,7 @@ def _openqa(args: argparse.Namespace) -> int:
         result = evaluate_openqa(_load_model(args.model, args), items, judge, args.out, dataset=Path(args.data).stem,
                                  num_frames=args.frames, sampling=args.sampling, batch_size=args.batch_size,
                                  max_new_tokens=args.max_new_tokens, limit=args.limit,
-                                 model_name=args.model_name or args.model)
+                                 model_name=args.model_name or args.model, workers=args.workers)
     _print_result(result, args.out)
     return 0
 
@@ -129,7 +129,7 @@ def _retrieval(args: argparse.Namespace) -> int:
     result = evaluate_retrieval(tower, load_retrieval(args.train, args.root), load_retrieval(args.test, args.root),
                                 args.out, text_encoder=encoder, objective=args.objective, num_frames=args.frames,
                                 steps=args.steps, batch_size=args.batch_size, embed_dim=args.embed_dim, lr=args.lr,
-                                seed=args.seed, tower_spec=spec, dataset=Path(args.test).stem)
+                                seed=args.seed, tower_spec=spec, dataset=Path(args.test).stem, workers=args.workers)
     _print_result(result, args.out)
     return 0
 
@@ -142,10 +142,10 @@ def _classify(args: argparse.Namespace) -> int:
     train, classes = load_classification(args.train, args.root, args.classes)
     test, _ = load_classification(args.test, args.root, args.classes or classes)
     clf = train_probe(tower, train, len(classes), num_frames=args.frames, tower_spec=spec, steps=args.steps,
-                      cache=Path(args.out) / "features_train.safetensors")
+                      cache=Path(args.out) / "features_train.safetensors", workers=args.workers)
     result = evaluate_classification(clf, test, classes, args.out, num_frames=args.frames, num_clips=args.clips,
                                      num_crops=args.crops, model_name=f"linear-probe:{json.dumps(spec, sort_keys=True)}",
-                                     dataset=Path(args.test).stem)
+                                     dataset=Path(args.test).stem, workers=args.workers)
     _print_result(result, args.out)
     return 0
 
@@ -201,6 +201,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--model-name", default=None)
+    _workers_arg(p)
     _placement_args(p)
     p.set_defaults(func=_openqa)
 
@@ -215,6 +216,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--out", required=True)
         p.add_argument("--frames", type=int, default=8)
         p.add_argument("--steps", type=int, default=300)
+        _workers_arg(p)
         _placement_args(p)  # where --model's tower runs
         if name == "retrieval":
             p.add_argument("--objective", default="infonce", choices=["infonce", "siglip"])
@@ -238,6 +240,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=64, help="samples (a seeded shuffle)")
     p.add_argument("--frames", type=int, default=None, help="default: the model's num_frames")
     p.add_argument("--seed", type=int, default=0)
+    _workers_arg(p)
     _placement_args(p)
     p.set_defaults(func=_reliance)
 

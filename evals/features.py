@@ -7,6 +7,7 @@ mode under no_grad here, because a probe never trains it; that is a choice of th
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -20,7 +21,8 @@ from tqdm import tqdm
 
 from vlm.towers.base import VisionTower
 from vlm.train.feature_cache import tower_fingerprint, video_ident
-from vlm.video import Clip, VideoDecodeError, read_clip
+from vlm.video import Clip, read_clip
+from vlm.video.prefetch import prefetch_clips
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +59,15 @@ def extract_features(
     cache: str | os.PathLike | None = None,
     tower_id: str = "",
     progress: bool = True,
+    workers: int = 2,
 ) -> tuple[torch.Tensor, list[int], dict[int, str]]:
     """(features [N_ok, T', D], indices of the videos they belong to, {index: error} for undecodable videos).
 
     With `cache`, features are stored in a safetensors file next to a JSON key and reused when the key matches;
     a changed key recomputes them. The key names every video (path, size, modification time), the tower (id, a
     checksum of its weights and its preprocessing, as the training feature cache does), frames and sampling, so
-    other weights behind the same tower id or an edited video file are never served stale features.
+    other weights behind the same tower id or an edited video file are never served stale features. `workers`
+    processes decode videos ahead of the tower (0: in this process).
     """
     key = {"videos": [_video_ident(v) for v in videos], "tower": tower_id,
            "weights": tower_fingerprint({}, tower.preprocessor.to_dict(), tower),
@@ -89,12 +93,15 @@ def extract_features(
             index.extend(i for i, _ in pending)
             pending.clear()
 
-    for i, v in enumerate(tqdm(videos, desc="tower features", unit="video", disable=not progress)):
-        try:
-            pending.append((i, read_clip(v, num_frames, sampling)))
-        except (VideoDecodeError, OSError, ValueError) as e:
+    read = functools.partial(read_clip, num_frames=num_frames, policy=sampling)
+    jobs = list(enumerate(videos))
+    clips = prefetch_clips(jobs, functools.partial(_read_job, read=read), workers=workers)
+    for (i, v), clip, e in tqdm(clips, total=len(jobs), desc="tower features", unit="video", disable=not progress):
+        if e is not None:
             errors[i] = str(e)
             log.warning("features: skipping %s: %s", v, e)
+        else:
+            pending.append((i, clip))
         if len(pending) >= batch_size:
             flush()
     flush()
@@ -107,6 +114,10 @@ def extract_features(
         save_file({"features": out.contiguous(), "index": torch.tensor(index)}, str(path))
         path.with_suffix(".json").write_text(json.dumps({"digest": digest, **key, "errors": errors}))
     return out, index, errors
+
+
+def _read_job(job: tuple[int, Any], read: Any) -> Clip:
+    return read(job[1])
 
 
 def describe_tower(tower: VisionTower, spec: Any = None) -> str:

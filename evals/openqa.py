@@ -23,6 +23,7 @@ accuracy and retried by the next run; undecodable clips are counted as `skipped`
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -37,7 +38,8 @@ from evals.interface import GenerationRequest, model_id
 from evals.judges import Judge, Verdict
 from evals.results import EvalResult, PredictionLog
 from vlm.data.conversation import DataFormatError, Turn
-from vlm.video import Clip, VideoDecodeError, read_clip
+from vlm.video import Clip, read_clip
+from vlm.video.prefetch import prefetch_clips
 
 log = logging.getLogger(__name__)
 VIDEO_KEYS = ("video", "video_path", "video_name", "video_id", "vid")
@@ -175,8 +177,10 @@ def evaluate_openqa(
     model_name: str | None = None,
     backend: str = "auto",
     progress: bool = True,
+    workers: int = 2,
 ) -> EvalResult:
     """Answer (with `model.generate_answers`) or take `predictions` {uid: text}, judge, and write results.
+    `workers` processes decode clips ahead of the model (0: in this process).
 
     Pass `model=None` with `predictions` to judge answers produced elsewhere (another framework's outputs).
     """
@@ -239,10 +243,9 @@ def evaluate_openqa(
                     judge_and_write([(i, str(a).strip()) for (i, _), a in zip(chunk, answers)])
                     bar.update(len(chunk))
 
-                for (video, start, end), group in groups.items():
-                    try:
-                        clip = read_clip(video, num_frames, sampling, start, end, backend=backend)
-                    except (VideoDecodeError, OSError, ValueError) as e:
+                read = functools.partial(_read_window, num_frames=num_frames, sampling=sampling, backend=backend)
+                for ((video, _, _), group), clip, e in prefetch_clips(list(groups.items()), read, workers=workers):
+                    if e is not None:
                         counts["decode_errors"] += 1
                         log.warning("openqa: %s: %s", video, e)
                         for i in group:
@@ -280,6 +283,12 @@ def evaluate_openqa(
     log.info("openqa: accuracy %s, mean score %s (%s) over %d judged, %d unjudged, %d skipped",
              metrics["accuracy"], metrics["mean_score"], judge.judge_id, len(judged), len(unjudged), skipped)
     return result
+
+
+def _read_window(job: tuple[tuple[str, float | None, float | None], Any], num_frames: int, sampling: str,
+                 backend: str) -> Clip:
+    (video, start, end), _ = job
+    return read_clip(video, num_frames, sampling, start, end, backend=backend)
 
 
 def load_predictions(path: str | os.PathLike) -> tuple[list[OpenQAItem], dict[str, str]]:

@@ -16,6 +16,7 @@ sample kind (the id's suffix after the last "_", digits dropped: c000123_mcq1 ->
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -30,8 +31,9 @@ from evals.results import EvalResult
 from vlm.data.conversation import resolve_media
 from vlm.data.dataset import SourceSpec, load_mixture
 from vlm.llm.template import TemplateMismatchError
+from vlm.video.clip import Clip
 from vlm.video.decode import read_clip
-from vlm.video.errors import VideoDecodeError
+from vlm.video.prefetch import prefetch_clips
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +54,19 @@ def _summary(own: list[float], swapped: list[float]) -> dict[str, Any]:
 
 
 @torch.no_grad()
+def _sample_clip(s: Any, root: Path, num_frames: int, sampling: str) -> Clip:
+    path = resolve_media(root, s.media, s.location)
+    return read_clip(path, num_frames, sampling, s.extra.get("start"), s.extra.get("end"))
+
+
 def visual_reliance(model: Any, data: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
                     media_root: str | os.PathLike | None = None, limit: int = 64, num_frames: int | None = None,
-                    sampling: str = "uniform", seed: int = 0, model_name: str | None = None) -> EvalResult:
+                    sampling: str = "uniform", seed: int = 0, model_name: str | None = None,
+                    workers: int = 2) -> EvalResult:
     """Own-video vs swapped-video answer loss on up to `limit` video samples of `data` (a deterministic shuffle
     by `seed`). `model` needs a `processor` (`make_sample`, `build_batch`) and a forward returning `.loss` (VideoLLM has them).
     Malformed records, clips that fail to decode and samples whose chat template does not match the tokenizer
-    are skipped, counted and named (counts.skipped_reasons)."""
+    are skipped, counted and named (counts.skipped_reasons). `workers` processes decode clips ahead (0: here)."""
     t0 = time.time()
     root = Path(media_root) if media_root else Path(data).parent
     items, bad = load_mixture([SourceSpec(str(data), str(root))])  # every record once; malformed ones listed
@@ -66,16 +74,16 @@ def visual_reliance(model: Any, data: str | os.PathLike, out_dir: str | os.PathL
     random.Random(seed).shuffle(samples)
     frames = num_frames or getattr(getattr(model, "config", None), "num_frames", 16)
     kept, clips = [], []
-    for s in samples:
+    read = functools.partial(_sample_clip, root=root, num_frames=frames, sampling=sampling)
+    for s, clip, e in prefetch_clips(samples, read, workers=workers, ahead=1):
         if len(kept) == limit:
             break
-        try:
-            path = resolve_media(root, s.media, s.location)
-            clips.append(read_clip(path, frames, sampling, s.extra.get("start"), s.extra.get("end")))
-            kept.append(s)
-        except (VideoDecodeError, OSError, ValueError) as e:
+        if e is not None:
             log.warning("visual reliance: skipped %s: %s", s.location, e)
             bad.append(f"{s.location}: {e}")
+        else:
+            clips.append(clip)
+            kept.append(s)
     if len({s.media for s in kept}) < 2:
         raise ValueError(f"{data}: visual reliance needs samples from at least two different videos, got {len(kept)} samples")
     # partner: the next sample (cyclically) whose video differs

@@ -245,8 +245,10 @@ def evaluate_retrieval(
     tower_spec: Any = None,
     dataset: str = "",
     progress: bool = True,
+    workers: int = 2,
 ) -> EvalResult:
-    """Cache frozen-tower features, train the dual encoder on `train_items`, report retrieval on `test_items`."""
+    """Cache frozen-tower features, train the dual encoder on `train_items`, report retrieval on `test_items`;
+    `workers` processes decode videos ahead of the tower (0: in this process)."""
     if text_encoder is None:
         from evals.text_embed import shared_minilm
 
@@ -258,7 +260,7 @@ def evaluate_retrieval(
     for name, items in (("train", train_items), ("test", test_items)):
         feats, index, errors = extract_features(tower, [it.video for it in items], num_frames=num_frames,
                                                 cache=out / f"features_{name}.safetensors", tower_id=tid,
-                                                progress=progress)
+                                                progress=progress, workers=workers)
         kept = [items[i] for i in index]
         text_feats, owner = _text_features(kept, text_encoder)
         splits[name] = (feats, text_feats, owner, errors)

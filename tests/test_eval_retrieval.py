@@ -442,7 +442,7 @@ def _retrieval_items(tmp_path):
 
 
 def _check_record(res, out, calls, *, tower_id, dataset_name, objective, num_frames, steps, batch_size, embed_dim,
-                  lr, seed, progress, text_encoder_name):
+                  lr, seed, progress, text_encoder_name, workers=2):
     """Everything evaluate_retrieval reports and saves for the items of `_retrieval_items`, recomputed here."""
     from safetensors.torch import load_file
 
@@ -452,10 +452,10 @@ def _check_record(res, out, calls, *, tower_id, dataset_name, objective, num_fra
     assert [(tower is not None, [v.stem for v in videos], kw) for tower, videos, kw in calls["extract"]] == [
         (True, ["red", "broken_a", "green", "blue", "white"],
          {"num_frames": num_frames, "cache": out / "features_train.safetensors", "tower_id": tower_id,
-          "progress": progress}),
+          "progress": progress, "workers": workers}),
         (True, ["white", "broken_b", "blue", "red"],
          {"num_frames": num_frames, "cache": out / "features_test.safetensors", "tower_id": tower_id,
-          "progress": progress})]
+          "progress": progress, "workers": workers})]
     # training: the decodable train videos, their captions in order, caption -> index among the kept videos
     (args, kw, trained), = calls["train"]
     assert kw == {"objective": objective, "embed_dim": embed_dim, "steps": steps, "batch_size": batch_size,
@@ -533,10 +533,11 @@ def test_evaluate_retrieval_record_with_every_setting_given(tmp_path, fake_pipel
     train, test = _retrieval_items(tmp_path)
     res = evaluate_retrieval(FakeTower(), train, test, tmp_path / "out", text_encoder=encoder, objective="siglip",
                              num_frames=3, steps=7, batch_size=2, embed_dim=8, lr=0.02, seed=5,
-                             tower_spec={"name": "tiny", "frames": 3}, dataset="msrvtt-mini", progress=False)
+                             tower_spec={"name": "tiny", "frames": 3}, dataset="msrvtt-mini", progress=False,
+                             workers=0)
     trained = _check_record(res, tmp_path / "out", fake_pipeline, tower_id='{"frames": 3, "name": "tiny"}',
                             dataset_name="msrvtt-mini", objective="siglip", num_frames=3, steps=7, batch_size=2,
-                            embed_dim=8, lr=0.02, seed=5, progress=False, text_encoder_name="function")
+                            embed_dim=8, lr=0.02, seed=5, progress=False, text_encoder_name="function", workers=0)
     assert 1.0 / trained.objective.t_prime.exp().item() == pytest.approx(res.settings["final_temperature"], rel=1e-6)
 
 
