@@ -30,12 +30,14 @@ def _print_result(result: Any, out: str) -> None:
 def _load_model(path: str, args: argparse.Namespace) -> Any:
     from vlm.model import VideoLLM
 
-    return VideoLLM.from_pretrained(path, device=args.device, dtype=args.dtype)
+    return VideoLLM.from_pretrained(path, device=args.device, dtype=args.dtype, device_map=args.device_map)
 
 
 def _placement_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: CUDA when available, else CPU)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bfloat16 on CUDA, else float32)")
+    p.add_argument("--device-map", default=None, choices=["auto", "balanced", "sequential"],
+                   help="spread a model too big for one GPU over the GPUs and the CPU (accelerate; replaces --device)")
 
 
 def _workers_arg(p: argparse.ArgumentParser) -> None:

@@ -69,17 +69,57 @@ class Loaded(Exception):
 def test_every_command_that_loads_a_model_passes_device_and_dtype(argv, monkeypatch):
     from vlm.cli import main
 
-    def stand_in(cls, folder, *, device=None, dtype=None):
-        raise Loaded(folder, device, dtype)
+    def stand_in(cls, folder, *, device=None, dtype=None, device_map=None):
+        raise Loaded(folder, device, dtype, device_map)
 
     monkeypatch.setattr(VideoLLM, "from_pretrained", classmethod(stand_in))
     monkeypatch.setattr("evals.openqa.load_openqa", lambda *a, **k: [])  # openqa reads its data before the model
     with pytest.raises(Loaded) as e:
         main(argv + ["--model", "M", "--device", "cpu", "--dtype", "bfloat16"])
-    assert e.value.args == ("M", "cpu", "bfloat16")
+    assert e.value.args == ("M", "cpu", "bfloat16", None)
+    with pytest.raises(Loaded) as e:
+        main(argv + ["--model", "M", "--device-map", "auto"])
+    assert e.value.args == ("M", None, None, "auto")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_a_gpu_gets_the_model_in_bfloat16_by_default(tiny_model_dir):
     model = VideoLLM.from_pretrained(tiny_model_dir)
     assert {(p.device.type, p.dtype) for p in model.parameters()} == {("cuda", torch.bfloat16)}
+
+
+def test_device_map_spreads_the_model_and_offloads_what_does_not_fit(tiny_model_dir, tmp_path):
+    """An explicit map that offloads a decoder layer and the LM head to disk (accelerate's hooks bring them in when
+    needed): the scores and the chat's answers do not change. "auto" on this machine keeps everything on the CPU;
+    too little memory for the input embeddings, or disk without a folder, is refused with the reason."""
+    from evals.interface import ScoringRequest
+    from vlm.chat import VideoChat
+    from vlm.dispatch import no_split_classes
+
+    ref = VideoLLM.from_pretrained(tiny_model_dir, device="cpu")
+    assert no_split_classes(ref) == ["CLIPTower", "LlamaDecoderLayer", "MLPConnector"]
+    spread = {"tower": "cpu", "connector": "cpu", "llm.model.embed_tokens": "cpu", "llm.model.layers.0": "cpu",
+              "llm.model.layers.1": "disk", "llm.model.norm": "cpu", "llm.model.rotary_emb": "cpu", "llm.lm_head": "disk"}
+    split = VideoLLM.from_pretrained(tiny_model_dir, device_map=spread, offload_folder=str(tmp_path / "offload"))
+    assert split.llm.model.layers[1].self_attn.q_proj.weight.device.type == "meta"  # on disk until it is needed
+    auto = VideoLLM.from_pretrained(tiny_model_dir, device_map="auto")
+    assert set(map(str, auto.hf_device_map.values())) == {"cpu"}
+    req = ScoringRequest(uid="q", clip=clip(), turns=[Turn("user", "<video>\nWhat moves?")],
+                         continuations=["a red square", "nothing at all"])
+    want = ref.score_options([req])[0]
+    for model in (split, auto):
+        assert np.allclose(model.score_options([req])[0], want, atol=1e-5, rtol=0)
+    answers = []
+    for model in (split, ref):  # the chat's cached prefix works across the offloaded layers
+        chat = VideoChat(model)
+        chat.load_clip(clip())
+        answers.append([chat.ask("Describe the video.", max_new_tokens=4), chat.ask("And then?", max_new_tokens=4)])
+    assert answers[0] == answers[1]
+
+    with pytest.raises(ValueError, match="offload_folder"):
+        VideoLLM.from_pretrained(tiny_model_dir, device_map=spread)
+    with pytest.raises(ValueError, match="input embeddings on 'disk'"):
+        VideoLLM.from_pretrained(tiny_model_dir, device_map="auto", max_memory={"cpu": 100_000},
+                                 offload_folder=str(tmp_path / "o2"))
+    with pytest.raises(ValueError, match="device_map must be"):
+        VideoLLM.from_pretrained(tiny_model_dir, device_map="everywhere")

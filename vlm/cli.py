@@ -61,7 +61,7 @@ def _chat(args: argparse.Namespace) -> int:
     from vlm.chat import VideoChat, repl
 
     settings = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
-    chat = VideoChat.from_pretrained(args.model, device=args.device, dtype=args.dtype, num_frames=args.frames,
+    chat = VideoChat.from_pretrained(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map, num_frames=args.frames,
                                      require_video=args.video is not None,
                                      **{k: v for k, v in settings.items() if v is not None})
     if args.video is not None:
@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="seed for sampling")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: CUDA when available, else CPU)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bfloat16 on CUDA, else float32)")
+    p.add_argument("--device-map", default=None, choices=["auto", "balanced", "sequential"],
+                   help="spread a model too big for one GPU over the GPUs and the CPU (accelerate; replaces --device)")
     p.set_defaults(func=_chat)
     p = sub.add_parser("train", help="run a staged training recipe (YAML); launch with torchrun for several processes")
     p.add_argument("recipe", help="recipes/<name>.yaml")

@@ -237,7 +237,8 @@ class VideoLLM(ScoringMixin, nn.Module):
         if count != int(is_visual.sum()):
             raise ValueError(f"the ids have {int(is_visual.sum())} visual positions but {count} visual tokens were "
                              "given; build batches with VideoLLM.processor.build_batch")
-        return embeds if visual is None else embeds.masked_scatter(is_visual.unsqueeze(-1), visual.to(embeds.dtype))
+        return embeds if visual is None else embeds.masked_scatter(is_visual.unsqueeze(-1),
+                                                                   visual.to(embeds.device, embeds.dtype))
 
     def embed(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(inputs_embeds [B, S, D], attention_mask [B, S], labels [B, S]) with visual tokens spliced in and the
@@ -368,10 +369,12 @@ class VideoLLM(ScoringMixin, nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, *, device: str | torch.device | None = None,
-                        dtype: str | torch.dtype | None = None) -> "VideoLLM":
+                        dtype: str | torch.dtype | None = None, device_map: str | dict[str, Any] | None = None,
+                        max_memory: dict[Any, Any] | None = None, offload_folder: str | None = None) -> "VideoLLM":
         """Rebuild from config.json and load the saved parts strictly (mismatches name part and key). The processor
         is the saved one; a folder saved without one gets a processor built from config.json. Every part is moved
-        to `device` in `dtype` (defaults: `vlm.towers.common.placement`, CUDA + bfloat16 when a GPU is present)."""
+        to `device` in `dtype` (defaults: `vlm.towers.common.placement`, CUDA + bfloat16 when a GPU is present), or
+        spread over devices by `device_map` ("auto": accelerate's big-model inference, see `vlm.dispatch`)."""
         folder = Path(folder)
         meta_path = folder / "config.json"
         if not meta_path.is_file():
@@ -402,20 +405,20 @@ class VideoLLM(ScoringMixin, nn.Module):
         for part, mode in meta.get("modes", {}).items():
             model.modes[part] = mode
         dev, dt = placement(device, dtype)
-        return model.to(device=dev, dtype=dt).eval()
+        if device_map is None:
+            return model.to(device=dev, dtype=dt).eval()
+        from vlm.dispatch import dispatch  # accelerate's big-model inference
+
+        return dispatch(model, device_map, dt, max_memory=max_memory, offload_folder=offload_folder).eval()
 
     def connector_record(self) -> dict[str, Any]:
         """What a stage-1 connector needs to be re-attached: tower, dims, frames, connector config."""
         n = self.config.num_frames
-        return {
-            "vlm_version": __version__,
-            "tower": self.config.tower, "tower_hidden_size": self.tower.hidden_size,
-            "preprocessor": self.tower.preprocessor.to_dict(), "num_frames": n,
-            "grid": list(self.tower.grid_for(n, *self.tower.preprocessor.hw)), "connector": self.config.connector,
-            "num_visual_tokens": self.num_visual_tokens(n),
-            "llm": self.config.llm, "llm_hidden_size": self.llm.get_input_embeddings().embedding_dim,
-            "time_stamps": self.config.time_stamps,
-        }
+        return {"vlm_version": __version__, "tower": self.config.tower, "tower_hidden_size": self.tower.hidden_size,
+                "preprocessor": self.tower.preprocessor.to_dict(), "num_frames": n,
+                "grid": list(self.tower.grid_for(n, *self.tower.preprocessor.hw)), "connector": self.config.connector,
+                "num_visual_tokens": self.num_visual_tokens(n), "llm": self.config.llm,
+                "llm_hidden_size": self.llm.get_input_embeddings().embedding_dim, "time_stamps": self.config.time_stamps}
 
     def save_connector(self, folder: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
         """Connector-only save (stage 1): connector.safetensors + connector.json."""
@@ -442,7 +445,6 @@ class VideoLLM(ScoringMixin, nn.Module):
         record = json.loads((Path(folder) / "connector.json").read_text())
         cfg = {"tower": record["tower"], "connector": record["connector"], "llm": record["llm"],
                "num_frames": record["num_frames"], "time_stamps": record.get("time_stamps", False)} | overrides
-        model = cls.from_config(cfg)
-        model.load_connector(folder)
+        (model := cls.from_config(cfg)).load_connector(folder)
         return model
 

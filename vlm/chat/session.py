@@ -115,9 +115,11 @@ class VideoChat:
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, *, device: str | torch.device | None = None,
-                        dtype: str | torch.dtype | None = None, **kwargs: Any) -> "VideoChat":
-        """A session over `VideoLLM.from_pretrained(folder, device=, dtype=)`; kwargs as for the constructor."""
-        return cls(VideoLLM.from_pretrained(folder, device=device, dtype=dtype), **kwargs)
+                        dtype: str | torch.dtype | None = None, device_map: str | dict[str, Any] | None = None,
+                        **kwargs: Any) -> "VideoChat":
+        """A session over `VideoLLM.from_pretrained(folder, device=, dtype=, device_map=)`; kwargs as for the
+        constructor."""
+        return cls(VideoLLM.from_pretrained(folder, device=device, dtype=dtype, device_map=device_map), **kwargs)
 
     # ---------------------------------------------------------------- state
     @property
