@@ -243,6 +243,23 @@ def test_efficientnet_tower_equals_the_package_extract_features() -> None:
     torch.testing.assert_close(tower.encode(x)[0], expected)
 
 
+def test_patch_tower_tokens_are_the_frames_own_pixels() -> None:
+    """The default patches tower is the identity on raw patches: token (frame t, patch row i, column j) holds that
+    patch's normalised pixels, row-major, channels last; a narrower width is an orthogonal projection of them."""
+    tower = build_tower("patches", patch=4, image_size=16)
+    x = pixels(2, 3, size=16)  # [B, T, 3, H, W]
+    feats = tower(x)
+    assert feats.grid == (3, 4, 4) and tuple(feats.tokens.shape) == (2, 3, 16, 48) and tower.hidden_size == 48
+    b, t, i, j = 1, 2, 3, 1
+    patch = x[b, t, :, 4 * i : 4 * i + 4, 4 * j : 4 * j + 4].permute(1, 2, 0).reshape(-1)  # [4, 4, 3] flattened
+    torch.testing.assert_close(feats.tokens[b, t, 4 * i + j], patch)
+    narrow = build_tower("patches", patch=4, image_size=16, hidden_size=12)
+    w = narrow.proj.weight  # [12, 48], orthonormal rows: a projection that loses nothing it keeps
+    torch.testing.assert_close(w @ w.T, torch.eye(12), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="not a multiple of patch 5"):
+        build_tower("patches", patch=5, image_size=16)
+
+
 # ---------------------------------------------------------------------------------------------- LoRA targets
 def test_lora_targets_name_real_layers_and_wrap_with_peft() -> None:
     from peft import LoraConfig, inject_adapter_in_model
@@ -252,6 +269,7 @@ def test_lora_targets_name_real_layers_and_wrap_with_peft() -> None:
         (build_tower("siglip", config=VIT), pixels(1, 2)),
         (build_tower("videomae", config=VMAE), pixels(1, 4)),
         (build_tower("efficientnet_lite0", pretrained=False, image_size=64), pixels(1, 2, size=64)),
+        (build_tower("patches", patch=8, image_size=32), pixels(1, 2, size=32)),
     ]
     for tower, x in cases:
         name = type(tower).__name__
