@@ -53,12 +53,12 @@ def _summary(own: list[float], swapped: list[float]) -> dict[str, Any]:
             "own_preferred_percent": 100.0 * sum(1.0 if g > 0 else 0.5 if g == 0 else 0.0 for g in gaps) / n}
 
 
-@torch.no_grad()
 def _sample_clip(s: Any, root: Path, num_frames: int, sampling: str) -> Clip:
     path = resolve_media(root, s.media, s.location)
     return read_clip(path, num_frames, sampling, s.extra.get("start"), s.extra.get("end"))
 
 
+@torch.no_grad()
 def visual_reliance(model: Any, data: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
                     media_root: str | os.PathLike | None = None, limit: int = 64, num_frames: int | None = None,
                     sampling: str = "uniform", seed: int = 0, model_name: str | None = None,

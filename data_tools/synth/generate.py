@@ -237,11 +237,15 @@ def _assemble(out: Path, results: list[dict[str, Any]], seed: int) -> dict[str, 
 
 
 def generate(out: str | Path, num: int, seed: int = 0, *, frames: int = 24, size: int = 128, fps: float = 8.0,
-             eval_fraction: float = 0.2, workers: int = 2, progress: bool = True) -> dict:
+             eval_fraction: float = 0.2, workers: int = 2, progress: bool = True, data_format: str = "json") -> dict:
     """Generate `num` synthetic clips and every data file under `out`; returns the summary (also DIR/summary.json).
+    data_format "hf" also writes the training and QA files as saved datasets beside their JSON
+    (`data_tools.synth.hf_files`).
 
     Output is byte-identical for the same arguments whatever `workers` is (summary.json's timing aside).
     """
+    from data_tools.synth.hf_files import FORMATS, write_hf
+
     if num < 1:
         raise ValueError(f"num must be >= 1, got {num}")
     if not 16 <= frames <= 64:
@@ -250,6 +254,8 @@ def generate(out: str | Path, num: int, seed: int = 0, *, frames: int = 24, size
         raise ValueError(f"size must be even and in [96, 512] (H.264 needs even sizes), got {size}")
     if not 0.0 <= eval_fraction <= 1.0:
         raise ValueError(f"eval_fraction must be in [0, 1], got {eval_fraction}")
+    if data_format not in FORMATS:
+        raise ValueError(f"data_format must be one of {FORMATS}, got {data_format!r}")
     out = Path(out)
     for d in VIDEO_DIRS.values():
         (out / d).mkdir(parents=True, exist_ok=True)
@@ -276,6 +282,8 @@ def generate(out: str | Path, num: int, seed: int = 0, *, frames: int = 24, size
                     bar.update()
     t_clips = time.perf_counter() - t0
     summary = _assemble(out, results, int(seed))
+    if data_format == "hf":
+        summary["hf_datasets"] = write_hf(out)
     from data_tools.synth.contact_sheet import make_contact_sheet
 
     make_contact_sheet(out, [r["meta"] for r in results], out / "contact_sheet.png")

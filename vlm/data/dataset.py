@@ -1,4 +1,9 @@
-"""What training reads: a weighted mixture of LLaVA-style files, decoded and tokenized sample by sample.
+"""What training reads: a weighted mixture of LLaVA-style sources, decoded and tokenized sample by sample.
+
+A source is a JSON list or JSONL file, a folder written by `datasets`' `save_to_disk`, or Parquet (a file, a folder
+of shards, a glob): the same records, the same validation (`vlm.data.hf`). Arrow-backed rows are parsed when a
+sample is read, not when the mixture is built. A source with `streaming: true` is read while training runs
+(`vlm.data.stream`), with a plan of its own.
 
 A bad sample (undecodable video, missing file, malformed record, template mismatch) never stops a run: it is
 replaced by the next good sample in the mixture and reported in the batch's `skipped` list, so the training
@@ -18,6 +23,7 @@ import torch
 
 from vlm.data.conversation import ConversationSample, DataFormatError, parse_record, read_records, resolve_media
 from vlm.data.conversation import TemplateMismatchError
+from vlm.data.hf import ArrowRows, media_base, source_kind
 from vlm.video.errors import VideoDecodeError
 
 log = logging.getLogger(__name__)
@@ -28,11 +34,21 @@ SAMPLE_ERRORS = (VideoDecodeError, DataFormatError, TemplateMismatchError, FileN
 
 @dataclass
 class SourceSpec:
-    """One file of a mixture (a recipe's `data.mixture` entry)."""
+    """One source of a mixture (a recipe's `data.mixture` entry)."""
 
-    path: str  # LLaVA-style JSON / JSONL
-    media_root: str | None = None  # default: the file's folder
+    path: str  # LLaVA-style JSON / JSONL, a save_to_disk folder, or Parquet (file, folder of shards, glob)
+    media_root: str | None = None  # default: the folder holding `path` (for a glob: holding the folder it searches)
     weight: float = 1.0  # sampling weight: the share of an epoch drawn from this source is len * weight
+    streaming: bool = False  # read while training runs, never prepared ahead (vlm.data.stream; Parquet)
+
+    @property
+    def root(self) -> Path:
+        return Path(self.media_root) if self.media_root else media_base(self.path).parent
+
+
+def text_tokens(sample: ConversationSample) -> int:
+    """A sample's approximate text length in tokens (4 characters per token): what batches are grouped by."""
+    return sum(len(t.text) for t in sample.turns) // 4
 
 
 @dataclass
@@ -40,35 +56,87 @@ class MixtureItem:
     sample: ConversationSample
     media_root: Path
 
+    @property
+    def text_tokens(self) -> int:
+        return text_tokens(self.sample)
 
-def load_mixture(sources: Sequence[SourceSpec], seed: int = 0) -> tuple[list[MixtureItem], list[str]]:
+    @property
+    def has_media(self) -> bool:
+        return bool(self.sample.media)
+
+
+class RowItem:
+    """A mixture item that is a row of an Arrow-backed source: it keeps the row number and the two numbers batch
+    planning needs, and parses the row when the sample is read (the row was validated when the mixture was built)."""
+
+    __slots__ = ("rows", "row", "media_root", "text_tokens", "has_media")
+
+    def __init__(self, rows: ArrowRows, row: int, media_root: Path, text_tokens: int, has_media: bool):
+        self.rows, self.row, self.media_root = rows, row, media_root
+        self.text_tokens, self.has_media = text_tokens, has_media
+
+    @property
+    def sample(self) -> ConversationSample:
+        return self.rows.sample(self.row)
+
+    def __repr__(self) -> str:
+        return f"RowItem({self.rows.location(self.row)})"
+
+
+def _json_items(src: SourceSpec, bad: list[str]) -> list[MixtureItem]:
+    items = []
+    for location, record in read_records(src.path):
+        if isinstance(record, Exception):
+            bad.append(str(record))
+            continue
+        try:
+            items.append(MixtureItem(parse_record(record, location), src.root))
+        except DataFormatError as e:
+            bad.append(str(e))
+    return items
+
+
+def _arrow_items(src: SourceSpec, bad: list[str]) -> list[RowItem]:
+    """Every well-formed row, validated in one pass over the memory-mapped table; only row numbers are kept."""
+    rows = ArrowRows(src.path)
+    items = []
+    for row, (location, record) in enumerate(rows.records()):
+        try:
+            sample = parse_record(record, location)
+        except DataFormatError as e:
+            bad.append(str(e))
+            continue
+        items.append(RowItem(rows, row, src.root, text_tokens(sample), bool(sample.media)))
+    return items
+
+
+def draw(n: int, weight: float, rng: np.random.Generator) -> list[int]:
+    """Which of n samples a source gives the mixture: weight 1 all once; 0.5 a seeded half; 2.5 twice + a seeded
+    half."""
+    whole, frac = divmod(weight, 1.0)
+    chosen = list(range(n)) * int(whole)
+    return chosen + sorted(rng.permutation(n)[: int(round(frac * n))].tolist())
+
+
+def load_mixture(sources: Sequence[SourceSpec], seed: int = 0) -> tuple[list[MixtureItem | RowItem], list[str]]:
     """Items drawn from each source (weight 1: all once; 0.5: a seeded half; 2.5: twice + a seeded half),
     plus the list of malformed records ("location: reason") that were left out."""
-    items: list[MixtureItem] = []
+    items: list[MixtureItem | RowItem] = []
     bad: list[str] = []
     for k, src in enumerate(sources):
-        root = Path(src.media_root) if src.media_root else Path(src.path).parent
-        samples: list[ConversationSample] = []
-        for location, record in read_records(src.path):
-            if isinstance(record, Exception):
-                bad.append(str(record))
-                continue
-            try:
-                samples.append(parse_record(record, location))
-            except DataFormatError as e:
-                bad.append(str(e))
-        rng = np.random.default_rng([seed, k])
-        whole, frac = divmod(src.weight, 1.0)
-        chosen = list(range(len(samples))) * int(whole)
-        chosen += sorted(rng.permutation(len(samples))[: int(round(frac * len(samples)))].tolist())
-        items += [MixtureItem(samples[i], root) for i in chosen]
-        log.info("%s: %d samples, weight %.2f -> %d", src.path, len(samples), src.weight, len(chosen))
+        if src.streaming:
+            raise ValueError(f"{src.path}: a streamed source (streaming: true) is read by a streamed plan "
+                             "(vlm.data.stream.streamed_data), not loaded whole")
+        pool = _json_items(src, bad) if source_kind(src.path) == "json" else _arrow_items(src, bad)
+        chosen = draw(len(pool), src.weight, np.random.default_rng([seed, k]))
+        items += [pool[i] for i in chosen]
+        log.info("%s: %d samples, weight %.2f -> %d", src.path, len(pool), src.weight, len(chosen))
     if bad:
         log.warning("%d malformed records left out of the mixture; first: %s", len(bad), bad[0])
     return items, bad
 
 
-def subsample(items: Sequence[MixtureItem], n: int, seed: int = 0) -> list[MixtureItem]:
+def subsample(items: Sequence[Any], n: int, seed: int = 0) -> list[Any]:
     """A seeded n of the items, in mixture order: each source keeps its share in expectation (the first n alone
     would drop the later sources)."""
     if n >= len(items):
@@ -84,7 +152,7 @@ class ConversationDataset(torch.utils.data.Dataset):
     {"features", "grid", "num_frames", "timestamps"} (from the feature cache).
     """
 
-    def __init__(self, items: Sequence[MixtureItem], load_visual: Callable[[Path, ConversationSample], dict[str, Any]],
+    def __init__(self, items: Sequence[MixtureItem | RowItem], load_visual: Callable[[Path, ConversationSample], dict[str, Any]],
                  encode: Callable[[dict[str, Any]], dict[str, Any]], visual_tokens: int = 0, max_retries: int = 16):
         self.items = list(items)
         self.load_visual = load_visual
@@ -97,9 +165,8 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     def length(self, i: int) -> int:
         """Approximate token length (4 characters per token + visual tokens), signed: negative for text-only."""
-        s = self.items[i].sample
-        text = sum(len(t.text) for t in s.turns) // 4
-        return text + self.visual_tokens if s.media else -text
+        item = self.items[i]
+        return item.text_tokens + self.visual_tokens if item.has_media else -item.text_tokens
 
     def _one(self, i: int) -> dict[str, Any]:
         item = self.items[i]
@@ -113,17 +180,27 @@ class ConversationDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         skipped: list[str] = []
         for attempt in range(self.max_retries):
-            j = (i + attempt) % len(self.items)
+            j = self.candidate(i, attempt)
             try:
                 out = self._one(j)
                 out["skipped"] = skipped
                 return out
             except SAMPLE_ERRORS as e:
-                s = self.items[j].sample
-                reason = str(e) if s.location in str(e) else f"{s.location} (id {s.id}): {e}"
+                reason = self._reason(j, e)
                 log.warning("skipping bad sample %s", reason)
                 skipped.append(reason)
         raise RuntimeError(f"{self.max_retries} consecutive bad samples from index {i}; last: {skipped[-1]}")
+
+    def candidate(self, i: int, attempt: int) -> int:
+        """The item tried for index i after `attempt` bad ones: the next in the mixture, wrapping around."""
+        return (i + attempt) % len(self.items)
+
+    def _reason(self, j: int, e: Exception) -> str:
+        try:
+            s = self.items[j].sample
+        except SAMPLE_ERRORS:  # the item itself is malformed (a streamed row): its error names it
+            return str(e)
+        return str(e) if s.location in str(e) else f"{s.location} (id {s.id}): {e}"
 
 
 SHUFFLES = ("numpy", "torch", "torch_stream")

@@ -1,5 +1,9 @@
 """The MVBench layout: `json/<task>.json` lists of {video, question, candidates, answer, [start, end]}.
 
+A task's file may also be a saved dataset folder (`save_to_disk`) or Parquet with the same columns, named by the
+manifest's `json` entry (`json/<task>` or `json/<task>.parquet`); its items are validated the same way, an error
+naming `<file>:<row>` where a JSON list names `<file>[<index>]`.
+
 The official benchmark (OpenGVLab/MVBench) keeps each task's videos under `video/<source dataset>/`; the table
 below is its task list, prefixes and bound flags. A dataset written in the same layout may carry a
 `tasks.json` manifest at its root (a list of {"task", "json", "prefix", "data_type", "bound", ["fps"]}, or MVBench's
@@ -14,7 +18,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import Any, Iterator
+
 from vlm.data.conversation import DataFormatError
+from vlm.data.hf import ArrowRows, source_kind
 
 LETTERS = "ABCDEFGHIJ"
 
@@ -30,7 +37,7 @@ class MVBenchTask:
 
     @property
     def key(self) -> str:
-        return self.json.removesuffix(".json")
+        return self.json.removesuffix(".json").removesuffix(".parquet").rstrip("/")
 
 
 def _official(name: str, prefix: str, data_type: str = "video", bound: bool = False, fps: float | None = None) -> MVBenchTask:
@@ -153,26 +160,39 @@ def select_tasks(all_tasks: list[MVBenchTask], names: list[str] | None) -> list[
     return [by_name[n] for n in names]
 
 
-def load_task(root: str | os.PathLike, task: MVBenchTask) -> list[MCQItem]:
-    """The typed items of one task; malformed items raise DataFormatError naming the file and index."""
-    root = Path(root)
-    path = root / "json" / task.json
-    if not path.is_file():
-        raise DataFormatError(f"{path}: task file not found for '{task.name}'")
+def _json_items(path: Path) -> Iterator[tuple[str, Any]]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise DataFormatError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from None
     if not isinstance(data, list):
         raise DataFormatError(f"{path}: expected a list of questions")
-    items = []
     for i, raw in enumerate(data):
-        where = f"{path}[{i}]"
+        yield f"{path}[{i}]", raw
+
+
+def task_items(path: Path) -> Iterator[tuple[str, Any]]:
+    """(location, raw item) of a task file: a JSON list, a saved dataset folder or Parquet."""
+    if source_kind(path) == "json":
+        return _json_items(path)
+    return ArrowRows(path).records()
+
+
+def load_task(root: str | os.PathLike, task: MVBenchTask) -> list[MCQItem]:
+    """The typed items of one task; malformed items raise DataFormatError naming the file and index (row)."""
+    root = Path(root)
+    path = root / "json" / task.json
+    if not path.exists():
+        raise DataFormatError(f"{path}: task file not found for '{task.name}'")
+    items = []
+    for i, (where, raw) in enumerate(task_items(path)):
         if not isinstance(raw, dict):
             raise DataFormatError(f"{where}: item is not an object")
         missing = [k for k in ("video", "question", "candidates", "answer") if k not in raw]
         if missing:
             raise DataFormatError(f"{where}: missing {missing}")
+        if not isinstance(raw["candidates"], list):
+            raise DataFormatError(f"{where}: candidates must be a list, got {type(raw['candidates']).__name__}")
         candidates = [str(c) for c in raw["candidates"]]
         if not 2 <= len(candidates) <= len(LETTERS):
             raise DataFormatError(f"{where}: needs 2-{len(LETTERS)} candidates, has {len(candidates)}")
