@@ -10,7 +10,7 @@ def _synth(args: argparse.Namespace) -> int:
     from data_tools.synth import generate
 
     summary = generate(args.out, args.num, args.seed, frames=args.frames, size=args.size, fps=args.fps,
-                       eval_fraction=args.eval_fraction, workers=args.workers)
+                       eval_fraction=args.eval_fraction, workers=args.workers, data_format=args.format)
     if args.oracle:
         from data_tools.synth.oracle import write_oracle
 
@@ -57,6 +57,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--fps", type=float, default=8.0)
     p.add_argument("--eval-fraction", type=float, default=0.2, help="share of clips held out for the benchmark")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--format", choices=["json", "hf"], default="json",
+                   help="hf: also write the training and QA files as Hugging Face saved datasets (<name>.hf/ beside "
+                        "each <name>.json; a recipe's mixture reads either)")
     p.add_argument("--oracle", action="store_true",
                    help="also write OUT/oracle/: the text oracle (each clip's ground truth described in text, in place of "
                         "the video, in every training file; descriptions.json for `vlm eval mcq --descriptions`)")

@@ -4,6 +4,7 @@ that resume exactly, and `vlm data synth`'s saved-dataset twins."""
 
 from __future__ import annotations
 
+import filecmp
 import json
 import pickle
 from collections import Counter
@@ -64,7 +65,9 @@ def described(items) -> list[tuple]:
 
 def test_every_format_gives_the_samples_of_the_json_file(tmp_path):
     paths = write_formats(tmp_path / "d", records())
-    specs = lambda path: [SourceSpec(path, weight=1.5), SourceSpec(path, media_root=str(tmp_path), weight=0.5)]  # noqa: E731
+    def specs(path: str) -> list[SourceSpec]:
+        return [SourceSpec(path, weight=1.5), SourceSpec(path, media_root=str(tmp_path), weight=0.5)]
+
     expected, bad_json = load_mixture(specs(paths["json"]), seed=3)
     assert len(expected) == 17 + 6 and bad_json[0].startswith(f"{paths['json']}[5] (id noanswer)")
     assert [source_kind(p) for p in paths.values()] == ["json", "saved", "parquet", "parquet", "parquet"]
@@ -111,8 +114,18 @@ def test_rows_survive_pickling_for_dataloader_workers(tmp_path):
     items, _ = load_mixture([SourceSpec(write_formats(tmp_path, records())["parquet"])])
     again = pickle.loads(pickle.dumps(items))
     assert described(again) == described(items)
-    dataset = ConversationDataset(items, lambda path, s: {}, lambda s: {"id": s["id"]}, visual_tokens=10)
+    dataset = ConversationDataset(items, stub_visual, stub_encode, visual_tokens=10)
     assert dataset.length(0) == items[0].text_tokens + 10 and dataset.length(3) == -items[3].text_tokens
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=2, collate_fn=list)
+    assert [s["id"] for batch in loader for s in batch] == [dataset[i]["id"] for i in range(len(dataset))]
+
+
+def stub_visual(path: Path, sample) -> dict:
+    return {}
+
+
+def stub_encode(sample: dict) -> dict:
+    return {"id": sample["id"]}
 
 
 def test_a_stage_trains_from_a_saved_dataset_as_from_its_json(tmp_path):
@@ -129,7 +142,8 @@ def test_a_stage_trains_from_a_saved_dataset_as_from_its_json(tmp_path):
         raw["stages"][0]["data"]["mixture"] = [{"path": str(path)}]
         run_recipe(parse_recipe(raw, check_files=False))
         stage = tmp_path / name / "1-align"
-        results[name] = (json.loads((stage / "stage.json").read_text()), [r["loss"] for r in read_jsonl(stage / "metrics.jsonl")])
+        losses = [r["loss"] for r in read_jsonl(stage / "metrics.jsonl")]
+        results[name] = (json.loads((stage / "stage.json").read_text()), losses)
     info, losses = results["saved"]
     assert info["malformed_records"] == 1 and len(losses) == 3
     assert losses == results["json"][1]  # the same samples in the same order: the same run
@@ -219,10 +233,10 @@ def test_a_streamed_mixture_trains_through_the_loop_and_resumes_exactly(tmp_path
 
     specs = stream_specs(tmp_path)
 
-    def run(out: Path, steps: int) -> list[list[str]]:
+    def run(out: Path, steps: int, workers: int = 0) -> list[list[str]]:
         spec = LoopSpec(batch_size=3, max_steps=steps, precision="fp32", save_every=2)
         accelerator, ds = build_accelerator(spec)
-        dataset, plan = streamed_data(specs, lambda path, s: {}, lambda s: {"id": s["id"]}, batch_size=3, seed=2)
+        dataset, plan = streamed_data(specs, stub_visual, stub_encode, batch_size=3, seed=2)
         model = torch.nn.Linear(1, 1)
         seen: list[list[str]] = []
 
@@ -234,12 +248,12 @@ def test_a_streamed_mixture_trains_through_the_loop_and_resumes_exactly(tmp_path
             return {"loss": (net(torch.ones(1, 1)) ** 2).sum()}
 
         run_ = setup(spec, CONSTANT_LR, accelerator, ds, model, torch.optim.SGD(model.parameters(), lr=0.1), dataset,
-                     collate, plan, out)
+                     collate, plan, out, num_workers=workers)
         train(run_, step, "stream", progress=False)
         return seen
 
     whole = run(tmp_path / "whole", 9)  # 20 items per epoch, 6 batches of 3: 9 steps cross an epoch
-    assert run(tmp_path / "cut", 4) == whole[:4]
+    assert run(tmp_path / "cut", 4, workers=2) == whole[:4]  # each DataLoader worker opens its own streams
     assert run(tmp_path / "cut", 9) == whole[4:]  # resumed from the step-4 checkpoint
     skipped = (tmp_path / "whole" / "skipped.txt").read_text()
     assert f"{tmp_path / 'a' / 'shards' / 'part-1.parquet'}:1 (id noanswer)" in skipped
@@ -261,7 +275,62 @@ def test_synth_format_hf_writes_saved_datasets_of_the_json_records(tmp_path):
     items, bad = load_mixture([SourceSpec(str(tmp_path / "hf" / "instruct_train.hf"))])
     json_items, _ = load_mixture([SourceSpec(str(tmp_path / "hf" / "instruct_train.json"))])
     assert bad == [] and described(items) == described(json_items)
+    generate(tmp_path / "hf2", 3, 0, frames=16, size=96, eval_fraction=0.34, workers=2, progress=False,
+             data_format="hf")
+    for folder in (tmp_path / "hf").glob("*.hf"):  # byte-identical for any worker count, like the JSON
+        assert all(filecmp.cmp(f, tmp_path / "hf2" / folder.name / f.name, shallow=False) for f in folder.iterdir())
     generate(tmp_path / "json", 3, 0, frames=16, size=96, eval_fraction=0.34, workers=1, progress=False)
     assert not list((tmp_path / "json").glob("*.hf"))  # the default writes JSON only
     with pytest.raises(ValueError, match="data_format"):
         generate(tmp_path / "x", 1, data_format="csv")
+
+
+def test_vlm_train_streams_a_parquet_mixture_reports_bad_rows_and_resumes_exactly(tmp_path):
+    """A recipe stage whose mixture streams a Parquet file: bad rows named by file and row, a run killed after the
+    step-4 checkpoint resumes with the same losses, and what streaming cannot do is refused by the recipe check."""
+    from vlm.train.engine import run_recipe
+    from vlm.train.metrics import MetricsLog
+    from vlm.train.recipe import RecipeError, parse_recipe
+
+    data = make_tiny_data(tmp_path / "data")
+    recs = json.loads(data["captions"].read_text())
+    keys = ["id", "video", "conversations"]
+    datasets.Dataset.from_dict({k: [r.get(k) for r in recs] for k in keys}).to_parquet(str(tmp_path / "data" / "captions.parquet"))
+
+    def raw(out, steps, **kw):
+        r = tiny_recipe(data, tmp_path / out, max_steps=steps, save_every=2)
+        r["stages"] = r["stages"][:1]
+        r["stages"][0]["data"]["mixture"] = [{"path": str(tmp_path / "data" / "captions.parquet"), "streaming": True}]
+        r["stages"][0]["data"].update(kw)
+        return r
+
+    run_recipe(parse_recipe(raw("ref", 6)))
+    stage = tmp_path / "ref" / "1-align"
+    skipped = (stage / "skipped.txt").read_text()
+    assert "captions.parquet:10 (id noplaceholder)" in skipped and "nope.mp4" in skipped
+    ref = [r["loss"] for r in read_jsonl(stage / "metrics.jsonl")]
+    write = MetricsLog.write
+
+    def crash_at_5(self, record):
+        if record["step"] == 5:
+            raise KeyboardInterrupt  # killed after the step-4 checkpoint
+        write(self, record)
+
+    MetricsLog.write = crash_at_5
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_recipe(parse_recipe(raw("cut", 6)))
+    finally:
+        MetricsLog.write = write
+    run_recipe(parse_recipe(raw("cut", 6)))
+    cut = [r["loss"] for r in read_jsonl(tmp_path / "cut" / "1-align" / "metrics.jsonl")]
+    assert cut == ref
+    with pytest.raises(RecipeError, match="max_samples"):
+        parse_recipe(raw("x", 2, max_samples=4))
+    bad = raw("x", 2)
+    bad["stages"][0]["data"]["mixture"][0]["path"] = str(data["captions"])
+    with pytest.raises(RecipeError, match="streaming reads Parquet"):
+        parse_recipe(bad)
+    bad["stages"][0]["data"]["mixture"][0] = {"path": str(tmp_path / "nothing-*.parquet")}
+    with pytest.raises(RecipeError, match="no Parquet files"):
+        parse_recipe(bad)

@@ -152,8 +152,8 @@ class ConversationDataset(torch.utils.data.Dataset):
     {"features", "grid", "num_frames", "timestamps"} (from the feature cache).
     """
 
-    def __init__(self, items: Sequence[MixtureItem | RowItem], load_visual: Callable[[Path, ConversationSample], dict[str, Any]],
-                 encode: Callable[[dict[str, Any]], dict[str, Any]], visual_tokens: int = 0, max_retries: int = 16):
+    def __init__(self, items: Sequence[MixtureItem | RowItem],
+                 load_visual: Callable[[Path, ConversationSample], dict[str, Any]], encode: Callable[[dict[str, Any]], dict[str, Any]], visual_tokens: int = 0, max_retries: int = 16):
         self.items = list(items)
         self.load_visual = load_visual
         self.encode = encode

@@ -16,6 +16,7 @@ from __future__ import annotations
 import bisect
 import glob
 import hashlib
+import itertools
 import json
 import os
 from contextlib import contextmanager
@@ -115,13 +116,18 @@ def open_dataset(path: str | os.PathLike) -> Any:
     raise DataFormatError(f"{path}: not a saved dataset or Parquet (a JSON file is read with read_records)")
 
 
-def stream_parquet(files: Sequence[Path], skip: int = 0) -> Iterator[dict[str, Any]]:
-    """Rows of Parquet shards read as they are iterated (a streaming `datasets.IterableDataset`), the first
-    `skip` rows passed over."""
+def stream_parquet(files: Sequence[Path], skip: int = 0, batch_size: int = 1024) -> Iterator[dict[str, Any]]:
+    """Rows of Parquet shards read as they are iterated (a streaming `datasets.IterableDataset`, `batch_size` rows
+    decoded at a time), the first `skip` rows passed over. Read in batches with `.iter()`, not `iter(ds)`: inside
+    a DataLoader worker the latter hands each worker only some of the shards, and every worker needs them all."""
     import datasets
 
-    ds = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train", streaming=True)
-    return iter(ds.skip(skip) if skip else ds)
+    ds = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train", streaming=True,
+                               batch_size=batch_size)
+    for batch in (ds.skip(skip) if skip else ds).iter(batch_size=batch_size):
+        keys = list(batch)
+        for values in zip(*batch.values()):
+            yield dict(zip(keys, values))
 
 
 class ArrowRows:
@@ -140,7 +146,7 @@ class ArrowRows:
             files = parquet_files(path)
             counts = parquet_row_counts(files)
             self._shards = [str(f) for f in files]
-            self._starts = [sum(counts[:i]) for i in range(len(files))]
+            self._starts = [0, *itertools.accumulate(counts)][:-1]
 
     @property
     def ds(self) -> Any:

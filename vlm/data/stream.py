@@ -1,7 +1,7 @@
 """Streamed mixtures: rows read from their files while training runs, never converted or validated ahead.
 
 A source with `streaming: true` (Parquet: a file, a folder of shards or a glob) is read through a streaming
-`datasets.IterableDataset`; memory holds one window of rows per source. Its row count comes from the Parquet
+`datasets.IterableDataset`; memory holds a window of rows per source and the reader's buffers. Its row count comes from the Parquet
 footers, so the epoch is planned without reading any data. A mixture with a streamed source is planned as a stream
 (`StreamPlan` in place of `BatchPlan`); its other sources (JSON, saved datasets) are read the same way, in windows.
 What that keeps and what it changes:
@@ -20,8 +20,11 @@ What that keeps and what it changes:
 
 from __future__ import annotations
 
+import atexit
 import bisect
+import itertools
 import logging
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -34,6 +37,15 @@ from vlm.data.hf import ArrowRows, parquet_files, parquet_row_counts, row_record
 log = logging.getLogger(__name__)
 
 WINDOW = 1024  # rows of one source shuffled together
+_OPEN: weakref.WeakSet[SourceReader] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_streams() -> None:
+    """Close open Parquet streams before the interpreter tears modules down (a stream finalised after that
+    prints a spurious error from inside `datasets`)."""
+    for reader in list(_OPEN):
+        reader.close()
 
 
 class SourceReader:
@@ -51,7 +63,7 @@ class SourceReader:
         if self.streaming:
             self.files = parquet_files(src.path)
             counts = parquet_row_counts(self.files)
-            self.starts = [sum(counts[:i]) for i in range(len(counts))]
+            self.starts = [0, *itertools.accumulate(counts)][:-1]
             self.n = sum(counts)
         elif self.kind == "json":
             self.records = list(read_records(src.path))
@@ -70,9 +82,16 @@ class SourceReader:
         return f"{self.files[shard]}:{row - self.starts[shard]}"
 
     def _open(self, row: int) -> None:
+        self.close()
         shard = bisect.bisect_right(self.starts, row) - 1
-        self._iter = stream_parquet(self.files[shard:], skip=row - self.starts[shard])
+        self._iter = stream_parquet(self.files[shard:], skip=row - self.starts[shard], batch_size=WINDOW)
         self._next = row
+        _OPEN.add(self)
+
+    def close(self) -> None:
+        if self._iter is not None and hasattr(self._iter, "close"):
+            self._iter.close()
+        self._iter, self._next = None, -1
 
     def _one(self, row: int) -> tuple[str, Any]:
         if self.records is not None:
@@ -82,7 +101,10 @@ class SourceReader:
         if row != self._next:
             self._open(row)
         self._next += 1
-        return self.location(row), row_record(next(self._iter))
+        try:
+            return self.location(row), row_record(next(self._iter))
+        except StopIteration:  # a shard was rewritten since its footer was read
+            raise DataFormatError(f"{self.location(row)}: the stream ended before this row") from None
 
     def read(self, start: int, count: int) -> list[tuple[str, Any]]:
         return [self._one((start + i) % self.n) for i in range(count)]
@@ -107,6 +129,9 @@ class StreamItems:
 
     def __len__(self) -> int:
         return self.per_epoch
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_plan": None, "_windows": {}}  # a DataLoader worker fills its own
 
     def epoch_plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """For each position of the epoch: its source, and which of that source's items of the epoch it is."""
@@ -162,7 +187,8 @@ class StreamPlan:
     def __init__(self, per_epoch: int, batch_size: int, world_size: int = 1, rank: int = 0, seed: int = 0):
         if per_epoch < world_size:
             raise ValueError(f"{per_epoch} samples cannot give each of {world_size} processes one")
-        self.per_epoch, self.batch_size, self.world_size, self.rank, self.seed = per_epoch, batch_size, world_size, rank, seed
+        self.per_epoch, self.batch_size, self.seed = per_epoch, batch_size, seed
+        self.world_size, self.rank = world_size, rank
         self.global_batch = batch_size * world_size
 
     def __len__(self) -> int:

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from vlm.data.conversation import resolve_media
 from vlm.data.dataset import BatchPlan, ConversationDataset, MixtureItem, load_mixture, subsample
+from vlm.data.stream import is_streamed, streamed_data
 from vlm.model import PARTS, VideoLLM
 from vlm.train.feature_cache import FeatureCache, clip_key, tower_fingerprint
 from vlm.train.loop import Run, build_accelerator, setup, train
@@ -189,6 +190,12 @@ def stage_data(recipe: Recipe, index: int, model: VideoLLM, rank: int = 0, world
     are read from the feature cache under `cache_dir` (default `<output_dir>/feature_cache`)."""
     stage = recipe.stages[index]
     seed = recipe.seed + index
+    tokens = model.num_visual_tokens(stage.data.frames)
+    if is_streamed(stage.data.mixture):  # read while training runs: no feature cache, no grouping by length
+        visual = VisualLoader(model, stage.data.frames, stage.data.sampling)
+        dataset, plan = streamed_data(stage.data.mixture, visual, model.processor.encode_sample, stage.batch_size,
+                                      world_size, rank, seed, tokens)
+        return StageData([], [], visual, dataset, plan)
     items, bad_records = load_mixture(stage.data.mixture, seed)
     if stage.data.max_samples:
         items = subsample(items, stage.data.max_samples, seed)
@@ -197,7 +204,7 @@ def stage_data(recipe: Recipe, index: int, model: VideoLLM, rank: int = 0, world
         fp = tower_fingerprint(model.config.tower, model.tower.preprocessor.to_dict(), model.tower)
         cache = FeatureCache(cache_dir or Path(recipe.output_dir) / "feature_cache", fp, rank=rank)
     visual = VisualLoader(model, stage.data.frames, stage.data.sampling, cache)
-    dataset = ConversationDataset(items, visual, model.processor.encode_sample, model.num_visual_tokens(stage.data.frames))
+    dataset = ConversationDataset(items, visual, model.processor.encode_sample, tokens)
     plan = BatchPlan([dataset.length(i) for i in range(len(dataset))], stage.batch_size, world_size, rank, seed,
                      stage.group_by_length)
     return StageData(items, bad_records, visual, dataset, plan)

@@ -15,6 +15,7 @@ import yaml
 
 from vlm.connectors.base import CONNECTORS, REDUCERS
 from vlm.data.dataset import SourceSpec
+from vlm.data.hf import source_kind, source_problem
 from vlm.llm.load import LLM_LOADERS
 from vlm.model import MODES, PARTS, VideoLLMConfig  # importing vlm.model registers the built-in towers and connectors
 from vlm.towers.base import TOWERS
@@ -268,7 +269,12 @@ def validate(recipe: Recipe, check_files: bool = True) -> None:
         for j, m in enumerate(st.data.mixture):
             if not m.weight > 0:
                 raise RecipeError(f"{where}.data.mixture[{j}].weight must be > 0")
-            if check_files and not Path(m.path).is_file():
-                raise RecipeError(f"{where}.data.mixture[{j}].path: {m.path} not found")
+            problem = source_problem(m.path) if check_files else None
+            if problem:
+                raise RecipeError(f"{where}.data.mixture[{j}].path: {problem}")
+            if m.streaming and source_kind(m.path) != "parquet":
+                raise RecipeError(f"{where}.data.mixture[{j}].streaming: streaming reads Parquet; {m.path} is not")
+        if any(m.streaming for m in st.data.mixture) and st.data.max_samples:
+            raise RecipeError(f"{where}.data.max_samples: not available with a streamed mixture (set max_steps)")
         if check_files and st.deepspeed and not Path(st.deepspeed).is_file():
             raise RecipeError(f"{where}.deepspeed: {st.deepspeed} not found")
