@@ -11,6 +11,7 @@ A single process (no WORLD_SIZE in the environment) writes `predictions.jsonl` d
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -66,7 +67,13 @@ def current_shard() -> Shard:
         return Shard()
     if not dist.is_initialized():
         dist.init_process_group(backend="gloo")
+        atexit.register(_close_group)  # a group left to the interpreter's shutdown can abort the process
     return Shard(dist.get_rank(), dist.get_world_size())
+
+
+def _close_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def open_log(out: Path, shard: Shard, identity: dict[str, Any]) -> PredictionLog:
