@@ -93,10 +93,10 @@ def extract_features(
             index.extend(i for i, _ in pending)
             pending.clear()
 
-    read = functools.partial(read_clip, num_frames=num_frames, policy=sampling)
-    jobs = list(enumerate(videos))
-    clips = prefetch_clips(jobs, functools.partial(_read_job, read=read), workers=workers)
-    for (i, v), clip, e in tqdm(clips, total=len(jobs), desc="tower features", unit="video", disable=not progress):
+    clips = prefetch_clips(list(videos), functools.partial(read_clip, num_frames=num_frames, policy=sampling),
+                           workers=workers)
+    for i, (v, clip, e) in enumerate(tqdm(clips, total=len(videos), desc="tower features", unit="video",
+                                          disable=not progress)):
         if e is not None:
             errors[i] = str(e)
             log.warning("features: skipping %s: %s", v, e)
@@ -114,10 +114,6 @@ def extract_features(
         save_file({"features": out.contiguous(), "index": torch.tensor(index)}, str(path))
         path.with_suffix(".json").write_text(json.dumps({"digest": digest, **key, "errors": errors}))
     return out, index, errors
-
-
-def _read_job(job: tuple[int, Any], read: Any) -> Clip:
-    return read(job[1])
 
 
 def describe_tower(tower: VisionTower, spec: Any = None) -> str:

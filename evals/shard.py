@@ -26,6 +26,13 @@ from evals.results import PredictionLog
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 RANK_GLOB = "predictions.rank*.jsonl"
+# results.json counts that depend on timing or on how the work was split among processes and runs
+RUN_COUNTS = ("elapsed_seconds", "questions_per_second", "processes", "asked", "clips_decoded", "resumed")
+
+
+def split_free(counts: dict[str, Any]) -> dict[str, Any]:
+    """`counts` without RUN_COUNTS: what one-process and many-process runs of an evaluation must agree on."""
+    return {k: v for k, v in counts.items() if k not in RUN_COUNTS}
 
 
 @dataclass(frozen=True)
