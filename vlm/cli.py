@@ -69,6 +69,36 @@ def _chat(args: argparse.Namespace) -> int:
     return repl(chat)
 
 
+def _placement_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: CUDA when available, else CPU)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bfloat16 on CUDA, else float32)")
+    p.add_argument("--device-map", default=None, choices=["auto", "balanced", "sequential"],
+                   help="spread a model too big for one GPU over the GPUs and the CPU (accelerate; replaces --device)")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import tempfile
+
+    try:
+        import uvicorn
+
+        from vlm.serve.app import create_app
+    except ImportError as e:
+        raise SystemExit(f"vlm serve needs the serve extra: pip install 'vlm[serve]' ({e})") from None
+    from vlm.model import VideoLLM
+
+    model = VideoLLM.from_pretrained(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)
+    options = {"max_new_tokens": args.max_new_tokens} | ({"num_frames": args.frames} if args.frames else {})
+    with tempfile.TemporaryDirectory(prefix="vlm-serve-") as tmp:
+        app = create_app(args.model, model=model, upload_dir=args.upload_dir or tmp, media_root=args.media_root,
+                         served_name=args.name, max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
+                         max_sessions=args.max_sessions, max_session_bytes=int(args.max_session_mb * (1 << 20)),
+                         chat_options=options)
+        print(f"vlm serve: {app.state.served_name} on http://{args.host}:{args.port}/ (API: /v1/chat/completions)", flush=True)
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlm", description="video language models: build, train, evaluate, chat")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -85,11 +115,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, help="nucleus sampling mass (default 1.0)")
     p.add_argument("--seed", type=int, help="seed for sampling")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: CUDA when available, else CPU)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bfloat16 on CUDA, else float32)")
-    p.add_argument("--device-map", default=None, choices=["auto", "balanced", "sequential"],
-                   help="spread a model too big for one GPU over the GPUs and the CPU (accelerate; replaces --device)")
+    _placement_args(p)
     p.set_defaults(func=_chat)
+    p = sub.add_parser("serve", help="serve a model: OpenAI-compatible /v1/chat/completions with video, and a web page")
+    p.add_argument("model", help="a saved VideoLLM folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--media-root", help="folder whose videos requests may name by path (none: uploads and data: URLs only)")
+    p.add_argument("--upload-dir", help="where uploads are kept (default: a temporary folder removed at exit)")
+    p.add_argument("--max-upload-mb", type=float, default=64.0, help="largest upload, data: URL or media file")
+    p.add_argument("--max-sessions", type=int, default=8, help="conversations kept with their video encoded")
+    p.add_argument("--max-session-mb", type=float, default=2048.0, help="memory those sessions may hold (KV caches, frames)")
+    p.add_argument("--name", help="the model id clients send (default: the folder's name)")
+    p.add_argument("--frames", type=int, help="frames sampled per video (default: the model's num_frames)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="default longest answer (requests may ask for less or more)")
+    _placement_args(p)
+    p.set_defaults(func=_serve)
     p = sub.add_parser("train", help="run a staged training recipe (YAML); launch with torchrun for several processes")
     p.add_argument("recipe", help="recipes/<name>.yaml")
     p.add_argument("--stage", type=int, default=None, help="run only this stage (1-based); its --set overrides apply to it")

@@ -30,6 +30,13 @@ class PrefixCache:
         self.kv: Cache | None = None
         self.ids: list[int] = []
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the cached keys and values."""
+        layers = getattr(self.kv, "layers", None) or []
+        tensors = [getattr(layer, name, None) for layer in layers for name in ("keys", "values")]
+        return sum(int(t.numel() * t.element_size()) for t in tensors if isinstance(t, torch.Tensor))
+
     def crop(self, length: int) -> None:
         """Keep the first `length` positions (all of them are dropped when the cache cannot be rolled back)."""
         if length <= 0 or self.kv is None:

@@ -159,6 +159,27 @@ class VideoChat:
                 turns[first] = Turn("user", f"{PLACEHOLDERS[self._video.media_type]}\n{turns[first].text}")
         return turns
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes this session holds: the clip's frames, its pixels, features and visual tokens, and the KV cache."""
+        video = self._video
+        held = [] if video is None else [video.pixel_values, video.embeds, video.features and video.features.tokens]
+        return (0 if video is None else int(video.clip.frames.nbytes)) + self._cache.nbytes + sum(
+            int(t.numel() * t.element_size()) for t in held if t is not None)
+
+    def set_history(self, turns: list[Turn]) -> None:
+        """Replace the conversation with `turns`: an optional system turn, then user and assistant turns in
+        alternation, ending with an assistant turn (the video stays loaded, placed by the session). The next `ask`
+        reuses every cached token the new conversation shares: how a server replays a client's history."""
+        roles = [t.role for t in turns]
+        body = roles[1:] if roles[:1] == ["system"] else roles
+        if body != ["user", "assistant"] * (len(body) // 2):
+            raise ValueError(f"a history is [system,] then user/assistant turns in alternation ending with an "
+                             f"assistant turn; got roles {roles}")
+        self._close_active()
+        self._turns = [Turn(t.role, _sanitize(t.text)) for t in turns]
+        self._epoch += 1
+
     def reset(self) -> None:
         """Forget the conversation; the video (and its cached prefix) stays loaded."""
         self._close_active()
