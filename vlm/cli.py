@@ -76,6 +76,13 @@ def _placement_args(p: argparse.ArgumentParser) -> None:
                    help="spread a model too big for one GPU over the GPUs and the CPU (accelerate; replaces --device)")
 
 
+def _export(args: argparse.Namespace) -> int:
+    from vlm.export import export
+
+    print(f"exported: {export(args.model, args.to, args.out)}")
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     import tempfile
 
@@ -117,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="seed for sampling")
     _placement_args(p)
     p.set_defaults(func=_chat)
+    p = sub.add_parser("export", help="write a model as a transformers LLaVA-NeXT-Video folder (docs/EXPORT.md)")
+    p.add_argument("model", help="a saved VideoLLM folder")
+    p.add_argument("--to", required=True, choices=["llava_next_video", "llava_onevision"], help="the target class")
+    p.add_argument("--out", required=True, help="the folder to write")
+    p.set_defaults(func=_export)
     p = sub.add_parser("serve", help="serve a model: OpenAI-compatible /v1/chat/completions with video, and a web page")
     p.add_argument("model", help="a saved VideoLLM folder")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
@@ -155,11 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _input_errors() -> tuple[type[BaseException], ...]:
     """What a user's input raises (a malformed or missing file, recipe or model folder), not a bug."""
     from vlm.data.conversation import DataFormatError, TemplateMismatchError
+    from vlm.export import ExportError
     from vlm.train.recipe import RecipeError
     from vlm.video.errors import VideoDecodeError
     from vlm.weights import CheckpointMismatchError
 
-    return (DataFormatError, TemplateMismatchError, RecipeError, VideoDecodeError, CheckpointMismatchError,
+    return (DataFormatError, TemplateMismatchError, RecipeError, ExportError, VideoDecodeError, CheckpointMismatchError,
             FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 

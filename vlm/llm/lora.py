@@ -80,3 +80,16 @@ def load_lora(module: nn.Module, folder: str | os.PathLike, part: str = "model")
     check_state_dict(expected, state, f"{part} LoRA ({folder})")
     set_peft_model_state_dict(module, state, adapter_name=ADAPTER)
     return settings
+
+
+def merge_lora(module: nn.Module) -> nn.Module:
+    """Fold every adapter into its base layer's weights and put the plain layer back (in place): a model with
+    no LoRA left, whose outputs equal the adapted model's (what an export writes)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, child in list(module.named_modules()):
+        if isinstance(child, BaseTunerLayer):
+            child.merge()
+            parent, _, attr = name.rpartition(".")
+            setattr(module.get_submodule(parent) if parent else module, attr, child.get_base_layer())
+    return module
