@@ -10,6 +10,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from vlm.data.conversation import PLACEHOLDERS, DataFormatError, read_records, record_problems, resolve_media
+from vlm.data.hf import ArrowRows, media_base, source_kind
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +60,16 @@ def _media_problem(path: Path, kind: str, decode: bool) -> str | None:
 
 def validate_file(path: str | os.PathLike, media_root: str | os.PathLike | None = None, *,
                   decode: bool = True, progress: bool = True) -> ValidationReport:
-    """Every problem of every sample; media are resolved against `media_root` (default: the file's folder).
+    """Every problem of every sample of a JSON/JSONL file, a saved HF dataset folder or Parquet; media are resolved
+    against `media_root` (default: the folder holding the file or dataset folder).
 
     Each media file is checked once however many samples share it.
     """
     report = ValidationReport(str(path))
-    root = Path(media_root) if media_root is not None else Path(path).parent
+    root = Path(media_root) if media_root is not None else media_base(path).parent
     media_status: dict[Path, str | None] = {}
-    try:
-        records = list(read_records(path))
+    try:  # a JSON list / JSONL file, or a saved HF dataset / Parquet (read a batch of Arrow rows at a time)
+        records = list(read_records(path) if source_kind(path) == "json" else ArrowRows(path).records())
     except DataFormatError as e:
         report.problems.append(Problem(str(path), "-", str(e).split(": ", 1)[-1]))
         return report

@@ -51,6 +51,16 @@ def test_validate_reports_every_bad_sample(data, tmp_path):
     good = root / "good.jsonl"
     good.write_text("\n".join(json.dumps(r) for r in records[:4]))
     assert main(["data", "validate", str(good), "--media-root", str(root)]) == 0
+    # the same records as a saved HF dataset and as Parquet: the same problems, located by dataset row
+    from vlm.data.hf import save_records
+
+    for target in (root / "bad.hf", root / "bad.parquet"):
+        save_records(records, target)
+        other = validate_file(target, progress=False)  # media root: the folder holding the dataset
+        assert sorted((p.sample_id, p.reason) for p in other.problems) == \
+            sorted((p.sample_id, p.reason) for p in report.problems)
+        assert other.total == report.total and all(str(target) in p.location for p in other.problems)
+        assert main(["data", "validate", str(target)]) == 1
 
 
 def test_validate_names_malformed_json_lines(tmp_path):
