@@ -14,7 +14,7 @@ def _synth(args: argparse.Namespace) -> int:
     if args.oracle:
         from data_tools.synth.oracle import write_oracle
 
-        summary["oracle"] = write_oracle(args.out)
+        summary["oracle"] = write_oracle(args.out, args.oracle)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -60,9 +60,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=["json", "hf"], default="json",
                    help="hf: also write the training and QA files as Hugging Face saved datasets (<name>.hf/ beside "
                         "each <name>.json; a recipe's mixture reads either)")
-    p.add_argument("--oracle", action="store_true",
-                   help="also write OUT/oracle/: the text oracle (each clip's ground truth described in text, in place of "
-                        "the video, in every training file; descriptions.json for `vlm eval mcq --descriptions`)")
+    p.add_argument("--oracle", nargs="?", const="events", choices=["events", "frames"],
+                   help="also write the text oracle: each clip's ground truth described in text, in place of the video, in "
+                        "every training file, and descriptions.json for `vlm eval mcq --descriptions`; events (the "
+                        "default): OUT/oracle/, what happens and when; frames: OUT/oracle_frames/, the objects seen in "
+                        "each of 8 sampled frames")
     p.set_defaults(func=_synth)
 
     p = sub.add_parser("validate", help="report every bad sample of LLaVA-style JSON/JSONL files")

@@ -415,3 +415,34 @@ def test_text_oracle_twins(out: Path, tmp_path: Path) -> None:
         text = describe(m)
         assert text.endswith(f"The video lasts {m['duration_s']:.1f} seconds.")
         assert f"At {e['start_frame'] / m['fps']:.1f} seconds," in text
+
+
+def test_frame_oracle_states_what_each_sampled_frame_shows(out: Path, tmp_path: Path) -> None:
+    """write_oracle(style="frames"): per sampled frame, its time and every visible object's colour, shape and
+    centre, read from the ground truth; an object moving between frames is at different places."""
+    import re
+    import shutil
+
+    from data_tools.synth.oracle import describe_frames, write_oracle
+    from vlm.video.sampling import sample_indices
+
+    root = tmp_path / "w"
+    shutil.copytree(out, root)
+    counts = write_oracle(root, "frames", num_frames=4)
+    texts = _load(root / "oracle_frames" / "descriptions.json")
+    assert counts["descriptions.json"] == len(texts) and not (root / "oracle").exists()
+    for m in _meta(root):
+        text = texts[m["id"]]
+        assert text == describe_frames(m, 4) and len(re.findall(r"\d\.\ds: ", text)) == 4
+        frames = sample_indices(m["num_frames"], m["fps"], 4, "uniform").tolist()
+        for obj in m["objects"]:
+            tr = obj["track"]
+            for k in frames:
+                if tr["visible"][k] and tr["opacity"][k] >= 0.3:
+                    assert f"{tr['color'][k]} {obj['shape']} at ({tr['x'][k]:.0f}, {tr['y'][k]:.0f})" in text
+        movers = [o for o in m["objects"] if o["role"] == "mover"]
+        for o in movers:
+            spots = re.findall(rf"{o['shape']} at \((\d+), (\d+)\)", text)
+            assert len(set(spots)) > 1, (m["id"], text)
+    with pytest.raises(ValueError, match="oracle style"):
+        write_oracle(root, "nope")

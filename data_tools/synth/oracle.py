@@ -6,7 +6,9 @@ descriptions in place of the clips (`vlm eval mcq --descriptions DIR/oracle/desc
 cannot learn the task, the problem is the answer format, the loss or the scoring, not vision.
 
 A description holds what the benchmark needs: the scene at the start (background, objects with size, colour and
-shape), every event with its time in seconds, which objects stay still, and the clip's duration.
+shape), every event with its time in seconds, which objects stay still, and the clip's duration. The "frames"
+style holds instead what perfect per-frame perception sees in the sampled frames, with no events: it separates
+reading facts from working out what happened between frames.
 """
 
 from __future__ import annotations
@@ -29,6 +31,31 @@ def describe(meta: dict[str, Any]) -> str:
     return f"{timed_caption(meta)}{still} The video lasts {meta['duration_s']:.1f} seconds."
 
 
+def describe_frames(meta: dict[str, Any], num_frames: int = 8) -> str:
+    """What perfect per-frame perception sees in the frames a model samples (`uniform` policy): per frame its
+    time, the background and every visible object's size, colour, shape, centre in pixels, and scale and angle
+    when not 1 and 0. No events: whatever happens between frames is left to the reader to work out."""
+    from vlm.video.sampling import sample_indices
+
+    lines = []
+    for k in sample_indices(meta["num_frames"], meta["fps"], num_frames, "uniform").tolist():
+        background = next((e["to_background"] for e in reversed(meta["events"])
+                           if e["type"] == "background_change" and k >= e["end_frame"]), meta["background"]["name"])
+        seen = []
+        for obj in meta["objects"]:
+            track = obj["track"]
+            if not track["visible"][k] or track["opacity"][k] < 0.3:
+                continue
+            text = f"{obj['size']} {track['color'][k]} {obj['shape']} at ({track['x'][k]:.0f}, {track['y'][k]:.0f})"
+            if abs(track["scale"][k] - 1) > 0.05:
+                text += f" scale {track['scale'][k]:.1f}"
+            if track["angle"][k]:
+                text += f" angle {track['angle'][k]:.0f}"
+            seen.append(text)
+        lines.append(f"{k / meta['fps']:.1f}s: {background} background; {'; '.join(seen) or 'no objects'}.")
+    return "Frames: " + " ".join(lines)
+
+
 def _text_only(record: dict[str, Any], description: str, location: str) -> dict[str, Any]:
     """A LLaVA record with its video replaced by the description (text-only: no "video" key)."""
     conv = [dict(turn) for turn in record["conversations"]]
@@ -41,13 +68,16 @@ def _text_only(record: dict[str, Any], description: str, location: str) -> dict[
     return out | {"conversations": conv}
 
 
-def write_oracle(root: str | Path) -> dict[str, int]:
-    """Write `root/oracle/`: descriptions.json ({clip id: description}) and a text-only twin of every training /
-    instruction file. Returns the number of records written per file."""
+def write_oracle(root: str | Path, style: str = "events", num_frames: int = 8) -> dict[str, int]:
+    """Write the text oracle: descriptions.json ({clip id: description}) and a text-only twin of every training /
+    instruction file, under `root/oracle/` (style "events": `describe`) or `root/oracle_frames/` (style
+    "frames": `describe_frames` of `num_frames` frames). Returns the number of records written per file."""
+    if style not in ("events", "frames"):
+        raise ValueError(f"oracle style must be 'events' or 'frames', got {style!r}")
     root = Path(root)
     metas = [json.loads(line) for line in (root / "meta.jsonl").read_text(encoding="utf-8").splitlines() if line]
-    by_video = {m["video"]: describe(m) for m in metas}
-    out = root / "oracle"
+    by_video = {m["video"]: describe(m) if style == "events" else describe_frames(m, num_frames) for m in metas}
+    out = root / ("oracle" if style == "events" else "oracle_frames")
     out.mkdir(exist_ok=True)
     counts: dict[str, int] = {}
     descriptions = {m["id"]: by_video[m["video"]] for m in metas}
