@@ -14,7 +14,7 @@ from tests.conftest import TINY_LLM, TINY_TOWERS
 from vlm.data.conversation import Turn
 from vlm.llm.template import IGNORE_INDEX, VISUAL_TOKEN
 from vlm.model import VideoLLM
-from vlm.processor import CONFIG_NAME, VideoLLMProcessor
+from vlm.processor import CONFIG_NAME, VideoLLMProcessor, drop_pruned
 from vlm.video import Clip
 from vlm.weights import CheckpointMismatchError
 
@@ -135,9 +135,9 @@ def test_drop_pruned_keeps_order_labels_and_the_padding_side():
     attention = (torch.arange(7) >= torch.tensor([[2], [0]])).long()  # row 0 left-padded by 2
     labels = torch.tensor([[-100, -100, -100, -100, -100, -100, 6], [-100, -100, -100, -100, 8, 9, 10]])
     keep = torch.tensor([True, False, True, False, False, True])  # per visual position, in order
-    new_ids, new_attention, new_labels = VideoLLM.drop_pruned(ids, attention, labels, keep)
+    new_ids, new_attention, new_labels = drop_pruned(ids, attention, labels, keep)
     assert new_ids.tolist() == [[0, 5, v, v, 6], [7, v, 8, 9, 10]]  # the padding id is masked out
     assert new_attention.tolist() == [[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]
     assert new_labels.tolist() == [[-100, -100, -100, -100, 6], [-100, -100, 8, 9, 10]]
     with pytest.raises(ValueError, match="6 visual positions, the keep mask 5"):
-        VideoLLM.drop_pruned(ids, attention, labels, keep[:5])
+        drop_pruned(ids, attention, labels, keep[:5])

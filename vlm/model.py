@@ -2,7 +2,7 @@
 
 The module holds tensors; its `processor` (`VideoLLMProcessor`, saved and loaded with it) prepares text and pixels.
 The video-to-LLM path of training, generation, scoring and chat lives here once: `encode_visual` (clips -> visual
-tokens), `drop_pruned` + `splice` (input embeddings, visual tokens at the placeholder), `prefill` + `extend` (KV cache).
+tokens), `splice` (input embeddings, visual tokens at the placeholder), `prefill` + `extend` (KV cache).
 """
 
 from __future__ import annotations
@@ -23,12 +23,13 @@ import vlm.towers  # noqa: F401  (registers built-in towers)
 from vlm import __version__
 from vlm.weights import CheckpointMismatchError, atomic_dir, load_module, save_tensors
 from vlm.data.conversation import DataFormatError
+from vlm.budget import TokenBudget
 from vlm.connectors.base import Instruction, VisualTokens, build_connector
 from vlm.llm.load import load_llm
 from vlm.llm.lora import LoRASettings, add_lora, has_lora, load_lora, save_lora
 from vlm.llm.template import IGNORE_INDEX, VISUAL_TOKEN
 from vlm.objectives import STAGE_OBJECTIVES
-from vlm.processor import CONFIG_NAME, Batch, VideoLLMProcessor
+from vlm.processor import CONFIG_NAME, Batch, VideoLLMProcessor, drop_pruned
 from vlm.scoring import ScoringMixin
 from vlm.towers.base import VisionTower, VisualFeatures, build_tower
 from vlm.towers.common import placement
@@ -51,6 +52,7 @@ class VideoLLMConfig:
     max_length: int = 2048
     system_prompt: str | None = None
     lora: dict[str, dict[str, Any]] = field(default_factory=dict)  # part -> LoRA settings in use
+    token_budget: dict[str, Any] = field(default_factory=dict)  # {"max_tokens": 256, "policy": "pool"} (vlm.budget)
 
     def to_dict(self) -> dict[str, Any]:
         return copy.deepcopy(asdict(self))
@@ -78,6 +80,7 @@ class VideoLLM(ScoringMixin, nn.Module):
         self.connector = connector
         self.llm = llm
         self.processor = processor
+        self.budget = TokenBudget.from_dict(config.token_budget)
         processor.visual_grid = self.visual_grid
         self.modes: dict[str, str] = {"tower": "frozen", "connector": "full", "llm": "frozen"}
 
@@ -156,7 +159,8 @@ class VideoLLM(ScoringMixin, nn.Module):
 
     def visual_grid(self, num_frames: int) -> tuple[int, int]:
         """(groups, tokens per group) the connector emits for `num_frames` preprocessed frames."""
-        return self.connector.output_grid(self.tower.grid_for(num_frames, *self.tower.preprocessor.hw))
+        grid = self.tower.grid_for(num_frames, *self.tower.preprocessor.hw)
+        return self.connector.output_grid(self.budget.grid(grid, self.connector))
 
     def num_visual_tokens(self, num_frames: int) -> int:
         groups, per_group = self.visual_grid(num_frames)
@@ -190,7 +194,7 @@ class VideoLLM(ScoringMixin, nn.Module):
             ins = None
             if instruction is not None and getattr(self.connector, "uses_instruction", False):
                 ins = Instruction(instruction.embeds[idx], instruction.mask[idx])
-            out = self.connector(feats, ins)
+            out = self.connector(self.budget.apply(feats, self.connector), ins)
             groups = out.groups
             for j, i in enumerate(idx):
                 pieces[i] = (out.embeds[j], None if out.mask is None else out.mask[j])
@@ -205,27 +209,6 @@ class VideoLLM(ScoringMixin, nn.Module):
     def embed_instruction(self, ids: torch.Tensor, mask: torch.Tensor) -> Instruction:
         """What an instruction-aware connector attends to: the LLM's embeddings of ids [B, S] with mask [B, S]."""
         return Instruction(self.llm.get_input_embeddings()(ids.to(self.device)), mask.to(self.device))
-
-    @staticmethod
-    def drop_pruned(ids: torch.Tensor, attention: torch.Tensor, labels: torch.Tensor | None,
-                    keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Remove the visual positions a token reducer pruned from ids, attention and labels [B, S]; `keep` [n] says
-        per VISUAL_TOKEN position (in order) whether it stays. Rows are re-padded on the side they were padded on."""
-        is_visual = ids == VISUAL_TOKEN
-        if keep.numel() != int(is_visual.sum()):
-            raise ValueError(f"the ids have {int(is_visual.sum())} visual positions, the keep mask {keep.numel()}")
-        kept = attention.bool().clone()
-        kept[is_visual] = keep.reshape(-1).to(kept.device)
-        left, width = bool(attention[:, 0].eq(0).any()), int(kept.sum(1).max())
-        new_ids, new_attention = ids.new_zeros(ids.shape[0], width), attention.new_zeros(ids.shape[0], width)  # pad: any id
-        new_labels = None if labels is None else labels.new_full((ids.shape[0], width), IGNORE_INDEX)
-        for i in range(ids.shape[0]):
-            r = kept[i].nonzero().squeeze(-1)
-            sl = slice(width - len(r), width) if left else slice(0, len(r))
-            new_ids[i, sl], new_attention[i, sl] = ids[i, r], 1
-            if new_labels is not None:
-                new_labels[i, sl] = labels[i, r]  # type: ignore[index]
-        return new_ids, new_attention, new_labels
 
     def splice(self, ids: torch.Tensor, visual: torch.Tensor | None = None) -> torch.Tensor:
         """Input embeddings [B, S, D] of ids [B, S]: the LLM's token embeddings, with the rows of `visual` [n, D]
@@ -252,7 +235,7 @@ class VideoLLM(ScoringMixin, nn.Module):
             tokens = self.encode_visual(batch.pixel_values, batch.timestamps, instruction, batch.features, batch.grids)
             visual = tokens.embeds.reshape(-1, tokens.embeds.shape[-1])  # [sum L, D]
             if tokens.mask is not None and not bool(tokens.mask.all()):
-                ids, attention, labels = self.drop_pruned(ids, attention, labels, tokens.mask)
+                ids, attention, labels = drop_pruned(ids, attention, labels, tokens.mask)
                 visual = visual[tokens.mask.reshape(-1)]
         if labels is not None:
             labels = labels.masked_fill(ids == VISUAL_TOKEN, IGNORE_INDEX)

@@ -210,3 +210,24 @@ class VideoLLMProcessor:
         preprocessor = VideoPreprocessor.from_dict(settings.pop("preprocessor"))
         tokenizer = AutoTokenizer.from_pretrained(str(folder / TOKENIZER_DIR))
         return cls(tokenizer, preprocessor, **settings, visual_grid=visual_grid)  # unknown settings: a TypeError
+
+
+def drop_pruned(ids: torch.Tensor, attention: torch.Tensor, labels: torch.Tensor | None,
+                keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Remove the visual positions a token reducer pruned from ids, attention and labels [B, S]; `keep` [n] says
+    per VISUAL_TOKEN position (in order) whether it stays. Rows are re-padded on the side they were padded on."""
+    is_visual = ids == VISUAL_TOKEN
+    if keep.numel() != int(is_visual.sum()):
+        raise ValueError(f"the ids have {int(is_visual.sum())} visual positions, the keep mask {keep.numel()}")
+    kept = attention.bool().clone()
+    kept[is_visual] = keep.reshape(-1).to(kept.device)
+    left, width = bool(attention[:, 0].eq(0).any()), int(kept.sum(1).max())
+    new_ids, new_attention = ids.new_zeros(ids.shape[0], width), attention.new_zeros(ids.shape[0], width)  # pad: any id
+    new_labels = None if labels is None else labels.new_full((ids.shape[0], width), IGNORE_INDEX)
+    for i in range(ids.shape[0]):
+        r = kept[i].nonzero().squeeze(-1)
+        sl = slice(width - len(r), width) if left else slice(0, len(r))
+        new_ids[i, sl], new_attention[i, sl] = ids[i, r], 1
+        if new_labels is not None:
+            new_labels[i, sl] = labels[i, r]  # type: ignore[index]
+    return new_ids, new_attention, new_labels

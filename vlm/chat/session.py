@@ -15,6 +15,7 @@ from vlm.chat.generation import GenerationSettings, StreamDecoder, TurnStats, ne
 from vlm.data.conversation import PLACEHOLDERS, Turn
 from vlm.llm.template import VISUAL_TOKEN
 from vlm.model import VideoLLM
+from vlm.processor import drop_pruned
 from vlm.towers.base import VisualFeatures
 from vlm.video import Clip, choose_backend, read_clip
 
@@ -270,7 +271,7 @@ class VideoChat:
         if video is None or video.keep is None:
             return ids
         ids_t = torch.as_tensor([ids])
-        return self.model.drop_pruned(ids_t, torch.ones_like(ids_t), None, video.keep)[0][0].tolist()
+        return drop_pruned(ids_t, torch.ones_like(ids_t), None, video.keep)[0][0].tolist()
 
     def _prefix_ids(self, video: _Video | None = None) -> list[int]:
         """System prompt + first user header + the visual slot: what every conversation about this video opens with."""
