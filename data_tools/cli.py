@@ -7,9 +7,16 @@ import json
 
 
 def _synth(args: argparse.Namespace) -> int:
+    if args.long:
+        from data_tools.synth.long_world import generate_long
+
+        durations = tuple(float(d) for d in args.durations.split(","))
+        print(json.dumps(generate_long(args.out, args.num, args.seed, durations=durations, fps=args.fps or 1.0,
+                                       size=args.size), indent=2))
+        return 0
     from data_tools.synth import generate
 
-    summary = generate(args.out, args.num, args.seed, frames=args.frames, size=args.size, fps=args.fps,
+    summary = generate(args.out, args.num, args.seed, frames=args.frames, size=args.size, fps=args.fps or 8.0,
                        eval_fraction=args.eval_fraction, workers=args.workers, data_format=args.format)
     if args.oracle:
         from data_tools.synth.oracle import write_oracle
@@ -54,12 +61,16 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--frames", type=int, default=24)
     p.add_argument("--size", type=int, default=128)
-    p.add_argument("--fps", type=float, default=8.0)
+    p.add_argument("--fps", type=float, default=None, help="frame rate (default 8; 1 with --long)")
     p.add_argument("--eval-fraction", type=float, default=0.2, help="share of clips held out for the benchmark")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--format", choices=["json", "hf"], default="json",
                    help="hf: also write the training and QA files as Hugging Face saved datasets (<name>.hf/ beside "
                         "each <name>.json; a recipe's mixture reads either)")
+    p.add_argument("--long", action="store_true",
+                   help="the long-video world instead: minutes of a still scene with a few needle events, and its "
+                        "MVBench-layout benchmark (needle object and time, event count, order, last event)")
+    p.add_argument("--durations", default="30,60,120,300,600", help="with --long: clip lengths in seconds, cycled")
     p.add_argument("--oracle", nargs="?", const="events", choices=["events", "frames"],
                    help="also write the text oracle: each clip's ground truth described in text, in place of the video, in "
                         "every training file, and descriptions.json for `vlm eval mcq --descriptions`; events (the "

@@ -446,3 +446,43 @@ def test_frame_oracle_states_what_each_sampled_frame_shows(out: Path, tmp_path: 
             assert len(set(spots)) > 1, (m["id"], text)
     with pytest.raises(ValueError, match="oracle style"):
         write_oracle(root, "nope")
+
+
+def test_long_world_needles_and_questions(tmp_path: Path) -> None:
+    """`vlm data synth --long`: clips of the asked lengths at 1 fps, needles exactly where the ground truth puts
+    them, questions whose answers follow from it, rotating answer positions, loadable as an MVBench benchmark,
+    and the same world for the same seed."""
+    from vlm.cli import main
+    from vlm.data.mvbench import load_mvbench
+    from vlm.video import VideoReader
+
+    out = tmp_path / "long"
+    assert main(["data", "synth", "--long", "--out", str(out), "--num", "8", "--durations", "20,45"]) == 0
+    metas = _meta(out)
+    assert [m["duration_s"] for m in metas] == [20.0, 45.0] * 4
+    for m in metas:
+        with VideoReader(out / m["video"]) as reader:
+            assert reader.info.num_frames == m["num_frames"] == round(m["duration_s"])
+        flashes = [e for e in m["events"] if e["type"] == "flash"]
+        assert flashes and 1 <= len(m["events"]) <= 4
+        for e in flashes:
+            visible = m["objects"][e["object"]]["track"]["visible"]
+            assert [k for k, v in enumerate(visible) if v] == list(range(e["start_frame"], e["end_frame"] + 1))
+        starts = [e["start_frame"] for e in m["events"]]
+        assert starts == sorted(starts) and all(b - a >= 7 for a, b in zip(starts, starts[1:]))
+    bench = load_mvbench(out / "mvbench")
+    assert set(bench) == {"Needle Object", "Needle Time", "Event Count", "Event Order", "Last Event"}
+    by_video = {Path(m["video"]).name: m for m in metas}
+    for item in bench["Needle Time"]:
+        m = by_video[Path(item.video).name]
+        first = next(e for e in m["events"] if e["type"] == "flash")
+        assert item.answer == f"from {first['start_s']:.0f} s to {(first['end_frame'] + 1) / m['fps']:.0f} s"
+        assert len(set(item.candidates)) == 4
+    for item in bench["Event Count"]:
+        n = sum(e["type"] == "flash" for e in by_video[Path(item.video).name]["events"])
+        assert item.answer == ["once", "twice", "three times", "four times"][n - 1]
+    positions = [i.candidates.index(i.answer) for i in bench["Needle Object"]]
+    assert len(set(positions)) == 4  # the answer's position rotates
+    again = tmp_path / "again"
+    main(["data", "synth", "--long", "--out", str(again), "--num", "8", "--durations", "20,45"])
+    assert (again / "meta.jsonl").read_text() == (out / "meta.jsonl").read_text()
