@@ -102,11 +102,16 @@ class VideoLLMProcessor:
             raise ValueError("this processor cannot size a visual slot: it was loaded without its model; use "
                              "VideoLLM.from_pretrained(folder).processor or pass visual_grid=model.visual_grid")
         groups, per_group = self.visual_grid(num_frames)
-        if not self.time_stamps or timestamps is None or groups < 2:
+        times = None if timestamps is None else [float(timestamps[g * num_frames // groups]) for g in range(groups)]
+        return self.group_slot(groups, per_group, times)
+
+    def group_slot(self, groups: int, per_group: int, times: Sequence[float] | None = None) -> list[int]:
+        """The slot of `groups` runs of `per_group` visual tokens, each run after "Time: x.xs" (its start second)
+        when time stamps are on and there is more than one group."""
+        if not self.time_stamps or times is None or groups < 2:
             return [VISUAL_TOKEN] * (groups * per_group)
         slot: list[int] = []
-        for g in range(groups):
-            t = float(timestamps[g * num_frames // groups])
+        for t in times:
             slot += self.tokenizer(f"Time: {t:.1f}s", add_special_tokens=False)["input_ids"]
             slot += [VISUAL_TOKEN] * per_group
         return slot

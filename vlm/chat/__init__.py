@@ -24,6 +24,6 @@ question, exactly as in training: for them the tower still runs once per video, 
 whenever the first question of the conversation changes (after `reset`).
 """
 
-from vlm.chat.generation import GenerationSettings, StreamDecoder, TurnStats
+from vlm.chat.generation import GenerationSettings, LoadStats, StreamDecoder, TurnStats
 from vlm.chat.repl import REPL_HELP, repl
-from vlm.chat.session import ContextOverflowError, LoadStats, NoVideoError, VideoChat
+from vlm.chat.session import ContextOverflowError, NoVideoError, VideoChat

@@ -72,6 +72,18 @@ def stop_ids(tokenizer: Any, llm: Any) -> set[int]:
 
 
 @dataclass
+class LoadStats:
+    """What one `load_video` / `load_clip` cost (decoding is not included in `load_clip`)."""
+
+    frames: int = 0
+    visual_tokens: int = 0  # after any pruning by the connector
+    prefix_tokens: int = 0  # system prompt + first user header + visual tokens, prefilled up front
+    decode_s: float = 0.0
+    visual_encode_s: float = 0.0  # tower + connector
+    prefill_s: float = 0.0
+
+
+@dataclass
 class TurnStats:
     """What one `ask` cost: tokens reused from the cache vs prefilled, and timings in seconds."""
 

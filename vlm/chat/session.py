@@ -11,9 +11,10 @@ from typing import Any, Iterator
 import torch
 
 from vlm.chat.cache import PrefixCache, common_prefix
-from vlm.chat.generation import GenerationSettings, StreamDecoder, TurnStats, next_token, stop_ids
+from vlm.chat.generation import GenerationSettings, LoadStats, StreamDecoder, TurnStats, next_token, stop_ids
 from vlm.data.conversation import PLACEHOLDERS, Turn
 from vlm.llm.template import VISUAL_TOKEN
+from vlm.memory import StreamStats, VideoMemory, encode_chunk, encode_stream
 from vlm.model import VideoLLM
 from vlm.processor import drop_pruned
 from vlm.towers.base import VisualFeatures
@@ -33,18 +34,6 @@ class ContextOverflowError(ValueError):
         super().__init__(message)
         self.needed = needed
         self.limit = limit
-
-
-@dataclass
-class LoadStats:
-    """What one `load_video` / `load_clip` cost (decoding is not included in `load_clip`)."""
-
-    frames: int = 0
-    visual_tokens: int = 0  # after any pruning by the connector
-    prefix_tokens: int = 0  # system prompt + first user header + visual tokens, prefilled up front
-    decode_s: float = 0.0
-    visual_encode_s: float = 0.0  # tower + connector
-    prefill_s: float = 0.0
 
 
 def _sanitize(text: str) -> str:
@@ -108,6 +97,7 @@ class VideoChat:
         self.last_stats: TurnStats | None = None
         self.load_stats: LoadStats | None = None
         self._video: _Video | None = None
+        self._memory: VideoMemory | None = None  # a long video's consolidated tokens (load_long_video)
         self._turns: list[Turn] = []  # user turns without the placeholder; assistant turns as answered
         self._cache = PrefixCache(model)
         self._epoch = 0  # bumped by anything that invalidates a prepared turn
@@ -213,14 +203,9 @@ class VideoChat:
             raise ValueError(f"media_type must be one of {sorted(PLACEHOLDERS)}, got {media_type!r}")
         video = _Video(clip, media_type, *self.processor.preprocess_clip(clip))
         video.slot = self.processor.visual_slot(video.pixel_values.shape[0], video.timestamps.tolist())
-        prefix = self._prefix_ids(video)
-        if len(prefix) >= self.max_context:
-            raise ContextOverflowError(
-                f"{clip.source}: {len(clip)} frame(s) take {video.slot.count(VISUAL_TOKEN)} visual tokens; with the "
-                f"system prompt that is {len(prefix)} tokens before any question, and the model's context limit is "
-                f"{self.max_context}. Load the video with fewer frames (num_frames=...).", len(prefix), self.max_context)
+        self._check_prefix(video)
         self._close_active()
-        self._video = video
+        self._video, self._memory = video, None
         self._turns = []
         self._epoch += 1
         self._cache.crop(0)
@@ -235,6 +220,51 @@ class VideoChat:
                      self.num_visual_tokens, stats.visual_encode_s, stats.prefix_tokens, stats.prefill_s)
         stats.visual_tokens = self.num_visual_tokens
         self.load_stats = stats
+
+    def _check_prefix(self, video: _Video) -> None:
+        prefix = self._prefix_ids(video)
+        if len(prefix) >= self.max_context:
+            raise ContextOverflowError(
+                f"{video.clip.source}: {video.slot.count(VISUAL_TOKEN)} visual tokens; with the system prompt that is "
+                f"{len(prefix)} tokens before any question, and the model's context limit is {self.max_context}. "
+                "Load the video with fewer frames (num_frames=..., or max_groups=... for a long video).",
+                len(prefix), self.max_context)
+
+    # ---------------------------------------------------------------- long and streaming videos (vlm.memory)
+    def load_long_video(self, path: str | os.PathLike, *, fps: float = 1.0, chunk_frames: int = 8,
+                        max_groups: int = 16, start: float | None = None, end: float | None = None) -> StreamStats:
+        """Decode and encode a long video chunk by chunk into a bounded memory of at most `max_groups` token groups
+        (`vlm.memory`: time linear in the length, memory bounded); starts a new conversation. `append_frames`
+        streams more frames in later. Not for instruction-aware connectors or `reuse_cache=False`."""
+        if self.processor.uses_instruction or not self.reuse_cache:
+            raise ValueError("long videos need a connector that does not read the question, and reuse_cache=True")
+        memory, last, stats = encode_stream(self.model, path, fps=fps, chunk_frames=chunk_frames,
+                                            max_groups=max_groups, start=start, end=end)
+        self._use_memory(memory, last)
+        self._turns = []
+        return stats
+
+    def append_frames(self, clip: Clip) -> None:
+        """Streaming: encode `clip` (frames that continue the video, with their timestamps) into the memory; the
+        conversation goes on and the next answer reads the updated memory."""
+        if self._memory is None:
+            raise ValueError("append_frames continues a video loaded with load_long_video")
+        tokens, groups, times = encode_chunk(self.model, clip)
+        memory = self._memory
+        memory.add(tokens, groups, times)
+        self._use_memory(memory, clip)
+
+    def _use_memory(self, memory: VideoMemory, last: Clip) -> None:
+        video = _Video(last, "video", *self.processor.preprocess_clip(last))
+        video.embeds = memory.tokens.to(self.model.device)
+        video.slot = self.processor.group_slot(len(memory.groups), memory.groups[0].shape[0], [s[0] for s in memory.spans])
+        self._check_prefix(video)
+        self._close_active()
+        self._video, self._memory = video, memory
+        self._epoch += 1
+        ids = self._cache.ids  # keys/values from the first visual position on are stale
+        self._cache.crop(ids.index(VISUAL_TOKEN) if VISUAL_TOKEN in ids else len(ids))
+        self.load_stats = LoadStats(frames=len(last), visual_tokens=self.num_visual_tokens)
 
     def _encode(self, video: _Video, instruction: str | None) -> float:
         """Run the tower (unless its features are kept) and the connector; returns the seconds spent."""

@@ -1,0 +1,97 @@
+"""Long videos in bounded memory (vlm.memory) and VideoChat's long/streaming mode."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import TINY_LLM, TINY_TOWERS
+from vlm.memory import VideoMemory, chunks_of, encode_stream
+from vlm.model import VideoLLM
+from vlm.video.encode import write_video
+
+
+@pytest.fixture(scope="module")
+def model() -> VideoLLM:
+    torch.manual_seed(0)
+    return VideoLLM.from_config({"tower": copy.deepcopy(TINY_TOWERS["clip"]), "llm": copy.deepcopy(TINY_LLM),
+                                 "connector": {"name": "mlp", "pool": 2}, "num_frames": 4}).eval()
+
+
+@pytest.fixture(scope="module")
+def long_video(tmp_path_factory):
+    """Four minutes at 1 fps (240 frames of 32 px): four scenes of one minute each."""
+    rng = np.random.default_rng(0)
+    scenes = [rng.integers(0, 255, (1, 32, 32, 3), dtype=np.uint8).repeat(60, 0) for _ in range(4)]
+    path = tmp_path_factory.mktemp("long") / "long.mp4"
+    write_video(path, np.concatenate(scenes), fps=1.0)
+    return path
+
+
+def test_consolidation_merges_the_most_alike_neighbours():
+    memory = VideoMemory(max_groups=3)
+    a, b = torch.ones(2, 4), torch.tensor([[1.0, -1, 1, -1]] * 2)
+    c = torch.tensor([[0.0, 1, 0, 1]] * 2)
+    memory.add(torch.cat([a, b, b * 1.01, c]), groups=4, times=[0.0, 1.0, 2.0, 3.0])
+    assert len(memory.groups) == 3 and memory.merges == 1
+    assert memory.spans == [(0.0, 0.0), (1.0, 2.0), (3.0, 3.0)] and memory.weights == [1, 2, 1]
+    torch.testing.assert_close(memory.groups[1], b * 1.005)
+    memory.add(c, groups=1, times=[4.0])  # identical to its neighbour: merged with it, weighted 1:1
+    assert memory.spans[-1] == (3.0, 4.0) and memory.tokens.shape == (6, 4)
+    with pytest.raises(ValueError, match="groups"):
+        memory.add(torch.ones(3, 4), groups=2, times=[5.0, 6.0])
+
+
+def test_stream_encoding_is_bounded_whatever_the_length(model, long_video):
+    sizes = {}
+    for minutes in (1, 4):
+        memory, last, stats = encode_stream(model, long_video, fps=1.0, chunk_frames=8, max_groups=6,
+                                            end=60.0 * minutes)
+        assert stats.frames == 60 * minutes and stats.chunks == -(-stats.frames // 8)
+        assert len(memory.groups) == 6 and memory.tokens.shape[0] == 6 * 4  # 2x2 pooled 4x4 grid per frame
+        assert [s[0] for s in memory.spans] == sorted(s[0] for s in memory.spans)
+        assert memory.spans[0][0] == 0.0 and memory.spans[-1][1] == 60.0 * minutes - 1
+        sizes[minutes] = memory.nbytes
+        assert len(last) <= 8
+    assert sizes[1] == sizes[4]
+    chunks = list(chunks_of(long_video, fps=0.5, chunk_frames=16))
+    assert sum(len(c) for c in chunks) == 120 and all(len(c) <= 16 for c in chunks)
+
+
+def test_videochat_long_and_streaming_modes_agree(model, long_video):
+    """Loading the first three minutes and streaming the fourth in gives the memory, the prompt and the answer of
+    loading all four minutes at once; the conversation survives the appended frames."""
+    from vlm.chat import VideoChat
+
+    whole = VideoChat(model, max_new_tokens=4)
+    stats = whole.load_long_video(long_video, max_groups=6)
+    assert stats.frames == 240 and whole.num_visual_tokens == 24
+    expected = whole.ask("What happens?")
+
+    live = VideoChat(model, max_new_tokens=4)
+    live.load_long_video(long_video, max_groups=6, end=180.0)
+    first = live.ask("What happens?")
+    for clip in chunks_of(long_video, fps=1.0, chunk_frames=8, start=180.0):
+        live.append_frames(clip)
+    assert len(live.history) == 2 and live.history[1].text == first  # the conversation goes on
+    live.reset()
+    assert live.ask("What happens?") == expected
+    with pytest.raises(ValueError, match="load_long_video"):
+        VideoChat(model).append_frames(next(chunks_of(long_video)))
+
+
+def test_time_stamps_name_the_span_of_each_memory_group(long_video):
+    torch.manual_seed(0)
+    stamped = VideoLLM.from_config({"tower": copy.deepcopy(TINY_TOWERS["clip"]), "llm": copy.deepcopy(TINY_LLM),
+                                    "connector": {"name": "mlp", "pool": 2}, "num_frames": 4,
+                                    "time_stamps": True}).eval()
+    from vlm.chat import VideoChat
+
+    chat = VideoChat(stamped, max_new_tokens=2)
+    chat.load_long_video(long_video, max_groups=4, end=120.0)
+    text = stamped.processor.tokenizer.decode([i for i in chat._video.slot if i >= 0])
+    starts = [s[0] for s in chat._memory.spans]
+    assert text.count("Time:") == 4 and all(f"Time: {t:.1f}s" in text for t in starts)
