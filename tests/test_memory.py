@@ -95,3 +95,30 @@ def test_time_stamps_name_the_span_of_each_memory_group(long_video):
     text = stamped.processor.tokenizer.decode([i for i in chat._video.slot if i >= 0])
     starts = [s[0] for s in chat._memory.spans]
     assert text.count("Time:") == 4 and all(f"Time: {t:.1f}s" in text for t in starts)
+
+
+def test_time_encoding_gives_tokens_their_absolute_time(tmp_path):
+    """`time_encoding: sinusoid`: starts as a no-op; once trained, the same frame at another second gives other
+    tokens, and the same frame at the same second gives the same tokens however many frames surround it."""
+    torch.manual_seed(0)
+    timed = VideoLLM.from_config({"tower": copy.deepcopy(TINY_TOWERS["clip"]), "llm": copy.deepcopy(TINY_LLM),
+                                  "connector": {"name": "mlp", "pool": 2, "time_encoding": "sinusoid"},
+                                  "num_frames": 4}).eval()
+    frame = torch.randn(1, 3, 32, 32)
+
+    def tokens(frames: int, at: float) -> torch.Tensor:  # `frames` copies of the frame, the last one at `at` s
+        stamps = torch.arange(frames, dtype=torch.float32) + (at - frames + 1)
+        with torch.no_grad():
+            return timed.encode_visual([frame.repeat(frames, 1, 1, 1)], [stamps]).embeds[0][-4:]  # the last frame
+
+    clock = timed.connector.time_encoding
+    assert torch.equal(tokens(4, 30.0), tokens(4, 90.0))  # zero-initialised: nothing changes yet
+    with torch.no_grad():
+        clock.proj.weight.normal_(0, 0.5)
+    assert not torch.allclose(tokens(4, 30.0), tokens(4, 90.0))
+    torch.testing.assert_close(tokens(4, 30.0), tokens(8, 30.0))
+    loaded = VideoLLM.from_pretrained(timed.save_pretrained(tmp_path / "m")).eval()
+    torch.testing.assert_close(loaded.connector.time_encoding.proj.weight, clock.proj.weight)
+    with pytest.raises(ValueError, match="time_encoding must be"):
+        VideoLLM.from_config({"tower": copy.deepcopy(TINY_TOWERS["clip"]), "llm": copy.deepcopy(TINY_LLM),
+                              "connector": {"name": "mlp", "time_encoding": "rope"}})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -78,8 +79,34 @@ class Connector(nn.Module):
         for reducer in self.reducers:
             feats = reducer(feats)
         out = self.project(feats, instruction)
-        norm = getattr(self, "output_norm", None)
-        return out if norm is None else VisualTokens(norm(out.embeds), out.groups, out.mask)
+        norm, clock = getattr(self, "output_norm", None), getattr(self, "time_encoding", None)
+        embeds = out.embeds if norm is None else norm(out.embeds)
+        if clock is not None:
+            embeds = clock(embeds, out.groups, out.timestamps)
+        return VisualTokens(embeds, out.groups, out.mask, out.timestamps)
+
+
+class TimeEncoding(nn.Module):
+    """Each visual token gets its group's absolute time in seconds: sinusoids of periods from 1 s to about an hour,
+    through a learnable projection to the LLM width that starts at zero (adding it to a trained connector changes
+    nothing until it is trained). A frame keeps its time whatever the number of frames sampled or merged around
+    it, unlike positions counted in tokens; the alternative to "Time: x.xs" text stamps (`time_stamps`)."""
+
+    def __init__(self, dim: int, bands: int = 16):
+        super().__init__()
+        self.register_buffer("freqs", 2 * math.pi / torch.logspace(0, math.log10(4096), bands), persistent=False)
+        self.proj = nn.Linear(2 * bands, dim)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, embeds: torch.Tensor, groups: int, timestamps: torch.Tensor | None) -> torch.Tensor:
+        if timestamps is None:
+            raise ValueError("time_encoding needs the clips' timestamps (VisualFeatures.timestamps)")
+        if timestamps.shape[1] != groups:  # e.g. one stamp per frame, two frames per group
+            timestamps = timestamps[:, torch.arange(groups) * timestamps.shape[1] // groups]
+        angles = timestamps.to(self.freqs.device, torch.float32)[..., None] * self.freqs  # [B, G, bands]
+        clock = self.proj(torch.cat([angles.sin(), angles.cos()], -1))  # [B, G, D]
+        return embeds + clock.repeat_interleave(embeds.shape[1] // groups, dim=1).to(embeds.dtype)
 
 
 class OutputNorm(nn.Module):
@@ -116,8 +143,12 @@ def build_connector(
     name: str, in_dim: int, out_dim: int, reduce: Sequence[dict[str, Any]] = (), **kwargs: Any
 ) -> Connector:
     """Build a connector by key; `reduce` is a list of {"name": reducer_key, **kwargs} applied in order first;
-    `output_norm="standardize"` adds an `OutputNorm` after any connector ("none", the default, adds nothing)."""
+    `output_norm="standardize"` adds an `OutputNorm` after any connector ("none", the default, adds nothing);
+    `time_encoding="sinusoid"` adds a `TimeEncoding` after it."""
     output_norm = kwargs.pop("output_norm", "none")
+    time_encoding = kwargs.pop("time_encoding", "none")
+    if time_encoding not in ("none", "sinusoid"):
+        raise ValueError(f"connector '{name}': time_encoding must be 'none' or 'sinusoid', got '{time_encoding}'")
     if output_norm not in ("none", "standardize"):
         raise ValueError(f"connector '{name}': output_norm must be 'none' or 'standardize', got '{output_norm}'")
     reducers = []
@@ -127,4 +158,6 @@ def build_connector(
     connector = CONNECTORS.get(name)(in_dim=in_dim, out_dim=out_dim, reducers=reducers, **kwargs)
     if output_norm == "standardize":
         connector.output_norm = OutputNorm(out_dim)
+    if time_encoding == "sinusoid":
+        connector.time_encoding = TimeEncoding(out_dim)
     return connector
