@@ -11,6 +11,10 @@ LLM then learn is the bound of the vision path at that budget, as the text oracl
 side. The run trains the recipe, scores the held-out benchmark (`cloze`) and measures visual reliance, writing
 `eval_cloze/` and `reliance/` under `--out` (read by scripts/grounding_chart.py).
 
+`--literal` replaces the recipe's connector by a fixed verbalizer (`synth_literal_words`): each 2x2 cell's token is
+the sum of the LLM's input embeddings of " <colour>" and " <shape>" of the object there, or of its background
+tone's word when the cell is empty: visual tokens that are literally the LLM's own words.
+
 Frames are found by content, so only the world's own clips can be encoded (any other frame is a KeyError naming
 it); identical frames within a clip share one entry, and two different states with identical pixels are counted.
 """
@@ -30,7 +34,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from data_tools.synth.world import BG_KINDS, BG_TONES, COLORS, SHAPES, SIZES  # noqa: E402
-from vlm.towers.base import VisionTower, register_tower  # noqa: E402
+from vlm.connectors.base import Connector, VisualTokens, register_connector  # noqa: E402
+from vlm.connectors.reduce import masked_avg_pool2d  # noqa: E402
+from vlm.towers.base import VisionTower, VisualFeatures, register_tower  # noqa: E402
 from vlm.towers.common import CLIP_MEAN, CLIP_STD  # noqa: E402
 from vlm.video.decode import VideoReader  # noqa: E402
 from vlm.video.transforms import VideoPreprocessor  # noqa: E402
@@ -115,11 +121,47 @@ class SynthTruthTower(VisionTower):
         return tokens.to(self.anchor.device, self.anchor.dtype)
 
 
+@register_connector("synth_literal_words")
+class LiteralWords(Connector):
+    """The fixed verbalizer of `--literal` over the `synth_truth` tower's channels (needs the packaged SmolLM2)."""
+
+    def __init__(self, in_dim: int, out_dim: int, reducers=()):
+        super().__init__(in_dim, out_dim, reducers)
+        from vlm.llm.load import load_llm
+
+        llm, tokenizer = load_llm("smollm2")
+        table = llm.get_input_embeddings().weight.detach()
+
+        def words(names: list[str]) -> torch.Tensor:
+            return torch.stack([table[tokenizer(" " + n, add_special_tokens=False)["input_ids"][0]] for n in names])
+
+        self.register_buffer("colors", words(COLOR_NAMES))
+        self.register_buffer("shapes", words(SHAPE_NAMES))
+        self.register_buffer("tones", words(TONES))
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # a trainable part, so a recipe's connector stage is valid
+
+    def project_grid(self, grid: tuple[int, int, int]) -> tuple[int, int]:
+        t, h, w = grid
+        return t, -(-h // 2) * -(-w // 2)
+
+    def project(self, feats: VisualFeatures, instruction=None) -> VisualTokens:
+        x, _, _ = masked_avg_pool2d(feats.tokens.float(), feats.grid, None, 2)  # [B, T, cells, C]
+        b, t, n, _ = x.shape
+        first = BACKGROUND_CHANNELS
+        colors = x[..., first:first + len(COLOR_NAMES)]
+        shapes = x[..., first + len(COLOR_NAMES):first + len(COLOR_NAMES) + len(SHAPE_NAMES)]
+        tones = x[..., len(BG_KINDS):len(BG_KINDS) + len(TONES)]
+        objects = self.colors[colors.argmax(-1)] + self.shapes[shapes.argmax(-1)]
+        embeds = torch.where(colors.sum(-1, keepdim=True) > 0, objects, self.tones[tones.argmax(-1)]) + 0 * self.anchor
+        return VisualTokens(embeds=embeds.reshape(b, t * n, -1), groups=t, timestamps=feats.timestamps)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="demo_data/synth")
     p.add_argument("--recipe", default="recipes/quickstart.yaml")
     p.add_argument("--out", default="runs/vision_oracle")
+    p.add_argument("--literal", action="store_true", help="a fixed verbalizer in place of the recipe's connector")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override")
     args = p.parse_args()
     from evals.mcq import evaluate_mcq
@@ -130,7 +172,10 @@ def main() -> int:
 
     data = Path(args.data).resolve()
     tower = json.dumps({"name": "synth_truth", "data": str(data)})
-    recipe = load_recipe(args.recipe, [f"vars.data={data}", f"output_dir={args.out}", f"model.tower={tower}"] + args.set)
+    sets = [f"vars.data={data}", f"output_dir={args.out}", f"model.tower={tower}"]
+    if args.literal:
+        sets.append('model.connector={"name": "synth_literal_words"}')
+    recipe = load_recipe(args.recipe, sets + args.set)
     final = run_recipe(recipe)
     model = VideoLLM.from_pretrained(final)
     out = Path(args.out)

@@ -1,0 +1,59 @@
+"""scripts/vision_oracle.py: the ground-truth tower finds every frame of its world and emits its ground truth;
+the literal verbalizer turns an object's cell into its colour and shape words."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import vision_oracle as vo  # noqa: E402
+
+from vlm.video import read_clip  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    from data_tools.synth import generate
+
+    root = tmp_path_factory.mktemp("world")
+    generate(root, 5, seed=3, frames=16, size=128)
+    return root
+
+
+def test_truth_tower_looks_frames_up_by_content(world):
+    tower = vo.SynthTruthTower(str(world))
+    meta = json.loads((world / "meta.jsonl").read_text().splitlines()[0])
+    clip = read_clip(world / meta["video"], 4)
+    pixels, _ = tower.preprocessor.clip(clip)
+    tokens = tower.encode(pixels[None])  # [1, 4, 64, C]
+    for j, k in enumerate(clip.indices.tolist()):
+        assert torch.equal(tokens[0, j], torch.from_numpy(vo.frame_truth(meta, k)))
+    obj = next(o for o in meta["objects"] if o["track"]["visible"][clip.indices[0]])
+    k = int(clip.indices[0])
+    cell = int(obj["track"]["y"][k] // 16) * 8 + int(obj["track"]["x"][k] // 16)
+    assert tokens[0, 0, cell, vo.BACKGROUND_CHANNELS + vo.COLOR_NAMES.index(obj["track"]["color"][k])] == 1
+    with pytest.raises(KeyError, match="not a frame of"):
+        tower.encode(torch.zeros(1, 1, 3, 128, 128))
+
+
+@pytest.mark.slow
+def test_literal_words_are_the_llm_embeddings_of_what_is_there(world):
+    tower = vo.SynthTruthTower(str(world))
+    words = vo.LiteralWords(tower.hidden_size, 576)
+    feats = torch.zeros(1, 1, 64, tower.hidden_size)
+    feats[0, 0, :, len(vo.BG_KINDS) + vo.TONES.index("navy")] = 1  # a navy background everywhere
+    feats[0, 0, 9, vo.BACKGROUND_CHANNELS + vo.COLOR_NAMES.index("red")] = 1  # a red circle in cell (1, 1)
+    feats[0, 0, 9, vo.BACKGROUND_CHANNELS + len(vo.COLOR_NAMES) + vo.SHAPE_NAMES.index("circle")] = 1
+    from vlm.towers.base import VisualFeatures
+
+    out = words.project(VisualFeatures(tokens=feats, grid=(1, 8, 8))).embeds[0].detach()  # [16, 576]
+    red, circle = words.colors[vo.COLOR_NAMES.index("red")], words.shapes[vo.SHAPE_NAMES.index("circle")]
+    torch.testing.assert_close(out[0], red + circle)  # pooled cell (0, 0) holds grid cell (1, 1)
+    torch.testing.assert_close(out[1], words.tones[vo.TONES.index("navy")])
+    assert np.isclose(float(out[5].norm()), float(words.tones[vo.TONES.index("navy")].norm()))
