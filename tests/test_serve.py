@@ -93,8 +93,9 @@ def test_stream_joins_to_the_answer_and_second_turn_reuses_the_cache(client):
 
 def test_upload_and_data_url(client, media):
     data = (media / "a.mp4").read_bytes()
-    r = client.post("/v1/files", files={"file": ("clip.mp4", data, "video/mp4")}, data={"purpose": "vision"})
+    r = client.post("/v1/files", files={"file": ("clip.mp4", data, "video/mp4")}, data={"purpose": "user_data"})
     assert r.status_code == 200, r.text
+    assert r.json()["purpose"] == "user_data" and r.json()["filename"] == "clip.mp4"
     file_id = r.json()["id"]
     assert r.json()["bytes"] == len(data)
     by_file = ask(client, video(file_id)).json()["choices"][0]["message"]["content"]

@@ -26,7 +26,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator
 
-from fastapi import FastAPI, File, Request, UploadFile
+from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
@@ -134,7 +134,7 @@ def create_app(model_folder: str | Path, *, upload_dir: str | Path, media_root: 
         return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "vlm"}]}
 
     @app.post("/v1/files")
-    async def upload(request: Request, file: UploadFile = File(...), purpose: str = "vision") -> Any:
+    async def upload(request: Request, file: UploadFile = File(...), purpose: str = Form("vision")) -> Any:
         length = int(request.headers.get("content-length") or 0)
         if length > max_upload_bytes + (64 << 10):
             return _error(413, f"{file.filename}: larger than the server's upload limit of {max_upload_bytes / (1 << 20):.1f} MiB")
