@@ -305,3 +305,27 @@ def test_words_objective_stage_trains_the_connector_through_the_engine(data, tmp
     assert changed
     llm_before, llm_after = before.llm.state_dict(), after.llm.state_dict()
     assert all(torch.equal(llm_before[k], llm_after[k]) for k in llm_before)
+
+
+def test_init_from_starts_the_first_stage_from_a_saved_model(data, tmp_path):
+    """`init_from: FOLDER` (no `model` section): stage 1 starts from that model, as a later stage starts from the
+    one before; its trained parts move on from the saved weights, the config is the saved one."""
+    first = tiny_recipe(data, tmp_path / "first", max_steps=2)
+    first["stages"] = first["stages"][:1]
+    base = run_recipe(parse_recipe(first))
+    second = tiny_recipe(data, tmp_path / "second", max_steps=2)
+    del second["model"]
+    second.update(init_from=str(base), stages=second["stages"][1:])
+    recipe = parse_recipe(second)
+    assert recipe.model_config().to_dict() == VideoLLM.from_pretrained(base).config.to_dict()
+    final = run_recipe(recipe)
+    stage = json.loads((Path(final).parent / "stage.json").read_text())
+    assert stage["init_from"] == str(base)
+    before = VideoLLM.from_pretrained(base).connector.state_dict()
+    after = VideoLLM.from_pretrained(final).connector.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # trained on from the saved connector
+    assert all(torch.allclose(before[k], after[k], atol=0.1) for k in before)  # ... by 2 small steps, not anew
+    with pytest.raises(RecipeError, match="not both"):
+        parse_recipe({**second, "model": first["model"]})
+    with pytest.raises(RecipeError, match="init_from.*not a saved VideoLLM"):
+        parse_recipe({**second, "init_from": str(tmp_path / "missing")})

@@ -68,6 +68,18 @@ class VideoLLMConfig:
         return cls(**copy.deepcopy(d))
 
 
+def saved_config(folder: str | Path) -> tuple[VideoLLMConfig, dict[str, Any]]:
+    """(the model config, the whole config.json) of a saved VideoLLM folder; errors name the folder or file."""
+    meta_path = Path(folder) / "config.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{folder}: not a saved VideoLLM (no config.json)")
+    try:
+        meta = json.loads(meta_path.read_text())
+        return VideoLLMConfig.from_dict(meta["config"]), meta
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise DataFormatError(f"{meta_path}: not a VideoLLM config ({type(e).__name__}: {e})") from None
+
+
 class VideoLLM(ScoringMixin, nn.Module):
     """The model. Parameter groups are its three children, `tower`, `connector` and `llm`; `processor` turns
     conversations and clips into its `Batch` (its visual slots sized by this model's `visual_grid`)."""
@@ -359,14 +371,7 @@ class VideoLLM(ScoringMixin, nn.Module):
         to `device` in `dtype` (defaults: `vlm.towers.common.placement`, CUDA + bfloat16 when a GPU is present), or
         spread over devices by `device_map` ("auto": accelerate's big-model inference, see `vlm.dispatch`)."""
         folder = Path(folder)
-        meta_path = folder / "config.json"
-        if not meta_path.is_file():
-            raise FileNotFoundError(f"{folder}: not a saved VideoLLM (no config.json)")
-        try:
-            meta = json.loads(meta_path.read_text())
-            config = VideoLLMConfig.from_dict(meta["config"])
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise DataFormatError(f"{meta_path}: not a VideoLLM config ({type(e).__name__}: {e})") from None
+        config, meta = saved_config(folder)
         lora = config.lora
         config.lora = {}
         processor = VideoLLMProcessor.from_pretrained(folder) if (folder / CONFIG_NAME).is_file() else None

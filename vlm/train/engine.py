@@ -274,7 +274,7 @@ def run_recipe(recipe: Recipe, only_stage: int | None = None, resume: bool = Tru
     out = Path(recipe.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2, default=str))
-    previous: Path | None = None
+    previous: Path | None = None if recipe.init_from is None else Path(recipe.init_from)
     for i in range(len(recipe.stages)):
         sdir = stage_dir_for(recipe, i)
         final = sdir / "final"

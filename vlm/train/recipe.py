@@ -79,10 +79,15 @@ class RecipeBase:
 
 @dataclass
 class Recipe(RecipeBase):
-    model: dict[str, Any]  # VideoLLMConfig fields
     stages: list[StageSpec]
+    model: dict[str, Any] = field(default_factory=dict)  # VideoLLMConfig fields (not with init_from)
+    init_from: str | None = None  # a saved VideoLLM folder the first stage starts from, instead of `model`
 
     def model_config(self) -> VideoLLMConfig:
+        if self.init_from is not None:
+            from vlm.model import saved_config
+
+            return saved_config(self.init_from)[0]
         return VideoLLMConfig.from_dict(self.model)
 
 
@@ -208,7 +213,7 @@ def _stage(raw: dict[str, Any], i: int, where: str) -> StageSpec:
 
 
 def parse_recipe(raw: dict[str, Any], source: str = "<recipe>", check_files: bool = True) -> Recipe:
-    raw = interpolate(raw, source, "recipe", ("name", "model", "stages"))
+    raw = interpolate(raw, source, "recipe", ("name", "stages") if raw.get("init_from") else ("name", "model", "stages"))
     if not isinstance(raw["stages"], list) or not raw["stages"]:
         raise RecipeError(f"{source}: 'stages' must be a non-empty list")
     stages = [_stage(s, i, source) for i, s in enumerate(raw["stages"])]
@@ -228,10 +233,12 @@ def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = (), stage: i
 def validate(recipe: Recipe, check_files: bool = True) -> None:
     """Every check that can fail before training starts: registry keys, modes, rates, files, numbers."""
     src = recipe.source
+    if recipe.init_from is not None and recipe.model:
+        raise RecipeError(f"{src}: give 'model' (a new model) or 'init_from' (a saved one), not both")
     try:
         cfg = recipe.model_config()
-    except ValueError as e:
-        raise RecipeError(f"{src}: model: {e}") from None
+    except (ValueError, FileNotFoundError) as e:
+        raise RecipeError(f"{src}: {'init_from' if recipe.init_from else 'model'}: {e}") from None
     registries = (("tower", TOWERS, "name"), ("connector", CONNECTORS, "name"), ("llm", LLM_LOADERS, "loader"))
     for part, registry, key in registries:
         spec = getattr(cfg, part)
