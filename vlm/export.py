@@ -113,6 +113,7 @@ def export(folder: str | os.PathLike, target: str, out: str | os.PathLike) -> Pa
     """Write `target`'s folder for the VideoLLM saved in `folder` to `out`; returns `out`."""
     from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
 
+    from vlm.chat.generation import stop_ids
     from vlm.llm.lora import merge_lora
     from vlm.model import VideoLLM
 
@@ -144,7 +145,7 @@ def export(folder: str | os.PathLike, target: str, out: str | os.PathLike) -> Pa
     if config.tie_word_embeddings:
         hf.tie_weights()
     gen = hf.generation_config
-    gen.eos_token_id = sorted(model_stop_ids(model)) or None
+    gen.eos_token_id = sorted(stop_ids(tokenizer, llm)) or None
     gen.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     gen.suppress_tokens = [image_id, video_id]
     hf.save_pretrained(out)
@@ -154,12 +155,6 @@ def export(folder: str | os.PathLike, target: str, out: str | os.PathLike) -> Pa
     (out / "vlm_export.json").write_text(json.dumps({"source": str(folder), "target": target,
                                                      "num_frames": model.config.num_frames}, indent=2) + "\n")
     return out
-
-
-def model_stop_ids(model: Any) -> set[int]:
-    from vlm.chat.generation import stop_ids
-
-    return stop_ids(model.processor.tokenizer, model.llm)
 
 
 def _load(module: torch.nn.Module, state: dict[str, torch.Tensor], allowed_missing: tuple[str, ...] = ()) -> None:

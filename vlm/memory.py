@@ -25,6 +25,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from vlm.processor import group_starts
 from vlm.video.clip import Clip
 from vlm.video.decode import VideoReader
 from vlm.video.sampling import sample_indices
@@ -106,8 +107,7 @@ def encode_chunk(model: Any, clip: Clip) -> tuple[torch.Tensor, int, list[float]
     if out.mask is not None and not bool(out.mask.all()):
         raise ValueError("the memory needs a connector without token pruning (its groups must be equal)")
     groups = out.groups
-    times = [float(stamps[g * len(stamps) // groups]) for g in range(groups)]
-    return out.embeds[0], groups, times
+    return out.embeds[0], groups, group_starts(stamps, groups)
 
 
 def encode_stream(model: Any, path: str | os.PathLike, *, fps: float = 1.0, chunk_frames: int = 8,

@@ -102,7 +102,7 @@ class VideoLLMProcessor:
             raise ValueError("this processor cannot size a visual slot: it was loaded without its model; use "
                              "VideoLLM.from_pretrained(folder).processor or pass visual_grid=model.visual_grid")
         groups, per_group = self.visual_grid(num_frames)
-        times = None if timestamps is None else [float(timestamps[g * num_frames // groups]) for g in range(groups)]
+        times = None if timestamps is None else group_starts(timestamps, groups)
         return self.group_slot(groups, per_group, times)
 
     def group_slot(self, groups: int, per_group: int, times: Sequence[float] | None = None) -> list[int]:
@@ -236,3 +236,8 @@ def drop_pruned(ids: torch.Tensor, attention: torch.Tensor, labels: torch.Tensor
         if new_labels is not None:
             new_labels[i, sl] = labels[i, r]  # type: ignore[index]
     return new_ids, new_attention, new_labels
+
+
+def group_starts(timestamps: Sequence[float] | torch.Tensor, groups: int) -> list[float]:
+    """The second at which each of `groups` equal temporal groups of these frames starts (its first frame's)."""
+    return [float(timestamps[g * len(timestamps) // groups]) for g in range(groups)]
