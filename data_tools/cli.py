@@ -12,7 +12,7 @@ def _synth(args: argparse.Namespace) -> int:
 
         durations = tuple(float(d) for d in args.durations.split(","))
         print(json.dumps(generate_long(args.out, args.num, args.seed, durations=durations, fps=args.fps or 1.0,
-                                       size=args.size), indent=2))
+                                       size=args.size, train=args.train), indent=2))
         return 0
     from data_tools.synth import generate
 
@@ -71,6 +71,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                    help="the long-video world instead: minutes of a still scene with a few needle events, and its "
                         "MVBench-layout benchmark (needle object and time, event count, order, last event)")
     p.add_argument("--durations", default="30,60,120,300,600", help="with --long: clip lengths in seconds, cycled")
+    p.add_argument("--train", type=int, default=0, help="with --long: this many more clips for training (videos/ and "
+                   "qa_train.json, cloze form); --num clips make the benchmark")
     p.add_argument("--oracle", nargs="?", const="events", choices=["events", "frames"],
                    help="also write the text oracle: each clip's ground truth described in text, in place of the video, in "
                         "every training file, and descriptions.json for `vlm eval mcq --descriptions`; events (the "

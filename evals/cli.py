@@ -66,7 +66,8 @@ def _mcq(args: argparse.Namespace) -> int:
     result = evaluate_mcq(model, args.bench, args.out, profile=args.profile, tasks=args.tasks, num_frames=args.frames,
                           sampling=args.sampling, limit=args.limit, batch_size=args.batch_size,
                           model_name=args.model_name or args.model, descriptions=args.descriptions,
-                          workers=args.workers)
+                          workers=args.workers, memory=None if args.memory is None else {
+                              "max_groups": args.memory, "fps": args.memory_fps, "chunk_frames": args.chunk_frames})
     _print_result(result, args.out)
     return 0
 
@@ -179,6 +180,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model-name", default=None, help="name recorded in results (default: the model folder)")
     p.add_argument("--descriptions", default=None,
                    help="text oracle: JSON {video name or stem: description} used in place of each clip")
+    p.add_argument("--memory", type=int, default=None, metavar="GROUPS",
+                   help="long videos: read every frame at --memory-fps, chunk by chunk, into a memory of GROUPS token "
+                        "groups (docs/LONG_VIDEO.md) instead of --frames sampled frames")
+    p.add_argument("--memory-fps", type=float, default=1.0)
+    p.add_argument("--chunk-frames", type=int, default=8, help="frames encoded at a time with --memory")
     _workers_arg(p)
     _placement_args(p)
     p.set_defaults(func=_mcq)
@@ -190,8 +196,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--videos", default=None, help="video folder (default: the data file's folder)")
     p.add_argument("--video-template", default=None, help='file name pattern, e.g. "video{video}.mp4"')
     p.add_argument("--predictions", default=None, help="judge a file of {id, question, answer, pred} instead")
-    p.add_argument("--judge", default="contains", choices=["exact", "contains", "minilm", "openai"])
-    p.add_argument("--threshold", type=float, default=None, help="minilm: cosine threshold (default 0.85)")
+    p.add_argument("--judge", default="contains", choices=["exact", "contains", "minilm", "iou", "openai"])
+    p.add_argument("--threshold", type=float, default=None, help="minilm: cosine threshold (default 0.85); iou: IoU threshold (default 0.5)")
     p.add_argument("--judge-base-url", default=None, help="openai: e.g. http://127.0.0.1:8000/v1")
     p.add_argument("--judge-model", default=None, help="openai: the pinned judge model id")
     p.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", help="openai: env var holding the API key")

@@ -34,6 +34,9 @@ class VideoPrompt:
     question: str = ""  # the raw question (for models that build their own prompt)
     options: list[str] = field(default_factory=list)  # the raw candidate answers of a multiple-choice question
     media_type: str = "video"
+    # a long video already encoded (a `vlm.memory.VideoMemory`) in place of `clip`, for models that read it
+    # (VideoLLM); `evaluate_mcq(memory=...)` sets it
+    visual: object | None = None
 
 
 @dataclass(kw_only=True)

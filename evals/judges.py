@@ -117,6 +117,50 @@ class ContainsJudge:
         return out
 
 
+_INTERVAL = re.compile(r"(\d+(?:\.\d+)?)\s*(?:s|sec|secs|seconds?)?\s*(?:to|-|–|until|and)\s*(\d+(?:\.\d+)?)")
+
+
+def parse_interval(text: str) -> tuple[float, float] | None:
+    """The first "A to B" / "A-B" / "from A s to B s" interval of seconds in `text` (ordered), or None."""
+    m = _INTERVAL.search(str(text).lower())
+    if m is None:
+        return None
+    a, b = float(m.group(1)), float(m.group(2))
+    return (min(a, b), max(a, b))
+
+
+def interval_iou(a: tuple[float, float], b: tuple[float, float]) -> float:
+    """Temporal IoU of two [start, end] intervals (0 when either is empty and they differ)."""
+    inter = max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
+    union = max(a[1], b[1]) - min(a[0], b[0])
+    return inter / union if union > 0 else float(a == b)
+
+
+class IoUJudge:
+    """Temporal grounding: the interval in the prediction against the answer's, by IoU (Charades-STA's R@1 at an
+    IoU threshold, and the mean IoU: `mean_score` / 5)."""
+
+    def __init__(self, threshold: float = 0.5):
+        self.threshold = threshold
+        self.judge_id = f"iou{threshold:g}/v1"
+
+    def record(self) -> dict[str, Any]:
+        return {"id": self.judge_id, "rule": f"IoU(interval in prediction, interval in answer) >= {self.threshold:g}; "
+                                             "no interval in the prediction: IoU 0", "score": "5 * IoU"}
+
+    def judge_many(self, triples: Sequence[tuple[str, str, str]]) -> list[Verdict | JudgeError]:
+        out: list[Verdict | JudgeError] = []
+        for _, answer, pred in triples:
+            truth = parse_interval(answer)
+            if truth is None:
+                out.append(JudgeError(f"the answer {answer!r} holds no interval of seconds"))
+                continue
+            guess = parse_interval(pred)
+            iou = 0.0 if guess is None else interval_iou(guess, truth)
+            out.append(Verdict(iou >= self.threshold, 5.0 * iou, {"iou": round(iou, 4), "predicted": guess}))
+        return out
+
+
 class EmbeddingJudge:
     """`contains`, else MiniLM cosine similarity >= threshold (see the module docstring for the threshold)."""
 
@@ -331,13 +375,15 @@ class OpenAIJudge:
 
 
 def build_judge(name: str, **kwargs: Any) -> Judge:
-    """"exact" | "contains" | "minilm" (threshold=) | "openai" (base_url=, model=, cache_dir=, ...)."""
+    """"exact" | "contains" | "minilm" (threshold=) | "iou" (threshold=) | "openai" (base_url=, model=, ...)."""
     if name == "exact":
         return ExactMatchJudge()
     if name == "contains":
         return ContainsJudge()
     if name == "minilm":
         return EmbeddingJudge(**{k: v for k, v in kwargs.items() if k in ("threshold", "encoder") and v is not None})
+    if name == "iou":
+        return IoUJudge(**{k: v for k, v in kwargs.items() if k == "threshold" and v is not None})
     if name == "openai":
         return OpenAIJudge(**kwargs)
-    raise KeyError(f"unknown judge '{name}'; judges: exact, contains, minilm, openai")
+    raise KeyError(f"unknown judge '{name}'; judges: exact, contains, minilm, iou, openai")

@@ -24,7 +24,7 @@ import os
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from tqdm import tqdm
 
@@ -96,15 +96,16 @@ class _Runner:
         self.model, self.profile, self.plog = model, profile, plog
         self.first_error: BaseException | None = None
 
-    def request(self, item: MCQItem, visual: Clip | str) -> GenerationRequest | ScoringRequest:
-        """The model request for one item; `visual` is its decoded clip, or a text description of it (oracle)."""
+    def request(self, item: MCQItem, visual: Any) -> GenerationRequest | ScoringRequest:
+        """The model request for one item; `visual` is its decoded clip, a text description of it (oracle), or
+        its long video's `VideoMemory`."""
         p = self.profile
         turns = p.build_turns(item)
         clip: Clip | None = visual if isinstance(visual, Clip) else None
         if isinstance(visual, str):
             turns = [Turn(t.role, describe_in_place(t.text, visual)) if "<video>" in t.text else t for t in turns]
         common = dict(uid=item.uid, clip=clip, turns=turns, prefill=p.prefill, question=item.question,
-                      options=list(item.candidates))
+                      options=list(item.candidates), visual=None if isinstance(visual, (Clip, str)) else visual)
         if p.mode == "generate":
             return GenerationRequest(**common, max_new_tokens=p.max_new_tokens, stop=p.stop)
         assert p.continuations is not None
@@ -183,6 +184,7 @@ def evaluate_mcq(
     progress: bool = True,
     descriptions: str | os.PathLike | dict[str, str] | None = None,
     workers: int = 2,
+    memory: dict[str, Any] | None = None,
 ) -> EvalResult:
     """Evaluate `model` on an MVBench-layout benchmark; results, predictions, chart and report go to `out_dir`.
 
@@ -190,12 +192,19 @@ def evaluate_mcq(
     generation profiles (`mvbench`, `lmms_eval`) and `score_options` for the loglik ones (`loglik`, `cloze`).
     `descriptions` ({video file name or stem: text}, or a JSON file of it) scores the text oracle: each clip is
     replaced by "Video description: <text>" in the same prompt and nothing is decoded; a question whose video
-    has no description is skipped and counted. `workers` processes decode clips ahead of the model (0: in this
+    has no description is skipped and counted. `memory` ({"max_groups": 16, "fps": 1.0, "chunk_frames": 8}) asks
+    each question about the whole video read through the long-video memory (`vlm.memory.encode_stream`: every
+    frame at `fps`, chunk by chunk, consolidated into `max_groups` token groups) instead of `num_frames` sampled
+    frames; it needs a VideoLLM. `workers` processes decode clips ahead of the model (0: in this
     process, when needed). Under torchrun (or `accelerate launch`) each process takes its share of the clips and
     rank 0 writes the results (see `evals.shard`).
     """
     prof = get_profile(profile) if isinstance(profile, str) else profile
     texts = _load_descriptions(descriptions)
+    if memory is not None and (set(memory) - {"max_groups", "fps", "chunk_frames"} or texts is not None
+                               or not callable(getattr(model, "encode_visual", None))):
+        raise ValueError(f"memory: needs a VideoLLM, no descriptions, and settings among max_groups, fps, chunk_frames "
+                         f"(got {sorted(memory)})")
     _check_model(model, prof)
     out = Path(out_dir)
     data = load_mvbench(bench_root, tasks)
@@ -214,6 +223,8 @@ def evaluate_mcq(
              f" by rank {shard.rank} of {shard.world}" if shard.world > 1 else "", prof.name, mid)
     if texts is not None:
         clips = ((todo, *_description_of(texts, todo[0])) for todo in jobs)
+    elif memory is not None:
+        clips = _memories(model, jobs, memory)
     else:
         read = functools.partial(decode_group_clip, num_frames=num_frames, sampling=sampling, backend=backend)
         clips = prefetch_clips(jobs, read, workers=workers)
@@ -229,6 +240,10 @@ def evaluate_mcq(
                 continue
             decoded += texts is None
             buffer += [(i, clip) for i in todo]
+            while memory is not None and buffer:  # batches of one video's memory: no padding between memories
+                asked += runner.run(buffer[:batch_size])
+                bar.update(len(buffer[:batch_size]))
+                buffer = buffer[batch_size:]
             while len(buffer) >= batch_size:
                 asked += runner.run(buffer[:batch_size])
                 bar.update(batch_size)
@@ -248,6 +263,7 @@ def evaluate_mcq(
                                  time.perf_counter() - t0,
                                  settings={"num_frames": num_frames, "sampling": sampling, "limit": limit,
                                            "batch_size": batch_size, "backend": backend, "frame_folders_first_index": 1,
+                                           "memory": memory,
                                            "descriptions": None if texts is None else (
                                                str(descriptions) if not isinstance(descriptions, dict)
                                                else f"{len(texts)} given")})
@@ -259,6 +275,18 @@ def evaluate_mcq(
     if failure:
         raise RuntimeError(failure)
     return result if result is not None else EvalResult.load(out / "results.json")
+
+
+def _memories(model: Any, jobs: Sequence[Sequence[MCQItem]], settings: dict[str, Any]) -> Iterator[tuple[Any, Any, Any]]:
+    """(questions, their video's memory, None) or (questions, None, the error) per clip, encoded in this process."""
+    from vlm.memory import encode_stream
+
+    for todo in jobs:
+        item = todo[0]
+        try:
+            yield todo, encode_stream(model, item.video, start=item.start, end=item.end, **settings)[0], None
+        except Exception as e:  # noqa: BLE001  (a bad video must not end a long run)
+            yield todo, None, e
 
 
 def decode_group_clip(todo: Sequence[MCQItem], num_frames: int, sampling: str, backend: str) -> Clip:

@@ -265,6 +265,8 @@ def evaluate_openqa(
     yes = sum(bool(r["verdict"]["correct"]) for r in judged)
     metrics = {"accuracy": 100.0 * yes / len(judged) if judged else None,
                "mean_score": sum(float(r["verdict"]["score"]) for r in judged) / len(judged) if judged else None}
+    if judged and all(isinstance(r["verdict"].get("detail"), dict) and "iou" in r["verdict"]["detail"] for r in judged):
+        metrics["mean_iou"] = sum(float(r["verdict"]["detail"]["iou"]) for r in judged) / len(judged)
     elapsed = time.perf_counter() - t0
     result = EvalResult(
         task_type="openqa", model=mid, dataset={"name": dataset or "openqa", "items": len(items)}, metrics=metrics,

@@ -1,7 +1,8 @@
 """Encoding long videos: the bounded memory (vlm.memory) vs encoding every frame at once, at 1, 3 and 10 minutes.
 
     python scripts/bench_long.py [--minutes 1 3 10] [--out docs/bench_long.json]
-    python scripts/bench_long.py --eval runs/quickstart/final [--clips 30]    # accuracy on the long benchmark
+
+(Accuracy on the long benchmark: scripts/eval_long.py.)
 
 Videos: the long synthetic world (`vlm data synth --long`) at 1 fps, 128 px. Model: the quickstart's tower and
 connector (EfficientNet-Lite0 tapped at stride 16, MLP per 2x2 cell: 16 tokens per frame) in front of the packaged
@@ -59,61 +60,14 @@ def child(method: str, video: str) -> dict:
             "encode_mb": round(peak - base, 1), "tokens": int(tokens)}
 
 
-def evaluate(model_dir: str, clips: int) -> list[dict]:
-    """Held-out accuracy (cloze) on a long world by task and by clip length: uniform 16 frames vs 64 frames under a
-    256-token pooling budget (the same LLM sequence length)."""
-    from collections import defaultdict
-
-    from data_tools.synth.long_world import generate_long
-    from evals.mcq import evaluate_mcq
-    from vlm.budget import TokenBudget
-    from vlm.model import VideoLLM
-
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        generate_long(tmp, clips, seed=11, progress=False)
-        bench = Path(tmp) / "mvbench"
-        durations = {}
-        for entry in json.loads((bench / "tasks.json").read_text()):
-            for i, q in enumerate(json.loads((bench / "json" / entry["json"]).read_text())):
-                durations[(entry["task"], i)] = q["duration_s"]
-        for label, budget, frames in (("uniform 16 frames", None, 16),
-                                      ("64 frames, 256-token pool budget", {"max_tokens": 256, "policy": "pool"}, 64)):
-            model = VideoLLM.from_pretrained(model_dir)
-            if budget:
-                model.config.token_budget, model.budget = budget, TokenBudget.from_dict(budget)
-            result = evaluate_mcq(model, bench, Path(tmp) / label, profile="cloze", num_frames=frames, workers=0,
-                                  progress=False)
-            by_length: dict[float, list[bool]] = defaultdict(list)
-            for line in (Path(tmp) / label / "predictions.jsonl").read_text().splitlines():
-                rec = json.loads(line)
-                if "correct" in rec:
-                    by_length[durations[(rec["task"], rec["index"])]].append(bool(rec["correct"]))
-            row = {"config": label, "visual_tokens": model.num_visual_tokens(frames),
-                   "mean_over_tasks": round(result.metrics["accuracy_mean_over_tasks"], 1),
-                   "chance": round(result.metrics["chance_mean_over_tasks"], 1),
-                   "per_task": {t: round(r["accuracy"], 1) for t, r in result.per_task.items()},
-                   "by_length_s": {int(d): round(100 * sum(v) / len(v), 1) for d, v in sorted(by_length.items())}}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    return rows
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, nargs="+", default=[1, 3, 10])
     p.add_argument("--out", default=None, help="write the rows as JSON here")
-    p.add_argument("--eval", metavar="MODEL", help="accuracy of a saved model on a long world instead")
-    p.add_argument("--clips", type=int, default=30, help="with --eval: clips of the long world")
     p.add_argument("--child", nargs=2, metavar=("METHOD", "VIDEO"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         print(json.dumps(child(*args.child)))
-        return 0
-    if args.eval:
-        rows = evaluate(args.eval, args.clips)
-        if args.out:
-            Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
         return 0
     from data_tools.synth.long_world import generate_long
 

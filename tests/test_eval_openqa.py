@@ -66,6 +66,28 @@ def test_offline_judges_and_normalisation():
     assert [v.correct for v in ContainsJudge().judge_many(triples)] == [True, True, False, True]
 
 
+def test_iou_judge_scores_temporal_grounding(msrvtt, tmp_path):
+    """`--judge iou`: the first interval of seconds in the prediction against the answer's; right at IoU >= 0.5;
+    mean IoU in the metrics; an answer without an interval is a judge error (unjudged), not a zero."""
+    from evals.judges import IoUJudge, build_judge, parse_interval
+
+    assert parse_interval("from 12 s to 15 s") == (12.0, 15.0) and parse_interval("15-12") == (12.0, 15.0)
+    assert parse_interval("between 3.5 and 7 seconds") == (3.5, 7.0) and parse_interval("at the end") is None
+    out = IoUJudge().judge_many([("q", "from 10 s to 14 s", "from 11 s to 14 s"),  # 3/4
+                                 ("q", "from 10 s to 14 s", "It is visible from 12 to 20."),  # 2/10
+                                 ("q", "from 10 s to 14 s", "near the end"),  # no interval: 0
+                                 ("q", "at the end", "from 1 s to 2 s")])
+    assert [v.correct for v in out[:3]] == [True, False, False] and isinstance(out[3], JudgeError)
+    assert [v.detail["iou"] for v in out[:3]] == [0.75, 0.2, 0.0] and out[0].score == pytest.approx(3.75)
+    assert build_judge("iou", threshold=0.3).judge_id == "iou0.3/v1"
+    items = load_openqa(msrvtt / "test_qa.json", msrvtt / "videos")[:2]
+    for item, answer in zip(items, ("from 0 s to 4 s", "from 2 s to 6 s")):
+        item.answer = answer
+    model = ScriptedModel(lambda r: "from 1 s to 4 s")
+    res = evaluate_openqa(model, items, IoUJudge(), tmp_path, num_frames=4, progress=False)
+    assert res.metrics["accuracy"] == 50.0 and res.metrics["mean_iou"] == pytest.approx((0.75 + 0.4) / 2)
+
+
 def test_harness_with_contains_judge_counts_skips_and_resumes(msrvtt, tmp_path):
     items = load_openqa(msrvtt / "test_qa.json", msrvtt / "videos")
     model = ScriptedModel(lambda r: ANSWERS[r.question])

@@ -122,3 +122,40 @@ def test_time_encoding_gives_tokens_their_absolute_time(tmp_path):
     with pytest.raises(ValueError, match="time_encoding must be"):
         VideoLLM.from_config({"tower": copy.deepcopy(TINY_TOWERS["clip"]), "llm": copy.deepcopy(TINY_LLM),
                               "connector": {"name": "mlp", "time_encoding": "rope"}})
+
+
+def test_mcq_through_the_memory_reads_every_frame(model, tmp_path):
+    """`evaluate_mcq(memory=...)`: with room for every frame the memory holds each frame's tokens unmerged, so the
+    scores equal the ordinary path reading the same frames (all 12 at 1 fps); a smaller memory consolidates,
+    gives other scores, and the settings are recorded. A missing video is a counted error, not the end."""
+    import json
+
+    from evals.mcq import evaluate_mcq
+    from tests.eval_helpers import moving_square
+
+    root = tmp_path / "bench"
+    (root / "video").mkdir(parents=True)
+    write_video(root / "video" / "a.mp4", moving_square((220, 30, 30), frames=12), fps=1.0)
+    items = [{"video": v, "question": q, "candidates": ["left", "right", "up"], "answer": "right"}
+             for v, q in (("a.mp4", "Which way?"), ("a.mp4", "Where to?"), ("gone.mp4", "Which way?"))]
+    (root / "json").mkdir()
+    (root / "json" / "md.json").write_text(json.dumps(items))
+    (root / "tasks.json").write_text(json.dumps([{"task": "MD", "json": "md.json", "prefix": "video/",
+                                                  "data_type": "video", "bound": False}]))
+
+    def scores(out, **kw):
+        evaluate_mcq(model, root, tmp_path / out, profile="cloze", workers=0, progress=False, **kw)
+        rows = [json.loads(line) for line in (tmp_path / out / "predictions.jsonl").read_text().splitlines()]
+        return {r["uid"]: r.get("scores", r.get("error")) for r in rows}
+
+    plain = scores("plain", num_frames=12, sampling="uniform")
+    full = scores("full", memory={"max_groups": 12, "fps": 1.0, "chunk_frames": 5})
+    small = scores("small", memory={"max_groups": 3})
+    for uid in ("MD/0", "MD/1"):
+        np.testing.assert_allclose(full[uid], plain[uid], atol=1e-4)
+        assert not np.allclose(small[uid], plain[uid], atol=1e-4)
+    assert "gone.mp4" in small["MD/2"]
+    settings = json.loads((tmp_path / "small" / "results.json").read_text())["settings"]
+    assert settings["memory"] == {"max_groups": 3}
+    with pytest.raises(ValueError, match="memory"):
+        evaluate_mcq(model, root, tmp_path / "bad", memory={"groups": 3}, workers=0)

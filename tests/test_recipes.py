@@ -28,7 +28,7 @@ def data(tmp_path_factory):
 
 def test_all_recipes_are_tested():
     shipped = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml"))
-    assert shipped == sorted(RECIPES + ["video_vit_classify", "videomae_pretrain"])
+    assert shipped == sorted(RECIPES + ["video_vit_classify", "videomae_pretrain", "long_video"])
 
 
 def test_pretraining_and_classification_recipes_parse_with_overrides():
@@ -82,3 +82,18 @@ def test_recipe_trains_with_tiny_overrides(name, data, tmp_path):
         assert stage_json["total_steps"] == 1
         if stage.save == "connector":
             assert (tmp_path / "run" / f"{i + 1}-{stage.name}" / "connector" / "connector.json").is_file()
+
+
+def test_long_video_recipe_continues_a_saved_model_under_a_token_budget(data, tiny_model_dir, tmp_path):
+    """recipes/long_video.yaml starts from a saved model (here a tiny one), applies its token budget and prompt
+    length to it, trains its adapters on, and saves a model whose prompt holds at most the budget's tokens."""
+    overrides = [f"vars.base={tiny_model_dir}", f"output_dir={tmp_path / 'run'}", "vars.frames=8",
+                 f"stages.0.data.mixture={json.dumps([{'path': str(data['instruct'])}])}", "stages.0.max_steps=1",
+                 "stages.0.batch_size=2", "stages.0.data.num_workers=0", "model.token_budget.max_tokens=8"]
+    recipe = load_recipe(REPO / "recipes" / "long_video.yaml", overrides)
+    assert recipe.init_from == str(tiny_model_dir) and recipe.stages[0].parts["llm"].mode == "lora"
+    model = VideoLLM.from_pretrained(run_recipe(recipe))
+    base = VideoLLM.from_pretrained(tiny_model_dir)
+    assert model.config.token_budget == {"max_tokens": 8, "policy": "pool"} and model.config.max_length == 512
+    assert model.num_visual_tokens(8) <= 8 < base.num_visual_tokens(8)
+    assert model.config.tower == base.config.tower and "llm" in model.config.lora

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import filecmp
+import os
 import json
 from collections import Counter
 from pathlib import Path
@@ -457,9 +458,19 @@ def test_long_world_needles_and_questions(tmp_path: Path) -> None:
     from vlm.video import VideoReader
 
     out = tmp_path / "long"
-    assert main(["data", "synth", "--long", "--out", str(out), "--num", "8", "--durations", "20,45"]) == 0
-    metas = _meta(out)
+    assert main(["data", "synth", "--long", "--out", str(out), "--num", "8", "--durations", "20,45", "--train", "3"]) == 0
+    metas = [m for m in _meta(out) if m["split"] == "test"]
     assert [m["duration_s"] for m in metas] == [20.0, 45.0] * 4
+    train = [m for m in _meta(out) if m["split"] == "train"]
+    records = json.loads((out / "qa_train.json").read_text())
+    assert [r["video"] for r in records] == [m["video"] for m in train] == [f"videos/t{i:05d}.mp4" for i in range(3)]
+    assert not {m["video"] for m in train} & {f"mvbench/{b}" for b in os.listdir(out / "mvbench" / "video")}
+    for r, m in zip(records, train):
+        turns = r["conversations"]
+        assert turns[0]["value"].startswith("<video>\n") and all("<video>" not in t["value"] for t in turns[1:])
+        count = sum(e["type"] == "flash" for e in m["events"])
+        asked = {t["value"]: a["value"] for t, a in zip(turns[::2], turns[1::2])}
+        assert asked[next(q for q in asked if "How many times" in q)] == ["once", "twice", "three times", "four times"][count - 1]
     for m in metas:
         with VideoReader(out / m["video"]) as reader:
             assert reader.info.num_frames == m["num_frames"] == round(m["duration_s"])
@@ -481,8 +492,12 @@ def test_long_world_needles_and_questions(tmp_path: Path) -> None:
     for item in bench["Event Count"]:
         n = sum(e["type"] == "flash" for e in by_video[Path(item.video).name]["events"])
         assert item.answer == ["once", "twice", "three times", "four times"][n - 1]
+    grounding = json.loads((out / "grounding_test.json").read_text())
+    assert len(grounding) == len(bench["Needle Time"])
+    for g, item in zip(grounding, bench["Needle Time"]):
+        assert g["video"] == Path(item.video).name and g["answer"] == item.answer
     positions = [i.candidates.index(i.answer) for i in bench["Needle Object"]]
     assert len(set(positions)) == 4  # the answer's position rotates
     again = tmp_path / "again"
-    main(["data", "synth", "--long", "--out", str(again), "--num", "8", "--durations", "20,45"])
+    main(["data", "synth", "--long", "--out", str(again), "--num", "8", "--durations", "20,45", "--train", "3"])
     assert (again / "meta.jsonl").read_text() == (out / "meta.jsonl").read_text()

@@ -325,7 +325,14 @@ def test_init_from_starts_the_first_stage_from_a_saved_model(data, tmp_path):
     after = VideoLLM.from_pretrained(final).connector.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)  # trained on from the saved connector
     assert all(torch.allclose(before[k], after[k], atol=0.1) for k in before)  # ... by 2 small steps, not anew
-    with pytest.raises(RecipeError, match="not both"):
+    with pytest.raises(RecipeError, match="may only change"):
         parse_recipe({**second, "model": first["model"]})
+    # settings that change no weights may be changed on the saved model: they reach the trained model's config
+    budget = {"max_tokens": 4, "policy": "pool"}
+    third = {**second, "output_dir": str(tmp_path / "third"), "model": {"token_budget": budget, "max_length": 200}}
+    assert parse_recipe(third).model_config().token_budget == budget
+    saved = VideoLLM.from_pretrained(run_recipe(parse_recipe(third)))
+    assert saved.config.token_budget == budget and saved.processor.max_length == 200
+    assert saved.num_visual_tokens(saved.config.num_frames) <= 4
     with pytest.raises(RecipeError, match="init_from.*not a saved VideoLLM"):
         parse_recipe({**second, "init_from": str(tmp_path / "missing")})

@@ -68,6 +68,9 @@ class VideoLLMConfig:
         return cls(**copy.deepcopy(d))
 
 
+SETTINGS = ("token_budget", "max_length", "system_prompt", "time_stamps")  # config fields that change no weights
+
+
 def saved_config(folder: str | Path) -> tuple[VideoLLMConfig, dict[str, Any]]:
     """(the model config, the whole config.json) of a saved VideoLLM folder; errors name the folder or file."""
     meta_path = Path(folder) / "config.json"
@@ -122,6 +125,19 @@ class VideoLLM(ScoringMixin, nn.Module):
         for part, settings in list(config.lora.items()):
             model.set_mode(part, "lora", settings)
         return model
+
+    def apply_settings(self, settings: dict[str, Any]) -> None:
+        """Change config fields that change no weights (`SETTINGS`: the token budget, prompt length, system prompt,
+        time stamps) on a built model, its processor included."""
+        unknown = set(settings) - set(SETTINGS)
+        if unknown:
+            raise ValueError(f"{sorted(unknown)} change the weights; only {list(SETTINGS)} can be changed on a built model")
+        for key, value in settings.items():
+            setattr(self.config, key, copy.deepcopy(value))
+            if key == "token_budget":
+                self.budget = TokenBudget.from_dict(value)
+            else:
+                setattr(self.processor, key, value)
 
     def part(self, name: str) -> nn.Module:
         if name not in PARTS:
@@ -241,7 +257,11 @@ class VideoLLM(ScoringMixin, nn.Module):
         ids, attention = batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
         labels = None if batch.labels is None else batch.labels.to(self.device)
         visual = None
-        if batch.pixel_values or batch.features:
+        if batch.visual:  # ready tokens (a long video's memory): no tower, no connector
+            if batch.pixel_values or batch.features:
+                raise ValueError("a batch mixes ready visual tokens with clips; build them in separate batches")
+            visual = torch.cat(list(batch.visual)).to(self.device)
+        elif batch.pixel_values or batch.features:
             instruction = None if batch.instruction_ids is None else self.embed_instruction(batch.instruction_ids,
                                                                                             batch.instruction_mask)
             tokens = self.encode_visual(batch.pixel_values, batch.timestamps, instruction, batch.features, batch.grids)
@@ -271,42 +291,8 @@ class VideoLLM(ScoringMixin, nn.Module):
     def forward(self, batch: Batch, return_logits: bool = False, objective: str = "lm") -> Any:
         """The stage objective `objective` (registered in `vlm.objectives`) on a batch: "lm", the causal-LM output
         (`.loss` on assistant tokens when the batch has labels, `.logits` without them or with `return_logits`);
-        "words", `word_alignment_loss` as `.loss` (no LLM forward)."""
+        "words", `vlm.objectives.word_alignment_loss` as `.loss` (no LLM forward)."""
         return STAGE_OBJECTIVES.get(objective)(self, batch, return_logits)
-
-    def word_alignment_loss(self, batch: Batch, temperature: float = 0.05) -> torch.Tensor:
-        """Ground the visual tokens in the LLM's own word embeddings, without running the LLM.
-
-        For each token id v of the batch's assistant text, every clip scores v by its best-matching visual token
-        (cosine with the LLM's input embedding of v, / temperature); a softmax over the clips of the batch must
-        put the mass on the clips whose text contains v (multi-positive InfoNCE, one term per id). Ids in every
-        clip's text or in none (template tokens, "the") carry no information and are left out, so the loss only
-        asks what tells clips apart: colours, shapes, directions, counts. A connector trained this way emits
-        tokens that point at the words describing its clip, which the LLM can attend to and copy.
-        """
-        if batch.labels is None:
-            raise ValueError("word_alignment_loss needs a batch with labels (the target text)")
-        ids = batch.input_ids.to(self.device)
-        rows = [i for i in range(ids.shape[0]) if bool((ids[i] == VISUAL_TOKEN).any())]
-        visual = self.encode_visual(batch.pixel_values, batch.timestamps, None, batch.features, batch.grids)
-        if visual.embeds.shape[0] != len(rows):
-            raise ValueError("word_alignment_loss needs clips of equal length in a batch")
-        vis = torch.nn.functional.normalize(visual.embeds.float(), dim=-1)  # [B, L, D]
-        labels = batch.labels.to(self.device)[rows]  # [B, S]
-        words = [set(row[row >= 0].tolist()) for row in labels]
-        vocab = sorted(set().union(*words)) if words else []
-        present = torch.tensor([[v in w for v in vocab] for w in words], dtype=torch.bool, device=self.device)
-        informative = (present.sum(0) > 0) & (present.sum(0) < len(rows)) if vocab else present.new_zeros(0)
-        if not bool(informative.any()):
-            return vis.sum() * 0.0  # nothing tells these clips apart (e.g. a batch of one)
-        vocab_t = torch.tensor(vocab, device=self.device)[informative]
-        present = present[:, informative]  # [B, V]
-        table = self.llm.get_input_embeddings().weight[vocab_t].detach().float()
-        sim = torch.einsum("bld,vd->blv", vis, torch.nn.functional.normalize(table, dim=-1)) / temperature
-        if visual.mask is not None:
-            sim = sim.masked_fill(~visual.mask[..., None], float("-inf"))
-        score = sim.amax(1).log_softmax(0)  # [B, V]: which clip does each word belong to?
-        return -torch.logsumexp(score.masked_fill(~present, float("-inf")), dim=0).mean()
 
     @torch.no_grad()
     def generate(self, batch: Batch, max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0,

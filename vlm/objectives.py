@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from vlm.llm.template import IGNORE_INDEX
+from vlm.llm.template import IGNORE_INDEX, VISUAL_TOKEN
 from vlm.registry import Registry
 
 if TYPE_CHECKING:
@@ -72,10 +72,45 @@ def causal_lm(model: VideoLLM, batch: Batch, return_logits: bool = False) -> Cau
     return CausalLMOutputWithPast(loss=loss)
 
 
+def word_alignment_loss(model: VideoLLM, batch: Batch, temperature: float = 0.05) -> torch.Tensor:
+    """Ground the visual tokens in the LLM's own word embeddings, without running the LLM.
+
+    For each token id v of the batch's assistant text, every clip scores v by its best-matching visual token
+    (cosine with the LLM's input embedding of v, / temperature); a softmax over the clips of the batch must
+    put the mass on the clips whose text contains v (multi-positive InfoNCE, one term per id). Ids in every
+    clip's text or in none (template tokens, "the") carry no information and are left out, so the loss only
+    asks what tells clips apart: colours, shapes, directions, counts. A connector trained this way emits
+    tokens that point at the words describing its clip, which the LLM can attend to and copy.
+    """
+    if batch.labels is None:
+        raise ValueError("word_alignment_loss needs a batch with labels (the target text)")
+    ids = batch.input_ids.to(model.device)
+    rows = [i for i in range(ids.shape[0]) if bool((ids[i] == VISUAL_TOKEN).any())]
+    visual = model.encode_visual(batch.pixel_values, batch.timestamps, None, batch.features, batch.grids)
+    if visual.embeds.shape[0] != len(rows):
+        raise ValueError("word_alignment_loss needs clips of equal length in a batch")
+    vis = torch.nn.functional.normalize(visual.embeds.float(), dim=-1)  # [B, L, D]
+    labels = batch.labels.to(model.device)[rows]  # [B, S]
+    words = [set(row[row >= 0].tolist()) for row in labels]
+    vocab = sorted(set().union(*words)) if words else []
+    present = torch.tensor([[v in w for v in vocab] for w in words], dtype=torch.bool, device=model.device)
+    informative = (present.sum(0) > 0) & (present.sum(0) < len(rows)) if vocab else present.new_zeros(0)
+    if not bool(informative.any()):
+        return vis.sum() * 0.0  # nothing tells these clips apart (e.g. a batch of one)
+    vocab_t = torch.tensor(vocab, device=model.device)[informative]
+    present = present[:, informative]  # [B, V]
+    table = model.llm.get_input_embeddings().weight[vocab_t].detach().float()
+    sim = torch.einsum("bld,vd->blv", vis, torch.nn.functional.normalize(table, dim=-1)) / temperature
+    if visual.mask is not None:
+        sim = sim.masked_fill(~visual.mask[..., None], float("-inf"))
+    score = sim.amax(1).log_softmax(0)  # [B, V]: which clip does each word belong to?
+    return -torch.logsumexp(score.masked_fill(~present, float("-inf")), dim=0).mean()
+
+
 @register_stage_objective("words")
 def word_alignment(model: VideoLLM, batch: Batch, return_logits: bool = False) -> CausalLMOutputWithPast:
-    """`VideoLLM.word_alignment_loss` as the output's `.loss`: trains the connector without running the LLM."""
-    return CausalLMOutputWithPast(loss=model.word_alignment_loss(batch))
+    """`word_alignment_loss` as the output's `.loss`: trains the connector without running the LLM."""
+    return CausalLMOutputWithPast(loss=word_alignment_loss(model, batch))
 
 
 # ---------------------------------------------------------------------------------------------- contrastive

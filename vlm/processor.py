@@ -44,13 +44,14 @@ class Batch:
     grids: list[tuple[int, int, int]] = field(default_factory=list)  # the grid of each cached feature tensor
     instruction_ids: torch.Tensor | None = None  # [B_media, S_i] for instruction-aware connectors
     instruction_mask: torch.Tensor | None = None
+    visual: list[torch.Tensor] = field(default_factory=list)  # ready visual tokens [L, D] (a long video's memory)
 
     def to(self, device: torch.device | str) -> "Batch":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return Batch(move(self.input_ids), move(self.attention_mask), move(self.labels),
                      [p.to(device) for p in self.pixel_values], [t.to(device) for t in self.timestamps],
                      [f.to(device) for f in self.features], list(self.grids),
-                     move(self.instruction_ids), move(self.instruction_mask))
+                     move(self.instruction_ids), move(self.instruction_mask), [v.to(device) for v in self.visual])
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -124,8 +125,12 @@ class VideoLLMProcessor:
 
     # ---------------------------------------------------------------- samples and batches
     def make_sample(self, turns: Sequence[Turn], clip: Clip | None = None, media_type: str | None = None,
-                    sample_id: str = "sample") -> dict[str, Any]:
-        """A `build_batch` sample from conversation turns and a decoded `vlm.video.Clip` (or None for text)."""
+                    sample_id: str = "sample", memory: Any = None) -> dict[str, Any]:
+        """A `build_batch` sample from conversation turns and a decoded `vlm.video.Clip` (or None for text), or
+        a long video's `vlm.memory.VideoMemory` (its tokens as they are, each group after its time stamp)."""
+        if memory is not None:
+            slot = self.group_slot(len(memory.groups), memory.groups[0].shape[0], [s[0] for s in memory.spans])
+            return {"id": sample_id, "turns": list(turns), "media_type": "video", "visual": memory.tokens, "slot": slot}
         if clip is None:
             return {"id": sample_id, "turns": list(turns), "media_type": None}
         if media_type is None:
@@ -140,7 +145,9 @@ class VideoLLMProcessor:
         media_type = sample.get("media_type")
         out: dict[str, Any] = {"id": str(sample.get("id", "sample"))}
         slot: list[int] = []
-        if media_type is not None:
+        if "visual" in sample:
+            out["visual"], slot = sample["visual"], list(sample["slot"])
+        elif media_type is not None:
             if "features" in sample:
                 num_frames = int(sample["num_frames"])
                 out["features"], out["grid"] = sample["features"], tuple(sample["grid"])
@@ -174,6 +181,7 @@ class VideoLLMProcessor:
             timestamps=[e["timestamps"] for e in media],
             features=[e["features"] for e in media if "features" in e],
             grids=[e["grid"] for e in media if "features" in e],
+            visual=[e["visual"] for e in encoded if "visual" in e],
         )
         if instr:
             batch.instruction_ids = pad_sequences(instr, pad_id)

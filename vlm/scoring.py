@@ -62,7 +62,8 @@ class ScoringMixin:
         return self.processor.build_batch(samples, generation=True, prefill=prefill)  # type: ignore[attr-defined]
 
     def _request_sample(self, r: Any) -> dict[str, Any]:
-        return self.processor.make_sample(r.turns, r.clip, r.media_type if r.clip is not None else None, str(r.uid))  # type: ignore[attr-defined]
+        media = r.media_type if r.clip is not None else None
+        return self.processor.make_sample(r.turns, r.clip, media, str(r.uid), memory=getattr(r, "visual", None))  # type: ignore[attr-defined]
 
     # ------------------------------------------------------------------ text answers
     @torch.no_grad()

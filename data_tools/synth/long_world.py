@@ -19,6 +19,9 @@ asks what needs the whole video:
 | Last Event | which of the clip's events happens last | the clip's events (clips with >= 2) |
 
 Answer positions rotate over the options, so each letter is right equally often (to within one) per task.
+`grounding_test.json` asks Needle Time as an open question (the answer: the interval, "from 12 s to 15 s"), scored
+by temporal IoU (`vlm eval openqa --judge iou`). `--train N` adds N clips of the same world for training, with
+`qa_train.json` in the cloze form (every question of a clip answered with the answer's own text).
 Clips are drawn by `render.render_clip` from the same ground-truth format as the short world (`meta.jsonl`).
 """
 
@@ -174,33 +177,55 @@ def long_questions(clip: dict[str, Any], rng: np.random.Generator) -> dict[str, 
 # ------------------------------------------------------------------------------------------------------------------
 
 def generate_long(out: str | Path, num: int, seed: int = 0, *, durations: tuple[float, ...] = DURATIONS_S,
-                  fps: float = 1.0, size: int = 128, progress: bool = True) -> dict[str, Any]:
+                  fps: float = 1.0, size: int = 128, train: int = 0, progress: bool = True) -> dict[str, Any]:
     """Write `num` long clips (durations cycling through `durations`) and their benchmark under `out`:
-    meta.jsonl, mvbench/{tasks.json, json/<task>.json, video/<id>.mp4}. Same seed, same world."""
+    meta.jsonl, mvbench/{tasks.json, json/<task>.json, video/<id>.mp4}, grounding_test.json (each benchmark clip's
+    "when is the needle visible" as an open question whose answer is an interval of seconds, for `vlm eval openqa
+    --judge iou`); and `train` more clips drawn from their own
+    random stream (videos/<id>.mp4) with `qa_train.json`: each clip's questions in one multi-turn record, answered
+    with the answer's own text (the cloze form the short world's qa_train.json has). Same seed, same world."""
     out = Path(out)
     (out / "mvbench" / "json").mkdir(parents=True, exist_ok=True)
     (out / "mvbench" / "video").mkdir(parents=True, exist_ok=True)
     per_task: dict[str, list[dict[str, Any]]] = {t: [] for t in LONG_TASKS}
-    metas = []
-    for i in tqdm(range(num), desc="long clips", disable=not progress):
-        rng = np.random.default_rng([seed, 0x10C6, i])
+    metas, records, grounding = [], [], []
+    jobs = [("test", i, f"l{i:05d}", f"mvbench/video/l{i:05d}.mp4", [seed, 0x10C6, i]) for i in range(num)]
+    jobs += [("train", i, f"t{i:05d}", f"videos/t{i:05d}.mp4", [seed, 0x7EA1, i]) for i in range(train)]
+    for split, i, cid, video, stream in tqdm(jobs, desc="long clips", disable=not progress):
+        rng = np.random.default_rng(stream)
         clip = sample_long_clip(rng, float(durations[i % len(durations)]), fps, size)
-        clip = {"id": f"l{i:05d}", "video": f"mvbench/video/l{i:05d}.mp4", **clip}
-        write_video(out / clip["video"], render_clip(clip), fps=fps, gop=int(max(1, 10 * fps)))
+        clip = {"id": cid, "split": split, "video": video, **clip}
+        (out / video).parent.mkdir(parents=True, exist_ok=True)
+        write_video(out / video, render_clip(clip), fps=fps, gop=int(max(1, 10 * fps)))
         metas.append(clip)
-        for task, (question, answer, distractors) in long_questions(clip, rng).items():
+        questions = long_questions(clip, rng)
+        if split == "train":
+            conv = []
+            for t, task in enumerate(rng.permutation(sorted(questions))):
+                question = f"<video>\n{questions[task][0]}" if t == 0 else questions[task][0]
+                conv += [{"from": "human", "value": question}, {"from": "gpt", "value": questions[task][1]}]
+            records.append({"id": f"{cid}_cloze", "video": video, "conversations": conv})
+            continue
+        if "Needle Time" in questions:
+            question, answer, _ = questions["Needle Time"]
+            grounding.append({"id": f"{cid}_when", "video": Path(video).name,
+                              "question": f"{question} Answer with an interval of seconds.", "answer": answer})
+        for task, (question, answer, distractors) in questions.items():
             rows = per_task[task]
             options = [str(d) for d in rng.permutation(distractors)]
             options.insert(len(rows) % (len(options) + 1), answer)  # rotate the answer's position
             rows.append({"video": Path(clip["video"]).name, "question": question, "candidates": options,
                          "answer": answer, "duration_s": clip["duration_s"]})
     (out / "meta.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metas), encoding="utf-8")
+    if train:
+        (out / "qa_train.json").write_text(json.dumps(records, indent=1), encoding="utf-8")
+    (out / "grounding_test.json").write_text(json.dumps(grounding, indent=1), encoding="utf-8")
     manifest = []
     for task, key in LONG_TASKS.items():
         (out / "mvbench" / "json" / f"{key}.json").write_text(json.dumps(per_task[task], indent=1), encoding="utf-8")
         manifest.append({"task": task, "json": f"{key}.json", "prefix": "video/", "data_type": "video", "bound": False})
     (out / "mvbench" / "tasks.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-    summary = {"clips": num, "seed": seed, "fps": fps, "size": size, "durations_s": list(durations),
+    summary = {"clips": num, "train_clips": train, "seed": seed, "fps": fps, "size": size, "durations_s": list(durations),
                "questions": {t: len(r) for t, r in per_task.items()}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return summary

@@ -56,7 +56,12 @@ def stage_model(recipe: Recipe, index: int, init_from: Path | None) -> VideoLLM:
     unset_hf_deepspeed_config()
     stage = recipe.stages[index]
     torch.manual_seed(recipe.seed + index)
-    model = VideoLLM.from_pretrained(init_from) if init_from is not None else VideoLLM.from_config(recipe.model_config())
+    if init_from is None:
+        model = VideoLLM.from_config(recipe.model_config())
+    else:
+        model = VideoLLM.from_pretrained(init_from)
+        if recipe.init_from is not None:
+            model.apply_settings(recipe.model)  # a saved model's settings changed by the recipe (a token budget, ...)
     model.config.num_frames = stage.data.frames
     model.config.sampling = stage.data.sampling
     for part in PARTS:

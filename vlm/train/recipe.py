@@ -17,7 +17,7 @@ from vlm.connectors.base import CONNECTORS, REDUCERS
 from vlm.data.dataset import SourceSpec
 from vlm.data.hf import source_kind, source_problem
 from vlm.llm.load import LLM_LOADERS
-from vlm.model import MODES, PARTS, VideoLLMConfig  # importing vlm.model registers the built-in towers and connectors
+from vlm.model import MODES, PARTS, SETTINGS, VideoLLMConfig  # importing vlm.model registers the built-in towers and connectors
 from vlm.towers.base import TOWERS
 from vlm.train.loop import LoopSpec, ScheduleSpec
 from vlm.video.sampling import POLICIES
@@ -59,7 +59,7 @@ class StageSpec(LoopSpec):
     feature_cache: bool = True  # when the tower is frozen: encode each clip once, train from the cache
     save: str = "model"  # model (a full VideoLLM folder) | connector (a connector-only save too)
     # lm: next-token loss on assistant tokens; words: align each clip's visual tokens with the LLM's input embeddings
-    # of the words of its target text (no LLM forward; see VideoLLM.word_alignment_loss)
+    # of the words of its target text (no LLM forward; see vlm.objectives.word_alignment_loss)
     objective: str = "lm"
 
 
@@ -80,14 +80,18 @@ class RecipeBase:
 @dataclass
 class Recipe(RecipeBase):
     stages: list[StageSpec]
-    model: dict[str, Any] = field(default_factory=dict)  # VideoLLMConfig fields (not with init_from)
-    init_from: str | None = None  # a saved VideoLLM folder the first stage starts from, instead of `model`
+    # VideoLLMConfig fields; with init_from, only the settings that change no weights (vlm.model.SETTINGS)
+    model: dict[str, Any] = field(default_factory=dict)
+    init_from: str | None = None  # a saved VideoLLM folder the first stage starts from, instead of a new model
 
     def model_config(self) -> VideoLLMConfig:
         if self.init_from is not None:
             from vlm.model import saved_config
 
-            return saved_config(self.init_from)[0]
+            config = saved_config(self.init_from)[0]
+            for key, value in self.model.items():
+                setattr(config, key, copy.deepcopy(value))
+            return config
         return VideoLLMConfig.from_dict(self.model)
 
 
@@ -233,8 +237,9 @@ def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = (), stage: i
 def validate(recipe: Recipe, check_files: bool = True) -> None:
     """Every check that can fail before training starts: registry keys, modes, rates, files, numbers."""
     src = recipe.source
-    if recipe.init_from is not None and recipe.model:
-        raise RecipeError(f"{src}: give 'model' (a new model) or 'init_from' (a saved one), not both")
+    if recipe.init_from is not None and set(recipe.model) - set(SETTINGS):
+        raise RecipeError(f"{src}: with init_from, 'model' may only change {list(SETTINGS)} (they change no weights), "
+                          f"not {sorted(set(recipe.model) - set(SETTINGS))}")
     try:
         cfg = recipe.model_config()
     except (ValueError, FileNotFoundError) as e:
