@@ -13,7 +13,10 @@ side. The run trains the recipe, scores the held-out benchmark (`cloze`) and mea
 
 `--literal` replaces the recipe's connector by a fixed verbalizer (`synth_literal_words`): each 2x2 cell's token is
 the sum of the LLM's input embeddings of " <colour>" and " <shape>" of the object there, or of its background
-tone's word when the cell is empty: visual tokens that are literally the LLM's own words.
+tone's word when the cell is empty: visual tokens that are literally the LLM's own words. `--literal slots`
+(`synth_literal_slots`) writes them one word per token and only for what is there: per frame the background tone's
+word, then per visible object (at most 3, in reading order of their cells) " <colour>", " <shape>", " <row>",
+" <column>" (top/middle/bottom, left/center/right); unused slots are pruned.
 
 Frames are found by content, so only the world's own clips can be encoded (any other frame is a KeyError naming
 it); identical frames within a clip share one entry, and two different states with identical pixels are counted.
@@ -156,12 +159,77 @@ class LiteralWords(Connector):
         return VisualTokens(embeds=embeds.reshape(b, t * n, -1), groups=t, timestamps=feats.timestamps)
 
 
+SLOTS, ROWS, COLS = 3, ["top", "middle", "bottom"], ["left", "center", "right"]
+
+
+def word_table(names: list[str]) -> torch.Tensor:
+    """The packaged SmolLM2's input embeddings of " <name>" (first token of each)."""
+    from vlm.llm.load import load_llm
+
+    llm, tokenizer = load_llm("smollm2")
+    table = llm.get_input_embeddings().weight.detach()
+    return torch.stack([table[tokenizer(" " + n, add_special_tokens=False)["input_ids"][0]] for n in names])
+
+
+def emit_slots(tone_words: torch.Tensor, objects: list[list[list[torch.Tensor]]], dim: int) -> VisualTokens:
+    """Per frame: its tone word, then up to SLOTS objects' words (4 each); unused slots pruned by the mask.
+    tone_words [B, T, D]; objects[b][t] = list of word-embedding lists, in reading order."""
+    b, t = tone_words.shape[:2]
+    per = 1 + 4 * SLOTS
+    out = torch.zeros(b, t, per, dim, device=tone_words.device)
+    mask = torch.zeros(b, t, per, dtype=torch.bool, device=tone_words.device)
+    out[:, :, 0], mask[:, :, 0] = tone_words, True
+    for i in range(b):
+        for j in range(t):
+            for k, words in enumerate(objects[i][j][:SLOTS]):
+                for q, e in enumerate(words):
+                    out[i, j, 1 + 4 * k + q], mask[i, j, 1 + 4 * k + q] = e, True
+    return VisualTokens(embeds=out.reshape(b, t * per, dim), groups=t, mask=mask.reshape(b, t * per))
+
+
+def cell_words(cell: int, rows: torch.Tensor, cols: torch.Tensor) -> list[torch.Tensor]:
+    """The row and column words of a cell of the 8x8 grid (3x3 coarse position)."""
+    return [rows[(cell // GRID) * 3 // GRID], cols[(cell % GRID) * 3 // GRID]]
+
+
+@register_connector("synth_literal_slots")
+class LiteralSlots(Connector):
+    """`--literal slots` over the `synth_truth` tower's channels (needs the packaged SmolLM2)."""
+
+    def __init__(self, in_dim: int, out_dim: int, reducers=()):
+        super().__init__(in_dim, out_dim, reducers)
+        words = word_table(COLOR_NAMES + SHAPE_NAMES + TONES + ROWS + COLS)
+        sizes = [len(COLOR_NAMES), len(SHAPE_NAMES), len(TONES), 3, 3]
+        for name, part in zip(("colors", "shapes", "tones", "rows", "cols"), words.split(sizes)):
+            self.register_buffer(name, part.clone())
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # a trainable part, so a recipe's connector stage is valid
+
+    def project_grid(self, grid: tuple[int, int, int]) -> tuple[int, int]:
+        return grid[0], 1 + 4 * SLOTS
+
+    def project(self, feats: VisualFeatures, instruction=None) -> VisualTokens:
+        x = feats.tokens.float()  # [B, T, 64, C]
+        first = BACKGROUND_CHANNELS
+        colors = x[..., first:first + len(COLOR_NAMES)]
+        shapes = x[..., first + len(COLOR_NAMES):first + len(COLOR_NAMES) + len(SHAPE_NAMES)]
+        tones = self.tones[x[..., 0, len(BG_KINDS):len(BG_KINDS) + len(TONES)].argmax(-1)]
+        objects = [[[[self.colors[colors[i, j, c].argmax()], self.shapes[shapes[i, j, c].argmax()],
+                      *cell_words(c, self.rows, self.cols)]
+                     for c in (colors[i, j].sum(-1) > 0).nonzero().flatten().tolist()]
+                    for j in range(x.shape[1])] for i in range(x.shape[0])]
+        out = emit_slots(tones, objects, self.colors.shape[-1])
+        out.embeds = out.embeds + 0 * self.anchor
+        out.timestamps = feats.timestamps
+        return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="demo_data/synth")
     p.add_argument("--recipe", default="recipes/quickstart.yaml")
     p.add_argument("--out", default="runs/vision_oracle")
-    p.add_argument("--literal", action="store_true", help="a fixed verbalizer in place of the recipe's connector")
+    p.add_argument("--literal", nargs="?", const="sum", choices=["sum", "slots"],
+                   help="a fixed verbalizer in place of the recipe's connector: summed words per cell, or word slots")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override")
     args = p.parse_args()
     from evals.mcq import evaluate_mcq
@@ -174,7 +242,8 @@ def main() -> int:
     tower = json.dumps({"name": "synth_truth", "data": str(data)})
     sets = [f"vars.data={data}", f"output_dir={args.out}", f"model.tower={tower}"]
     if args.literal:
-        sets.append('model.connector={"name": "synth_literal_words"}')
+        name = {"sum": "synth_literal_words", "slots": "synth_literal_slots"}[args.literal]
+        sets.append(f'model.connector={{"name": "{name}"}}')
     recipe = load_recipe(args.recipe, sets + args.set)
     final = run_recipe(recipe)
     model = VideoLLM.from_pretrained(final)

@@ -57,3 +57,48 @@ def test_literal_words_are_the_llm_embeddings_of_what_is_there(world):
     torch.testing.assert_close(out[0], red + circle)  # pooled cell (0, 0) holds grid cell (1, 1)
     torch.testing.assert_close(out[1], words.tones[vo.TONES.index("navy")])
     assert np.isclose(float(out[5].norm()), float(words.tones[vo.TONES.index("navy")].norm()))
+
+
+@pytest.mark.slow
+def test_literal_slots_write_one_word_per_token_for_what_is_there(world):
+    """`--literal slots`: per frame the tone word, then each object's colour, shape, row and column words in
+    reading order; unused slots are pruned by the mask."""
+    from vlm.towers.base import VisualFeatures
+
+    tower = vo.SynthTruthTower(str(world))
+    slots = vo.LiteralSlots(tower.hidden_size, 576)
+    feats = torch.zeros(1, 2, 64, tower.hidden_size)
+    feats[0, :, :, len(vo.BG_KINDS) + vo.TONES.index("navy")] = 1
+    for cell, color, shape in ((63, "red", "circle"), (9, "blue", "star")):  # frame 0: two objects; frame 1: none
+        feats[0, 0, cell, vo.BACKGROUND_CHANNELS + vo.COLOR_NAMES.index(color)] = 1
+        feats[0, 0, cell, vo.BACKGROUND_CHANNELS + len(vo.COLOR_NAMES) + vo.SHAPE_NAMES.index(shape)] = 1
+    out = slots.project(VisualFeatures(tokens=feats, grid=(2, 8, 8)))
+    per = 1 + 4 * vo.SLOTS
+    assert out.embeds.shape == (1, 2 * per, 576) and out.groups == 2
+    kept = out.embeds[0][out.mask[0]].detach()
+    word = lambda table, names, n: table[names.index(n)]  # noqa: E731
+    expected = [word(slots.tones, vo.TONES, "navy"),
+                word(slots.colors, vo.COLOR_NAMES, "blue"), word(slots.shapes, vo.SHAPE_NAMES, "star"),
+                slots.rows[0], slots.cols[0],  # cell 9 = (1, 1): top left
+                word(slots.colors, vo.COLOR_NAMES, "red"), word(slots.shapes, vo.SHAPE_NAMES, "circle"),
+                slots.rows[2], slots.cols[2],  # cell 63 = (7, 7): bottom right
+                word(slots.tones, vo.TONES, "navy")]  # frame 1: the tone alone
+    torch.testing.assert_close(kept, torch.stack(expected))
+
+
+def test_word_slot_labels_match_the_truth_towers_object_cells(world):
+    """scripts/word_slots.py trains its heads on labels that put each visible object in the cell the vision
+    oracle puts it, with its colour and shape."""
+    import word_slots
+
+    meta = json.loads((world / "meta.jsonl").read_text().splitlines()[1])
+    indices = np.array([0, 5, 10, 15])
+    found, color, shape, tone = word_slots.slot_labels(meta, indices)
+    for j, k in enumerate(indices):
+        truth = vo.frame_truth(meta, int(k))
+        colors = truth[:, vo.BACKGROUND_CHANNELS:vo.BACKGROUND_CHANNELS + len(vo.COLOR_NAMES)]
+        visible = [o for o in meta["objects"] if o["track"]["visible"][k] and o["track"]["opacity"][k] >= 0.5]
+        assert int(found[j].sum()) <= len(visible) and set(np.flatnonzero(found[j])) <= set(np.flatnonzero(colors.sum(1)))
+        for c in np.flatnonzero(found[j]):
+            assert colors[c, color[j, c]] >= 1 and (color[j] >= 0).sum() == found[j].sum()
+    assert (tone == vo.TONES.index(meta["background"]["tones"][0])).all()
