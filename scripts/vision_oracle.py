@@ -232,9 +232,6 @@ def main() -> int:
                    help="a fixed verbalizer in place of the recipe's connector: summed words per cell, or word slots")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override")
     args = p.parse_args()
-    from evals.mcq import evaluate_mcq
-    from evals.reliance import visual_reliance
-    from vlm.model import VideoLLM
     from vlm.train.engine import run_recipe
     from vlm.train.recipe import load_recipe
 
@@ -244,17 +241,24 @@ def main() -> int:
     if args.literal:
         name = {"sum": "synth_literal_words", "slots": "synth_literal_slots"}[args.literal]
         sets.append(f'model.connector={{"name": "{name}"}}')
-    recipe = load_recipe(args.recipe, sets + args.set)
-    final = run_recipe(recipe)
+    score_run(run_recipe(load_recipe(args.recipe, sets + args.set)), data, Path(args.out), "vision oracle")
+    return 0
+
+
+def score_run(final: Path, data: Path, out: Path, label: str) -> None:
+    """A trained run scored (`cloze`, held-out benchmark) and checked for reliance (60 held-out records), into
+    OUT/eval_cloze and OUT/reliance (what scripts/grounding_chart.py reads)."""
+    from evals.mcq import evaluate_mcq
+    from evals.reliance import visual_reliance
+    from vlm.model import VideoLLM
+
     model = VideoLLM.from_pretrained(final)
-    out = Path(args.out)
     result = evaluate_mcq(model, data / "mvbench", out / "eval_cloze", profile="cloze",
                           num_frames=model.config.num_frames, model_name=str(final), workers=0)
     reliance = visual_reliance(model, data / "qa_test.json", out / "reliance", limit=60, model_name=str(final), workers=0)
     m, r = result.metrics, reliance.metrics
-    print(f"vision oracle: {m['accuracy_mean_over_tasks']:.1f}% mean over tasks; reliance gap {r['gap']:+.3f} +- "
+    print(f"{label}: {m['accuracy_mean_over_tasks']:.1f}% mean over tasks; reliance gap {r['gap']:+.3f} +- "
           f"{r['gap_stderr']:.3f}, own clip preferred {r['own_preferred_percent']:.0f}%")
-    return 0
 
 
 if __name__ == "__main__":

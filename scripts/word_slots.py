@@ -243,8 +243,6 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=None, help="stage-A steps (default 1500 slots, 600 --mil)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override")
     args = p.parse_args()
-    from evals.mcq import evaluate_mcq
-    from evals.reliance import visual_reliance
     from vlm.model import VideoLLM
     from vlm.train.engine import run_recipe
     from vlm.train.recipe import load_recipe
@@ -292,16 +290,8 @@ def main() -> int:
     del model
     sets = base[:2] + [f"output_dir={out}/run", f"model.connector={json.dumps(connector)}",
                        "stages.0.parts.connector.mode=frozen", "stages.0.parts.connector.lr=null"] + args.set
-    final = run_recipe(load_recipe(args.recipe, sets))
-    model = VideoLLM.from_pretrained(final)
-    result = evaluate_mcq(model, data / "mvbench", out / "eval_cloze", profile="cloze",
-                          num_frames=model.config.num_frames, model_name=str(final), workers=0)
-    reliance = visual_reliance(model, data / "qa_test.json", out / "reliance", limit=60, model_name=str(final), workers=0)
-    m, r = result.metrics, reliance.metrics
-    print(f"{connector['name']}: {m['accuracy_mean_over_tasks']:.1f}% mean over tasks; reliance gap {r['gap']:+.3f} +- "
-          f"{r['gap_stderr']:.3f}, own clip preferred {r['own_preferred_percent']:.0f}%")
+    vo.score_run(run_recipe(load_recipe(args.recipe, sets)), data, out, connector["name"])
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
