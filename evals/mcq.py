@@ -241,9 +241,9 @@ def evaluate_mcq(
             decoded += texts is None
             buffer += [(i, clip) for i in todo]
             while memory is not None and buffer:  # batches of one video's memory: no padding between memories
-                asked += runner.run(buffer[:batch_size])
-                bar.update(len(buffer[:batch_size]))
-                buffer = buffer[batch_size:]
+                batch, buffer = buffer[:batch_size], buffer[batch_size:]
+                asked += runner.run(batch)
+                bar.update(len(batch))
             while len(buffer) >= batch_size:
                 asked += runner.run(buffer[:batch_size])
                 bar.update(batch_size)

@@ -260,7 +260,7 @@ class VideoLLM(ScoringMixin, nn.Module):
         if batch.visual:  # ready tokens (a long video's memory): no tower, no connector
             if batch.pixel_values or batch.features:
                 raise ValueError("a batch mixes ready visual tokens with clips; build them in separate batches")
-            visual = torch.cat(list(batch.visual)).to(self.device)
+            visual = torch.cat(batch.visual).to(self.device)
         elif batch.pixel_values or batch.features:
             instruction = None if batch.instruction_ids is None else self.embed_instruction(batch.instruction_ids,
                                                                                             batch.instruction_mask)

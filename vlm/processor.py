@@ -117,6 +117,10 @@ class VideoLLMProcessor:
             slot += [VISUAL_TOKEN] * per_group
         return slot
 
+    def memory_slot(self, memory: Any) -> list[int]:
+        """The slot of a `vlm.memory.VideoMemory`: its groups, each after the second its span starts at."""
+        return self.group_slot(len(memory.groups), memory.groups[0].shape[0], [span[0] for span in memory.spans])
+
     def instruction_ids(self, turns: Sequence[Turn], media_type: str | None) -> list[int]:
         """What an instruction-aware connector is conditioned on: the first user turn without its placeholder."""
         text = next((t.text for t in turns if t.role == "user"), "")
@@ -129,8 +133,8 @@ class VideoLLMProcessor:
         """A `build_batch` sample from conversation turns and a decoded `vlm.video.Clip` (or None for text), or
         a long video's `vlm.memory.VideoMemory` (its tokens as they are, each group after its time stamp)."""
         if memory is not None:
-            slot = self.group_slot(len(memory.groups), memory.groups[0].shape[0], [s[0] for s in memory.spans])
-            return {"id": sample_id, "turns": list(turns), "media_type": "video", "visual": memory.tokens, "slot": slot}
+            return {"id": sample_id, "turns": list(turns), "media_type": "video", "visual": memory.tokens,
+                    "slot": self.memory_slot(memory)}
         if clip is None:
             return {"id": sample_id, "turns": list(turns), "media_type": None}
         if media_type is None:

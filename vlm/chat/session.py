@@ -257,7 +257,7 @@ class VideoChat:
     def _use_memory(self, memory: VideoMemory, last: Clip) -> None:
         video = _Video(last, "video", *self.processor.preprocess_clip(last))
         video.embeds = memory.tokens.to(self.model.device)
-        video.slot = self.processor.group_slot(len(memory.groups), memory.groups[0].shape[0], [s[0] for s in memory.spans])
+        video.slot = self.processor.memory_slot(memory)
         self._check_prefix(video)
         self._close_active()
         self._video, self._memory = video, memory
