@@ -84,6 +84,18 @@ def _reliance(args: argparse.Namespace) -> int:
     return 0
 
 
+def _slots(args: argparse.Namespace) -> int:
+    from evals.report import write_report
+    from evals.slots import evaluate_slots
+
+    model = _load_model(args.model, args).eval()
+    result = evaluate_slots(model, args.data, args.out, media_root=args.media_root, limit=args.limit,
+                            model_name=args.model, workers=args.workers)
+    write_report([result], args.out)
+    _print_result(result, args.out)
+    return 0
+
+
 def _probe(args: argparse.Namespace) -> int:
     from evals.probe import probe_table, run_probe
 
@@ -251,6 +263,16 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     _workers_arg(p)
     _placement_args(p)
     p.set_defaults(func=_reliance)
+
+    p = sub.add_parser("slots", help="word-slot heads vs held-out per-frame annotations: are the words the LLM reads right?")
+    p.add_argument("--model", required=True, help="a saved VideoLLM folder with a word_slots connector")
+    p.add_argument("--data", required=True, help="records with 'regions' (e.g. DIR/regions_test.json of `vlm data synth`)")
+    p.add_argument("--media-root", default=None, help="folder video paths are relative to (default: the file's)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--limit", type=int, default=None, help="at most this many clips")
+    _workers_arg(p)
+    _placement_args(p)
+    p.set_defaults(func=_slots)
 
     p = sub.add_parser("probe", help="linear + MLP probes: is what the questions need in a tower's or connector's output?")
     p.add_argument("--data", required=True, help="a synthetic-world folder (meta.jsonl + videos) from `vlm data synth`")

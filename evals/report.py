@@ -81,6 +81,8 @@ def chart_for(result: EvalResult, path: str | os.PathLike) -> Path | None:
         pref = {k: v["own_preferred_percent"] for k, v in result.per_task.items()}
         return bar_chart(pref, path, title=title, ylabel="own video gives the lower loss (%)",
                          chance={k: 50.0 for k in pref})
+    if result.task_type == "slots":
+        return bar_chart(dict(result.metrics), path, title=title, ylabel="percent")
     return None
 
 

@@ -4,7 +4,7 @@ results.json (written by every harness, read by `evals.report`):
 
     {
       "schema": "vlm.eval/1",
-      "task_type": "mcq" | "openqa" | "retrieval" | "classify" | "reliance",
+      "task_type": "mcq" | "openqa" | "retrieval" | "classify" | "reliance" | "slots",
       "profile":   MCQ: the protocol profile record (prompt strings, prefill, parse rule); else null,
       "judge":     open-ended QA: the judge record ({"id": ..., ...}); else null,
       "model":     a model id (a folder, a hub id, a class name),
@@ -35,7 +35,7 @@ from vlm import __version__
 
 log = logging.getLogger(__name__)
 SCHEMA = "vlm.eval/1"
-TASK_TYPES = ("mcq", "openqa", "retrieval", "classify", "reliance")
+TASK_TYPES = ("mcq", "openqa", "retrieval", "classify", "reliance", "slots")
 
 
 @dataclass

@@ -1,10 +1,11 @@
 """`make demo`: the project's main job, on packaged real weights and generated data, with no network.
 
   1. generate the synthetic temporal world (videos + captions + instructions + an MVBench-layout benchmark)
-  2. train recipes/quickstart.yaml: EfficientNet-Lite0 (frozen) + STC + SmolLM2-135M-Instruct,
-     stage 1 connector alignment on captions, stage 2 connector + LoRA on instructions
-  3. evaluate on the held-out MVBench-layout split (cloze profile: per-task accuracy, chart), check the model looks at the
-     video (held-out answer loss with each sample's own clip vs another's: evals.reliance)
+  2. train recipes/quickstart.yaml: EfficientNet-Lite0 (frozen) + word slots + SmolLM2-135M-Instruct,
+     stage 1 the word heads on the world's per-frame ground truth, stage 2 LoRA on the LLM on the questions
+  3. evaluate on the held-out MVBench-layout split (cloze profile: per-task accuracy, chart), check the words the
+     heads write against held-out ground truth (evals.slots), and that the model looks at the video (held-out answer
+     loss with each sample's own clip vs another's: evals.reliance)
   4. answer questions about a synthetic clip and about a real packaged clip (frame strips with answers)
 
 Every step resumes: rerunning skips finished stages and answered questions.
@@ -55,7 +56,7 @@ def main() -> int:
 
     data = Path(args.data)
     t = time.time()
-    if not (data / "summary.json").is_file():
+    if not (data / "summary.json").is_file() or not (data / "regions_train.json").is_file():
         generate(data, args.num, seed=0, frames=16, size=128)
     timings["data"] = time.time() - t
 
@@ -81,6 +82,13 @@ def main() -> int:
     timings["evaluate"] = time.time() - t
 
     from evals.reliance import visual_reliance
+    from evals.slots import evaluate_slots
+
+    slots = None
+    if hasattr(model.connector, "slot_counts"):  # are the words the LLM reads right? (held-out ground truth)
+        t = time.time()
+        slots = evaluate_slots(model, data / "regions_test.json", out / "slots", model_name=str(final))
+        timings["slots"] = time.time() - t
 
     t = time.time()  # does the model look? held-out answer loss with each sample's own clip vs another's
     reliance = visual_reliance(model, data / "qa_test.json", out / "reliance", limit=60, model_name=str(final))
@@ -122,6 +130,8 @@ def main() -> int:
     print(f"  {'mean over tasks':24s} {m['accuracy_mean_over_tasks']:5.1f}%   over questions {m['accuracy_over_questions']:.1f}%"
           f"   chance {m['chance_mean_over_tasks']:.1f}%")
     print(f"  report: {out / f'eval_{args.profile}'}")
+    if slots is not None:
+        print(f"\nword slots on held-out frames: " + ", ".join(f"{k} {v:.1f}%" for k, v in slots.metrics.items()))
     r = reliance.metrics
     print(f"\nvisual reliance ({r['samples']} held-out clips' questions): answer loss {r['loss_own']:.3f} with the own clip vs "
           f"{r['loss_swapped']:.3f} with another clip (gap {r['gap']:+.3f} +- {r['gap_stderr']:.3f} nats/token; own clip "

@@ -65,7 +65,8 @@ def test_recipe_trains_with_tiny_overrides(name, data, tmp_path):
         overrides.append(f"model.connector={json.dumps(TINY_CONNECTOR[conn['name']] | {'reduce': conn.get('reduce', [])})}")
     for i in range(len(recipe.stages)):
         if name in ("quickstart", "oracle_text"):  # their data comes from `vlm data synth`; use the tiny files
-            tiny_file = data["instruct"] if i == len(recipe.stages) - 1 else data["captions"]
+            tiny_file = (data["instruct"] if i == len(recipe.stages) - 1
+                         else data["regions"] if recipe.stages[i].objective == "slots" else data["captions"])
             overrides.append(f"stages.{i}.data.mixture={json.dumps([{'path': str(tiny_file)}])}")
         overrides += [f"stages.{i}.max_steps=1", f"stages.{i}.batch_size=2", f"stages.{i}.precision=fp32",
                       f"stages.{i}.deepspeed=null", f"stages.{i}.data.num_workers=0"]

@@ -70,7 +70,7 @@ def test_every_file_exists_and_parses(out: Path, runs: tuple[Path, Path, dict]) 
     for name in ("meta.jsonl", "captions_train.json", "instruct_train.json", "instruct_test.json", "qa_train.json",
                  "qa_test.json", "retrieval_train.json",
                  "retrieval_test.json", "classes.json", "classification_train.jsonl", "classification_test.jsonl",
-                 "mvbench/tasks.json", "summary.json"):
+                 "mvbench/tasks.json", "summary.json", "regions_train.json", "regions_test.json"):
         assert isinstance(_load(out / name), list if name != "summary.json" else dict), name
     assert summary == {**_load(out / "summary.json"), "timing": summary["timing"]}
     for name, n in summary["files"].items():
@@ -196,10 +196,10 @@ def test_test_clips_never_in_train_files(out: Path) -> None:
     test_videos = {m["video"] for m in _meta(out) if m["split"] == "test"}
     train_videos = {m["video"] for m in _meta(out) if m["split"] == "train"}
     assert test_videos and train_videos
-    for name in ("captions_train.json", "instruct_train.json", "retrieval_train.json", "qa_train.json"):
+    for name in ("captions_train.json", "instruct_train.json", "retrieval_train.json", "qa_train.json", "regions_train.json"):
         assert {r["video"] for r in _load(out / name)} <= train_videos, name
     assert {r["video"] for r in _load(out / "classification_train.jsonl")} <= train_videos
-    for name in ("instruct_test.json", "retrieval_test.json", "qa_test.json"):
+    for name in ("instruct_test.json", "retrieval_test.json", "qa_test.json", "regions_test.json"):
         assert {r["video"] for r in _load(out / name)} <= test_videos, name
     assert sorted(p.name for p in (out / "videos").iterdir()) == sorted(v.split("/")[-1] for v in train_videos)
 
@@ -252,6 +252,32 @@ def test_ground_truth_matches_decoded_pixels(out: Path) -> None:
                     pixel = frames[k, round(tr["y"][k]), round(tr["x"][k])].astype(int)
                     assert np.abs(pixel - COLORS[tr["color"][k]]).max() > 60, (m["id"], o["id"], k)
     assert checked > 100
+
+
+def test_regions_are_the_ground_truth_in_the_quickstart_words(out: Path) -> None:
+    """Every clip's per-frame annotations: the frame's time, the background's first tone, each object drawn at half
+    opacity or more at its centre; in the vocabulary of recipes/quickstart.yaml's word_slots connector (a colour,
+    shape or tone added to the world without the recipe fails here)."""
+    import yaml
+
+    from vlm.data import parse_record
+    from vlm.data.regions import region_problems
+
+    connector = yaml.safe_load((Path(__file__).parents[1] / "recipes" / "quickstart.yaml").read_text())["model"]["connector"]
+    metas = {m["video"]: m for m in _meta(out)}
+    records = _load(out / "regions_train.json") + _load(out / "regions_test.json")
+    assert sorted(r["video"] for r in records) == sorted(metas)
+    for i, r in enumerate(records):
+        parse_record(r, f"regions[{i}]")  # a valid LLaVA record (the clip's caption) carrying regions
+        assert region_problems(r["regions"], connector["scene"], connector["objects"]) == [], r["id"]
+        m = metas[r["video"]]
+        assert [f["t"] for f in r["regions"]] == [round(k / m["fps"], 4) for k in range(FRAMES)]
+        for k, frame in enumerate(r["regions"]):
+            assert frame["scene"]["tone"] == m["background"]["tones"][0]
+            drawn = [o for o in m["objects"] if o["track"]["visible"][k] and o["track"]["opacity"][k] >= 0.5]
+            assert [(f["color"], f["shape"]) for f in frame["objects"]] == [(o["track"]["color"][k], o["shape"]) for o in drawn]
+            for f, o in zip(frame["objects"], drawn):
+                assert f["center"][0] == pytest.approx(min(1, max(0, o["track"]["x"][k] / SIZE)), abs=1e-4)
 
 
 @pytest.mark.parametrize("direction", ["left", "right", "up", "down"])

@@ -23,7 +23,8 @@ COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "
 
 
 def make_tiny_data(root: Path, n: int = 8, frames: int = 4, bad: bool = True) -> dict[str, Path]:
-    """n short clips of a coloured square moving left or right, a caption file and an instruction file."""
+    """n short clips of a coloured square moving left or right, a caption file, an instruction file and the caption
+    records with the clips' ground truth (regions.json)."""
     (root / "videos").mkdir(parents=True, exist_ok=True)
     captions, instruct = [], []
     for i in range(n):
@@ -50,7 +51,18 @@ def make_tiny_data(root: Path, n: int = 8, frames: int = 4, bad: bool = True) ->
             {"from": "human", "value": "Describe."}, {"from": "gpt", "value": "Nothing."}]})
     (root / "captions.json").write_text(json.dumps(captions))
     (root / "instruct.jsonl").write_text("\n".join(json.dumps(r) for r in instruct) + "\n")
-    return {"captions": root / "captions.json", "instruct": root / "instruct.jsonl"}
+    regions = [dict(r, regions=square_regions(int(r["id"][3:]) if r["id"].startswith("cap") else 0, frames))
+               for r in captions]  # the bad records stay bad, with regions
+    (root / "regions.json").write_text(json.dumps(regions))
+    return {"captions": root / "captions.json", "instruct": root / "instruct.jsonl", "regions": root / "regions.json"}
+
+
+def square_regions(i: int, frames: int) -> list[dict[str, Any]]:
+    """Clip i's ground truth as per-frame annotations (vlm.data.regions): the square's centre, colour and shape."""
+    right = i % 2 == 0
+    return [{"t": t / 4, "scene": {"tone": "gray"},
+             "objects": [{"center": [((4 + 5 * t if right else 24 - 5 * t) + 3) / 32, 0.5],
+                          "color": list(COLORS)[i % 4], "shape": "square"}]} for t in range(frames)]
 
 
 def tiny_recipe(data: dict[str, Path], out: Path, **stage_overrides: Any) -> dict[str, Any]:

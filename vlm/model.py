@@ -111,10 +111,7 @@ class VideoLLM(ScoringMixin, nn.Module):
         conn_cfg = dict(config.connector)
         connector = build_connector(conn_cfg.pop("name"), in_dim=tower.hidden_size,
                                     out_dim=llm.get_input_embeddings().embedding_dim, **conn_cfg)
-        norm = getattr(connector, "output_norm", None)
-        if norm is not None:  # visual tokens at the per-channel RMS of the text embeddings
-            with torch.no_grad():
-                norm.scale.fill_(float(llm.get_input_embeddings().weight.float().pow(2).mean().sqrt()))
+        connector.attach_llm(llm.get_input_embeddings(), tokenizer)
         if processor is None:
             processor = VideoLLMProcessor(tokenizer, tower.preprocessor, system_prompt=config.system_prompt,
                                           max_length=config.max_length, time_stamps=config.time_stamps,
@@ -291,7 +288,7 @@ class VideoLLM(ScoringMixin, nn.Module):
     def forward(self, batch: Batch, return_logits: bool = False, objective: str = "lm") -> Any:
         """The stage objective `objective` (registered in `vlm.objectives`) on a batch: "lm", the causal-LM output
         (`.loss` on assistant tokens when the batch has labels, `.logits` without them or with `return_logits`);
-        "words", `vlm.objectives.word_alignment_loss` as `.loss` (no LLM forward)."""
+        "words" and "slots", connector losses as `.loss` (no LLM forward; `vlm.objectives`)."""
         return STAGE_OBJECTIVES.get(objective)(self, batch, return_logits)
 
     @torch.no_grad()

@@ -1,8 +1,9 @@
 """Training objectives, one registry per kind.
 
 Stage objectives (`STAGE_OBJECTIVES`, a recipe stage's `objective:`) are what `VideoLLM.forward` computes for a
-batch: "lm", the causal-LM loss on assistant tokens, and "words", the word-alignment loss that trains the
-connector without running the LLM. Each is a function (model, batch, return_logits) -> CausalLMOutputWithPast.
+batch: "lm", the causal-LM loss on assistant tokens; "words", the word-alignment loss that trains the connector
+without running the LLM; "slots", the detector-style loss of a `word_slots` connector's heads against per-frame
+annotations (no LLM either). Each is a function (model, batch, return_logits) -> CausalLMOutputWithPast.
 
 Contrastive objectives (`CONTRASTIVE_OBJECTIVES`) train video-text dual encoders: symmetric InfoNCE and SigLIP's
 pairwise sigmoid loss. Both take L2-normalised embeddings video [B, E] and text [B, E] where row i of each is a
@@ -31,6 +32,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from vlm.llm.template import IGNORE_INDEX, VISUAL_TOKEN
 from vlm.registry import Registry
+from vlm.towers.base import VisualFeatures
 
 if TYPE_CHECKING:
     from vlm.model import VideoLLM
@@ -111,6 +113,28 @@ def word_alignment_loss(model: VideoLLM, batch: Batch, temperature: float = 0.05
 def word_alignment(model: VideoLLM, batch: Batch, return_logits: bool = False) -> CausalLMOutputWithPast:
     """`word_alignment_loss` as the output's `.loss`: trains the connector without running the LLM."""
     return CausalLMOutputWithPast(loss=word_alignment_loss(model, batch))
+
+
+@register_stage_objective("slots")
+def slot_supervision(model: VideoLLM, batch: Batch, return_logits: bool = False) -> CausalLMOutputWithPast:
+    """The connector's `slot_loss` (a `word_slots` connector) on the batch's clips against the per-frame
+    annotations their records carry (`vlm.data.regions`), as the output's `.loss`; the LLM is not run."""
+    loss_of = getattr(model.connector, "slot_loss", None)
+    if loss_of is None:
+        raise ValueError(f"objective 'slots' trains a connector with slot heads (word_slots), not {type(model.connector).__name__}")
+    if not batch.regions or any(r is None for r in batch.regions):
+        raise ValueError("objective 'slots' needs every clip's record to carry 'regions' (vlm.data.regions)")
+    if batch.features:
+        if len({tuple(f.shape) for f in batch.features}) != 1:
+            raise ValueError("objective 'slots' needs clips of equal length in a batch")
+        dtype = next(model.connector.parameters()).dtype
+        feats = VisualFeatures(tokens=torch.stack(batch.features).to(model.device, dtype), grid=tuple(batch.grids[0]),
+                               timestamps=torch.stack(batch.timestamps).to(model.device))
+    else:
+        feats = model.tower_features(torch.stack(batch.pixel_values), torch.stack(batch.timestamps))
+    for reducer in model.connector.reducers:
+        feats = reducer(feats)
+    return CausalLMOutputWithPast(loss=loss_of(feats, batch.regions))
 
 
 # ---------------------------------------------------------------------------------------------- contrastive

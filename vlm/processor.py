@@ -45,13 +45,15 @@ class Batch:
     instruction_ids: torch.Tensor | None = None  # [B_media, S_i] for instruction-aware connectors
     instruction_mask: torch.Tensor | None = None
     visual: list[torch.Tensor] = field(default_factory=list)  # ready visual tokens [L, D] (a long video's memory)
+    regions: list[Any] = field(default_factory=list)  # per media sample, its per-frame annotations or None
 
     def to(self, device: torch.device | str) -> "Batch":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return Batch(move(self.input_ids), move(self.attention_mask), move(self.labels),
                      [p.to(device) for p in self.pixel_values], [t.to(device) for t in self.timestamps],
                      [f.to(device) for f in self.features], list(self.grids),
-                     move(self.instruction_ids), move(self.instruction_mask), [v.to(device) for v in self.visual])
+                     move(self.instruction_ids), move(self.instruction_mask), [v.to(device) for v in self.visual],
+                     self.regions)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -161,6 +163,8 @@ class VideoLLMProcessor:
             ts = sample.get("timestamps")
             ts = torch.zeros(num_frames) if ts is None else torch.as_tensor(ts, dtype=torch.float32)
             out["timestamps"] = ts
+            if "regions" in sample:  # dense annotations ride along for the "slots" objective (vlm.data.regions)
+                out["regions"] = sample["regions"]
             slot = self.visual_slot(num_frames, ts.tolist())
             if self.uses_instruction:
                 out["instruction_ids"] = self.instruction_ids(sample["turns"], media_type)
@@ -186,6 +190,7 @@ class VideoLLMProcessor:
             features=[e["features"] for e in media if "features" in e],
             grids=[e["grid"] for e in media if "features" in e],
             visual=[e["visual"] for e in encoded if "visual" in e],
+            regions=[e.get("regions") for e in media] if any("regions" in e for e in media) else [],
         )
         if instr:
             batch.instruction_ids = pad_sequences(instr, pad_id)

@@ -173,6 +173,23 @@ def _cloze_record(res: dict[str, Any], seed: int) -> dict[str, Any] | None:
     return {"id": f"{res['id']}_cloze", "video": res["video"], "conversations": conv}
 
 
+def frame_regions(meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """A clip's ground truth as per-frame annotations (`vlm.data.regions`): per frame its time, the background's
+    (first) tone, and each object drawn at half opacity or more: centre in [0, 1], colour, shape (a shuffle
+    scenario's boxes are the shape "box")."""
+    size, fps = float(meta["size"]), float(meta["fps"])
+    frames = []
+    for k in range(int(meta["num_frames"])):
+        objects = []
+        for o in meta["objects"]:
+            tr = o["track"]
+            if tr["visible"][k] and tr["opacity"][k] >= 0.5:
+                centre = [round(min(1.0, max(0.0, tr[a][k] / size)), 4) for a in ("x", "y")]
+                objects.append({"center": centre, "color": tr["color"][k], "shape": o["shape"]})
+        frames.append({"t": round(k / fps, 4), "scene": {"tone": meta["background"]["tones"][0]}, "objects": objects})
+    return frames
+
+
 def _assemble(out: Path, results: list[dict[str, Any]], seed: int) -> dict[str, Any]:
     """Write every data file from the clip results (in clip order); returns per-file counts and histograms."""
     train = [r for r in results if r["split"] == "train"]
@@ -190,6 +207,13 @@ def _assemble(out: Path, results: list[dict[str, Any]], seed: int) -> dict[str, 
     ]
     _write_json(out / "captions_train.json", captions)
     counts["captions_train.json"] = len(captions)
+
+    for split, rows in (("train", train), ("test", test)):  # the caption records + per-frame ground truth
+        regions = [{"id": f"{r['id']}_regions", "video": r["video"], "conversations": [
+            {"from": "human", "value": with_video(r["caption_request"]["text"], r["caption_request"]["video_first"])},
+            {"from": "gpt", "value": r["caption"]}], "regions": frame_regions(r["meta"])} for r in rows]
+        _write_json(out / f"regions_{split}.json", regions)
+        counts[f"regions_{split}.json"] = len(regions)
 
     placer = AnswerPlacer(seed)
     for split, rows in (("train", train), ("test", test)):

@@ -15,3 +15,4 @@ from vlm.connectors.mlp import MLPConnector
 from vlm.connectors.qformer import QFormerConnector
 from vlm.connectors.reduce import DiffPrune, Pool2d, TokenMerge, check_reducer_chain
 from vlm.connectors.stc import STCConnector
+from vlm.connectors.words import WordSlots

@@ -56,6 +56,14 @@ class Connector(nn.Module):
         self.out_dim = out_dim
         self.reducers = nn.ModuleList(reducers)
 
+    def attach_llm(self, embeddings: nn.Embedding, tokenizer: Any) -> None:
+        """Called by VideoLLM at assembly with the LLM's input embeddings and tokenizer: an `OutputNorm` takes the
+        text embeddings' per-channel RMS as its scale; connectors that emit words look their tokens up."""
+        norm = getattr(self, "output_norm", None)
+        if norm is not None:
+            with torch.no_grad():
+                norm.scale.fill_(float(embeddings.weight.float().pow(2).mean().sqrt()))
+
     def project_grid(self, grid: tuple[int, int, int]) -> tuple[int, int]:
         """(groups, tokens per group) that `project` emits for features on `grid`."""
         raise NotImplementedError
@@ -115,9 +123,9 @@ class OutputNorm(nn.Module):
     Per channel, the running mean over clips and positions is subtracted and the result divided by the running
     standard deviation (BatchNorm statistics: batch statistics in train mode, running ones in eval mode), then
     multiplied by a learnable per-channel gain and by `scale`, the RMS of one channel of the LLM's input
-    embeddings (set by VideoLLM at assembly, saved with the connector). Without it, a connector trained through a
-    frozen LLM drifts into a large constant soft prompt: tokens ~20x the text-embedding norm of which ~0.2% of
-    the energy differs between videos, so after the LLM's first RMSNorm every video looks the same
+    embeddings (set by `Connector.attach_llm` at assembly, saved with the connector). Without it, a connector
+    trained through a frozen LLM drifts into a large constant soft prompt: tokens ~20x the text-embedding norm of
+    which ~0.2% of the energy differs between videos, so after the LLM's first RMSNorm every video looks the same
     (docs/GROUNDING.md).
     """
 

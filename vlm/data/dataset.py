@@ -175,6 +175,8 @@ class ConversationDataset(torch.utils.data.Dataset):
         if s.media:
             path = resolve_media(item.media_root, s.media, s.location)
             sample.update(self.load_visual(path, s))
+            if "regions" in s.extra:
+                sample["regions"] = s.extra["regions"]
         return self.encode(sample)
 
     def __getitem__(self, i: int) -> dict[str, Any]:

@@ -89,6 +89,9 @@ class EfficientNetLite0Tower(VisionTower):
     lora_targets: the 1x1 expand/project convs of the blocks and the head conv. Stride-1 convs are converted at
       load time to plain nn.Conv2d with symmetric padding (identical output, no per-call pad copy), which LoRA
       libraries can wrap (peft cannot wrap the package's SAME-padding conv subclass).
+    cell_stats: append to each cell's features the mean and standard deviation of its pixels per channel (6 more
+      channels): the colours that ImageNet features keep only loosely (word slots name an object's colour from
+      them at 92% on the synthetic world).
     BatchNorm runs on batch statistics in train mode: a frozen tower should be kept in eval mode by the stage.
     """
 
@@ -102,6 +105,7 @@ class EfficientNetLite0Tower(VisionTower):
         drop_connect_rate: float = 0.0,
         dtype: str | torch.dtype | None = "float32",
         preprocess_mode: str = "resize_crop",
+        cell_stats: bool = False,
     ) -> None:
         super().__init__()
         net = efficientnet_lite0(pretrained)
@@ -138,6 +142,8 @@ class EfficientNetLite0Tower(VisionTower):
             self.hidden_size = int(kept[-1]._bn2.num_features)
         else:
             self.hidden_size = int(net._bn0.num_features)
+        self.cell_stats = bool(cell_stats)
+        self.hidden_size += 6 if self.cell_stats else 0
         self._strides = [2] + [_stride(b) for b in kept]
         self.preprocessor = VideoPreprocessor(size=image_size, mean=LITE_MEAN, std=LITE_STD, mode=preprocess_mode)
 
@@ -162,7 +168,12 @@ class EfficientNetLite0Tower(VisionTower):
         dtype = self.stem[0].weight.dtype
         fmap = self.features(pixel_values.reshape(b * t, c, height, width).to(dtype))  # [B*T, C, h, w]
         tokens = fmap.flatten(2).transpose(1, 2)  # [B*T, h*w, C], row-major over the grid
+        if self.cell_stats:
+            x = pixel_values.reshape(b * t, c, height, width).float()
+            mean = nn.functional.adaptive_avg_pool2d(x, fmap.shape[-2:])
+            std = (nn.functional.adaptive_avg_pool2d(x * x, fmap.shape[-2:]) - mean**2).clamp(min=0).sqrt()
+            tokens = torch.cat([tokens, torch.cat([mean, std], 1).flatten(2).transpose(1, 2).to(tokens.dtype)], -1)
         return tokens.reshape(b, t, tokens.shape[1], tokens.shape[2])  # [B, T, N, D]
 
     def extra_repr(self) -> str:
-        return f"layer={self.layer} (tap {self.layer_index}), hidden_size={self.hidden_size}"
+        return f"layer={self.layer} (tap {self.layer_index}), hidden_size={self.hidden_size}, cell_stats={self.cell_stats}"

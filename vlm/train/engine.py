@@ -202,6 +202,9 @@ def stage_data(recipe: Recipe, index: int, model: VideoLLM, rank: int = 0, world
                                       world_size, rank, seed, tokens)
         return StageData([], [], visual, dataset, plan)
     items, bad_records = load_mixture(stage.data.mixture, seed)
+    if stage.objective == "slots":  # records without usable per-frame annotations are left out, each reported
+        items, dropped = with_regions(items, model)
+        bad_records += dropped
     if stage.data.max_samples:
         items = subsample(items, stage.data.max_samples, seed)
     cache = None
@@ -213,6 +216,22 @@ def stage_data(recipe: Recipe, index: int, model: VideoLLM, rank: int = 0, world
     plan = BatchPlan([dataset.length(i) for i in range(len(dataset))], stage.batch_size, world_size, rank, seed,
                      stage.group_by_length)
     return StageData(items, bad_records, visual, dataset, plan)
+
+
+def with_regions(items: list[MixtureItem], model: VideoLLM) -> tuple[list[MixtureItem], list[str]]:
+    """The items whose records carry `regions` the connector can learn from, and a reason for each other one."""
+    check = getattr(model.connector, "region_problems", None)
+    if check is None:
+        raise ValueError(f"objective 'slots' trains a connector with slot heads (word_slots), not {type(model.connector).__name__}")
+    kept, dropped = [], []
+    for it in items:
+        problems = check(it.sample.extra.get("regions"))
+        if problems:
+            dropped.append(f"{it.sample.location} (id {it.sample.id}): " + "; ".join(problems))
+            log.warning("left out of the 'slots' stage: %s", dropped[-1])
+        else:
+            kept.append(it)
+    return kept, dropped
 
 
 def setup_stage(recipe: Recipe, index: int, init_from: Path | None, stage_dir: Path,

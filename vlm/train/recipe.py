@@ -17,6 +17,7 @@ from vlm.connectors.base import CONNECTORS, REDUCERS
 from vlm.data.dataset import SourceSpec
 from vlm.data.hf import source_kind, source_problem
 from vlm.llm.load import LLM_LOADERS
+from vlm.objectives import STAGE_OBJECTIVES
 from vlm.model import MODES, PARTS, SETTINGS, VideoLLMConfig  # importing vlm.model registers the built-in towers and connectors
 from vlm.towers.base import TOWERS
 from vlm.train.loop import LoopSpec, ScheduleSpec
@@ -59,7 +60,8 @@ class StageSpec(LoopSpec):
     feature_cache: bool = True  # when the tower is frozen: encode each clip once, train from the cache
     save: str = "model"  # model (a full VideoLLM folder) | connector (a connector-only save too)
     # lm: next-token loss on assistant tokens; words: align each clip's visual tokens with the LLM's input embeddings
-    # of the words of its target text (no LLM forward; see vlm.objectives.word_alignment_loss)
+    # of the words of its target text (no LLM forward; see vlm.objectives.word_alignment_loss); slots: train a
+    # word_slots connector's heads on the per-frame annotations ('regions') of the records (no LLM forward)
     objective: str = "lm"
 
 
@@ -266,10 +268,10 @@ def validate(recipe: Recipe, check_files: bool = True) -> None:
         if all(ps.mode == "frozen" for ps in st.parts.values()):
             raise RecipeError(f"{where}: every part is frozen; nothing would train")
         check_loop(st, where)
-        if st.objective not in ("lm", "words"):
-            raise RecipeError(f"{where}.objective '{st.objective}': choose lm or words")
-        if st.objective == "words" and any(ps.mode != "frozen" for p, ps in st.parts.items() if p != "connector"):
-            raise RecipeError(f"{where}: objective 'words' trains the connector only; freeze the other parts")
+        if st.objective not in STAGE_OBJECTIVES:
+            raise RecipeError(f"{where}.objective '{st.objective}': choose from {STAGE_OBJECTIVES.names()}")
+        if st.objective != "lm" and any(ps.mode != "frozen" for p, ps in st.parts.items() if p != "connector"):
+            raise RecipeError(f"{where}: objective '{st.objective}' trains the connector only; freeze the other parts")
         if st.save not in ("model", "connector"):
             raise RecipeError(f"{where}.save '{st.save}': choose model or connector")
         if st.data.sampling not in POLICIES:

@@ -1,0 +1,132 @@
+"""Word slots: per-frame annotations, the connector's words, the "slots" objective in a recipe, its evaluation."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import TINY_LLM, TINY_TOWERS
+from tests.train_helpers import COLORS, make_tiny_data, tiny_recipe
+from vlm.data.regions import cell_of, nearest_frames, region_problems
+from vlm.towers.base import VisualFeatures
+
+VOCAB = {"scene": {"tone": ["gray", "dark teal"]}, "objects": {"color": list(COLORS), "shape": ["square", "circle"]}}
+
+
+def tiny_slots_model(**connector):
+    from vlm.model import VideoLLM
+
+    return VideoLLM.from_config({"tower": copy.deepcopy(TINY_TOWERS["clip"]), "llm": copy.deepcopy(TINY_LLM),
+                                 "connector": {"name": "word_slots", **copy.deepcopy(VOCAB), "slots": 2, **connector},
+                                 "num_frames": 4})
+
+
+def with_regions(data: dict[str, Path]) -> Path:
+    """make_tiny_data's regions file plus a record without regions."""
+    records = json.loads(data["regions"].read_text())
+    records.append({"id": "noregions", "video": "videos/v0.mp4", "conversations": records[0]["conversations"]})
+    data["regions"].write_text(json.dumps(records))
+    return data["regions"]
+
+
+def test_region_problems_name_what_is_wrong():
+    good = [{"t": 0.0, "scene": {"tone": "gray"}, "objects": [{"center": [0.5, 0.2], "color": "red", "shape": "square"}]}]
+    assert region_problems(good, VOCAB["scene"], VOCAB["objects"]) == []
+    assert region_problems([], VOCAB["scene"]) == ["'regions' must be a non-empty list of annotated frames"]
+    bad = [{"t": 0.0, "scene": {"tone": "pink"}, "objects": [{"center": [1.5, 0], "color": "red", "shape": "square"},
+                                                             {"center": [0.1, 0.1], "color": "red"}]}, {"scene": {}}]
+    problems = region_problems(bad, VOCAB["scene"], VOCAB["objects"])
+    assert "regions[0]: tone 'pink' is not one of the connector's words ['gray', 'dark teal']" in problems
+    assert "regions[0].objects[0]: 'center' must be [x, y] in [0, 1]" in problems
+    assert "regions[0].objects[1]: no 'shape'" in problems
+    assert "regions[1]: must be an object with a time 't' in seconds" in problems
+
+
+def test_nearest_frame_and_cell():
+    regions = [{"t": 0.0, "k": 0}, {"t": 0.5, "k": 1}, {"t": 1.0, "k": 2}]
+    assert [f["k"] for f in nearest_frames(regions, [0.1, 0.3, 0.74, 5.0])] == [0, 1, 1, 2]
+    assert cell_of([0.0, 0.0], 4, 4) == 0
+    assert cell_of([0.99, 0.3], 4, 4) == 1 * 4 + 3
+    assert cell_of([1.0, 1.0], 4, 4) == 15  # the edge belongs to the last cell
+
+
+def nearest_words(model, embeds: torch.Tensor) -> str:
+    """The text whose token embeddings are the given rows (each row is exactly one token's embedding)."""
+    table = model.llm.get_input_embeddings().weight
+    ids = [int((table - row).abs().sum(-1).argmin()) for row in embeds]
+    assert all(torch.equal(table[i], row) for i, row in zip(ids, embeds)), "visual tokens must be word embeddings"
+    return model.processor.tokenizer.decode(ids)
+
+
+def test_the_visual_tokens_are_the_words_of_what_the_heads_chose(monkeypatch):
+    model = tiny_slots_model()
+    conn = model.connector
+    grid = (2, 4, 4)
+    feats = VisualFeatures(tokens=torch.zeros(1, 2, 16, 32), grid=grid, timestamps=torch.tensor([[0.0, 0.5]]))
+    found = torch.full((1, 2, 16), -5.0)
+    found[0, 0, 13] = 5.0  # frame 0: an object in the bottom row, second column
+    found[0, 0, 2] = 4.0  # and one in the top row, third column (read first: reading order)
+    colors, shapes = torch.zeros(1, 2, 16, 4), torch.zeros(1, 2, 16, 2)
+    colors[0, 0, 13, 2], shapes[0, 0, 13, 1] = 1, 1  # blue circle
+    colors[0, 0, 2, 0], shapes[0, 0, 2, 0] = 1, 1  # red square
+    tones = torch.zeros(1, 2, 2)
+    tones[0, 1, 1] = 1  # frame 1: dark teal (three tokens), no object
+    monkeypatch.setattr(conn, "split_logits", lambda f: (found, [colors, shapes], [tones]))
+    out = conn(feats)
+    per_frame = conn.project_grid(grid)[1]
+    assert out.groups == 2 and out.embeds.shape[1] == 2 * per_frame == model.num_visual_tokens(2)
+    frames = out.embeds[0].split(per_frame), out.mask[0].split(per_frame)
+    assert nearest_words(model, frames[0][0][frames[1][0]]) == " gray red square top center blue circle bottom left"
+    assert nearest_words(model, frames[0][1][frames[1][1]]) == " dark teal"
+
+
+def test_slots_objective_trains_the_heads_then_the_llm_reads_them(tmp_path):
+    from evals.slots import evaluate_slots
+    from vlm.model import VideoLLM
+    from vlm.train.engine import run_recipe
+    from vlm.train.recipe import parse_recipe
+
+    data = make_tiny_data(tmp_path / "data", n=8)
+    regions = with_regions(data)
+    raw = tiny_recipe(data, tmp_path / "run")
+    raw["model"]["connector"] = {"name": "word_slots", **copy.deepcopy(VOCAB), "slots": 2}
+    raw["stages"][0].update({"name": "slots", "objective": "slots", "max_steps": 60, "batch_size": 4,
+                             "parts": {"connector": {"mode": "full", "lr": 3e-3}}, "schedule": {"warmup_steps": 0}})
+    raw["stages"][0]["data"]["mixture"] = [{"path": str(regions)}]
+    raw["stages"][1]["parts"]["connector"] = {"mode": "frozen"}
+    final = run_recipe(parse_recipe(raw))
+    stage = json.loads((tmp_path / "run" / "1-slots" / "stage.json").read_text())
+    assert stage["malformed_records"] == 2  # the record without regions and the one without a placeholder
+    assert stage["trainable"]["llm"] == 0
+    assert stage["skipped_samples"]  # the missing and the broken clip were skipped and named
+    model = VideoLLM.from_pretrained(final)
+    result = evaluate_slots(model, regions, tmp_path / "eval", workers=0)
+    assert result.counts["scored"] == 8 and result.counts["skipped"] == 4  # missing, broken, no placeholder, no regions
+    m = result.metrics
+    assert m["tone_accuracy"] == 100.0 and m["color_accuracy"] > 60 and m["object_recall"] > 60, m
+    assert json.loads((tmp_path / "eval" / "results.json").read_text())["task_type"] == "slots"
+    # the saved heads come back: the same visual tokens after reloading
+    stage1 = VideoLLM.from_pretrained(tmp_path / "run" / "1-slots" / "final")
+    clip = torch.rand(1, 4, 3, 32, 32)
+    ts = torch.arange(4.0)[None] / 4
+    a = stage1.connector(stage1.tower_features(clip, ts))
+    b = model.connector(model.tower_features(clip, ts))
+    assert torch.equal(a.mask, b.mask) and torch.equal(a.embeds[a.mask], b.embeds[b.mask])
+
+
+def test_slots_objective_needs_a_slot_connector(tmp_path):
+    from vlm.train.engine import run_recipe
+    from vlm.train.recipe import RecipeError, parse_recipe
+
+    data = make_tiny_data(tmp_path / "data", n=4, bad=False)
+    raw = tiny_recipe(data, tmp_path / "run")
+    raw["stages"][0]["objective"] = "slots"
+    with pytest.raises(ValueError, match="word_slots"):
+        run_recipe(parse_recipe(raw))
+    raw["stages"][0]["parts"]["llm"] = {"mode": "full", "lr": 1e-4}
+    with pytest.raises(RecipeError, match="objective 'slots' trains the connector only"):
+        parse_recipe(raw)

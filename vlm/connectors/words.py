@@ -1,0 +1,212 @@
+"""Word slots: a connector whose visual tokens are the LLM's own input embeddings of words chosen from the frames.
+
+Per frame, small heads on the tower's grid decide which cells hold an object's centre and, for each, one word per
+object attribute (colour, shape, ...), and one word per scene attribute (the background's tone, ...). The frame's
+tokens are then literally the words a caption would use, one embedding per token, in a fixed order:
+
+    <scene words> then, per detected object in reading order (at most `slots`): <attribute words> <row> <column>
+
+with the row and column words (" top"/" middle"/" bottom", " left"/" center"/" right") from the object's cell.
+Empty slots and the padding of short words are pruned (the mask), so the LLM reads only what is there. The heads
+are trained with the stage objective "slots" from per-frame annotations carried by the data records
+(`vlm.data.regions`), before the LLM is tuned on them with the connector frozen: the LLM never has to learn a new
+embedding space, only to read words (docs/GROUNDING.md has the measurements that led here).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from vlm.connectors.base import Connector, VisualTokens, register_connector
+from vlm.data.regions import cell_of, nearest_frames, region_problems
+from vlm.towers.base import VisualFeatures
+
+POSITION = (("top", "middle", "bottom"), ("left", "center", "right"))
+
+
+class SlotHead(nn.Module):
+    """Per cell: an object-centre logit and per-attribute logits (from the cell and its difference to the frame
+    mean); per frame: per-scene-attribute logits (from the frame's mean and spread over cells)."""
+
+    def __init__(self, in_dim: int, object_classes: int, scene_classes: int, hidden: int = 256):
+        super().__init__()
+        self.norm = nn.LayerNorm(in_dim)
+        self.cell = nn.Sequential(nn.Linear(2 * in_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
+                                  nn.Linear(hidden, 1 + object_classes))
+        self.scene = nn.Sequential(nn.Linear(2 * in_dim, hidden), nn.GELU(), nn.Linear(hidden, max(1, scene_classes)))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # [B, T, N, C]
+        x = self.norm(x.to(self.norm.weight.dtype))
+        frame = x.mean(2, keepdim=True)
+        return self.cell(torch.cat([x, x - frame], -1)), self.scene(torch.cat([frame[:, :, 0], x.std(2)], -1))
+
+
+@register_connector("word_slots")
+class WordSlots(Connector):
+    """scene / objects: attribute -> its words (e.g. {"tone": [...]}, {"color": [...], "shape": [...]});
+    slots: objects named per frame at most; position: the row and column words (null: no position words);
+    threshold: the centre probability above which a cell holds an object; hidden: the heads' width.
+    Each word is written with the LLM's tokens of " <word>" (several tokens when the tokenizer splits it)."""
+
+    def __init__(self, in_dim: int, out_dim: int, reducers=(), scene: Mapping[str, Sequence[str]] | None = None,
+                 objects: Mapping[str, Sequence[str]] | None = None, slots: int = 3,
+                 position: Sequence[Sequence[str]] | None = POSITION, threshold: float = 0.5, hidden: int = 256):
+        super().__init__(in_dim, out_dim, reducers)
+        self.scene_vocab = {k: list(v) for k, v in (scene or {}).items()}
+        self.object_vocab = {k: list(v) for k, v in (objects or {}).items()}
+        if not self.object_vocab and not self.scene_vocab:
+            raise ValueError("word_slots: give at least one attribute and its words in 'scene' or 'objects'")
+        if position is not None and (len(position) != 2 or not all(position)):
+            raise ValueError("word_slots: 'position' is [row words, column words] (or null)")
+        self.position = [list(p) for p in position] if position is not None else []
+        self.slots, self.threshold = int(slots), float(threshold)
+        # every word once, by group: scene attributes, object attributes, then rows and columns
+        self.groups = [*self.scene_vocab.values(), *self.object_vocab.values(), *self.position]
+        self.offsets = [sum(len(g) for g in self.groups[:i]) for i in range(len(self.groups))]
+        self.words = [w for g in self.groups for w in g]
+        self.head = SlotHead(in_dim, sum(len(g) for g in self.object_vocab.values()),
+                             sum(len(g) for g in self.scene_vocab.values()), hidden)
+        self.register_buffer("word_tokens", torch.zeros(len(self.words), 1, dtype=torch.long), persistent=False)
+        self.widths: list[int] = []  # tokens per group position (the longest word of the group)
+        self._embedding: list[nn.Embedding] = []  # the LLM's input embeddings (a list: not a submodule)
+
+    # ---------------------------------------------------------------- assembly
+    def attach_llm(self, embeddings: nn.Embedding, tokenizer: Any) -> None:
+        super().attach_llm(embeddings, tokenizer)
+        ids = [tokenizer(" " + w, add_special_tokens=False)["input_ids"] for w in self.words]
+        if any(not i for i in ids):
+            raise ValueError(f"word_slots: the tokenizer writes no token for {[w for w, i in zip(self.words, ids) if not i]}")
+        width = max(len(i) for i in ids)
+        table = torch.full((len(ids), width), -1, dtype=torch.long)
+        for row, i in enumerate(ids):
+            table[row, :len(i)] = torch.tensor(i)
+        self.word_tokens = table.to(self.word_tokens.device)
+        self.widths = [max(len(ids[o + k]) for k in range(len(g))) for o, g in zip(self.offsets, self.groups)]
+        self._embedding = [embeddings]
+
+    def positions(self) -> list[int]:
+        """The group of each word position of a frame: scene attributes, then per slot object attributes + row,
+        column."""
+        ns, no = len(self.scene_vocab), len(self.object_vocab)
+        per_object = list(range(ns, ns + no + len(self.position)))
+        return list(range(ns)) + per_object * self.slots
+
+    def project_grid(self, grid: tuple[int, int, int]) -> tuple[int, int]:
+        if not self.widths:
+            raise RuntimeError("word_slots: attach_llm(embeddings, tokenizer) first (VideoLLM does it at assembly)")
+        return grid[0], sum(self.widths[g] for g in self.positions())
+
+    # ---------------------------------------------------------------- the words of each frame
+    def choose(self, feats: VisualFeatures) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per frame, the word of every position (indices into `self.words`, [B, T, P]) and whether the position is
+        used ([B, T, P] bool: False for empty object slots)."""
+        found, object_logits, scene_logits = self.split_logits(feats)
+        b, t, n = found.shape
+        h, w = feats.grid[1], feats.grid[2]
+        chosen = [logits.argmax(-1) + self.offsets[g] for g, logits in enumerate(scene_logits)]  # each [B, T]
+        used = [torch.ones(b, t, len(self.scene_vocab), dtype=torch.bool, device=found.device)]
+        found = found.sigmoid()  # [B, T, N]
+        k = min(self.slots, n)
+        prob, cells = found.topk(k, -1)  # [B, T, k]
+        keep = prob > self.threshold
+        order = torch.where(keep, cells, cells + n).argsort(-1)  # kept ones first, in reading order
+        cells, keep = cells.gather(-1, order), keep.gather(-1, order)
+        ns = len(self.scene_vocab)
+        per_slot = [logits.argmax(-1).gather(-1, cells) + self.offsets[ns + g] for g, logits in enumerate(object_logits)]
+        if self.position:
+            rows, cols = self.position
+            base = ns + len(self.object_vocab)
+            per_slot.append((cells // w) * len(rows) // h + self.offsets[base])
+            per_slot.append((cells % w) * len(cols) // w + self.offsets[base + 1])
+        objects = torch.stack(per_slot, -1)  # [B, T, k, A]
+        pad = self.slots - k
+        objects = F.pad(objects, (0, 0, 0, pad)).flatten(2)
+        slot_used = F.pad(keep, (0, pad))[..., None].expand(b, t, self.slots, len(per_slot)).flatten(2)
+        return torch.cat([*[c[..., None] for c in chosen], objects], -1), torch.cat(used + [slot_used], -1)
+
+    def project(self, feats: VisualFeatures, instruction=None) -> VisualTokens:
+        if not self._embedding:
+            raise RuntimeError("word_slots: attach_llm(embeddings, tokenizer) first (VideoLLM does it at assembly)")
+        words, used = self.choose(feats)  # [B, T, P]
+        b, t = words.shape[:2]
+        ids, mask = [], []
+        for p, g in enumerate(self.positions()):
+            tokens = self.word_tokens[words[..., p], :self.widths[g]]  # [B, T, width]
+            ids.append(tokens)
+            mask.append((tokens >= 0) & used[..., p:p + 1])
+        ids, mask = torch.cat(ids, -1), torch.cat(mask, -1)  # [B, T, tokens per frame]
+        table = self._embedding[0]
+        embeds = table(ids.clamp(min=0).to(table.weight.device)).to(feats.tokens.device)
+        return VisualTokens(embeds=embeds.reshape(b, -1, embeds.shape[-1]), groups=t, mask=mask.reshape(b, -1),
+                            timestamps=feats.timestamps)
+
+    # ---------------------------------------------------------------- training the heads
+    def region_problems(self, regions: Any) -> list[str]:
+        return region_problems(regions, self.scene_vocab, self.object_vocab)
+
+    def slot_targets(self, feats: VisualFeatures, regions: Sequence[Sequence[dict[str, Any]]]) -> dict[str, torch.Tensor]:
+        """Each clip's annotations at its frames' timestamps, on the features' grid: "found" [B, T, N] (1 where a
+        cell holds an object's centre), "objects" [A, B, T, N] (each attribute's word index there, -100 elsewhere),
+        "scene" [S, B, T] (each scene attribute's word index)."""
+        if feats.timestamps is None:
+            raise ValueError("word_slots: annotations are matched to frames by timestamp, and these features have none")
+        b, t, n = feats.tokens.shape[:3]
+        h, w = feats.grid[1], feats.grid[2]
+        found = torch.zeros(b, t, n)
+        objects = torch.full((len(self.object_vocab), b, t, n), -100, dtype=torch.long)
+        scene = torch.zeros(len(self.scene_vocab), b, t, dtype=torch.long)
+        for i, clip in enumerate(regions):
+            for j, frame in enumerate(nearest_frames(clip, feats.timestamps[i].tolist())):
+                for a, (attr, vocab) in enumerate(self.scene_vocab.items()):
+                    scene[a, i, j] = vocab.index(frame["scene"][attr])
+                for obj in frame.get("objects", []):
+                    c = cell_of(obj["center"], h, w)
+                    found[i, j, c] = 1
+                    for a, (attr, vocab) in enumerate(self.object_vocab.items()):
+                        objects[a, i, j, c] = vocab.index(obj[attr])
+        dev = feats.tokens.device
+        return {"found": found.to(dev), "objects": objects.to(dev), "scene": scene.to(dev)}
+
+    def split_logits(self, feats: VisualFeatures) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """The heads' outputs: centre logits [B, T, N], per object attribute [B, T, N, V_a], per scene attribute
+        [B, T, V_s]."""
+        cell, scene = self.head(feats.tokens)
+        objects = list(cell[..., 1:].split([len(v) for v in self.object_vocab.values()], -1))
+        scenes = list(scene.split([len(v) for v in self.scene_vocab.values()], -1)) if self.scene_vocab else []
+        return cell[..., 0], objects, scenes
+
+    def slot_loss(self, feats: VisualFeatures, regions: Sequence[Sequence[dict[str, Any]]]) -> torch.Tensor:
+        """Detector-style loss of the heads against each clip's annotations (`slot_targets`): binary cross-entropy
+        for object centres (positives weighted 10x: few cells hold one), cross-entropy for each object attribute at
+        the cells that hold an object and for each scene attribute per frame."""
+        target = self.slot_targets(feats, regions)
+        found, objects, scenes = self.split_logits(feats)
+        loss = F.binary_cross_entropy_with_logits(found.float(), target["found"],
+                                                  pos_weight=torch.tensor(10.0, device=found.device))
+        for logits, y in zip(objects, target["objects"]):
+            if bool((y >= 0).any()):
+                loss = loss + F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+        for logits, y in zip(scenes, target["scene"]):
+            loss = loss + F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+        return loss
+
+    @torch.no_grad()
+    def slot_counts(self, feats: VisualFeatures, regions: Sequence[Sequence[dict[str, Any]]]) -> dict[str, int]:
+        """What the heads get right against the annotations, as counts to sum over batches: object centres found
+        (true/false positives, misses), each object attribute right at the true centres, each scene attribute."""
+        target = self.slot_targets(feats, regions)
+        found, objects, scenes = self.split_logits(feats)
+        pred, real = found.sigmoid() > self.threshold, target["found"] > 0
+        counts = {"objects_true_positive": int((pred & real).sum()), "objects_false_positive": int((pred & ~real).sum()),
+                  "objects_missed": int((~pred & real).sum())}
+        for name, logits, y in zip(self.object_vocab, objects, target["objects"]):
+            counts[f"{name}_correct"] = int((logits.argmax(-1)[real] == y[real]).sum())
+            counts[f"{name}_total"] = int(real.sum())
+        for name, logits, y in zip(self.scene_vocab, scenes, target["scene"]):
+            counts[f"{name}_correct"] = int((logits.argmax(-1) == y).sum())
+            counts[f"{name}_total"] = y.numel()
+        return counts
