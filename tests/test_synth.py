@@ -13,7 +13,7 @@ import pytest
 
 from data_tools.synth import CLASSES, generate
 from data_tools.synth.contact_sheet import decode_frames
-from data_tools.synth.generate import class_of, split_of
+from data_tools.synth.generate import class_of, motion_word, split_of
 from data_tools.synth.language import movers, object_action, timeline
 from data_tools.synth.render import render_clip
 from data_tools.synth.scenarios import sample_clip
@@ -269,7 +269,7 @@ def test_regions_are_the_ground_truth_in_the_quickstart_words(out: Path) -> None
     assert sorted(r["video"] for r in records) == sorted(metas)
     for i, r in enumerate(records):
         parse_record(r, f"regions[{i}]")  # a valid LLaVA record (the clip's caption) carrying regions
-        assert region_problems(r["regions"], connector["scene"], connector["objects"]) == [], r["id"]
+        assert region_problems(r["regions"], connector["scene"], connector["objects"] | connector["motion"]) == [], r["id"]
         m = metas[r["video"]]
         assert [f["t"] for f in r["regions"]] == [round(k / m["fps"], 4) for k in range(FRAMES)]
         for k, frame in enumerate(r["regions"]):
@@ -278,6 +278,18 @@ def test_regions_are_the_ground_truth_in_the_quickstart_words(out: Path) -> None
             assert [(f["color"], f["shape"]) for f in frame["objects"]] == [(o["track"]["color"][k], o["shape"]) for o in drawn]
             for f, o in zip(frame["objects"], drawn):
                 assert f["center"][0] == pytest.approx(min(1, max(0, o["track"]["x"][k] / SIZE)), abs=1e-4)
+                assert f["action"] == motion_word(o["track"], k)
+    # what an object does agrees with the events in the middle of each movement, growth and rotation
+    checked = 0
+    for m in metas.values():
+        for e in m["events"]:
+            if e["type"] in ("move", "grow", "shrink", "rotate") and e["object"] is not None:
+                word = {"move": f"moves {e.get('direction')}", "grow": "grows", "shrink": "shrinks",
+                        "rotate": f"rotates {e.get('direction')}"}[e["type"]]
+                track = m["objects"][e["object"]]["track"]
+                assert motion_word(track, (e["start_frame"] + e["end_frame"]) // 2) == word, (m["id"], e)
+                checked += 1
+    assert checked > 0
 
 
 @pytest.mark.parametrize("direction", ["left", "right", "up", "down"])

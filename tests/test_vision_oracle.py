@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
 import vision_oracle as vo  # noqa: E402
 
 from vlm.video import read_clip  # noqa: E402
@@ -86,19 +87,31 @@ def test_literal_slots_write_one_word_per_token_for_what_is_there(world):
     torch.testing.assert_close(kept, torch.stack(expected))
 
 
-def test_word_slot_labels_match_the_truth_towers_object_cells(world):
-    """scripts/word_slots.py trains its heads on labels that put each visible object in the cell the vision
-    oracle puts it, with its colour and shape."""
-    import word_slots
+def test_word_slot_targets_match_the_truth_towers_object_cells(world):
+    """The quickstart's word_slots heads are trained on targets (from `vlm data synth`'s regions) that put each
+    visible object in the cell the vision oracle puts it, with its colour and shape, and the frame's first tone."""
+    import yaml
 
+    from data_tools.synth.generate import frame_regions
+    from vlm.connectors.words import WordSlots
+    from vlm.towers.base import VisualFeatures
+
+    cfg = yaml.safe_load((REPO / "recipes" / "quickstart.yaml").read_text())["model"]["connector"]
+    slots = WordSlots(4, 8, scene=cfg["scene"], objects=cfg["objects"])
     meta = json.loads((world / "meta.jsonl").read_text().splitlines()[1])
     indices = np.array([0, 5, 10, 15])
-    found, color, shape, tone = word_slots.slot_labels(meta, indices)
+    feats = VisualFeatures(torch.zeros(1, 4, vo.GRID * vo.GRID, 4), (4, vo.GRID, vo.GRID),
+                           timestamps=torch.tensor(indices / meta["fps"])[None])
+    target = slots.slot_targets(feats, [frame_regions(meta)])
+    found, (color, shape), (tone,) = target["found"][0], target["objects"][:, 0], target["scene"][:, 0]
     for j, k in enumerate(indices):
         truth = vo.frame_truth(meta, int(k))
         colors = truth[:, vo.BACKGROUND_CHANNELS:vo.BACKGROUND_CHANNELS + len(vo.COLOR_NAMES)]
         visible = [o for o in meta["objects"] if o["track"]["visible"][k] and o["track"]["opacity"][k] >= 0.5]
-        assert int(found[j].sum()) <= len(visible) and set(np.flatnonzero(found[j])) <= set(np.flatnonzero(colors.sum(1)))
-        for c in np.flatnonzero(found[j]):
-            assert colors[c, color[j, c]] >= 1 and (color[j] >= 0).sum() == found[j].sum()
-    assert (tone == vo.TONES.index(meta["background"]["tones"][0])).all()
+        cells = set(torch.nonzero(found[j]).flatten().tolist())
+        assert 0 < len(cells) <= len(visible) and cells <= set(np.flatnonzero(colors.sum(1)))
+        for c in cells:
+            assert colors[c, vo.COLOR_NAMES.index(cfg["objects"]["color"][color[j, c]])] >= 1
+            assert truth[c, vo.BACKGROUND_CHANNELS + len(vo.COLOR_NAMES) + vo.SHAPE_NAMES.index(cfg["objects"]["shape"][shape[j, c]])] >= 1
+        assert int((color[j] >= 0).sum()) == len(cells)
+    assert (tone == cfg["scene"]["tone"].index(meta["background"]["tones"][0])).all()

@@ -14,7 +14,8 @@ from tests.train_helpers import COLORS, make_tiny_data, tiny_recipe
 from vlm.data.regions import cell_of, nearest_frames, region_problems
 from vlm.towers.base import VisualFeatures
 
-VOCAB = {"scene": {"tone": ["gray", "dark teal"]}, "objects": {"color": list(COLORS), "shape": ["square", "circle"]}}
+VOCAB = {"scene": {"tone": ["gray", "dark teal"]}, "objects": {"color": list(COLORS), "shape": ["square", "circle"]},
+         "motion": {"action": ["still", "moves left", "moves right"]}}
 
 
 def tiny_slots_model(**connector):
@@ -35,6 +36,7 @@ def with_regions(data: dict[str, Path]) -> Path:
 
 def test_region_problems_name_what_is_wrong():
     good = [{"t": 0.0, "scene": {"tone": "gray"}, "objects": [{"center": [0.5, 0.2], "color": "red", "shape": "square"}]}]
+    assert region_problems(good, VOCAB["scene"], VOCAB["objects"] | VOCAB["motion"]) == ["regions[0].objects[0]: no 'action'"]
     assert region_problems(good, VOCAB["scene"], VOCAB["objects"]) == []
     assert region_problems([], VOCAB["scene"]) == ["'regions' must be a non-empty list of annotated frames"]
     bad = [{"t": 0.0, "scene": {"tone": "pink"}, "objects": [{"center": [1.5, 0], "color": "red", "shape": "square"},
@@ -76,11 +78,20 @@ def test_the_visual_tokens_are_the_words_of_what_the_heads_chose(monkeypatch):
     tones = torch.zeros(1, 2, 2)
     tones[0, 1, 1] = 1  # frame 1: dark teal (three tokens), no object
     monkeypatch.setattr(conn, "split_logits", lambda f: (found, [colors, shapes], [tones]))
+
+    def motion(f, b, t, c):  # queried at each frame's slot cells; the object at cell 13 moves left
+        logits = torch.zeros(len(c), 3)
+        logits[:, 0] = 1
+        logits[(b == 0) & (t == 0) & (c == 13), 1] = 5
+        return [logits]
+
+    monkeypatch.setattr(conn, "motion_logits", motion)
     out = conn(feats)
     per_frame = conn.project_grid(grid)[1]
     assert out.groups == 2 and out.embeds.shape[1] == 2 * per_frame == model.num_visual_tokens(2)
     frames = out.embeds[0].split(per_frame), out.mask[0].split(per_frame)
-    assert nearest_words(model, frames[0][0][frames[1][0]]) == " gray red square top center blue circle bottom left"
+    assert (nearest_words(model, frames[0][0][frames[1][0]])
+            == " gray red square still top center blue circle moves left bottom left")
     assert nearest_words(model, frames[0][1][frames[1][1]]) == " dark teal"
 
 
@@ -108,6 +119,7 @@ def test_slots_objective_trains_the_heads_then_the_llm_reads_them(tmp_path):
     assert result.counts["scored"] == 8 and result.counts["skipped"] == 4  # missing, broken, no placeholder, no regions
     m = result.metrics
     assert m["tone_accuracy"] == 100.0 and m["color_accuracy"] > 60 and m["object_recall"] > 60, m
+    assert m["action_accuracy"] > 60, m  # which way the square moves, from the frames around each one
     assert json.loads((tmp_path / "eval" / "results.json").read_text())["task_type"] == "slots"
     # the saved heads come back: the same visual tokens after reloading
     stage1 = VideoLLM.from_pretrained(tmp_path / "run" / "1-slots" / "final")

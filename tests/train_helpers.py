@@ -58,11 +58,13 @@ def make_tiny_data(root: Path, n: int = 8, frames: int = 4, bad: bool = True) ->
 
 
 def square_regions(i: int, frames: int) -> list[dict[str, Any]]:
-    """Clip i's ground truth as per-frame annotations (vlm.data.regions): the square's centre, colour and shape."""
+    """Clip i's ground truth as per-frame annotations (vlm.data.regions): the square's centre, colour, shape and
+    motion."""
     right = i % 2 == 0
     return [{"t": t / 4, "scene": {"tone": "gray"},
              "objects": [{"center": [((4 + 5 * t if right else 24 - 5 * t) + 3) / 32, 0.5],
-                          "color": list(COLORS)[i % 4], "shape": "square"}]} for t in range(frames)]
+                          "color": list(COLORS)[i % 4], "shape": "square",
+                          "action": "moves right" if right else "moves left"}]} for t in range(frames)]
 
 
 def tiny_recipe(data: dict[str, Path], out: Path, **stage_overrides: Any) -> dict[str, Any]:

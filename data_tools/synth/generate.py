@@ -173,10 +173,32 @@ def _cloze_record(res: dict[str, Any], seed: int) -> dict[str, Any] | None:
     return {"id": f"{res['id']}_cloze", "video": res["video"], "conversations": conv}
 
 
+MOTION_WORDS = ("still", "moves left", "moves right", "moves up", "moves down", "grows", "shrinks",
+                "rotates clockwise", "rotates counterclockwise")
+
+
+def motion_word(track: dict[str, list], k: int) -> str:
+    """What an object is doing at frame k, from its track around k (frames k-1 to k+1): moving (by its main axis,
+    at least 1 px per frame), else growing or shrinking (at least 2% per frame), else rotating (at least 1 degree
+    per frame; image y points down, so a growing angle turns clockwise), else still."""
+    a, b = max(0, k - 1), min(len(track["x"]) - 1, k + 1)
+    span = max(1, b - a)
+    dx, dy = (track["x"][b] - track["x"][a]) / span, (track["y"][b] - track["y"][a]) / span
+    if max(abs(dx), abs(dy)) >= 1.0:
+        return ("moves right" if dx > 0 else "moves left") if abs(dx) >= abs(dy) else ("moves down" if dy > 0 else "moves up")
+    growth = (track["scale"][b] / max(1e-6, track["scale"][a])) ** (1 / span)
+    if abs(growth - 1) >= 0.02:
+        return "grows" if growth > 1 else "shrinks"
+    turn = (track["angle"][b] - track["angle"][a]) / span
+    if abs(turn) >= 1.0:
+        return "rotates clockwise" if turn > 0 else "rotates counterclockwise"
+    return "still"
+
+
 def frame_regions(meta: dict[str, Any]) -> list[dict[str, Any]]:
     """A clip's ground truth as per-frame annotations (`vlm.data.regions`): per frame its time, the background's
     (first) tone, and each object drawn at half opacity or more: centre in [0, 1], colour, shape (a shuffle
-    scenario's boxes are the shape "box")."""
+    scenario's boxes are the shape "box") and what it is doing (`motion_word`)."""
     size, fps = float(meta["size"]), float(meta["fps"])
     frames = []
     for k in range(int(meta["num_frames"])):
@@ -185,7 +207,8 @@ def frame_regions(meta: dict[str, Any]) -> list[dict[str, Any]]:
             tr = o["track"]
             if tr["visible"][k] and tr["opacity"][k] >= 0.5:
                 centre = [round(min(1.0, max(0.0, tr[a][k] / size)), 4) for a in ("x", "y")]
-                objects.append({"center": centre, "color": tr["color"][k], "shape": o["shape"]})
+                objects.append({"center": centre, "color": tr["color"][k], "shape": o["shape"],
+                                "action": motion_word(tr, k)})
         frames.append({"t": round(k / fps, 4), "scene": {"tone": meta["background"]["tones"][0]}, "objects": objects})
     return frames
 

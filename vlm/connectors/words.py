@@ -45,31 +45,64 @@ class SlotHead(nn.Module):
         return self.cell(torch.cat([x, x - frame], -1)), self.scene(torch.cat([frame[:, :, 0], x.std(2)], -1))
 
 
+class MotionHead(nn.Module):
+    """Per queried cell: logits of the attributes that need time (how an object moves, grows, turns), from the
+    cell and its 3x3 neighbourhood in the previous and the next frame (the edges repeat at the clip's ends)."""
+
+    def __init__(self, in_dim: int, classes: int, hidden: int = 256):
+        super().__init__()
+        self.norm = nn.LayerNorm(in_dim)
+        self.net = nn.Sequential(nn.Linear(19 * in_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
+                                 nn.Linear(hidden, classes))
+
+    def forward(self, x: torch.Tensor, grid: tuple[int, int, int], b: torch.Tensor, t: torch.Tensor,
+                c: torch.Tensor) -> torch.Tensor:
+        """x [B, T, N, C]; b, t, c: [M] clip, frame and cell of each query -> [M, classes]."""
+        x = self.norm(x.to(self.norm.weight.dtype))
+        h, w = grid[1], grid[2]
+        row, col = c // w, c % w
+        offsets = torch.tensor([-1, 0, 1], device=c.device)
+        rows = (row[:, None, None] + offsets[None, :, None]).clamp(0, h - 1)
+        cols = (col[:, None, None] + offsets[None, None, :]).clamp(0, w - 1)
+        around = (rows * w + cols).flatten(1)  # [M, 9]
+        last = x.shape[1] - 1
+        prev = x[b[:, None], (t - 1).clamp(min=0)[:, None], around]  # [M, 9, C]
+        nxt = x[b[:, None], (t + 1).clamp(max=last)[:, None], around]
+        return self.net(torch.cat([x[b, t, c], prev.flatten(1), nxt.flatten(1)], -1))
+
+
 @register_connector("word_slots")
 class WordSlots(Connector):
     """scene / objects: attribute -> its words (e.g. {"tone": [...]}, {"color": [...], "shape": [...]});
+    motion: object attributes that need time (e.g. {"action": ["still", "moves left", "grows", ...]}), read from
+    the object's cell and its neighbourhood in the previous and next frame (`MotionHead`);
     slots: objects named per frame at most; position: the row and column words (null: no position words);
     threshold: the centre probability above which a cell holds an object; hidden: the heads' width.
     Each word is written with the LLM's tokens of " <word>" (several tokens when the tokenizer splits it)."""
 
     def __init__(self, in_dim: int, out_dim: int, reducers=(), scene: Mapping[str, Sequence[str]] | None = None,
-                 objects: Mapping[str, Sequence[str]] | None = None, slots: int = 3,
+                 objects: Mapping[str, Sequence[str]] | None = None,
+                 motion: Mapping[str, Sequence[str]] | None = None, slots: int = 3,
                  position: Sequence[Sequence[str]] | None = POSITION, threshold: float = 0.5, hidden: int = 256):
         super().__init__(in_dim, out_dim, reducers)
         self.scene_vocab = {k: list(v) for k, v in (scene or {}).items()}
         self.object_vocab = {k: list(v) for k, v in (objects or {}).items()}
+        self.motion_vocab = {k: list(v) for k, v in (motion or {}).items()}
         if not self.object_vocab and not self.scene_vocab:
             raise ValueError("word_slots: give at least one attribute and its words in 'scene' or 'objects'")
         if position is not None and (len(position) != 2 or not all(position)):
             raise ValueError("word_slots: 'position' is [row words, column words] (or null)")
         self.position = [list(p) for p in position] if position is not None else []
         self.slots, self.threshold = int(slots), float(threshold)
-        # every word once, by group: scene attributes, object attributes, then rows and columns
-        self.groups = [*self.scene_vocab.values(), *self.object_vocab.values(), *self.position]
+        # every word once, by group: scene attributes, object attributes, motion attributes, then rows and columns
+        self.groups = [*self.scene_vocab.values(), *self.object_vocab.values(), *self.motion_vocab.values(),
+                       *self.position]
         self.offsets = [sum(len(g) for g in self.groups[:i]) for i in range(len(self.groups))]
         self.words = [w for g in self.groups for w in g]
         self.head = SlotHead(in_dim, sum(len(g) for g in self.object_vocab.values()),
                              sum(len(g) for g in self.scene_vocab.values()), hidden)
+        if self.motion_vocab:
+            self.motion_head = MotionHead(in_dim, sum(len(g) for g in self.motion_vocab.values()), hidden)
         self.register_buffer("word_tokens", torch.zeros(len(self.words), 1, dtype=torch.long), persistent=False)
         self.widths: list[int] = []  # tokens per group position (the longest word of the group)
         self._embedding: list[nn.Embedding] = []  # the LLM's input embeddings (a list: not a submodule)
@@ -89,9 +122,9 @@ class WordSlots(Connector):
         self._embedding = [embeddings]
 
     def positions(self) -> list[int]:
-        """The group of each word position of a frame: scene attributes, then per slot object attributes + row,
-        column."""
-        ns, no = len(self.scene_vocab), len(self.object_vocab)
+        """The group of each word position of a frame: scene attributes, then per slot object and motion attributes,
+        row, column."""
+        ns, no = len(self.scene_vocab), len(self.object_vocab) + len(self.motion_vocab)
         per_object = list(range(ns, ns + no + len(self.position)))
         return list(range(ns)) + per_object * self.slots
 
@@ -117,9 +150,15 @@ class WordSlots(Connector):
         cells, keep = cells.gather(-1, order), keep.gather(-1, order)
         ns = len(self.scene_vocab)
         per_slot = [logits.argmax(-1).gather(-1, cells) + self.offsets[ns + g] for g, logits in enumerate(object_logits)]
+        if self.motion_vocab:
+            bi = torch.arange(b, device=cells.device)[:, None, None].expand_as(cells)
+            ti = torch.arange(t, device=cells.device)[None, :, None].expand_as(cells)
+            moved = self.motion_logits(feats, bi.flatten(), ti.flatten(), cells.flatten())
+            base = ns + len(self.object_vocab)
+            per_slot += [logits.argmax(-1).reshape(cells.shape) + self.offsets[base + g] for g, logits in enumerate(moved)]
         if self.position:
             rows, cols = self.position
-            base = ns + len(self.object_vocab)
+            base = ns + len(self.object_vocab) + len(self.motion_vocab)
             per_slot.append((cells // w) * len(rows) // h + self.offsets[base])
             per_slot.append((cells % w) * len(cols) // w + self.offsets[base + 1])
         objects = torch.stack(per_slot, -1)  # [B, T, k, A]
@@ -146,18 +185,20 @@ class WordSlots(Connector):
 
     # ---------------------------------------------------------------- training the heads
     def region_problems(self, regions: Any) -> list[str]:
-        return region_problems(regions, self.scene_vocab, self.object_vocab)
+        return region_problems(regions, self.scene_vocab, self.object_vocab | self.motion_vocab)
 
     def slot_targets(self, feats: VisualFeatures, regions: Sequence[Sequence[dict[str, Any]]]) -> dict[str, torch.Tensor]:
         """Each clip's annotations at its frames' timestamps, on the features' grid: "found" [B, T, N] (1 where a
-        cell holds an object's centre), "objects" [A, B, T, N] (each attribute's word index there, -100 elsewhere),
+        cell holds an object's centre), "objects" [A, B, T, N] (each object then motion attribute's word index
+        there, -100 elsewhere),
         "scene" [S, B, T] (each scene attribute's word index)."""
         if feats.timestamps is None:
             raise ValueError("word_slots: annotations are matched to frames by timestamp, and these features have none")
         b, t, n = feats.tokens.shape[:3]
         h, w = feats.grid[1], feats.grid[2]
         found = torch.zeros(b, t, n)
-        objects = torch.full((len(self.object_vocab), b, t, n), -100, dtype=torch.long)
+        attributes = self.object_vocab | self.motion_vocab
+        objects = torch.full((len(attributes), b, t, n), -100, dtype=torch.long)
         scene = torch.zeros(len(self.scene_vocab), b, t, dtype=torch.long)
         for i, clip in enumerate(regions):
             for j, frame in enumerate(nearest_frames(clip, feats.timestamps[i].tolist())):
@@ -166,7 +207,7 @@ class WordSlots(Connector):
                 for obj in frame.get("objects", []):
                     c = cell_of(obj["center"], h, w)
                     found[i, j, c] = 1
-                    for a, (attr, vocab) in enumerate(self.object_vocab.items()):
+                    for a, (attr, vocab) in enumerate(attributes.items()):
                         objects[a, i, j, c] = vocab.index(obj[attr])
         dev = feats.tokens.device
         return {"found": found.to(dev), "objects": objects.to(dev), "scene": scene.to(dev)}
@@ -178,6 +219,11 @@ class WordSlots(Connector):
         objects = list(cell[..., 1:].split([len(v) for v in self.object_vocab.values()], -1))
         scenes = list(scene.split([len(v) for v in self.scene_vocab.values()], -1)) if self.scene_vocab else []
         return cell[..., 0], objects, scenes
+
+    def motion_logits(self, feats: VisualFeatures, b: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> list[torch.Tensor]:
+        """Per motion attribute, its logits [M, V] at clip b, frame t, cell c of each of M queries."""
+        logits = self.motion_head(feats.tokens, feats.grid, b, t, c)
+        return list(logits.split([len(v) for v in self.motion_vocab.values()], -1))
 
     def slot_loss(self, feats: VisualFeatures, regions: Sequence[Sequence[dict[str, Any]]]) -> torch.Tensor:
         """Detector-style loss of the heads against each clip's annotations (`slot_targets`): binary cross-entropy
@@ -192,6 +238,10 @@ class WordSlots(Connector):
                 loss = loss + F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
         for logits, y in zip(scenes, target["scene"]):
             loss = loss + F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+        if self.motion_vocab and bool(target["found"].any()):  # only where objects are: a few cells per frame
+            b, t, c = target["found"].nonzero(as_tuple=True)
+            for logits, y in zip(self.motion_logits(feats, b, t, c), target["objects"][len(self.object_vocab):]):
+                loss = loss + F.cross_entropy(logits.float(), y[b, t, c])
         return loss
 
     @torch.no_grad()
@@ -206,6 +256,12 @@ class WordSlots(Connector):
         for name, logits, y in zip(self.object_vocab, objects, target["objects"]):
             counts[f"{name}_correct"] = int((logits.argmax(-1)[real] == y[real]).sum())
             counts[f"{name}_total"] = int(real.sum())
+        if self.motion_vocab and bool(real.any()):
+            b, t, c = real.nonzero(as_tuple=True)
+            for name, logits, y in zip(self.motion_vocab, self.motion_logits(feats, b, t, c),
+                                       target["objects"][len(self.object_vocab):]):
+                counts[f"{name}_correct"] = int((logits.argmax(-1) == y[b, t, c]).sum())
+                counts[f"{name}_total"] = int(real.sum())
         for name, logits, y in zip(self.scene_vocab, scenes, target["scene"]):
             counts[f"{name}_correct"] = int((logits.argmax(-1) == y).sum())
             counts[f"{name}_total"] = y.numel()
