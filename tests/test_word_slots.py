@@ -142,3 +142,13 @@ def test_slots_objective_needs_a_slot_connector(tmp_path):
     raw["stages"][0]["parts"]["llm"] = {"mode": "full", "lr": 1e-4}
     with pytest.raises(RecipeError, match="objective 'slots' trains the connector only"):
         parse_recipe(raw)
+
+
+def test_a_pooling_budget_drops_frames_for_word_slots_instead_of_blurring_their_grid():
+    """Pooling does not shrink a word-slot connector's output (a fixed count per frame): the budget keeps the grid
+    its heads were trained on and drops frames."""
+    model = tiny_slots_model()
+    per_frame = model.connector.project_grid((1, 4, 4))[1]
+    model.apply_settings({"token_budget": {"max_tokens": 2 * per_frame, "policy": "pool"}})
+    assert model.budget.grid((4, 4, 4), model.connector) == (2, 4, 4)
+    assert model.num_visual_tokens(4) == 2 * per_frame

@@ -5,7 +5,8 @@ connector, on the tower's token grid (T', h, w), by one of two policies:
 
 - "pool": average-pool every frame's grid by the smallest integer stride s (ceil at odd edges) for which the
   connector's output fits; a long clip keeps all its frames at a coarser grid. If even 1x1 per frame does not fit,
-  frames are then dropped as below.
+  frames are then dropped as below (at the full grid for a connector whose count per frame does not depend on the
+  grid, such as `word_slots`: pooling would only blur what its heads read).
 - "frames": keep the grid and drop temporal positions: the largest T'' <= T' whose output fits, taken at the
   middle of T'' equal segments (as the `segment_middle` sampling policy does); the LLM's sequence length is the
   same for every clip of at least T'' positions.
@@ -63,7 +64,10 @@ class TokenBudget:
 
         stride = 1
         if self.policy == "pool":
-            stride = next((s for s in range(1, max(h, w) + 1) if fits(s, t)), max(h, w, 1))
+            stride = next((s for s in range(1, max(h, w) + 1) if fits(s, t)), 0)
+            if stride == 0:  # no stride fits all positions: pool as far as pooling saves tokens, then drop positions
+                saves = connector.num_tokens((t, 1, 1)) < connector.num_tokens((t, h, w))
+                stride = max(h, w, 1) if saves else 1  # e.g. word slots: a fixed count per frame, whatever the grid
         frames = next((f for f in range(t, 0, -1) if fits(stride, f)), 0)
         if frames == 0:
             raise ValueError(f"token budget of {self.max_tokens}: one temporal position of grid {grid} already takes "
