@@ -13,7 +13,7 @@ import pytest
 
 from data_tools.synth import CLASSES, generate
 from data_tools.synth.contact_sheet import decode_frames
-from data_tools.synth.generate import class_of, motion_word, split_of
+from data_tools.synth.generate import class_of, event_word, motion_word, split_of
 from data_tools.synth.language import movers, object_action, timeline
 from data_tools.synth.render import render_clip
 from data_tools.synth.scenarios import sample_clip
@@ -278,7 +278,7 @@ def test_regions_are_the_ground_truth_in_the_quickstart_words(out: Path) -> None
             assert [(f["color"], f["shape"]) for f in frame["objects"]] == [(o["track"]["color"][k], o["shape"]) for o in drawn]
             for f, o in zip(frame["objects"], drawn):
                 assert f["center"][0] == pytest.approx(min(1, max(0, o["track"]["x"][k] / SIZE)), abs=1e-4)
-                assert f["action"] == motion_word(o["track"], k)
+                assert f["action"] == motion_word(o["track"], k) and f["event"] == event_word(m, o["id"], k)
     # what an object does agrees with the events in the middle of each movement, growth and rotation
     checked = 0
     for m in metas.values():
@@ -290,6 +290,14 @@ def test_regions_are_the_ground_truth_in_the_quickstart_words(out: Path) -> None
                 assert motion_word(track, (e["start_frame"] + e["end_frame"]) // 2) == word, (m["id"], e)
                 checked += 1
     assert checked > 0
+    # each one-off event is named at its frame (and the frames next to it) on its object
+    for m in metas.values():
+        for e in m["events"]:
+            if e["type"] == "bounce":
+                same = {x["type"] for x in m["events"] if x.get("object") == e["object"]
+                        and x["start_frame"] <= e["start_frame"] <= x["end_frame"]}
+                word = event_word(m, e["object"], e["start_frame"])
+                assert word == "bounces" or word != "none" and len(same) > 1, (m["id"], e)
 
 
 @pytest.mark.parametrize("direction", ["left", "right", "up", "down"])

@@ -34,6 +34,11 @@ def with_regions(data: dict[str, Path]) -> Path:
     return data["regions"]
 
 
+def test_silent_words_must_be_words_of_the_vocabulary():
+    with pytest.raises(ValueError, match=r"silent words \['stil'\] are not in its vocabulary"):
+        tiny_slots_model(silent=["stil"])
+
+
 def test_region_problems_name_what_is_wrong():
     good = [{"t": 0.0, "scene": {"tone": "gray"}, "objects": [{"center": [0.5, 0.2], "color": "red", "shape": "square"}]}]
     assert region_problems(good, VOCAB["scene"], VOCAB["objects"] | VOCAB["motion"]) == ["regions[0].objects[0]: no 'action'"]
@@ -64,8 +69,9 @@ def nearest_words(model, embeds: torch.Tensor) -> str:
     return model.processor.tokenizer.decode(ids)
 
 
-def test_the_visual_tokens_are_the_words_of_what_the_heads_chose(monkeypatch):
-    model = tiny_slots_model()
+@pytest.mark.parametrize("silent", [[], ["still"]])
+def test_the_visual_tokens_are_the_words_of_what_the_heads_chose(monkeypatch, silent):
+    model = tiny_slots_model(silent=silent)
     conn = model.connector
     grid = (2, 4, 4)
     feats = VisualFeatures(tokens=torch.zeros(1, 2, 16, 32), grid=grid, timestamps=torch.tensor([[0.0, 0.5]]))
@@ -90,8 +96,9 @@ def test_the_visual_tokens_are_the_words_of_what_the_heads_chose(monkeypatch):
     per_frame = conn.project_grid(grid)[1]
     assert out.groups == 2 and out.embeds.shape[1] == 2 * per_frame == model.num_visual_tokens(2)
     frames = out.embeds[0].split(per_frame), out.mask[0].split(per_frame)
+    still = "" if silent else " still"  # a silent word is chosen but not written
     assert (nearest_words(model, frames[0][0][frames[1][0]])
-            == " gray red square still top center blue circle moves left bottom left")
+            == f" gray red square{still} top center blue circle moves left bottom left")
     assert nearest_words(model, frames[0][1][frames[1][1]]) == " dark teal"
 
 

@@ -195,10 +195,23 @@ def motion_word(track: dict[str, list], k: int) -> str:
     return "still"
 
 
+EVENT_WORDS = ("none", "starts moving", "stops moving", "bounces", "changes color", "appears", "disappears")
+_EVENT_OF = {"start": "starts moving", "stop": "stops moving", "bounce": "bounces", "color_change": "changes color",
+             "appear": "appears", "disappear": "disappears"}
+
+
+def event_word(meta: dict[str, Any], obj: int, k: int) -> str:
+    """The one-off event of object `obj` at frame k: the nearest event within a frame of it (so that frames
+    sampled every other frame still see it), else "none"."""
+    near = [(max(e["start_frame"] - k, k - e["end_frame"], 0), e) for e in meta["events"]
+            if e.get("object") == obj and e["type"] in _EVENT_OF and e["start_frame"] - 1 <= k <= e["end_frame"] + 1]
+    return _EVENT_OF[min(near, key=lambda d: d[0])[1]["type"]] if near else "none"
+
+
 def frame_regions(meta: dict[str, Any]) -> list[dict[str, Any]]:
     """A clip's ground truth as per-frame annotations (`vlm.data.regions`): per frame its time, the background's
     (first) tone, and each object drawn at half opacity or more: centre in [0, 1], colour, shape (a shuffle
-    scenario's boxes are the shape "box") and what it is doing (`motion_word`)."""
+    scenario's boxes are the shape "box"), what it is doing (`motion_word`) and what happens to it (`event_word`)."""
     size, fps = float(meta["size"]), float(meta["fps"])
     frames = []
     for k in range(int(meta["num_frames"])):
@@ -208,7 +221,7 @@ def frame_regions(meta: dict[str, Any]) -> list[dict[str, Any]]:
             if tr["visible"][k] and tr["opacity"][k] >= 0.5:
                 centre = [round(min(1.0, max(0.0, tr[a][k] / size)), 4) for a in ("x", "y")]
                 objects.append({"center": centre, "color": tr["color"][k], "shape": o["shape"],
-                                "action": motion_word(tr, k)})
+                                "action": motion_word(tr, k), "event": event_word(meta, o["id"], k)})
         frames.append({"t": round(k / fps, 4), "scene": {"tone": meta["background"]["tones"][0]}, "objects": objects})
     return frames
 

@@ -76,13 +76,15 @@ class WordSlots(Connector):
     """scene / objects: attribute -> its words (e.g. {"tone": [...]}, {"color": [...], "shape": [...]});
     motion: object attributes that need time (e.g. {"action": ["still", "moves left", "grows", ...]}), read from
     the object's cell and its neighbourhood in the previous and next frame (`MotionHead`);
+    silent: words the heads choose but never write (e.g. "still": an object without a motion word is still),
+    which keeps the visual tokens to what is worth reading;
     slots: objects named per frame at most; position: the row and column words (null: no position words);
     threshold: the centre probability above which a cell holds an object; hidden: the heads' width.
     Each word is written with the LLM's tokens of " <word>" (several tokens when the tokenizer splits it)."""
 
     def __init__(self, in_dim: int, out_dim: int, reducers=(), scene: Mapping[str, Sequence[str]] | None = None,
                  objects: Mapping[str, Sequence[str]] | None = None,
-                 motion: Mapping[str, Sequence[str]] | None = None, slots: int = 3,
+                 motion: Mapping[str, Sequence[str]] | None = None, silent: Sequence[str] = (), slots: int = 3,
                  position: Sequence[Sequence[str]] | None = POSITION, threshold: float = 0.5, hidden: int = 256):
         super().__init__(in_dim, out_dim, reducers)
         self.scene_vocab = {k: list(v) for k, v in (scene or {}).items()}
@@ -99,6 +101,9 @@ class WordSlots(Connector):
                        *self.position]
         self.offsets = [sum(len(g) for g in self.groups[:i]) for i in range(len(self.groups))]
         self.words = [w for g in self.groups for w in g]
+        self.silent = [str(w) for w in silent]
+        if not set(self.silent) <= set(self.words):
+            raise ValueError(f"word_slots: silent words {sorted(set(self.silent) - set(self.words))} are not in its vocabulary")
         self.head = SlotHead(in_dim, sum(len(g) for g in self.object_vocab.values()),
                              sum(len(g) for g in self.scene_vocab.values()), hidden)
         if self.motion_vocab:
@@ -110,10 +115,10 @@ class WordSlots(Connector):
     # ---------------------------------------------------------------- assembly
     def attach_llm(self, embeddings: nn.Embedding, tokenizer: Any) -> None:
         super().attach_llm(embeddings, tokenizer)
-        ids = [tokenizer(" " + w, add_special_tokens=False)["input_ids"] for w in self.words]
-        if any(not i for i in ids):
+        ids = [[] if w in self.silent else tokenizer(" " + w, add_special_tokens=False)["input_ids"] for w in self.words]
+        if any(not i and w not in self.silent for w, i in zip(self.words, ids)):
             raise ValueError(f"word_slots: the tokenizer writes no token for {[w for w, i in zip(self.words, ids) if not i]}")
-        width = max(len(i) for i in ids)
+        width = max(1, max(len(i) for i in ids))  # a silent word is a row of -1: nothing written
         table = torch.full((len(ids), width), -1, dtype=torch.long)
         for row, i in enumerate(ids):
             table[row, :len(i)] = torch.tensor(i)
