@@ -23,7 +23,6 @@ import torch
 from evals.reliance import _sample_clip
 from evals.results import EvalResult
 from vlm.data.dataset import SourceSpec, load_mixture
-from vlm.towers.base import VisualFeatures
 from vlm.video.prefetch import prefetch_clips
 
 log = logging.getLogger(__name__)
@@ -69,9 +68,6 @@ def evaluate_slots(model: Any, data: str | Path, out_dir: str | Path | None = No
     def run(batch: list[tuple[Any, Any]]) -> None:
         pixels, stamps = zip(*(model.processor.preprocess_clip(clip) for _, clip in batch))
         feats = model.tower_features(torch.stack(pixels), torch.stack(stamps))
-        for reducer in connector.reducers:
-            feats = reducer(feats)
-        feats = VisualFeatures(feats.tokens.to(next(connector.parameters()).dtype), feats.grid, timestamps=feats.timestamps)
         for key, value in connector.slot_counts(feats, [s.extra["regions"] for s, _ in batch]).items():
             totals[key] = totals.get(key, 0) + value
 

@@ -132,8 +132,6 @@ def slot_supervision(model: VideoLLM, batch: Batch, return_logits: bool = False)
                                timestamps=torch.stack(batch.timestamps).to(model.device))
     else:
         feats = model.tower_features(torch.stack(batch.pixel_values), torch.stack(batch.timestamps))
-    for reducer in model.connector.reducers:
-        feats = reducer(feats)
     return CausalLMOutputWithPast(loss=loss_of(feats, batch.regions))
 
 

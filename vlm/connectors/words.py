@@ -192,11 +192,16 @@ class WordSlots(Connector):
     def region_problems(self, regions: Any) -> list[str]:
         return region_problems(regions, self.scene_vocab, self.object_vocab | self.motion_vocab)
 
+    def reduced(self, feats: VisualFeatures) -> VisualFeatures:
+        """Tower features through this connector's token reducers: what its heads read (as in `forward`)."""
+        for reducer in self.reducers:
+            feats = reducer(feats)
+        return feats
+
     def slot_targets(self, feats: VisualFeatures, regions: Sequence[Sequence[dict[str, Any]]]) -> dict[str, torch.Tensor]:
         """Each clip's annotations at its frames' timestamps, on the features' grid: "found" [B, T, N] (1 where a
         cell holds an object's centre), "objects" [A, B, T, N] (each object then motion attribute's word index
-        there, -100 elsewhere),
-        "scene" [S, B, T] (each scene attribute's word index)."""
+        there, -100 elsewhere), "scene" [S, B, T] (each scene attribute's word index)."""
         if feats.timestamps is None:
             raise ValueError("word_slots: annotations are matched to frames by timestamp, and these features have none")
         b, t, n = feats.tokens.shape[:3]
@@ -233,7 +238,9 @@ class WordSlots(Connector):
     def slot_loss(self, feats: VisualFeatures, regions: Sequence[Sequence[dict[str, Any]]]) -> torch.Tensor:
         """Detector-style loss of the heads against each clip's annotations (`slot_targets`): binary cross-entropy
         for object centres (positives weighted 10x: few cells hold one), cross-entropy for each object attribute at
-        the cells that hold an object and for each scene attribute per frame."""
+        the cells that hold an object and for each scene attribute per frame. `feats`: the tower's, before the
+        reducers."""
+        feats = self.reduced(feats)
         target = self.slot_targets(feats, regions)
         found, objects, scenes = self.split_logits(feats)
         loss = F.binary_cross_entropy_with_logits(found.float(), target["found"],
@@ -252,7 +259,9 @@ class WordSlots(Connector):
     @torch.no_grad()
     def slot_counts(self, feats: VisualFeatures, regions: Sequence[Sequence[dict[str, Any]]]) -> dict[str, int]:
         """What the heads get right against the annotations, as counts to sum over batches: object centres found
-        (true/false positives, misses), each object attribute right at the true centres, each scene attribute."""
+        (true/false positives, misses), each object attribute right at the true centres, each scene attribute.
+        `feats`: the tower's, before the reducers."""
+        feats = self.reduced(feats)
         target = self.slot_targets(feats, regions)
         found, objects, scenes = self.split_logits(feats)
         pred, real = found.sigmoid() > self.threshold, target["found"] > 0
