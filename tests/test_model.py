@@ -166,6 +166,22 @@ def test_save_load_identical_logits_with_lora_and_full_tower(tmp_path):
     assert torch.equal(before, after)
 
 
+def test_lora_on_the_last_blocks_only(tmp_path):
+    torch.manual_seed(0)
+    model = VideoLLM.from_config(config("clip", "mlp"))  # the tiny LLM has 2 blocks
+    model.set_mode("llm", "lora", {"r": 4, "targets": ["q_proj", "v_proj"], "layers": [-1]})
+    lora = [n for n, p in model.llm.named_parameters() if "lora_" in n]
+    assert lora and all(".layers.1." in n for n in lora), lora
+    batch = model.processor.build_batch([sample(model, 4, 0)])
+    model(batch).loss.backward()
+    assert all(p.grad is not None for n, p in model.llm.named_parameters() if "lora_" in n)
+    model.save_pretrained(tmp_path / "m")
+    loaded = VideoLLM.from_pretrained(tmp_path / "m")
+    assert [n for n, _ in loaded.llm.named_parameters() if "lora_" in n] == lora
+    with pytest.raises(ValueError, match=r"LoRA layers \[2\] are not all among its 2 blocks"):
+        VideoLLM.from_config(config("clip", "mlp")).set_mode("llm", "lora", {"layers": [2]})
+
+
 def test_connector_only_save_reattaches_and_mismatch_names_part_and_key(tmp_path):
     torch.manual_seed(0)
     model = VideoLLM.from_config(config("siglip", "stc"))

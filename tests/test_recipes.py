@@ -50,6 +50,13 @@ def test_pretraining_and_classification_recipes_parse_with_overrides():
         load_pretrain_recipe(REPO / "recipes" / "videomae_pretrain.yaml", ["train.lr_group=1"])
 
 
+def test_numbers_in_exponent_form_are_numbers():
+    """PyYAML (YAML 1.1) reads 3e-3 as a string; recipes and --set read it as the number it means."""
+    recipe = load_recipe(REPO / "recipes" / "quickstart.yaml", ["stages.1.parts.llm.lr=3e-3", "output_dir=1e3x"],
+                         check_files=False)
+    assert recipe.stages[1].parts["llm"].lr == 0.003 and recipe.output_dir == "1e3x"
+
+
 @pytest.mark.parametrize("name", RECIPES)
 def test_recipe_trains_with_tiny_overrides(name, data, tmp_path):
     path = REPO / "recipes" / f"{name}.yaml"

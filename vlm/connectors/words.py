@@ -11,10 +11,16 @@ Empty slots and the padding of short words are pruned (the mask), so the LLM rea
 are trained with the stage objective "slots" from per-frame annotations carried by the data records
 (`vlm.data.regions`), before the LLM is tuned on them with the connector frozen: the LLM never has to learn a new
 embedding space, only to read words (docs/GROUNDING.md has the measurements that led here).
+
+`layout: tracks` writes the same heads' words per object instead of per frame: detections are linked over frames
+into tracks and each track becomes a sentence with the times its words change (`vlm.connectors.tracks`), e.g.
+" gray. red circle, top right: still; from 0.6 s grows; from 1.6 s still.": what happens when is then written once,
+not left for the LLM to infer from frames compared.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -22,8 +28,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from vlm.connectors.base import Connector, VisualTokens, register_connector
+from vlm.connectors.tracks import Detection, describe
 from vlm.data.regions import cell_of, nearest_frames, region_problems
 from vlm.towers.base import VisualFeatures
+
+log = logging.getLogger(__name__)
 
 POSITION = (("top", "middle", "bottom"), ("left", "center", "right"))
 
@@ -79,14 +88,22 @@ class WordSlots(Connector):
     silent: words the heads choose but never write (e.g. "still": an object without a motion word is still),
     which keeps the visual tokens to what is worth reading;
     slots: objects named per frame at most; position: the row and column words (null: no position words);
-    threshold: the centre probability above which a cell holds an object; hidden: the heads' width.
+    threshold: the centre probability above which a cell holds an object; hidden: the heads' width;
+    layout: "frames" (each frame's words in turn) or "tracks" (one sentence per object over time, in a slot of as
+    many tokens as the frames layout's; the heads and their training are the same).
     Each word is written with the LLM's tokens of " <word>" (several tokens when the tokenizer splits it)."""
 
     def __init__(self, in_dim: int, out_dim: int, reducers=(), scene: Mapping[str, Sequence[str]] | None = None,
                  objects: Mapping[str, Sequence[str]] | None = None,
                  motion: Mapping[str, Sequence[str]] | None = None, silent: Sequence[str] = (), slots: int = 3,
-                 position: Sequence[Sequence[str]] | None = POSITION, threshold: float = 0.5, hidden: int = 256):
+                 position: Sequence[Sequence[str]] | None = POSITION, threshold: float = 0.5, hidden: int = 256,
+                 layout: str = "frames"):
         super().__init__(in_dim, out_dim, reducers)
+        if layout not in ("frames", "tracks"):
+            raise ValueError(f"word_slots: layout is 'frames' or 'tracks', not {layout!r}")
+        if layout == "tracks" and silent:
+            raise ValueError("word_slots: 'silent' words apply to layout 'frames' (the tracks layout writes changes)")
+        self.layout = layout
         self.scene_vocab = {k: list(v) for k, v in (scene or {}).items()}
         self.object_vocab = {k: list(v) for k, v in (objects or {}).items()}
         self.motion_vocab = {k: list(v) for k, v in (motion or {}).items()}
@@ -111,6 +128,8 @@ class WordSlots(Connector):
         self.register_buffer("word_tokens", torch.zeros(len(self.words), 1, dtype=torch.long), persistent=False)
         self.widths: list[int] = []  # tokens per group position (the longest word of the group)
         self._embedding: list[nn.Embedding] = []  # the LLM's input embeddings (a list: not a submodule)
+        self._tokenizer: list[Any] = []
+        self.truncated = 0  # clips whose tracks text was cut to the token budget
 
     # ---------------------------------------------------------------- assembly
     def attach_llm(self, embeddings: nn.Embedding, tokenizer: Any) -> None:
@@ -125,6 +144,7 @@ class WordSlots(Connector):
         self.word_tokens = table.to(self.word_tokens.device)
         self.widths = [max(len(ids[o + k]) for k in range(len(g))) for o, g in zip(self.offsets, self.groups)]
         self._embedding = [embeddings]
+        self._tokenizer = [tokenizer]
 
     def positions(self) -> list[int]:
         """The group of each word position of a frame: scene attributes, then per slot object and motion attributes,
@@ -136,45 +156,79 @@ class WordSlots(Connector):
     def project_grid(self, grid: tuple[int, int, int]) -> tuple[int, int]:
         if not self.widths:
             raise RuntimeError("word_slots: attach_llm(embeddings, tokenizer) first (VideoLLM does it at assembly)")
-        return grid[0], sum(self.widths[g] for g in self.positions())
+        per_frame = sum(self.widths[g] for g in self.positions())
+        return (grid[0], per_frame) if self.layout == "frames" else (1, grid[0] * per_frame)
 
     # ---------------------------------------------------------------- the words of each frame
-    def choose(self, feats: VisualFeatures) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per frame, the word of every position (indices into `self.words`, [B, T, P]) and whether the position is
-        used ([B, T, P] bool: False for empty object slots)."""
+    def detect(self, feats: VisualFeatures) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What the heads see in each frame: the scene attributes' words [B, T, S], the cells of the (at most
+        `slots`) most likely object centres [B, T, k] in reading order, whether each is an object [B, T, k], and
+        each one's object then motion attributes' words [B, T, k, A] (word indices into `self.words`)."""
         found, object_logits, scene_logits = self.split_logits(feats)
         b, t, n = found.shape
-        h, w = feats.grid[1], feats.grid[2]
-        chosen = [logits.argmax(-1) + self.offsets[g] for g, logits in enumerate(scene_logits)]  # each [B, T]
-        used = [torch.ones(b, t, len(self.scene_vocab), dtype=torch.bool, device=found.device)]
-        found = found.sigmoid()  # [B, T, N]
-        k = min(self.slots, n)
-        prob, cells = found.topk(k, -1)  # [B, T, k]
+        scene = torch.stack([logits.argmax(-1) + self.offsets[g] for g, logits in enumerate(scene_logits)], -1) \
+            if scene_logits else found.new_zeros(b, t, 0, dtype=torch.long)
+        prob, cells = found.sigmoid().topk(min(self.slots, n), -1)  # [B, T, k]
         keep = prob > self.threshold
         order = torch.where(keep, cells, cells + n).argsort(-1)  # kept ones first, in reading order
         cells, keep = cells.gather(-1, order), keep.gather(-1, order)
         ns = len(self.scene_vocab)
-        per_slot = [logits.argmax(-1).gather(-1, cells) + self.offsets[ns + g] for g, logits in enumerate(object_logits)]
+        attrs = [logits.argmax(-1).gather(-1, cells) + self.offsets[ns + g] for g, logits in enumerate(object_logits)]
         if self.motion_vocab:
             bi = torch.arange(b, device=cells.device)[:, None, None].expand_as(cells)
             ti = torch.arange(t, device=cells.device)[None, :, None].expand_as(cells)
             moved = self.motion_logits(feats, bi.flatten(), ti.flatten(), cells.flatten())
             base = ns + len(self.object_vocab)
-            per_slot += [logits.argmax(-1).reshape(cells.shape) + self.offsets[base + g] for g, logits in enumerate(moved)]
+            attrs += [logits.argmax(-1).reshape(cells.shape) + self.offsets[base + g] for g, logits in enumerate(moved)]
+        return scene, cells, keep, torch.stack(attrs, -1) if attrs else cells.new_zeros(*cells.shape, 0)
+
+    def choose(self, feats: VisualFeatures) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per frame, the word of every position (indices into `self.words`, [B, T, P]) and whether the position is
+        used ([B, T, P] bool: False for empty object slots)."""
+        scene, cells, keep, attrs = self.detect(feats)
+        b, t, k = cells.shape
+        h, w = feats.grid[1], feats.grid[2]
+        per_slot = list(attrs.unbind(-1))
         if self.position:
             rows, cols = self.position
-            base = ns + len(self.object_vocab) + len(self.motion_vocab)
+            base = len(self.scene_vocab) + len(self.object_vocab) + len(self.motion_vocab)
             per_slot.append((cells // w) * len(rows) // h + self.offsets[base])
             per_slot.append((cells % w) * len(cols) // w + self.offsets[base + 1])
         objects = torch.stack(per_slot, -1)  # [B, T, k, A]
         pad = self.slots - k
         objects = F.pad(objects, (0, 0, 0, pad)).flatten(2)
         slot_used = F.pad(keep, (0, pad))[..., None].expand(b, t, self.slots, len(per_slot)).flatten(2)
-        return torch.cat([*[c[..., None] for c in chosen], objects], -1), torch.cat(used + [slot_used], -1)
+        used = torch.ones(b, t, scene.shape[-1], dtype=torch.bool, device=scene.device)
+        return torch.cat([scene, objects], -1), torch.cat([used, slot_used], -1)
+
+    def describe(self, feats: VisualFeatures) -> list[str]:
+        """Per clip, the text the `tracks` layout writes (`vlm.connectors.tracks`): the scene, then one sentence per
+        object with the times its words change. `feats`: after the reducers, with timestamps."""
+        scene, cells, keep, attrs = (x.cpu() for x in self.detect(feats))
+        h, w = feats.grid[1], feats.grid[2]
+        ni = len(self.object_vocab)
+        times = feats.timestamps.cpu() if feats.timestamps is not None else \
+            torch.arange(cells.shape[1], dtype=torch.float)[None].expand(cells.shape[0], -1)
+
+        def position(cell: tuple[int, int]) -> list[str]:
+            return [self.position[0][cell[0] * len(self.position[0]) // h], self.position[1][cell[1] * len(self.position[1]) // w]]
+
+        texts = []
+        for i in range(cells.shape[0]):
+            frames = [[Detection((int(c) // w, int(c) % w), tuple(self.words[x] for x in a[:ni].tolist()),
+                                 tuple(self.words[x] for x in a[ni:].tolist()))
+                       for c, kept, a in zip(cells[i, j], keep[i, j], attrs[i, j]) if kept]
+                      for j in range(cells.shape[1])]
+            scenes = [tuple(self.words[x] for x in row.tolist()) for row in scene[i]]
+            texts.append(describe(scenes, frames, times[i].tolist(), position if self.position else None,
+                                  max_tracks=2 * self.slots))
+        return texts
 
     def project(self, feats: VisualFeatures, instruction=None) -> VisualTokens:
         if not self._embedding:
             raise RuntimeError("word_slots: attach_llm(embeddings, tokenizer) first (VideoLLM does it at assembly)")
+        if self.layout == "tracks":
+            return self._project_tracks(feats)
         words, used = self.choose(feats)  # [B, T, P]
         b, t = words.shape[:2]
         ids, mask = [], []
@@ -187,6 +241,23 @@ class WordSlots(Connector):
         embeds = table(ids.clamp(min=0).to(table.weight.device)).to(feats.tokens.device)
         return VisualTokens(embeds=embeds.reshape(b, -1, embeds.shape[-1]), groups=t, mask=mask.reshape(b, -1),
                             timestamps=feats.timestamps)
+
+    def _project_tracks(self, feats: VisualFeatures) -> VisualTokens:
+        """The tracks layout: each clip's `describe` text as the LLM's token embeddings, in a slot of as many tokens as
+        the frames layout would take (cut there, and counted in `truncated`, in the rare clip that needs more)."""
+        budget = self.project_grid(feats.grid)[1]
+        ids = torch.full((feats.tokens.shape[0], budget), -1, dtype=torch.long)
+        for i, text in enumerate(self.describe(feats)):
+            row = self._tokenizer[0](text, add_special_tokens=False)["input_ids"]
+            if len(row) > budget:
+                self.truncated += 1
+                if self.truncated == 1:
+                    log.warning("word_slots: a clip's tracks text has %d tokens, over the slot's %d; cut there "
+                                "(counted in .truncated)", len(row), budget)
+            ids[i, :min(budget, len(row))] = torch.tensor(row[:budget], dtype=torch.long)
+        table = self._embedding[0]
+        embeds = table(ids.clamp(min=0).to(table.weight.device)).to(feats.tokens.device)
+        return VisualTokens(embeds=embeds, groups=1, mask=(ids >= 0).to(feats.tokens.device))
 
     # ---------------------------------------------------------------- training the heads
     def region_problems(self, regions: Any) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,12 +21,15 @@ ADAPTER = "default"
 
 @dataclass
 class LoRASettings:
-    """What a stage says about LoRA on one part. `targets` are module-name suffixes (e.g. q_proj, v_proj)."""
+    """What a stage says about LoRA on one part. `targets` are module-name suffixes (e.g. q_proj, v_proj);
+    `layers`: which numbered blocks (`...layers.<i>...`) get adapters, negative indices counting from the last
+    (e.g. [-8, -7, ..., -1]: the top 8 only; backpropagation then stops below them); None: every block."""
 
     r: int = 16
     alpha: int = 32
     dropout: float = 0.05
     targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    layers: list[int] | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "LoRASettings":
@@ -50,8 +54,19 @@ def add_lora(module: nn.Module, settings: LoRASettings, part: str = "model") -> 
     if missing:
         raise ValueError(f"{part}: LoRA targets {missing} match no module; module names end with e.g. "
                          f"{sorted({n.rsplit('.', 1)[-1] for n in names if n})[:12]}")
+    layers = None
+    if settings.layers is not None:
+        blocks = {int(m.group(1)) for n in names if (m := re.search(r"(?:^|\.)layers\.(\d+)(?:\.|$)", n))}
+        if not blocks:
+            raise ValueError(f"{part}: LoRA 'layers' needs numbered blocks (module names with 'layers.<i>'); found none")
+        count = max(blocks) + 1
+        layers = sorted({i % count for i in settings.layers if -count <= i < count})
+        if len(layers) != len(set(settings.layers)):
+            raise ValueError(f"{part}: LoRA layers {settings.layers} are not all among its {count} blocks "
+                             f"(0..{count - 1}, or -{count}..-1 from the last)")
     config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                        target_modules=list(settings.targets), bias="none")
+                        target_modules=list(settings.targets), bias="none", layers_to_transform=layers,
+                        layers_pattern="layers" if layers is not None else None)
     inject_adapter_in_model(config, module, adapter_name=ADAPTER)
     return module
 

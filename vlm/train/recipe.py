@@ -136,6 +136,21 @@ def interpolate(raw: Any, source: str, default_name: str, required: Sequence[str
     return raw
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML as recipes mean it: also `3e-3` is a number (YAML 1.1, and so PyYAML, reads it as a string)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)?\.?[0-9]*[eE][-+]?[0-9]+$|^[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?$"
+               r"|^[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."))
+
+
+def load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
 def apply_override(raw: dict[str, Any], assignment: str, stage: int | None = None) -> None:
     """Apply `a.b.c=value` (value parsed as YAML) to the raw recipe dict. In a recipe with `stages`, keys that are
     not top-level recipe fields (data.frames=8) go to `stage`, or to every stage when `stage` is None;
@@ -144,7 +159,7 @@ def apply_override(raw: dict[str, Any], assignment: str, stage: int | None = Non
     if "=" not in assignment:
         raise RecipeError(f"--set '{assignment}': expected key=value")
     key, text = assignment.split("=", 1)
-    value = yaml.safe_load(text)
+    value = load_yaml(text)
     path = key.strip().split(".")
     targets = [raw]
     if "stages" in raw and path[0] not in {f.name for f in fields(Recipe)}:
@@ -170,7 +185,7 @@ def read_recipe(path: str | os.PathLike, overrides: Sequence[str] = (), stage: i
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = load_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""

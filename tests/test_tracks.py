@@ -1,0 +1,95 @@
+"""The tracks layout of word slots: linking detections over frames, smoothing, and the text it writes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.test_word_slots import nearest_words, tiny_slots_model
+from vlm.connectors.tracks import Detection, describe, link, merge_duplicates, smooth
+from vlm.towers.base import VisualFeatures
+
+TIMES = [0.1, 0.4, 0.6, 0.9, 1.1, 1.4]
+
+
+def det(row, col, color="red", shape="circle", action="still"):
+    return Detection((row, col), (color, shape), (action,))
+
+
+def test_smooth_removes_one_frame_flickers_only():
+    assert smooth(["a", "b", "a", "a", "c", "c", "d"]) == ["a", "a", "a", "a", "c", "c", "d"]
+    assert smooth(["a", "b", "c"]) == ["a", "b", "c"]  # all differ: kept
+    assert smooth(["a"]) == ["a"]
+
+
+def test_link_follows_objects_by_place_then_by_words():
+    # a red circle moves right along row 1; a blue square stays at row 5; the circle turns green in frame 2
+    frames = [[det(1, 0), det(5, 5, "blue", "square")],
+              [det(5, 5, "blue", "square"), det(1, 2)],
+              [det(1, 3, "green"), det(5, 5, "blue", "square")],
+              [det(5, 6, "blue", "square")]]  # the circle is missed once (a gap of one frame) ...
+    frames.append([det(1, 6, "green"), det(5, 6, "blue", "square")])  # ... and found again 3 cells away
+    tracks = link(frames)
+    assert [t.frames for t in tracks] == [[0, 1, 2, 4], [0, 1, 2, 3, 4]]
+    assert [d.identity[0] for d in tracks[0].detections] == ["red", "red", "green", "green"]
+    # too far to be the same object: a new track
+    assert len(link([[det(0, 0)], [det(0, 4)]])) == 2
+
+
+def test_merge_duplicates_keeps_one_of_a_large_objects_neighbouring_cells():
+    dets = [det(2, 2), det(2, 3), det(2, 3, "blue"), det(4, 4)]
+    assert [d.cell for d in merge_duplicates(dets)] == [(2, 2), (2, 3), (4, 4)]
+
+
+def test_describe_writes_one_sentence_per_object_with_the_times_of_its_changes():
+    scene = [("gray",)] * 3 + [("navy",)] * 3
+    frames = [[det(0, 5, action="still"), det(6, 1, "blue", "square")] for _ in range(6)]
+    for k in (1, 2, 3, 4):  # the circle grows in frames 1-4, frame 3 misread as still (smoothed away)
+        frames[k][0] = det(0, 5, action="grows" if k != 3 else "still")
+    frames[4].append(det(3, 3, "white", "star"))  # a false alarm in one frame only: dropped
+    frames[5][1] = det(6, 1, "green", "square")  # the square turns green in the last frame
+    del frames[4][1]  # and is missed the frame before (a gap); the star, 3 cells away, is not taken for it
+    def position(cell):
+        return [("top", "middle", "bottom")[cell[0] * 3 // 8], ("left", "center", "right")[cell[1] * 3 // 8]]
+
+    text = describe(scene, frames, TIMES, position)
+    # smoothing takes each frame's neighbours as read: grows, grows, still, grows -> grows in frames 1-3 only
+    assert text == (" gray; from 0.9 s navy. red circle, top center: still; from 0.4 s grows; from 1.1 s still."
+                    " blue square, bottom left: still; from 1.4 s green.")
+    # an object that appears late and leaves early
+    late = [[], [], [det(4, 4)], [det(4, 4)], [], []]
+    assert describe([()] * 6, late, TIMES) == " from 0.6 s red circle: still; from 1.1 s gone."
+
+
+def test_the_tracks_layout_writes_the_description_as_word_embeddings(monkeypatch):
+    with pytest.raises(ValueError, match="layout is 'frames' or 'tracks'"):
+        tiny_slots_model(layout="track")
+    with pytest.raises(ValueError, match="'silent' words apply to layout 'frames'"):
+        tiny_slots_model(layout="tracks", silent=["still"])
+    model = tiny_slots_model(layout="tracks")
+    conn = model.connector
+    grid = (3, 4, 4)
+    per_frame = tiny_slots_model().connector.project_grid(grid)[1]
+    assert conn.project_grid(grid) == (1, 3 * per_frame) and model.num_visual_tokens(3) == 3 * per_frame
+    feats = VisualFeatures(tokens=torch.zeros(1, 3, 16, 32), grid=grid, timestamps=torch.tensor([[0.25, 0.75, 1.25]]))
+    found = torch.full((1, 3, 16), -5.0)
+    found[0, :, 5] = 5.0  # one object in cell (1, 1), every frame
+    found[0, 2, 6] = 4.0  # in the last frame also in cell (1, 2)
+    colors, shapes = torch.zeros(1, 3, 16, 4), torch.zeros(1, 3, 16, 2)
+    colors[..., 2] = 1  # blue
+    shapes[..., 1] = 1  # circle
+    tones = torch.zeros(1, 3, 2)
+    monkeypatch.setattr(conn, "split_logits", lambda f: (found, [colors, shapes], [tones]))
+
+    def motion(f, b, t, c):  # still, then moving left from the second frame
+        logits = torch.zeros(len(c), 3)
+        logits[:, 0] = 1
+        logits[t >= 1, 1] = 5
+        return [logits]
+
+    monkeypatch.setattr(conn, "motion_logits", motion)
+    assert conn.describe(feats) == [" gray. blue circle, top left: still; from 0.8 s moves left."]
+    out = conn(feats)
+    assert out.groups == 1 and out.embeds.shape[1] == 3 * per_frame
+    assert nearest_words(model, out.embeds[0][out.mask[0]]) == conn.describe(feats)[0]
+    assert conn.truncated == 0

@@ -1,0 +1,130 @@
+"""Object tracks from per-frame detections, and the text a word-slot connector writes from them.
+
+A `word_slots` connector with `layout: tracks` does not write its words frame by frame: it links each frame's
+detected objects to those of the frames before (nearest cell, fewest differing attributes), smooths every word
+sequence over time (the majority of each frame and its neighbours: a head that is right most of the time gives
+clean runs), and writes one sentence per object as a caption would, with the time at which each change begins:
+
+    " gray. red circle, top right: still; from 0.6 s grows; from 1.6 s still. orange triangle, top center: still."
+
+What a 135M LLM cannot learn in a few steps from per-frame words (when something starts, how many objects move, what
+happens first) is then stated once per object (docs/GROUNDING.md has the numbers). The scene's words are written
+the same way, first. Everything here is plain Python on a handful of detections per frame.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+
+@dataclass
+class Detection:
+    cell: tuple[int, int]  # (row, column) on the feature grid
+    identity: tuple[str, ...]  # the object attributes' words (colour, shape, ...): what says which object it is
+    motion: tuple[str, ...] = ()  # the motion attributes' words (what it is doing)
+
+
+@dataclass
+class Track:
+    frames: list[int] = field(default_factory=list)
+    detections: list[Detection] = field(default_factory=list)
+
+
+def merge_duplicates(dets: Sequence[Detection]) -> list[Detection]:
+    """One frame's detections without the repeats a large object makes: a detection next to (within one cell of)
+    an earlier one with the same identity words is dropped."""
+    kept: list[Detection] = []
+    for d in dets:
+        if not any(k.identity == d.identity and max(abs(k.cell[0] - d.cell[0]), abs(k.cell[1] - d.cell[1])) <= 1
+                   for k in kept):
+            kept.append(d)
+    return kept
+
+
+def link(frames: Sequence[Sequence[Detection]], max_jump: int = 3, max_gap: int = 2) -> list[Track]:
+    """Tracks from each frame's detections: greedily, the pairs (track, detection) of lowest cost first, where the
+    cost is the cells' Chebyshev distance plus 2 per differing identity word; a track takes a detection that
+    shares at least one identity word with it (an object may change colour, not colour and shape at once), at most
+    `max_jump` cells from where it was last seen, at most `max_gap` frames before. Unmatched detections start
+    tracks."""
+    tracks: list[Track] = []
+    for t, dets in enumerate(frames):
+        live = [tr for tr in tracks if t - tr.frames[-1] <= max_gap]
+        pairs = []
+        for i, tr in enumerate(live):
+            last = tr.detections[-1]
+            for j, d in enumerate(dets):
+                jump = max(abs(last.cell[0] - d.cell[0]), abs(last.cell[1] - d.cell[1]))
+                differ = sum(a != b for a, b in zip(last.identity, d.identity))
+                if jump <= max_jump and (differ < len(d.identity) or not d.identity):
+                    pairs.append((jump + 2 * differ, i, j))
+        taken_tracks, taken_dets = set(), set()
+        for _, i, j in sorted(pairs):
+            if i not in taken_tracks and j not in taken_dets:
+                live[i].frames.append(t)
+                live[i].detections.append(dets[j])
+                taken_tracks.add(i)
+                taken_dets.add(j)
+        tracks += [Track([t], [d]) for j, d in enumerate(dets) if j not in taken_dets]
+    return tracks
+
+
+def smooth(values: Sequence[str]) -> list[str]:
+    """Each value replaced by the majority of itself and its two neighbours (kept when all three differ)."""
+    out = list(values)
+    for k in range(1, len(values) - 1):
+        a, b, c = values[k - 1], values[k], values[k + 1]
+        if a == c != b:
+            out[k] = a
+    return out
+
+
+def _columns(rows: Sequence[tuple[str, ...]]) -> list[tuple[str, ...]]:
+    """Rows of words (one per frame), each column smoothed over time."""
+    if not rows or not rows[0]:
+        return [tuple(r) for r in rows]
+    columns = [smooth([r[a] for r in rows]) for a in range(len(rows[0]))]
+    return [tuple(c[k] for c in columns) for k in range(len(rows))]
+
+
+def changes(rows: Sequence[tuple[str, ...]]) -> list[tuple[int, list[str]]]:
+    """(index, the words that differ from the previous row) where a row differs; the first row in full."""
+    out = []
+    for k, row in enumerate(rows):
+        if k == 0:
+            out.append((0, list(row)))
+        elif row != rows[k - 1]:
+            out.append((k, [w for w, before in zip(row, rows[k - 1]) if w != before]))
+    return out
+
+
+def _at(t: float) -> str:
+    return f"from {t:.1f} s"
+
+
+def describe(scene: Sequence[tuple[str, ...]], frames: Sequence[Sequence[Detection]], times: Sequence[float],
+             position: Callable[[tuple[int, int]], list[str]] | None = None, max_tracks: int = 6) -> str:
+    """The text of one clip: the scene's words and their changes, then one sentence per object track (at most
+    `max_tracks`, the longest; one-frame tracks dropped when the clip has 4 frames or more), objects in the order
+    they first appear, then top to bottom and left to right. `position(cell)` gives the words of a track's first
+    cell (e.g. ["top", "right"])."""
+    parts = []
+    if scene and scene[0]:
+        said = [f"{_at(times[k])} " * (k > 0) + " ".join(words) for k, words in changes(_columns(scene))]
+        parts.append("; ".join(said) + ".")
+    tracks = [tr for tr in link([merge_duplicates(f) for f in frames]) if len(tr.frames) > 1 or len(times) < 4]
+    tracks = sorted(tracks, key=lambda tr: -len(tr.frames))[:max_tracks]
+    for tr in sorted(tracks, key=lambda tr: (tr.frames[0], tr.detections[0].cell)):
+        rows = _columns([d.identity + d.motion for d in tr.detections])
+        n = len(tr.detections[0].identity)
+        first = (f"{_at(times[tr.frames[0]])} " if tr.frames[0] > 0 else "") + " ".join(rows[0][:n])
+        if position is not None:
+            first += ", " + " ".join(position(tr.detections[0].cell))
+        said = [" ".join(words) for _, words in changes([r[n:] for r in rows])[:1]]
+        for k, words in changes(rows)[1:]:
+            said.append(f"{_at(times[tr.frames[k]])} " + " ".join(words))
+        if tr.frames[-1] < len(times) - 1:
+            said.append(f"{_at(times[tr.frames[-1] + 1])} gone")
+        parts.append(first + (": " + "; ".join(s for s in said if s) if any(said) else "") + ".")
+    return " " + " ".join(parts) if parts else ""
