@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -106,6 +108,12 @@ def main() -> int:
     for name, path, qs in questions:
         clip = chat.load_video(path)
         lines = []
+        if hasattr(model.connector, "written"):  # word slots: the words the LLM reads for this clip
+            pixels, stamps = model.processor.preprocess_clip(clip)
+            with torch.no_grad():
+                seen = model.connector.written(model.tower_features(pixels[None], stamps[None]))[0].strip()
+            lines.append(f"the LLM reads: {seen}")
+            answers.append({"video": str(path), "written": seen})
         for q in qs:
             a = chat.ask(q)
             lines += [f"Q: {q}", f"A: {a}"]
@@ -138,7 +146,10 @@ def main() -> int:
           f"preferred in {r['own_preferred_percent']:.0f}% of samples, 50% = blind)")
     print("\nanswers:")
     for a in answers:
-        print(f"  [{Path(a['video']).name}] Q: {a['question']}\n      A: {a['answer']}")
+        if "written" in a:
+            print(f"  [{Path(a['video']).name}] the LLM reads: {a['written']}")
+        else:
+            print(f"  [{Path(a['video']).name}] Q: {a['question']}\n      A: {a['answer']}")
     print("\n" + "  ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
     (out / "demo_timings.json").write_text(json.dumps(timings, indent=2))
     return 0

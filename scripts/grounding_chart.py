@@ -44,6 +44,7 @@ def main() -> None:
     y = range(len(labels))
     axes[0].barh(y, [rows[k]["accuracy"] for k in labels], color="#4878a8")
     axes[0].axvline(rows[labels[0]]["chance"], color="gray", ls="--", label="chance")
+    axes[0].axvline(60, color="green", ls=":", label="goal (60%)")
     axes[0].set_xlabel("held-out accuracy, mean over tasks (%)")
     axes[0].legend(loc="lower right")
     axes[1].barh(y, [rows[k].get("own_preferred", 0.0) for k in labels], color="#d08a3c")

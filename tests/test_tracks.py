@@ -93,3 +93,4 @@ def test_the_tracks_layout_writes_the_description_as_word_embeddings(monkeypatch
     assert out.groups == 1 and out.embeds.shape[1] == 3 * per_frame
     assert nearest_words(model, out.embeds[0][out.mask[0]]) == conn.describe(feats)[0]
     assert conn.truncated == 0
+    assert conn.written(feats) == conn.describe(feats)

@@ -100,6 +100,7 @@ def test_the_visual_tokens_are_the_words_of_what_the_heads_chose(monkeypatch, si
     assert (nearest_words(model, frames[0][0][frames[1][0]])
             == f" gray red square{still} top center blue circle moves left bottom left")
     assert nearest_words(model, frames[0][1][frames[1][1]]) == " dark teal"
+    assert conn.written(feats) == [f" gray red square{still} top center blue circle moves left bottom left | dark teal"]
 
 
 def test_slots_objective_trains_the_heads_then_the_llm_reads_them(tmp_path):

@@ -229,18 +229,33 @@ class WordSlots(Connector):
             raise RuntimeError("word_slots: attach_llm(embeddings, tokenizer) first (VideoLLM does it at assembly)")
         if self.layout == "tracks":
             return self._project_tracks(feats)
+        ids, mask = self.frame_ids(feats)  # [B, T, tokens per frame]
+        b, t = ids.shape[:2]
+        table = self._embedding[0]
+        embeds = table(ids.clamp(min=0).to(table.weight.device)).to(feats.tokens.device)
+        return VisualTokens(embeds=embeds.reshape(b, -1, embeds.shape[-1]), groups=t, mask=mask.reshape(b, -1),
+                            timestamps=feats.timestamps)
+
+    def frame_ids(self, feats: VisualFeatures) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frames layout's token ids [B, T, tokens per frame] and which are written (bool, same shape)."""
         words, used = self.choose(feats)  # [B, T, P]
-        b, t = words.shape[:2]
         ids, mask = [], []
         for p, g in enumerate(self.positions()):
             tokens = self.word_tokens[words[..., p], :self.widths[g]]  # [B, T, width]
             ids.append(tokens)
             mask.append((tokens >= 0) & used[..., p:p + 1])
-        ids, mask = torch.cat(ids, -1), torch.cat(mask, -1)  # [B, T, tokens per frame]
-        table = self._embedding[0]
-        embeds = table(ids.clamp(min=0).to(table.weight.device)).to(feats.tokens.device)
-        return VisualTokens(embeds=embeds.reshape(b, -1, embeds.shape[-1]), groups=t, mask=mask.reshape(b, -1),
-                            timestamps=feats.timestamps)
+        return torch.cat(ids, -1), torch.cat(mask, -1)
+
+    @torch.no_grad()
+    def written(self, feats: VisualFeatures) -> list[str]:
+        """Per clip, the text this connector writes for the LLM: what the model sees, to read or print (frames
+        layout: each frame's words, frames separated by " |"). `feats`: the tower's, before the reducers."""
+        feats = self.reduced(feats)
+        if self.layout == "tracks":
+            return self.describe(feats)
+        ids, mask = self.frame_ids(feats)
+        decode = self._tokenizer[0].decode
+        return [" |".join(decode(ids[i, t][mask[i, t]].tolist()) for t in range(ids.shape[1])) for i in range(ids.shape[0])]
 
     def _project_tracks(self, feats: VisualFeatures) -> VisualTokens:
         """The tracks layout: each clip's `describe` text as the LLM's token embeddings, in a slot of as many tokens as
