@@ -190,16 +190,20 @@ class WordSlots(Connector):
         h, w = feats.grid[1], feats.grid[2]
         per_slot = list(attrs.unbind(-1))
         if self.position:
-            rows, cols = self.position
             base = len(self.scene_vocab) + len(self.object_vocab) + len(self.motion_vocab)
-            per_slot.append((cells // w) * len(rows) // h + self.offsets[base])
-            per_slot.append((cells % w) * len(cols) // w + self.offsets[base + 1])
+            row, col = self.place(cells, h, w)
+            per_slot += [row + self.offsets[base], col + self.offsets[base + 1]]
         objects = torch.stack(per_slot, -1)  # [B, T, k, A]
         pad = self.slots - k
         objects = F.pad(objects, (0, 0, 0, pad)).flatten(2)
         slot_used = F.pad(keep, (0, pad))[..., None].expand(b, t, self.slots, len(per_slot)).flatten(2)
         used = torch.ones(b, t, scene.shape[-1], dtype=torch.bool, device=scene.device)
         return torch.cat([scene, objects], -1), torch.cat([used, slot_used], -1)
+
+    def place(self, cells: Any, h: int, w: int) -> tuple[Any, Any]:
+        """The row and column word (indices into the two `position` lists) of cells (flat indices, tensor or int) of
+        an h x w grid."""
+        return (cells // w) * len(self.position[0]) // h, (cells % w) * len(self.position[1]) // w
 
     def describe(self, feats: VisualFeatures) -> list[str]:
         """Per clip, the text the `tracks` layout writes (`vlm.connectors.tracks`): the scene, then one sentence per
@@ -211,7 +215,8 @@ class WordSlots(Connector):
             torch.arange(cells.shape[1], dtype=torch.float)[None].expand(cells.shape[0], -1)
 
         def position(cell: tuple[int, int]) -> list[str]:
-            return [self.position[0][cell[0] * len(self.position[0]) // h], self.position[1][cell[1] * len(self.position[1]) // w]]
+            row, col = self.place(cell[0] * w + cell[1], h, w)
+            return [self.position[0][row], self.position[1][col]]
 
         texts = []
         for i in range(cells.shape[0]):
