@@ -501,6 +501,9 @@ def test_long_world_needles_and_questions(tmp_path: Path) -> None:
     and the same world for the same seed."""
     from vlm.cli import main
     from vlm.data.mvbench import load_mvbench
+    import yaml
+
+    from vlm.data.regions import region_problems
     from vlm.video import VideoReader
 
     out = tmp_path / "long"
@@ -544,6 +547,20 @@ def test_long_world_needles_and_questions(tmp_path: Path) -> None:
         assert g["video"] == Path(item.video).name and g["answer"] == item.answer
     positions = [i.candidates.index(i.answer) for i in bench["Needle Object"]]
     assert len(set(positions)) == 4  # the answer's position rotates
+    # per-frame ground truth for word-slot heads, as the short world writes it
+    regions = {r["video"]: r for split in ("train", "test") for r in json.loads((out / f"regions_{split}.json").read_text())}
+    assert set(regions) == {m["video"] for m in _meta(out)}
+    connector = yaml.safe_load((Path(__file__).parents[1] / "recipes" / "quickstart.yaml").read_text())["model"]["connector"]
+    for r in regions.values():
+        assert region_problems(r["regions"], connector["scene"], connector["objects"] | connector["motion"]) == [], r["id"]
+    for m in metas:
+        frames = regions[m["video"]]["regions"]
+        assert [f["t"] for f in frames] == [k / m["fps"] for k in range(m["num_frames"])]
+        for e in (e for e in m["events"] if e["type"] == "flash"):
+            needle = m["objects"][e["object"]]
+            seen = [k for k, f in enumerate(frames) if any(o["shape"] == needle["shape"] and o["color"] ==
+                                                           needle["track"]["color"][k] for o in f["objects"])]
+            assert set(range(e["start_frame"], e["end_frame"] + 1)) <= set(seen)
     again = tmp_path / "again"
     main(["data", "synth", "--long", "--out", str(again), "--num", "8", "--durations", "20,45", "--train", "3"])
     assert (again / "meta.jsonl").read_text() == (out / "meta.jsonl").read_text()

@@ -36,6 +36,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data_tools.synth.builder import ClipBuilder, Retry
+from data_tools.synth.generate import frame_regions
 from data_tools.synth.render import render_clip
 from data_tools.synth.world import COLORS, DIRECTIONS, SHAPES, sample_background
 from vlm.video.encode import write_video
@@ -179,7 +180,8 @@ def long_questions(clip: dict[str, Any], rng: np.random.Generator) -> dict[str, 
 def generate_long(out: str | Path, num: int, seed: int = 0, *, durations: tuple[float, ...] = DURATIONS_S,
                   fps: float = 1.0, size: int = 128, train: int = 0, progress: bool = True) -> dict[str, Any]:
     """Write `num` long clips (durations cycling through `durations`) and their benchmark under `out`:
-    meta.jsonl, mvbench/{tasks.json, json/<task>.json, video/<id>.mp4}, grounding_test.json (each benchmark clip's
+    meta.jsonl, regions_test.json (and regions_train.json: per-frame ground truth for word-slot heads, as the
+    short world writes), mvbench/{tasks.json, json/<task>.json, video/<id>.mp4}, grounding_test.json (each benchmark clip's
     "when is the needle visible" as an open question whose answer is an interval of seconds, for `vlm eval openqa
     --judge iou`); and `train` more clips drawn from their own
     random stream (videos/<id>.mp4) with `qa_train.json`: each clip's questions in one multi-turn record, answered
@@ -189,6 +191,7 @@ def generate_long(out: str | Path, num: int, seed: int = 0, *, durations: tuple[
     (out / "mvbench" / "video").mkdir(parents=True, exist_ok=True)
     per_task: dict[str, list[dict[str, Any]]] = {t: [] for t in LONG_TASKS}
     metas, records, grounding = [], [], []
+    regions: dict[str, list[dict[str, Any]]] = {"train": [], "test": []}
     jobs = [("test", i, f"l{i:05d}", f"mvbench/video/l{i:05d}.mp4", [seed, 0x10C6, i]) for i in range(num)]
     jobs += [("train", i, f"t{i:05d}", f"videos/t{i:05d}.mp4", [seed, 0x7EA1, i]) for i in range(train)]
     for split, i, cid, video, stream in tqdm(jobs, desc="long clips", disable=not progress):
@@ -198,6 +201,10 @@ def generate_long(out: str | Path, num: int, seed: int = 0, *, durations: tuple[
         (out / video).parent.mkdir(parents=True, exist_ok=True)
         write_video(out / video, render_clip(clip), fps=fps, gop=int(max(1, 10 * fps)))
         metas.append(clip)
+        story = "; ".join(f"at {e['start_s']:.0f} s {describe_event(clip, e)}" for e in clip["events"]) + "."
+        regions[split].append({"id": f"{cid}_regions", "video": video, "conversations": [
+            {"from": "human", "value": "<video>\nWhat happens in the video?"}, {"from": "gpt", "value": story}],
+            "regions": frame_regions(clip)})
         questions = long_questions(clip, rng)
         if split == "train":
             conv = []
@@ -220,6 +227,9 @@ def generate_long(out: str | Path, num: int, seed: int = 0, *, durations: tuple[
     if train:
         (out / "qa_train.json").write_text(json.dumps(records, indent=1), encoding="utf-8")
     (out / "grounding_test.json").write_text(json.dumps(grounding, indent=1), encoding="utf-8")
+    for split, rows in regions.items():  # per-frame ground truth (`vlm.data.regions`), as the short world writes
+        if rows:
+            (out / f"regions_{split}.json").write_text(json.dumps(rows), encoding="utf-8")
     manifest = []
     for task, key in LONG_TASKS.items():
         (out / "mvbench" / "json" / f"{key}.json").write_text(json.dumps(per_task[task], indent=1), encoding="utf-8")
