@@ -121,7 +121,7 @@ def describe(scene: Sequence[tuple[str, ...]], frames: Sequence[Sequence[Detecti
         first = (f"{_at(times[tr.frames[0]])} " if tr.frames[0] > 0 else "") + " ".join(rows[0][:n])
         if position is not None:
             first += ", " + " ".join(position(tr.detections[0].cell))
-        said = [" ".join(words) for _, words in changes([r[n:] for r in rows])[:1]]
+        said = [" ".join(rows[0][n:])]  # what it is doing first
         for k, words in changes(rows)[1:]:
             said.append(f"{_at(times[tr.frames[k]])} " + " ".join(words))
         if tr.frames[-1] < len(times) - 1:
