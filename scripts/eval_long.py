@@ -8,6 +8,8 @@ Configurations (256 visual tokens each with the quickstart's 16 tokens per frame
 - budget: 64 frames under a 256-token pooling budget (`token_budget: {max_tokens: 256, policy: pool}`);
 - memory: every frame at 1 fps through the bounded memory (`vlm eval mcq --memory 16`: chunks of 8 frames,
   consolidated into 16 groups).
+A word-slot model with the tracks layout (`recipes/long_slots.yaml`) is asked two ways in its fixed text slot:
+16 uniform frames, and 256 frames.
 
 Writes OUT/<config>/ (the `vlm eval mcq` outputs), OUT/long_eval.json (per task and per clip length) and
 OUT/long_timeline.png: for the first clips, each needle event on the clip's time axis, and the interval each
@@ -31,6 +33,10 @@ CONFIGS = {  # label -> (frames, token budget, memory)
     "64 frames, 256-token budget": (64, {"max_tokens": 256, "policy": "pool"}, None),
     "memory, 16 groups": (16, None, {"max_groups": 16, "fps": 1.0, "chunk_frames": 8}),
 }
+TRACKS_CONFIGS = {  # a word-slot model with the tracks layout: a fixed text slot, so frames cost no LLM tokens
+    "uniform 16 frames": (16, None, None),
+    "256 frames, tracks text": (256, None, None),
+}
 EVENT_COLORS = {"flash": "tab:orange", "color_change": "tab:purple", "move": "tab:blue"}
 
 
@@ -44,7 +50,8 @@ def evaluate(model_dir: str, data: Path, out: Path) -> list[dict]:
         for i, q in enumerate(json.loads((bench / "json" / entry["json"]).read_text())):
             durations[(entry["task"], i)] = q["duration_s"]
     rows = []
-    for label, (frames, budget, memory) in CONFIGS.items():
+    tracks = getattr(VideoLLM.from_pretrained(model_dir).connector, "layout", None) == "tracks"
+    for label, (frames, budget, memory) in (TRACKS_CONFIGS if tracks else CONFIGS).items():
         model = VideoLLM.from_pretrained(model_dir)
         model.apply_settings({"token_budget": budget or {}})
         folder = out / label.replace(" ", "_").replace(",", "")

@@ -105,3 +105,20 @@ def test_long_video_recipe_continues_a_saved_model_under_a_token_budget(data, ti
     assert model.config.token_budget == {"max_tokens": 8, "policy": "pool"} and model.config.max_length == 512
     assert model.num_visual_tokens(8) <= 8 < base.num_visual_tokens(8)
     assert model.config.tower == base.config.tower and "llm" in model.config.lora
+
+
+def test_long_slots_recipe_switches_saved_word_slots_to_a_fixed_tracks_slot(data, tmp_path):
+    """recipes/long_slots.yaml starts from a saved word-slot model, switches it to the tracks layout in a fixed text
+    slot (the LLM's sequence is as long for 8 frames as for 64) and trains LoRA on its top blocks."""
+    from tests.test_word_slots import tiny_slots_model
+
+    base = tmp_path / "base"
+    tiny_slots_model().save_pretrained(base)
+    overrides = [f"vars.base={base}", f"output_dir={tmp_path / 'run'}", "vars.frames=8", "model.connector.text_tokens=12",
+                 f"stages.0.data.mixture={json.dumps([{'path': str(data['instruct'])}])}", "stages.0.max_steps=1",
+                 "stages.0.batch_size=2", "stages.0.data.num_workers=0", "stages.0.parts.llm.lora.layers=[-1]"]
+    recipe = load_recipe(REPO / "recipes" / "long_slots.yaml", overrides)
+    model = VideoLLM.from_pretrained(run_recipe(recipe))
+    assert model.config.connector["layout"] == "tracks" and model.connector.text_tokens == 12
+    assert model.num_visual_tokens(8) == model.num_visual_tokens(64) == 12
+    assert model.config.lora["llm"]["layers"] == [-1] and model.modes["connector"] == "frozen"

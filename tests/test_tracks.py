@@ -94,3 +94,35 @@ def test_the_tracks_layout_writes_the_description_as_word_embeddings(monkeypatch
     assert nearest_words(model, out.embeds[0][out.mask[0]]) == conn.describe(feats)[0]
     assert conn.truncated == 0
     assert conn.written(feats) == conn.describe(feats)
+
+
+def test_text_tokens_fix_the_tracks_slot_whatever_the_frame_count():
+    with pytest.raises(ValueError, match="text_tokens"):
+        tiny_slots_model(text_tokens=8)  # the frames layout has one slot per frame
+    model = tiny_slots_model(layout="tracks", text_tokens=6)
+    for frames in (3, 12, 40):
+        assert model.connector.project_grid((frames, 4, 4)) == (1, 6) and model.num_visual_tokens(frames) == 6
+    feats = VisualFeatures(tokens=torch.randn(2, 12, 16, 32), grid=(12, 4, 4),
+                           timestamps=torch.arange(12.0)[None].expand(2, -1))
+    out = model.connector(feats)
+    texts = model.connector.describe(feats)
+    assert out.embeds.shape[:2] == (2, 6)
+    long = [len(model.processor.tokenizer(t, add_special_tokens=False)["input_ids"]) > 6 for t in texts]
+    assert any(long) and model.connector.truncated == sum(long)
+
+
+def test_a_built_model_switches_to_the_tracks_layout_and_keeps_it_when_saved(tmp_path):
+    from vlm.model import VideoLLM
+
+    model = tiny_slots_model()
+    with pytest.raises(ValueError, match=r"\['slots'\] change the weights"):
+        model.apply_settings({"connector": {"slots": 3}})
+    with pytest.raises(ValueError, match="text_tokens"):
+        model.apply_settings({"connector": {"text_tokens": 6}})  # still the frames layout
+    model.apply_settings({"connector": {"layout": "tracks", "text_tokens": 6, "threshold": 0.7}})
+    assert model.num_visual_tokens(12) == 6 and model.connector.threshold == 0.7
+    model.save_pretrained(tmp_path / "m")
+    again = VideoLLM.from_pretrained(tmp_path / "m")
+    assert (again.connector.layout, again.connector.text_tokens, again.connector.threshold) == ("tracks", 6, 0.7)
+    again.apply_settings({"connector": {"layout": "frames"}})
+    assert again.connector.text_tokens is None and again.num_visual_tokens(2) == 2 * again.connector.project_grid((1, 4, 4))[1]

@@ -68,7 +68,8 @@ class VideoLLMConfig:
         return cls(**copy.deepcopy(d))
 
 
-SETTINGS = ("token_budget", "max_length", "system_prompt", "time_stamps")  # config fields that change no weights
+# config fields that change no weights; "connector": the connector's own `settings` (e.g. word slots' layout)
+SETTINGS = ("token_budget", "max_length", "system_prompt", "time_stamps", "connector")
 
 
 def saved_config(folder: str | Path) -> tuple[VideoLLMConfig, dict[str, Any]]:
@@ -125,11 +126,15 @@ class VideoLLM(ScoringMixin, nn.Module):
 
     def apply_settings(self, settings: dict[str, Any]) -> None:
         """Change config fields that change no weights (`SETTINGS`: the token budget, prompt length, system prompt,
-        time stamps) on a built model, its processor included."""
+        time stamps, the connector's `settings`) on a built model, its processor included."""
         unknown = set(settings) - set(SETTINGS)
         if unknown:
             raise ValueError(f"{sorted(unknown)} change the weights; only {list(SETTINGS)} can be changed on a built model")
         for key, value in settings.items():
+            if key == "connector":
+                self.connector.apply_settings(value)
+                self.config.connector.update(copy.deepcopy(value))
+                continue
             setattr(self.config, key, copy.deepcopy(value))
             if key == "token_budget":
                 self.budget = TokenBudget.from_dict(value)

@@ -49,12 +49,26 @@ class Connector(nn.Module):
     """
 
     uses_instruction: bool = False
+    settings: tuple[str, ...] = ()  # constructor arguments that change no weights: a saved model may change them
 
     def __init__(self, in_dim: int, out_dim: int, reducers: Sequence[TokenReducer] = ()):
         super().__init__()
         self.in_dim = in_dim
         self.out_dim = out_dim
         self.reducers = nn.ModuleList(reducers)
+
+    def apply_settings(self, values: dict[str, Any]) -> None:
+        """Change constructor arguments listed in `settings` on a built connector (they change no weights)."""
+        unknown = set(values) - set(self.settings)
+        if unknown:
+            raise ValueError(f"{type(self).__name__}: {sorted(unknown)} change the weights; only {list(self.settings)} "
+                             "can be changed on a built connector")
+        if values:
+            self.configure(**values)
+
+    def configure(self, **values: Any) -> None:
+        """Set the `settings` arguments (subclasses that have any validate them here)."""
+        raise NotImplementedError(f"{type(self).__name__} has no settings")
 
     def attach_llm(self, embeddings: nn.Embedding, tokenizer: Any) -> None:
         """Called by VideoLLM at assembly with the LLM's input embeddings and tokenizer: an `OutputNorm` takes the

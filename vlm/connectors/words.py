@@ -90,20 +90,17 @@ class WordSlots(Connector):
     slots: objects named per frame at most; position: the row and column words (null: no position words);
     threshold: the centre probability above which a cell holds an object; hidden: the heads' width;
     layout: "frames" (each frame's words in turn) or "tracks" (one sentence per object over time, in a slot of as
-    many tokens as the frames layout's; the heads and their training are the same).
+    many tokens as the frames layout's; the heads and their training are the same);
+    text_tokens: the tracks layout's slot, whatever the number of frames (a fixed budget for long videos: the
+    text grows with what changes, not with the length; default: the frames layout's size).
     Each word is written with the LLM's tokens of " <word>" (several tokens when the tokenizer splits it)."""
 
     def __init__(self, in_dim: int, out_dim: int, reducers=(), scene: Mapping[str, Sequence[str]] | None = None,
                  objects: Mapping[str, Sequence[str]] | None = None,
                  motion: Mapping[str, Sequence[str]] | None = None, silent: Sequence[str] = (), slots: int = 3,
                  position: Sequence[Sequence[str]] | None = POSITION, threshold: float = 0.5, hidden: int = 256,
-                 layout: str = "frames"):
+                 layout: str = "frames", text_tokens: int | None = None):
         super().__init__(in_dim, out_dim, reducers)
-        if layout not in ("frames", "tracks"):
-            raise ValueError(f"word_slots: layout is 'frames' or 'tracks', not {layout!r}")
-        if layout == "tracks" and silent:
-            raise ValueError("word_slots: 'silent' words apply to layout 'frames' (the tracks layout writes changes)")
-        self.layout = layout
         self.scene_vocab = {k: list(v) for k, v in (scene or {}).items()}
         self.object_vocab = {k: list(v) for k, v in (objects or {}).items()}
         self.motion_vocab = {k: list(v) for k, v in (motion or {}).items()}
@@ -112,7 +109,7 @@ class WordSlots(Connector):
         if position is not None and (len(position) != 2 or not all(position)):
             raise ValueError("word_slots: 'position' is [row words, column words] (or null)")
         self.position = [list(p) for p in position] if position is not None else []
-        self.slots, self.threshold = int(slots), float(threshold)
+        self.slots = int(slots)
         # every word once, by group: scene attributes, object attributes, motion attributes, then rows and columns
         self.groups = [*self.scene_vocab.values(), *self.object_vocab.values(), *self.motion_vocab.values(),
                        *self.position]
@@ -121,6 +118,7 @@ class WordSlots(Connector):
         self.silent = [str(w) for w in silent]
         if not set(self.silent) <= set(self.words):
             raise ValueError(f"word_slots: silent words {sorted(set(self.silent) - set(self.words))} are not in its vocabulary")
+        self.configure(layout=layout, text_tokens=text_tokens, threshold=threshold)
         self.head = SlotHead(in_dim, sum(len(g) for g in self.object_vocab.values()),
                              sum(len(g) for g in self.scene_vocab.values()), hidden)
         if self.motion_vocab:
@@ -130,6 +128,21 @@ class WordSlots(Connector):
         self._embedding: list[nn.Embedding] = []  # the LLM's input embeddings (a list: not a submodule)
         self._tokenizer: list[Any] = []
         self.truncated = 0  # clips whose tracks text was cut to the token budget
+
+    settings = ("layout", "text_tokens", "threshold")
+
+    def configure(self, **values: Any) -> None:
+        layout = values.get("layout", getattr(self, "layout", "frames"))
+        text_tokens = values.get("text_tokens", getattr(self, "text_tokens", None) if layout == "tracks" else None)
+        if layout not in ("frames", "tracks"):
+            raise ValueError(f"word_slots: layout is 'frames' or 'tracks', not {layout!r}")
+        if layout == "tracks" and self.silent:
+            raise ValueError("word_slots: 'silent' words apply to layout 'frames' (the tracks layout writes changes)")
+        if text_tokens is not None and (layout != "tracks" or int(text_tokens) < 1):
+            raise ValueError(f"word_slots: text_tokens ({text_tokens}) is a positive token count for layout 'tracks'")
+        self.layout = layout
+        self.text_tokens = None if text_tokens is None else int(text_tokens)
+        self.threshold = float(values.get("threshold", getattr(self, "threshold", 0.5)))
 
     # ---------------------------------------------------------------- assembly
     def attach_llm(self, embeddings: nn.Embedding, tokenizer: Any) -> None:
@@ -157,7 +170,9 @@ class WordSlots(Connector):
         if not self.widths:
             raise RuntimeError("word_slots: attach_llm(embeddings, tokenizer) first (VideoLLM does it at assembly)")
         per_frame = sum(self.widths[g] for g in self.positions())
-        return (grid[0], per_frame) if self.layout == "frames" else (1, grid[0] * per_frame)
+        if self.layout == "frames":
+            return grid[0], per_frame
+        return 1, self.text_tokens or grid[0] * per_frame
 
     # ---------------------------------------------------------------- the words of each frame
     def detect(self, feats: VisualFeatures) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -263,8 +278,9 @@ class WordSlots(Connector):
         return [" |".join(decode(ids[i, t][mask[i, t]].tolist()) for t in range(ids.shape[1])) for i in range(ids.shape[0])]
 
     def _project_tracks(self, feats: VisualFeatures) -> VisualTokens:
-        """The tracks layout: each clip's `describe` text as the LLM's token embeddings, in a slot of as many tokens as
-        the frames layout would take (cut there, and counted in `truncated`, in the rare clip that needs more)."""
+        """The tracks layout: each clip's `describe` text as the LLM's token embeddings, in a slot of `text_tokens` (or
+        as many tokens as the frames layout would take; cut there, and counted in `truncated`, in a clip that needs
+        more)."""
         budget = self.project_grid(feats.grid)[1]
         ids = torch.full((feats.tokens.shape[0], budget), -1, dtype=torch.long)
         for i, text in enumerate(self.describe(feats)):
