@@ -1,12 +1,13 @@
 """Encoding long videos: the bounded memory (vlm.memory) vs encoding every frame at once, at 1, 3 and 10 minutes.
 
-    python scripts/bench_long.py [--minutes 1 3 10] [--out docs/bench_long.json]
+    python scripts/bench_long.py [--minutes 1 3 10] [--out docs/bench_long.json] [--model runs/long_slots/final]
 
 (Accuracy on the long benchmark: scripts/eval_long.py.)
 
 Videos: the long synthetic world (`vlm data synth --long`) at 1 fps, 128 px. Model: the quickstart's tower and
 connector (EfficientNet-Lite0 tapped at stride 16, MLP per 2x2 cell: 16 tokens per frame) in front of the packaged
-SmolLM2 (not run: encoding only). Each (method, length) runs in a fresh process, so its peak resident memory
+SmolLM2 (not run: encoding only), or a saved model (`--model`: a tracks-layout word-slot model keeps every frame's
+detections, `vlm.memory.TrackMemory`, and its tokens are its tracks text's). Each (method, length) runs in a fresh process, so its peak resident memory
 (ru_maxrss) is its own; the ratio column is all-frames / memory. Methods:
 
 - memory: `encode_stream` (chunks of 8 frames, at most 16 groups = 256 tokens kept);
@@ -33,7 +34,7 @@ MODEL = {"tower": {"name": "efficientnet_lite0", "image_size": 128, "layer": 11}
          "connector": {"name": "mlp", "pool": 2}, "llm": {"loader": "smollm2"}, "num_frames": 16}
 
 
-def child(method: str, video: str) -> dict:
+def child(method: str, video: str, model_dir: str = "") -> dict:
     import torch
 
     from vlm.memory import encode_stream
@@ -42,7 +43,7 @@ def child(method: str, video: str) -> dict:
     from vlm.video.decode import probe_video
 
     torch.set_num_threads(2)
-    model = VideoLLM.from_config(MODEL).eval()
+    model = (VideoLLM.from_pretrained(model_dir) if model_dir else VideoLLM.from_config(MODEL)).eval()
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0 = time.perf_counter()
     if method == "memory":
@@ -53,7 +54,8 @@ def child(method: str, video: str) -> dict:
         clip = read_clip(video, frames, "uniform")
         pixels, stamps = model.processor.preprocess_clip(clip)
         with torch.no_grad():
-            tokens = model.encode_visual([pixels], [stamps]).embeds.shape[1]
+            out = model.encode_visual([pixels], [stamps])
+        tokens = out.embeds.shape[1] if out.mask is None else int(out.mask.sum())  # pruned ones never reach the LLM
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"seconds": round(seconds, 2), "peak_mb": round(peak, 1), "model_mb": round(base, 1),
@@ -64,7 +66,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, nargs="+", default=[1, 3, 10])
     p.add_argument("--out", default=None, help="write the rows as JSON here")
-    p.add_argument("--child", nargs=2, metavar=("METHOD", "VIDEO"), help=argparse.SUPPRESS)
+    p.add_argument("--model", default="", help="a saved model folder instead of the MLP quickstart configuration")
+    p.add_argument("--child", nargs=3, metavar=("METHOD", "VIDEO", "MODEL"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         print(json.dumps(child(*args.child)))
@@ -78,7 +81,7 @@ def main() -> int:
         for minutes, video in zip(args.minutes, videos):
             row = {"minutes": minutes}
             for method in ("memory", "all", "16"):
-                out = subprocess.run([sys.executable, __file__, "--child", method, str(video)], capture_output=True,
+                out = subprocess.run([sys.executable, __file__, "--child", method, str(video), args.model], capture_output=True,
                                      text=True, check=True)
                 row[method] = json.loads(out.stdout.strip().splitlines()[-1])
             row["peak_ratio_all_vs_memory"] = round(row["all"]["encode_mb"] / max(row["memory"]["encode_mb"], 1.0), 2)

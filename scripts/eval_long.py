@@ -8,8 +8,9 @@ Configurations (256 visual tokens each with the quickstart's 16 tokens per frame
 - budget: 64 frames under a 256-token pooling budget (`token_budget: {max_tokens: 256, policy: pool}`);
 - memory: every frame at 1 fps through the bounded memory (`vlm eval mcq --memory 16`: chunks of 8 frames,
   consolidated into 16 groups).
-A word-slot model with the tracks layout (`recipes/long_slots.yaml`) is asked two ways in its fixed text slot:
-16 uniform frames, and 256 frames.
+A word-slot model with the tracks layout (`recipes/long_slots.yaml`) is asked three ways in its fixed text slot:
+16 uniform frames; 256 frames; every frame at 1 fps read chunk by chunk into its detection memory
+(`vlm.memory.TrackMemory`).
 
 Writes OUT/<config>/ (the `vlm eval mcq` outputs), OUT/long_eval.json (per task and per clip length) and
 OUT/long_timeline.png: for the first clips, each needle event on the clip's time axis, and the interval each
@@ -36,11 +37,12 @@ CONFIGS = {  # label -> (frames, token budget, memory)
 TRACKS_CONFIGS = {  # a word-slot model with the tracks layout: a fixed text slot, so frames cost no LLM tokens
     "uniform 16 frames": (16, None, None),
     "256 frames, tracks text": (256, None, None),
+    "every frame, tracks memory": (16, None, {"max_groups": 1, "fps": 1.0, "chunk_frames": 16}),
 }
 EVENT_COLORS = {"flash": "tab:orange", "color_change": "tab:purple", "move": "tab:blue"}
 
 
-def evaluate(model_dir: str, data: Path, out: Path) -> list[dict]:
+def evaluate(model_dir: str, data: Path, out: Path, only: list[str] | None = None) -> list[dict]:
     from evals.mcq import evaluate_mcq
     from vlm.model import VideoLLM
 
@@ -52,6 +54,8 @@ def evaluate(model_dir: str, data: Path, out: Path) -> list[dict]:
     rows = []
     tracks = getattr(VideoLLM.from_pretrained(model_dir).connector, "layout", None) == "tracks"
     for label, (frames, budget, memory) in (TRACKS_CONFIGS if tracks else CONFIGS).items():
+        if only and not any(word in label for word in only):
+            continue
         model = VideoLLM.from_pretrained(model_dir)
         model.apply_settings({"token_budget": budget or {}})
         folder = out / label.replace(" ", "_").replace(",", "")
@@ -62,7 +66,7 @@ def evaluate(model_dir: str, data: Path, out: Path) -> list[dict]:
             rec = json.loads(line)
             if "correct" in rec:
                 by_length[durations[(rec["task"], rec["index"])]].append(bool(rec["correct"]))
-        tokens = memory["max_groups"] * model.visual_grid(1)[1] if memory else model.num_visual_tokens(frames)
+        tokens = model.num_visual_tokens(frames) if tracks or not memory else memory["max_groups"] * model.visual_grid(1)[1]
         row = {"config": label, "folder": folder.name, "visual_tokens": tokens,
                "mean_over_tasks": round(result.metrics["accuracy_mean_over_tasks"], 1),
                "chance": round(result.metrics["chance_mean_over_tasks"], 1),
@@ -125,6 +129,8 @@ def main() -> int:
     p.add_argument("--data", default=None, help="a long world (`vlm data synth --long`); default: a fresh one")
     p.add_argument("--clips", type=int, default=30, help="without --data: benchmark clips of the fresh world (seed 11)")
     p.add_argument("--out", default="runs/eval_long")
+    p.add_argument("--configs", nargs="+", default=None, metavar="WORD",
+                   help="only the configurations whose label holds one of these words (e.g. uniform memory)")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -134,7 +140,7 @@ def main() -> int:
             from data_tools.synth.long_world import generate_long
 
             generate_long(tmp, args.clips, seed=11, progress=False)
-        rows = evaluate(args.model, data, out)
+        rows = evaluate(args.model, data, out, args.configs)
         (out / "long_eval.json").write_text(json.dumps(rows, indent=2) + "\n")
         print(timeline(data, out, rows))
     print("\n| configuration | visual tokens | mean over tasks | " + " | ".join(rows[0]["per_task"]) + " | "

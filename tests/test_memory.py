@@ -83,6 +83,40 @@ def test_videochat_long_and_streaming_modes_agree(model, long_video):
         VideoChat(model).append_frames(next(chunks_of(long_video)))
 
 
+def test_word_slot_tracks_keep_every_frames_detections_and_a_fixed_slot(long_video):
+    """A tracks-layout word-slot model reads a long video chunk by chunk: its memory holds every frame's detections
+    (the same as the whole video's in one pass), its text is the one the connector writes for the whole video, its
+    tokens fit the fixed slot, and streaming the last minute in gives the answer of loading it all."""
+    from tests.test_word_slots import tiny_slots_model
+    from vlm.chat import VideoChat
+    from vlm.memory import TrackMemory
+
+    torch.manual_seed(0)
+    slots = tiny_slots_model(layout="tracks", text_tokens=40).eval()
+    one, _, _ = encode_stream(slots, long_video, chunk_frames=240)  # the whole video at 1 fps in one chunk
+    clip = next(chunks_of(long_video, chunk_frames=240))
+    pixels, stamps = slots.processor.preprocess_clip(clip)
+    with torch.no_grad():
+        feats = slots.connector.reduced(slots.tower_features(pixels[None], stamps[None]))
+    assert isinstance(one, TrackMemory) and len(one.times) == 240 and one.text == slots.connector.describe(feats)[0]
+    chunked, _, stats = encode_stream(slots, long_video, chunk_frames=8)
+    assert stats.chunks == 30 and chunked.times == one.times
+    seen = [[(d.cell, d.identity) for d in frame] for frame in chunked.frames]
+    assert seen == [[(d.cell, d.identity) for d in frame] for frame in one.frames]  # motion words may differ at chunk edges
+    assert 0 < chunked.tokens.shape[0] <= 40
+
+    whole = VideoChat(slots, max_new_tokens=4)
+    whole.load_long_video(long_video, chunk_frames=8)
+    assert whole.num_visual_tokens == chunked.tokens.shape[0]
+    expected = whole.ask("What happens?")
+    live = VideoChat(slots, max_new_tokens=4)
+    live.load_long_video(long_video, chunk_frames=8, end=184.0)
+    for part in chunks_of(long_video, chunk_frames=8, start=184.0):
+        live.append_frames(part)
+    live.reset()
+    assert live.ask("What happens?") == expected
+
+
 def test_time_stamps_name_the_span_of_each_memory_group(long_video):
     torch.manual_seed(0)
     stamped = VideoLLM.from_config({"tower": copy.deepcopy(TINY_TOWERS["clip"]), "llm": copy.deepcopy(TINY_LLM),

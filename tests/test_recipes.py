@@ -11,7 +11,7 @@ from tests.conftest import TINY_LLM, TINY_TOWERS
 from tests.train_helpers import make_tiny_data
 from vlm.model import VideoLLM
 from vlm.train.engine import run_recipe
-from vlm.train.recipe import load_recipe
+from vlm.train.recipe import RecipeError, load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = ["quickstart", "oracle_text", "llava_video_mlp", "videollama2_stc", "videollama1_qformer", "lora_connector"]
@@ -28,7 +28,7 @@ def data(tmp_path_factory):
 
 def test_all_recipes_are_tested():
     shipped = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml"))
-    assert shipped == sorted(RECIPES + ["video_vit_classify", "videomae_pretrain", "long_video"])
+    assert shipped == sorted(RECIPES + ["video_vit_classify", "videomae_pretrain", "long_video", "long_slots"])
 
 
 def test_pretraining_and_classification_recipes_parse_with_overrides():
@@ -36,7 +36,6 @@ def test_pretraining_and_classification_recipes_parse_with_overrides():
     runs are tested in tests/test_train.py and tests/test_videomae.py."""
     from vlm.train.classify import load_classify_recipe
     from vlm.train.pretrain import load_pretrain_recipe
-    from vlm.train.recipe import RecipeError
 
     mae = load_pretrain_recipe(REPO / "recipes" / "videomae_pretrain.yaml", ["vars.data=/d", "train.max_steps=7"])
     assert mae.data.sources == ["/d/classification_train.jsonl"] and mae.train.max_steps == 7
@@ -117,6 +116,8 @@ def test_long_slots_recipe_switches_saved_word_slots_to_a_fixed_tracks_slot(data
     overrides = [f"vars.base={base}", f"output_dir={tmp_path / 'run'}", "vars.frames=8", "model.connector.text_tokens=12",
                  f"stages.0.data.mixture={json.dumps([{'path': str(data['instruct'])}])}", "stages.0.max_steps=1",
                  "stages.0.batch_size=2", "stages.0.data.num_workers=0", "stages.0.parts.llm.lora.layers=[-1]"]
+    with pytest.raises(RecipeError, match=r"model.connector may only change the word_slots connector's settings"):
+        load_recipe(REPO / "recipes" / "long_slots.yaml", overrides + ["model.connector.slots=4"])
     recipe = load_recipe(REPO / "recipes" / "long_slots.yaml", overrides)
     model = VideoLLM.from_pretrained(run_recipe(recipe))
     assert model.config.connector["layout"] == "tracks" and model.connector.text_tokens == 12

@@ -520,6 +520,8 @@ def test_long_world_needles_and_questions(tmp_path: Path) -> None:
         count = sum(e["type"] == "flash" for e in m["events"])
         asked = {t["value"]: a["value"] for t, a in zip(turns[::2], turns[1::2])}
         assert asked[next(q for q in asked if "How many times" in q)] == ["once", "twice", "three times", "four times"][count - 1]
+    opened = ["Answer with an interval of seconds." in t["value"] for r in records for t in r["conversations"][::2]]
+    assert sum(opened) == 1  # the second of three clips asks Needle Time as grounding_test.json does
     for m in metas:
         with VideoReader(out / m["video"]) as reader:
             assert reader.info.num_frames == m["num_frames"] == round(m["duration_s"])

@@ -7,6 +7,11 @@ in time order; adding groups past the bound repeatedly averages the pair of adja
 alike (cosine of the flattened groups), weighted by how many source groups each already holds. Each group keeps the
 time span it covers, so "Time: x.xs" stamps (the model's `time_stamps`) still say where in the video it is.
 
+A word-slot connector with the tracks layout keeps another memory, `TrackMemory`: per frame only what its heads
+detected (the scene's words, and each found object's cell and words: a few dozen bytes), written when asked as the
+tracks text (one sentence per object, with the seconds its words change) in the connector's fixed `text_tokens`
+slot. Nothing is merged away: a needle seen in one frame stays in the text.
+
 `encode_stream(model, path, fps=1, chunk_frames=8)` decodes the video one chunk of frames at a time, runs the
 tower and connector on the chunk and adds its groups to the memory: time grows linearly with the video's length
 while memory (one chunk of frames and pixels, and the bounded memory) does not grow. The LLM sees the memory:
@@ -68,6 +73,10 @@ class VideoMemory:
         self.weights[i : i + 2] = [wa + wb]
         self.merges += 1
 
+    def add_chunk(self, model: Any, clip: Clip) -> None:
+        """Encode a chunk of frames (tower + connector) and add its groups."""
+        self.add(*encode_chunk(model, clip))
+
     @property
     def tokens(self) -> torch.Tensor:
         """The memory as visual tokens [G * P, D], in time order."""
@@ -76,8 +85,62 @@ class VideoMemory:
         return torch.cat(self.groups)
 
     @property
+    def layout(self) -> tuple[int, int, list[float]]:
+        """(groups, tokens per group, each group's first second): where its tokens go in the prompt."""
+        return len(self.groups), self.groups[0].shape[0], [span[0] for span in self.spans]
+
+    @property
     def nbytes(self) -> int:
         return sum(int(g.numel() * g.element_size()) for g in self.groups)
+
+
+@dataclass
+class TrackMemory:
+    """A tracks-layout word-slot connector's memory of a long video: every frame's detections, and the tracks text
+    written from them (`WordSlots.text`) as the LLM's word embeddings, at most `text_tokens` of them."""
+
+    connector: Any
+    grid: tuple[int, int, int] = (0, 0, 0)
+    scenes: list[tuple[str, ...]] = field(default_factory=list)
+    frames: list[list[Any]] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)
+    _written: tuple[int, Any] = (0, None)  # (frames, tokens) of the last text written
+
+    def add_chunk(self, model: Any, clip: Clip) -> None:
+        """The tower and the connector's heads on a chunk of frames; keeps only what they detected."""
+        pixels, stamps = model.processor.preprocess_clip(clip)
+        with torch.no_grad():
+            feats = self.connector.reduced(model.tower_features(pixels[None], stamps[None]))
+        (scenes, frames, times), = self.connector.detections(feats)
+        self.scenes += scenes
+        self.frames += frames
+        self.times += times
+        self.grid = (len(self.times), *feats.grid[1:])
+
+    @property
+    def text(self) -> str:
+        if not self.times:
+            raise ValueError("the memory is empty")
+        return self.connector.text((self.scenes, self.frames, self.times), self.grid) or " nothing."
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        """The text's word embeddings [L, D], L <= the connector's slot for this many frames (written once per state)."""
+        if self._written[0] != len(self.times):
+            ids = self.connector.text_ids(self.text, self.connector.project_grid(self.grid)[1])
+            self._written = (len(self.times), self.connector.embed_ids(ids))
+        return self._written[1]
+
+    @property
+    def layout(self) -> tuple[int, int, list[float]]:
+        return 1, self.tokens.shape[0], [self.times[0]]
+
+
+def new_memory(model: Any, max_groups: int = 16) -> VideoMemory | TrackMemory:
+    """The memory `model`'s connector needs: its detections for the tracks layout of word slots, else its groups."""
+    if getattr(model.connector, "layout", None) == "tracks":
+        return TrackMemory(model.connector)
+    return VideoMemory(max_groups)
 
 
 @dataclass
@@ -105,21 +168,21 @@ def encode_chunk(model: Any, clip: Clip) -> tuple[torch.Tensor, int, list[float]
     pixels, stamps = model.processor.preprocess_clip(clip)
     out = model.encode_visual([pixels], [stamps])
     if out.mask is not None and not bool(out.mask.all()):
-        raise ValueError("the memory needs a connector without token pruning (its groups must be equal)")
+        raise ValueError("the memory needs a connector without token pruning (its groups must be equal; word slots: "
+                         "layout 'tracks' keeps their own memory)")
     groups = out.groups
     return out.embeds[0], groups, group_starts(stamps, groups)
 
 
 def encode_stream(model: Any, path: str | os.PathLike, *, fps: float = 1.0, chunk_frames: int = 8,
                   max_groups: int = 16, start: float | None = None, end: float | None = None,
-                  memory: VideoMemory | None = None) -> tuple[VideoMemory, Clip, StreamStats]:
-    """Encode a (long) video into a bounded memory; returns (memory, the last chunk, stats)."""
-    memory = memory if memory is not None else VideoMemory(max_groups)
+                  memory: VideoMemory | TrackMemory | None = None) -> tuple[VideoMemory | TrackMemory, Clip, StreamStats]:
+    """Encode a (long) video into a bounded memory (`new_memory`); returns (memory, the last chunk, stats)."""
+    memory = memory if memory is not None else new_memory(model, max_groups)
     stats, last = StreamStats(), None
     t0 = time.perf_counter()
     for clip in chunks_of(path, fps, chunk_frames, start, end):
-        tokens, groups, times = encode_chunk(model, clip)
-        memory.add(tokens, groups, times)
+        memory.add_chunk(model, clip)
         stats.frames += len(clip)
         stats.chunks += 1
         last = clip

@@ -120,8 +120,8 @@ class VideoLLMProcessor:
         return slot
 
     def memory_slot(self, memory: Any) -> list[int]:
-        """The slot of a `vlm.memory.VideoMemory`: its groups, each after the second its span starts at."""
-        return self.group_slot(len(memory.groups), memory.groups[0].shape[0], [span[0] for span in memory.spans])
+        """The slot of a `vlm.memory` memory: its groups, each after the second it starts at."""
+        return self.group_slot(*memory.layout)
 
     def instruction_ids(self, turns: Sequence[Turn], media_type: str | None) -> list[int]:
         """What an instruction-aware connector is conditioned on: the first user turn without its placeholder."""

@@ -21,7 +21,8 @@ asks what needs the whole video:
 Answer positions rotate over the options, so each letter is right equally often (to within one) per task.
 `grounding_test.json` asks Needle Time as an open question (the answer: the interval, "from 12 s to 15 s"), scored
 by temporal IoU (`vlm eval openqa --judge iou`). `--train N` adds N clips of the same world for training, with
-`qa_train.json` in the cloze form (every question of a clip answered with the answer's own text).
+`qa_train.json` in the cloze form (every question of a clip answered with the answer's own text; every other clip
+asks Needle Time in the open form too).
 Clips are drawn by `render.render_clip` from the same ground-truth format as the short world (`meta.jsonl`).
 """
 
@@ -47,6 +48,7 @@ LONG_TASKS = {"Needle Object": "needle_object", "Needle Time": "needle_time", "E
               "Event Order": "event_order", "Last Event": "last_event"}
 DURATIONS_S = (30, 60, 120, 300, 600)
 COUNT_WORDS = ("once", "twice", "three times", "four times")
+OPEN_TIME = " Answer with an interval of seconds."  # Needle Time as an open grounding question
 
 
 def _hidden(obj: Any) -> None:
@@ -209,14 +211,17 @@ def generate_long(out: str | Path, num: int, seed: int = 0, *, durations: tuple[
         if split == "train":
             conv = []
             for t, task in enumerate(rng.permutation(sorted(questions))):
-                question = f"<video>\n{questions[task][0]}" if t == 0 else questions[task][0]
+                question = questions[task][0]
+                if task == "Needle Time" and i % 2:  # every other clip asks it as grounding_test.json does
+                    question += OPEN_TIME
+                question = f"<video>\n{question}" if t == 0 else question
                 conv += [{"from": "human", "value": question}, {"from": "gpt", "value": questions[task][1]}]
             records.append({"id": f"{cid}_cloze", "video": video, "conversations": conv})
             continue
         if "Needle Time" in questions:
             question, answer, _ = questions["Needle Time"]
             grounding.append({"id": f"{cid}_when", "video": Path(video).name,
-                              "question": f"{question} Answer with an interval of seconds.", "answer": answer})
+                              "question": question + OPEN_TIME, "answer": answer})
         for task, (question, answer, distractors) in questions.items():
             rows = per_task[task]
             options = [str(d) for d in rng.permutation(distractors)]

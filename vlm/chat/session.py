@@ -14,7 +14,7 @@ from vlm.chat.cache import PrefixCache, common_prefix
 from vlm.chat.generation import GenerationSettings, LoadStats, StreamDecoder, TurnStats, next_token, stop_ids
 from vlm.data.conversation import PLACEHOLDERS, Turn
 from vlm.llm.template import VISUAL_TOKEN
-from vlm.memory import StreamStats, VideoMemory, encode_chunk, encode_stream
+from vlm.memory import StreamStats, TrackMemory, VideoMemory, encode_stream
 from vlm.model import VideoLLM
 from vlm.processor import drop_pruned
 from vlm.towers.base import VisualFeatures
@@ -97,7 +97,7 @@ class VideoChat:
         self.last_stats: TurnStats | None = None
         self.load_stats: LoadStats | None = None
         self._video: _Video | None = None
-        self._memory: VideoMemory | None = None  # a long video's consolidated tokens (load_long_video)
+        self._memory: VideoMemory | TrackMemory | None = None  # a long video's memory (load_long_video)
         self._turns: list[Turn] = []  # user turns without the placeholder; assistant turns as answered
         self._cache = PrefixCache(model)
         self._epoch = 0  # bumped by anything that invalidates a prepared turn
@@ -234,7 +234,8 @@ class VideoChat:
     def load_long_video(self, path: str | os.PathLike, *, fps: float = 1.0, chunk_frames: int = 8,
                         max_groups: int = 16, start: float | None = None, end: float | None = None) -> StreamStats:
         """Decode and encode a long video chunk by chunk into a bounded memory of at most `max_groups` token groups
-        (`vlm.memory`: time linear in the length, memory bounded); starts a new conversation. `append_frames`
+        (`vlm.memory`: time linear in the length, memory bounded; a tracks-layout word-slot model keeps every
+        frame's detections and reads them as its tracks text instead); starts a new conversation. `append_frames`
         streams more frames in later. Not for instruction-aware connectors or `reuse_cache=False`."""
         if self.processor.uses_instruction or not self.reuse_cache:
             raise ValueError("long videos need a connector that does not read the question, and reuse_cache=True")
@@ -249,12 +250,10 @@ class VideoChat:
         conversation goes on and the next answer reads the updated memory."""
         if self._memory is None:
             raise ValueError("append_frames continues a video loaded with load_long_video")
-        tokens, groups, times = encode_chunk(self.model, clip)
-        memory = self._memory
-        memory.add(tokens, groups, times)
-        self._use_memory(memory, clip)
+        self._memory.add_chunk(self.model, clip)
+        self._use_memory(self._memory, clip)
 
-    def _use_memory(self, memory: VideoMemory, last: Clip) -> None:
+    def _use_memory(self, memory: VideoMemory | TrackMemory, last: Clip) -> None:
         video = _Video(last, "video", *self.processor.preprocess_clip(last))
         video.embeds = memory.tokens.to(self.model.device)
         video.slot = self.processor.memory_slot(memory)

@@ -31,6 +31,10 @@ class Track:
     detections: list[Detection] = field(default_factory=list)
 
 
+# what a clip's frames showed: the scene's words per frame, the detections per frame, the frames' times (seconds)
+Seen = tuple[list[tuple[str, ...]], list[list[Detection]], list[float]]
+
+
 def merge_duplicates(dets: Sequence[Detection]) -> list[Detection]:
     """One frame's detections without the repeats a large object makes: a detection next to (within one cell of)
     an earlier one with the same identity words is dropped."""

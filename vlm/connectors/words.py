@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from vlm.connectors.base import Connector, VisualTokens, register_connector
-from vlm.connectors.tracks import Detection, describe
+from vlm.connectors.tracks import Detection, Seen, describe
 from vlm.data.regions import cell_of, nearest_frames, region_problems
 from vlm.towers.base import VisualFeatures
 
@@ -220,29 +220,52 @@ class WordSlots(Connector):
         an h x w grid."""
         return (cells // w) * len(self.position[0]) // h, (cells % w) * len(self.position[1]) // w
 
-    def describe(self, feats: VisualFeatures) -> list[str]:
-        """Per clip, the text the `tracks` layout writes (`vlm.connectors.tracks`): the scene, then one sentence per
-        object with the times its words change. `feats`: after the reducers, with timestamps."""
+    def detections(self, feats: VisualFeatures) -> list[Seen]:
+        """Per clip, what the heads saw in each frame: (the scene's words per frame, the detections per frame, the
+        frames' times in seconds), the input of `vlm.connectors.tracks.describe`. `feats`: after the reducers."""
         scene, cells, keep, attrs = (x.cpu() for x in self.detect(feats))
-        h, w = feats.grid[1], feats.grid[2]
+        w = feats.grid[2]
         ni = len(self.object_vocab)
         times = feats.timestamps.cpu() if feats.timestamps is not None else \
             torch.arange(cells.shape[1], dtype=torch.float)[None].expand(cells.shape[0], -1)
+        return [([tuple(self.words[x] for x in row.tolist()) for row in scene[i]],
+                 [[Detection((int(c) // w, int(c) % w), tuple(self.words[x] for x in a[:ni].tolist()),
+                             tuple(self.words[x] for x in a[ni:].tolist()))
+                   for c, kept, a in zip(cells[i, j], keep[i, j], attrs[i, j]) if kept] for j in range(cells.shape[1])],
+                 times[i].tolist()) for i in range(cells.shape[0])]
+
+    def text(self, seen: Seen, grid: tuple[int, int, int]) -> str:
+        """The tracks text of one clip's `detections` on a feature grid (T, h, w)."""
+        h, w = grid[1], grid[2]
 
         def position(cell: tuple[int, int]) -> list[str]:
             row, col = self.place(cell[0] * w + cell[1], h, w)
             return [self.position[0][row], self.position[1][col]]
 
-        texts = []
-        for i in range(cells.shape[0]):
-            frames = [[Detection((int(c) // w, int(c) % w), tuple(self.words[x] for x in a[:ni].tolist()),
-                                 tuple(self.words[x] for x in a[ni:].tolist()))
-                       for c, kept, a in zip(cells[i, j], keep[i, j], attrs[i, j]) if kept]
-                      for j in range(cells.shape[1])]
-            scenes = [tuple(self.words[x] for x in row.tolist()) for row in scene[i]]
-            texts.append(describe(scenes, frames, times[i].tolist(), position if self.position else None,
-                                  max_tracks=2 * self.slots))
-        return texts
+        scenes, frames, times = seen
+        return describe(scenes, frames, times, position if self.position else None, max_tracks=2 * self.slots)
+
+    def describe(self, feats: VisualFeatures) -> list[str]:
+        """Per clip, the text the `tracks` layout writes (`vlm.connectors.tracks`): the scene, then one sentence per
+        object with the times its words change. `feats`: after the reducers, with timestamps."""
+        return [self.text(seen, feats.grid) for seen in self.detections(feats)]
+
+    def text_ids(self, text: str, budget: int) -> torch.Tensor:
+        """A text's token ids, cut to `budget` (counted in `truncated`)."""
+        row = self._tokenizer[0](text, add_special_tokens=False)["input_ids"]
+        if len(row) > budget:
+            self.truncated += 1
+            if self.truncated == 1:
+                log.warning("word_slots: a clip's tracks text has %d tokens, over the slot's %d; cut there "
+                            "(counted in .truncated)", len(row), budget)
+        return torch.tensor(row[:budget], dtype=torch.long)
+
+    def embed_ids(self, ids: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+        """The LLM's input embeddings of token ids (-1: nothing written, embedded as id 0 and masked by the caller),
+        on `device` (default: the embedding table's)."""
+        table = self._embedding[0]
+        embeds = table(ids.clamp(min=0).to(table.weight.device))
+        return embeds if device is None else embeds.to(device)
 
     def project(self, feats: VisualFeatures, instruction=None) -> VisualTokens:
         if not self._embedding:
@@ -251,8 +274,7 @@ class WordSlots(Connector):
             return self._project_tracks(feats)
         ids, mask = self.frame_ids(feats)  # [B, T, tokens per frame]
         b, t = ids.shape[:2]
-        table = self._embedding[0]
-        embeds = table(ids.clamp(min=0).to(table.weight.device)).to(feats.tokens.device)
+        embeds = self.embed_ids(ids, feats.tokens.device)
         return VisualTokens(embeds=embeds.reshape(b, -1, embeds.shape[-1]), groups=t, mask=mask.reshape(b, -1),
                             timestamps=feats.timestamps)
 
@@ -284,16 +306,10 @@ class WordSlots(Connector):
         budget = self.project_grid(feats.grid)[1]
         ids = torch.full((feats.tokens.shape[0], budget), -1, dtype=torch.long)
         for i, text in enumerate(self.describe(feats)):
-            row = self._tokenizer[0](text, add_special_tokens=False)["input_ids"]
-            if len(row) > budget:
-                self.truncated += 1
-                if self.truncated == 1:
-                    log.warning("word_slots: a clip's tracks text has %d tokens, over the slot's %d; cut there "
-                                "(counted in .truncated)", len(row), budget)
-            ids[i, :min(budget, len(row))] = torch.tensor(row[:budget], dtype=torch.long)
-        table = self._embedding[0]
-        embeds = table(ids.clamp(min=0).to(table.weight.device)).to(feats.tokens.device)
-        return VisualTokens(embeds=embeds, groups=1, mask=(ids >= 0).to(feats.tokens.device))
+            row = self.text_ids(text, budget)
+            ids[i, :len(row)] = row
+        return VisualTokens(embeds=self.embed_ids(ids, feats.tokens.device), groups=1,
+                            mask=(ids >= 0).to(feats.tokens.device))
 
     # ---------------------------------------------------------------- training the heads
     def region_problems(self, regions: Any) -> list[str]:

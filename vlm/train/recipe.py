@@ -91,8 +91,8 @@ class Recipe(RecipeBase):
             from vlm.model import saved_config
 
             config = saved_config(self.init_from)[0]
-            for key, value in self.model.items():
-                setattr(config, key, copy.deepcopy(value))
+            for key, value in self.model.items():  # a connector's settings change those keys of its saved config
+                setattr(config, key, {**config.connector, **value} if key == "connector" else copy.deepcopy(value))
             return config
         return VideoLLMConfig.from_dict(self.model)
 
@@ -268,6 +268,11 @@ def validate(recipe: Recipe, check_files: bool = True) -> None:
             raise RecipeError(f"{src}: model.{part} needs '{key}'")
         if spec[key] not in registry:
             raise RecipeError(f"{src}: model.{part}.{key} '{spec[key]}' is not registered; choose from {registry.names()}")
+    changed = set(recipe.model.get("connector", {})) if recipe.init_from is not None else set()
+    if changed - set(CONNECTORS.get(cfg.connector["name"]).settings):
+        raise RecipeError(f"{src}: with init_from, model.connector may only change the {cfg.connector['name']} "
+                          f"connector's settings {list(CONNECTORS.get(cfg.connector['name']).settings)}, "
+                          f"not {sorted(changed - set(CONNECTORS.get(cfg.connector['name']).settings))}")
     for j, r in enumerate(cfg.connector.get("reduce", []) or []):
         if r.get("name") not in REDUCERS:
             raise RecipeError(f"{src}: model.connector.reduce[{j}] '{r.get('name')}' is not registered; choose from {REDUCERS.names()}")
