@@ -44,7 +44,7 @@ EVENT_COLORS = {"flash": "tab:orange", "color_change": "tab:purple", "move": "ta
 
 def evaluate(model_dir: str, data: Path, out: Path, only: list[str] | None = None) -> list[dict]:
     from evals.mcq import evaluate_mcq
-    from vlm.model import VideoLLM
+    from vlm.model import VideoLLM, saved_config
 
     bench = data / "mvbench"
     durations = {}
@@ -52,7 +52,7 @@ def evaluate(model_dir: str, data: Path, out: Path, only: list[str] | None = Non
         for i, q in enumerate(json.loads((bench / "json" / entry["json"]).read_text())):
             durations[(entry["task"], i)] = q["duration_s"]
     rows = []
-    tracks = getattr(VideoLLM.from_pretrained(model_dir).connector, "layout", None) == "tracks"
+    tracks = saved_config(model_dir)[0].connector.get("layout") == "tracks"
     for label, (frames, budget, memory) in (TRACKS_CONFIGS if tracks else CONFIGS).items():
         if only and not any(word in label for word in only):
             continue

@@ -269,10 +269,10 @@ def validate(recipe: Recipe, check_files: bool = True) -> None:
         if spec[key] not in registry:
             raise RecipeError(f"{src}: model.{part}.{key} '{spec[key]}' is not registered; choose from {registry.names()}")
     changed = set(recipe.model.get("connector", {})) if recipe.init_from is not None else set()
-    if changed - set(CONNECTORS.get(cfg.connector["name"]).settings):
+    allowed = CONNECTORS.get(cfg.connector["name"]).settings
+    if changed - set(allowed):
         raise RecipeError(f"{src}: with init_from, model.connector may only change the {cfg.connector['name']} "
-                          f"connector's settings {list(CONNECTORS.get(cfg.connector['name']).settings)}, "
-                          f"not {sorted(changed - set(CONNECTORS.get(cfg.connector['name']).settings))}")
+                          f"connector's settings {list(allowed)}, not {sorted(changed - set(allowed))}")
     for j, r in enumerate(cfg.connector.get("reduce", []) or []):
         if r.get("name") not in REDUCERS:
             raise RecipeError(f"{src}: model.connector.reduce[{j}] '{r.get('name')}' is not registered; choose from {REDUCERS.names()}")
