@@ -40,6 +40,15 @@ def _placement_args(p: argparse.ArgumentParser) -> None:
                    help="spread a model too big for one GPU over the GPUs and the CPU (accelerate; replaces --device)")
 
 
+def _memory_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--memory", type=int, default=None, metavar="GROUPS",
+                   help="long videos: read every frame at --memory-fps, chunk by chunk, into a memory of GROUPS token "
+                        "groups, or a tracks-layout word-slot model's detections (docs/LONG_VIDEO.md), instead of "
+                        "--frames sampled frames")
+    p.add_argument("--memory-fps", type=float, default=1.0)
+    p.add_argument("--chunk-frames", type=int, default=8, help="frames encoded at a time with --memory")
+
+
 def _workers_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=2,
                    help="processes that decode clips ahead of the model (0: decode in this process when needed)")
@@ -66,10 +75,14 @@ def _mcq(args: argparse.Namespace) -> int:
     result = evaluate_mcq(model, args.bench, args.out, profile=args.profile, tasks=args.tasks, num_frames=args.frames,
                           sampling=args.sampling, limit=args.limit, batch_size=args.batch_size,
                           model_name=args.model_name or args.model, descriptions=args.descriptions,
-                          workers=args.workers, memory=None if args.memory is None else {
-                              "max_groups": args.memory, "fps": args.memory_fps, "chunk_frames": args.chunk_frames})
+                          workers=args.workers, memory=_memory(args))
     _print_result(result, args.out)
     return 0
+
+
+def _memory(args: argparse.Namespace) -> dict[str, Any] | None:
+    return None if args.memory is None else {"max_groups": args.memory, "fps": args.memory_fps,
+                                             "chunk_frames": args.chunk_frames}
 
 
 def _reliance(args: argparse.Namespace) -> int:
@@ -127,7 +140,7 @@ def _openqa(args: argparse.Namespace) -> int:
         result = evaluate_openqa(_load_model(args.model, args), items, judge, args.out, dataset=Path(args.data).stem,
                                  num_frames=args.frames, sampling=args.sampling, batch_size=args.batch_size,
                                  max_new_tokens=args.max_new_tokens, limit=args.limit,
-                                 model_name=args.model_name or args.model, workers=args.workers)
+                                 model_name=args.model_name or args.model, workers=args.workers, memory=_memory(args))
     _print_result(result, args.out)
     return 0
 
@@ -192,11 +205,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model-name", default=None, help="name recorded in results (default: the model folder)")
     p.add_argument("--descriptions", default=None,
                    help="text oracle: JSON {video name or stem: description} used in place of each clip")
-    p.add_argument("--memory", type=int, default=None, metavar="GROUPS",
-                   help="long videos: read every frame at --memory-fps, chunk by chunk, into a memory of GROUPS token "
-                        "groups (docs/LONG_VIDEO.md) instead of --frames sampled frames")
-    p.add_argument("--memory-fps", type=float, default=1.0)
-    p.add_argument("--chunk-frames", type=int, default=8, help="frames encoded at a time with --memory")
+    _memory_args(p)
     _workers_arg(p)
     _placement_args(p)
     p.set_defaults(func=_mcq)
@@ -221,6 +230,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--model-name", default=None)
+    _memory_args(p)
     _workers_arg(p)
     _placement_args(p)
     p.set_defaults(func=_openqa)

@@ -178,9 +178,12 @@ def evaluate_openqa(
     backend: str = "auto",
     progress: bool = True,
     workers: int = 2,
+    memory: dict[str, Any] | None = None,
 ) -> EvalResult:
     """Answer (with `model.generate_answers`) or take `predictions` {uid: text}, judge, and write results.
-    `workers` processes decode clips ahead of the model (0: in this process).
+    `workers` processes decode clips ahead of the model (0: in this process). `memory` ({"max_groups", "fps",
+    "chunk_frames"}) reads each whole video chunk by chunk into the long-video memory (`vlm.memory.encode_stream`)
+    instead of `num_frames` sampled frames.
 
     Pass `model=None` with `predictions` to judge answers produced elsewhere (another framework's outputs).
     """
@@ -229,8 +232,10 @@ def evaluate_openqa(
                 groups.setdefault((str(i.video), i.start, i.end), []).append(i)
             buffer: list[tuple[OpenQAItem, Clip]] = []
             with tqdm(total=len(todo), desc="openqa", unit="q", disable=not progress) as bar:
-                def flush(chunk: list[tuple[OpenQAItem, Clip]]) -> None:
-                    reqs = [GenerationRequest(uid=i.uid, clip=c, turns=[Turn("user", "<video>\n" + i.question)],
+                def flush(chunk: list[tuple[OpenQAItem, Any]]) -> None:
+                    reqs = [GenerationRequest(uid=i.uid, clip=c if isinstance(c, Clip) else None,
+                                              visual=None if isinstance(c, Clip) else c,
+                                              turns=[Turn("user", "<video>\n" + i.question)],
                                               question=i.question, max_new_tokens=max_new_tokens) for i, c in chunk]
                     try:
                         answers = model.generate_answers(reqs)
@@ -244,6 +249,8 @@ def evaluate_openqa(
                     bar.update(len(chunk))
 
                 read = functools.partial(_read_window, num_frames=num_frames, sampling=sampling, backend=backend)
+                if memory is not None:  # the model encodes, so in this process
+                    read, workers = functools.partial(_read_memory, model=model, settings=memory), 0
                 for ((video, _, _), group), clip, e in prefetch_clips(list(groups.items()), read, workers=workers):
                     if e is not None:
                         counts["decode_errors"] += 1
@@ -253,6 +260,9 @@ def evaluate_openqa(
                         bar.update(len(group))
                         continue
                     buffer += [(i, clip) for i in group]
+                    while memory is not None and buffer:  # one video's memory per batch: no padding between them
+                        flush(buffer[:batch_size])
+                        buffer = buffer[batch_size:]
                     while len(buffer) >= batch_size:
                         flush(buffer[:batch_size])
                         buffer = buffer[batch_size:]
@@ -276,7 +286,7 @@ def evaluate_openqa(
         judge=judge.record(),
         settings={"prompt": "<video>\\n{question} (model's own system prompt)", "num_frames": num_frames,
                   "sampling": sampling, "max_new_tokens": max_new_tokens, "greedy": True, "batch_size": batch_size,
-                  "limit": limit, "source": "predictions file" if model is None else "model"},
+                  "limit": limit, "source": "predictions file" if model is None else "model", "memory": memory},
     )
     result.save(out / "results.json")
     from evals.report import write_report
@@ -291,6 +301,13 @@ def _read_window(job: tuple[tuple[str, float | None, float | None], Any], num_fr
                  backend: str) -> Clip:
     (video, start, end), _ = job
     return read_clip(video, num_frames, sampling, start, end, backend=backend)
+
+
+def _read_memory(job: tuple[tuple[str, float | None, float | None], Any], model: Any, settings: dict[str, Any]) -> Any:
+    from vlm.memory import encode_stream
+
+    (video, start, end), _ = job
+    return encode_stream(model, video, start=start, end=end, **settings)[0]
 
 
 def load_predictions(path: str | os.PathLike) -> tuple[list[OpenQAItem], dict[str, str]]:

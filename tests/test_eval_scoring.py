@@ -518,3 +518,23 @@ def test_tiny_model_through_the_harness(model, tmp_path):
             right += parsed.letter == item.answer_letter
     assert gen.counts["scored"] == 12 and gen.counts["skipped"] == 0
     assert gen.metrics["accuracy_over_questions"] == pytest.approx(100.0 * right / 12)
+
+
+def test_pruned_visual_tokens_in_prompts_of_one_length_score_and_generate_as_alone():
+    """Word slots prune a different number of positions per clip; in a batch whose prompts are all one length (no
+    padding to see), the rows must still be re-padded on the left, so every row ends where its answer begins."""
+    from tests.test_word_slots import tiny_slots_model
+
+    torch.manual_seed(0)
+    slots = tiny_slots_model(layout="tracks", text_tokens=128).eval()
+    clips = [clip(seed=s) for s in (3, 4, 5)]
+    with torch.no_grad():
+        kept = [int(slots.encode_visual(*map(list, zip(slots.processor.preprocess_clip(c)))).mask.sum()) for c in clips]
+    assert len(set(kept)) > 1  # the clips' texts differ in length
+    turns = [Turn("user", "<video>\nWhat happens?")]
+    scoring = [ScoringRequest(uid=f"s{k}", clip=c, turns=turns, continuations=["left", "a red circle"])
+               for k, c in enumerate(clips)]
+    alone = [slots.score_options([r])[0] for r in scoring]
+    assert all(np.allclose(a, b, atol=1e-4, rtol=0) for a, b in zip(slots.score_options(scoring), alone))
+    asking = [GenerationRequest(uid=f"g{k}", clip=c, turns=turns, max_new_tokens=5) for k, c in enumerate(clips)]
+    assert slots.generate_answers(asking) == [slots.generate_answers([r])[0] for r in asking]

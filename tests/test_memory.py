@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -83,7 +84,7 @@ def test_videochat_long_and_streaming_modes_agree(model, long_video):
         VideoChat(model).append_frames(next(chunks_of(long_video)))
 
 
-def test_word_slot_tracks_keep_every_frames_detections_and_a_fixed_slot(long_video):
+def test_word_slot_tracks_keep_every_frames_detections_and_a_fixed_slot(long_video, tmp_path):
     """A tracks-layout word-slot model reads a long video chunk by chunk: its memory holds every frame's detections
     (the same as the whole video's in one pass), its text is the one the connector writes for the whole video, its
     tokens fit the fixed slot, and streaming the last minute in gives the answer of loading it all."""
@@ -115,6 +116,16 @@ def test_word_slot_tracks_keep_every_frames_detections_and_a_fixed_slot(long_vid
         live.append_frames(part)
     live.reset()
     assert live.ask("What happens?") == expected
+
+    from evals.judges import build_judge
+    from evals.openqa import OpenQAItem, evaluate_openqa
+
+    items = [OpenQAItem(uid=f"q{k}", video=long_video, question=q, answer="a") for k, q in enumerate(["What happens?", "Why?"])]
+    result = evaluate_openqa(slots, items, build_judge("contains"), tmp_path / "openqa", max_new_tokens=4, batch_size=1,
+                             memory={"max_groups": 1, "fps": 1.0, "chunk_frames": 8}, progress=False)
+    assert result.counts["asked"] == 2 and result.settings["memory"]["chunk_frames"] == 8
+    preds = [json.loads(line) for line in (tmp_path / "openqa" / "predictions.jsonl").read_text().splitlines()]
+    assert preds[0]["pred"] == expected.strip()  # the memory path of the chat, through the harness
 
 
 def test_time_stamps_name_the_span_of_each_memory_group(long_video):

@@ -141,3 +141,10 @@ def test_drop_pruned_keeps_order_labels_and_the_padding_side():
     assert new_labels.tolist() == [[-100, -100, -100, -100, 6], [-100, -100, 8, 9, 10]]
     with pytest.raises(ValueError, match="6 visual positions, the keep mask 5"):
         drop_pruned(ids, attention, labels, keep[:5])
+    # rows of one length carry no padding to see: a generation batch says it is left-padded, so the row that
+    # loses more positions is padded on the left and still ends where its answer begins
+    same = torch.ones(2, 7, dtype=torch.long)
+    ids2 = torch.tensor([[5, v, v, v, 6, 7, 8], [5, v, v, v, 6, 7, 9]])
+    keep2 = torch.tensor([True, True, True, True, False, False])
+    assert drop_pruned(ids2, same, None, keep2, left=True)[0].tolist() == [[5, v, v, v, 6, 7, 8], [0, 0, 5, v, 6, 7, 9]]
+    assert drop_pruned(ids2, same, None, keep2)[0].tolist() == [[5, v, v, v, 6, 7, 8], [5, v, 6, 7, 9, 0, 0]]

@@ -269,7 +269,7 @@ class VideoLLM(ScoringMixin, nn.Module):
             tokens = self.encode_visual(batch.pixel_values, batch.timestamps, instruction, batch.features, batch.grids)
             visual = tokens.embeds.reshape(-1, tokens.embeds.shape[-1])  # [sum L, D]
             if tokens.mask is not None and not bool(tokens.mask.all()):
-                ids, attention, labels = drop_pruned(ids, attention, labels, tokens.mask)
+                ids, attention, labels = drop_pruned(ids, attention, labels, tokens.mask, batch.left_padded)
                 visual = visual[tokens.mask.reshape(-1)]
         if labels is not None:
             labels = labels.masked_fill(ids == VISUAL_TOKEN, IGNORE_INDEX)

@@ -46,6 +46,7 @@ class Batch:
     instruction_mask: torch.Tensor | None = None
     visual: list[torch.Tensor] = field(default_factory=list)  # ready visual tokens [L, D] (a long video's memory)
     regions: list[Any] = field(default_factory=list)  # per media sample, its per-frame annotations or None
+    left_padded: bool = False  # generation and scoring batches pad on the left (rows end where the answer begins)
 
     def to(self, device: torch.device | str) -> "Batch":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
@@ -53,7 +54,7 @@ class Batch:
                      [p.to(device) for p in self.pixel_values], [t.to(device) for t in self.timestamps],
                      [f.to(device) for f in self.features], list(self.grids),
                      move(self.instruction_ids), move(self.instruction_mask), [v.to(device) for v in self.visual],
-                     self.regions)
+                     self.regions, self.left_padded)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -191,6 +192,7 @@ class VideoLLMProcessor:
             grids=[e["grid"] for e in media if "features" in e],
             visual=[e["visual"] for e in encoded if "visual" in e],
             regions=[e.get("regions") for e in media] if any("regions" in e for e in media) else [],
+            left_padded=generation,
         )
         if instr:
             batch.instruction_ids = pad_sequences(instr, pad_id)
@@ -235,15 +237,18 @@ class VideoLLMProcessor:
 
 
 def drop_pruned(ids: torch.Tensor, attention: torch.Tensor, labels: torch.Tensor | None,
-                keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                keep: torch.Tensor, left: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Remove the visual positions a token reducer pruned from ids, attention and labels [B, S]; `keep` [n] says
-    per VISUAL_TOKEN position (in order) whether it stays. Rows are re-padded on the side they were padded on."""
+    per VISUAL_TOKEN position (in order) whether it stays. Rows are re-padded on the left when `left` (a generation
+    or scoring batch: `Batch.left_padded`), else on the right; None: on the side they were padded on (seen from
+    the attention mask, which cannot tell a batch of rows of one length)."""
     is_visual = ids == VISUAL_TOKEN
     if keep.numel() != int(is_visual.sum()):
         raise ValueError(f"the ids have {int(is_visual.sum())} visual positions, the keep mask {keep.numel()}")
     kept = attention.bool().clone()
     kept[is_visual] = keep.reshape(-1).to(kept.device)
-    left, width = bool(attention[:, 0].eq(0).any()), int(kept.sum(1).max())
+    left = bool(attention[:, 0].eq(0).any()) if left is None else left
+    width = int(kept.sum(1).max())
     new_ids, new_attention = ids.new_zeros(ids.shape[0], width), attention.new_zeros(ids.shape[0], width)  # pad: any id
     new_labels = None if labels is None else labels.new_full((ids.shape[0], width), IGNORE_INDEX)
     for i in range(ids.shape[0]):
