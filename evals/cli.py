@@ -182,7 +182,13 @@ def _report(args: argparse.Namespace) -> int:
     from evals.report import write_report
     from evals.results import EvalResult
 
-    path = write_report([EvalResult.load(p) for p in args.results], args.out)
+    results = [EvalResult.load(p) for p in args.results]
+    if args.names:
+        if len(args.names) != len(results):
+            raise SystemExit(f"--names: {len(args.names)} names for {len(results)} results files")
+        for result, name in zip(results, args.names):
+            result.model = name
+    path = write_report(results, args.out)
     print(f"report: {path}")
     return 0
 
@@ -296,7 +302,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                                                               "direction moving_count)")
     p.set_defaults(func=_probe)
 
-    p = sub.add_parser("report", help="markdown + PNG report from results.json files")
+    p = sub.add_parser("report", help="markdown + PNG report from results.json files (several multiple-choice runs "
+                                      "are also drawn side by side per task)")
     p.add_argument("results", nargs="+")
+    p.add_argument("--names", nargs="+", default=None, help="a name per results file, for the report and its charts")
     p.add_argument("--out", required=True)
     p.set_defaults(func=_report)

@@ -60,6 +60,41 @@ def bar_chart(values: dict[str, float | None], path: str | os.PathLike, *, title
     return path
 
 
+def compare_chart(series: dict[str, dict[str, float | None]], path: str | os.PathLike, *, title: str,
+                  chance: dict[str, float] | None = None) -> Path:
+    """Grouped bars: per task (x), one bar per run (the series' keys, in order), so runs are compared task by task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(t for values in series.values() for t in values))
+    width = 0.8 / max(1, len(series))
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.3 * len(tasks) * len(series) + 2.5), 4.8))
+    for i, (run, values) in enumerate(series.items()):
+        xs = [k + (i - (len(series) - 1) / 2) * width for k in range(len(tasks))]
+        heights = [values.get(t) or 0.0 for t in tasks]
+        bars = ax.bar(xs, heights, width=width, label=run)
+        for b, h in zip(bars, heights):
+            ax.annotate(f"{h:.0f}", (b.get_x() + b.get_width() / 2, h), ha="center", va="bottom", fontsize=6)
+    for k, t in enumerate(tasks):
+        if chance and chance.get(t) is not None:
+            ax.hlines(chance[t], k - 0.45, k + 0.45, colors="#C44E52", linestyles="--", linewidth=1.2,
+                      label="chance" if k == 0 else None)
+    ax.set_xticks(range(len(tasks)))
+    ax.set_xticklabels(tasks, rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 125)  # room for the legend above 100%
+    ax.legend(fontsize=7, ncol=min(4, len(series) + 1), loc="upper right")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def chart_for(result: EvalResult, path: str | os.PathLike) -> Path | None:
     """The per-task (mcq), per-class (classify) or per-direction (retrieval) chart of one result."""
     tag = (result.profile or {}).get("name") or (result.judge or {}).get("id") or ""
@@ -117,6 +152,12 @@ def markdown(results: Sequence[EvalResult], charts: Sequence[Path | None] = ()) 
     return "\n".join(lines)
 
 
+def _label(result: EvalResult, index: int) -> str:
+    """A short name for a run in a comparison: the model folder's last parts (or its recorded name)."""
+    parts = [p for p in Path(str(result.model)).parts if p != "final"]
+    return "/".join(parts[-2:]) or f"run {index + 1}"
+
+
 def write_report(results: Sequence[EvalResult], out_dir: str | os.PathLike, name: str = "report") -> Path:
     """Write `name`.md and one chart per result (per_task.png for a single result) into `out_dir`."""
     out = Path(out_dir)
@@ -129,6 +170,16 @@ def write_report(results: Sequence[EvalResult], out_dir: str | os.PathLike, name
         except Exception as e:  # noqa: BLE001  (a chart must never lose the numbers)
             log.warning("chart for %s failed: %s", r.task_type, e)
             charts.append(None)
+    text = markdown(results, charts)
+    mcq = [r for r in results if r.task_type == "mcq" and r.per_task]
+    if len(mcq) > 1:  # several runs on a benchmark: one chart that compares them task by task
+        series: dict[str, dict[str, float | None]] = {}
+        for i, r in enumerate(mcq):
+            label = _label(r, i)
+            series[label if label not in series else f"{label} ({i + 1})"] = {t: v["accuracy"] for t, v in r.per_task.items()}
+        chance = {t: v["chance"] for r in mcq for t, v in r.per_task.items()}
+        png = compare_chart(series, out / f"{name}_per_task.png", title="per-task accuracy", chance=chance)
+        text = text.replace("\n", f"\n\n![per-task accuracy of each run]({png.name})\n", 1)
     path = out / f"{name}.md"
-    path.write_text(markdown(results, charts), encoding="utf-8")
+    path.write_text(text, encoding="utf-8")
     return path

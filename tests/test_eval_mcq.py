@@ -12,6 +12,7 @@ import pytest
 import evals.mcq as mcq
 from evals.mcq import evaluate_mcq
 from evals.profiles import check_ans, lmms_eval_extract, mvbench_turns, parse_lmms_eval, parse_mvbench
+from evals.report import write_report
 from evals.results import EvalResult
 from tests.eval_helpers import ScriptedModel, make_bench
 from vlm.data.mvbench import LETTERS, load_mvbench
@@ -146,6 +147,28 @@ def test_results_file_chart_and_report(bench, truth, tmp_path):
     assert (tmp_path / "per_task.png").stat().st_size > 1000
     report = (tmp_path / "report.md").read_text()
     assert "accuracy_mean_over_tasks" in report and "Moving Direction" in report
+
+
+def test_report_compares_runs_task_by_task(bench, truth, tmp_path):
+    """Two runs on one benchmark: the report draws them side by side per task and links the picture."""
+    evaluate_mcq(ScriptedModel(lambda r: "B) x"), bench, tmp_path / "a", profile="mvbench", progress=False)
+    evaluate_mcq(ScriptedModel(lambda r: answer_as("mvbench", truth[r.uid])), bench, tmp_path / "b",
+                 profile="mvbench", progress=False)
+    runs = [EvalResult.load(tmp_path / x / "results.json") for x in "ab"]
+    assert runs[1].metrics["accuracy_over_questions"] > runs[0].metrics["accuracy_over_questions"]
+    report = write_report(runs, tmp_path / "cmp").read_text()
+    assert (tmp_path / "cmp" / "report_per_task.png").stat().st_size > 1000
+    assert "](report_per_task.png)" in report.splitlines()[2]
+    from vlm.cli import main
+
+    assert main(["eval", "report", *(str(tmp_path / x / "results.json") for x in "ab"), "--names", "always B",
+                 "right", "--out", str(tmp_path / "cli")]) == 0
+    assert "## mcq: always B" in (tmp_path / "cli" / "report.md").read_text()
+    with pytest.raises(SystemExit, match="2 results"):
+        main(["eval", "report", *(str(tmp_path / x / "results.json") for x in "ab"), "--names", "one",
+              "--out", str(tmp_path / "cli")])
+    write_report(runs[:1], tmp_path / "one")
+    assert not (tmp_path / "one" / "report_per_task.png").exists()  # one run: its own chart only
 
 
 def test_official_prompt_and_parsing_rules():
