@@ -27,65 +27,41 @@ def _fmt(v: Any) -> str:
 def bar_chart(values: dict[str, float | None], path: str | os.PathLike, *, title: str, ylabel: str = "accuracy (%)",
               chance: dict[str, float] | None = None, ymax: float | None = 100.0) -> Path:
     """A bar per key; `chance` draws a red dash at each bar's chance level (labelled once in the legend)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(values)
-    heights = [values[n] if values[n] is not None else 0.0 for n in names]
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(names) + 2.0), 4.5))
-    xs = list(range(len(names)))
-    bars = ax.bar(xs, heights, color="#4C72B0", label="model")
-    for b, n in zip(bars, names):
-        label = "n/a" if values[n] is None else f"{values[n]:.1f}"
-        ax.annotate(label, (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=7)
-    if chance:
-        for i, n in enumerate(names):
-            if n in chance and chance[n] is not None:
-                ax.hlines(chance[n], i - 0.45, i + 0.45, colors="#C44E52", linestyles="--", linewidth=1.5,
-                          label="chance" if i == 0 else None)
-        ax.legend(loc="upper right", fontsize=8)
-    ax.set_xticks(xs)
-    ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
-    ax.set_ylabel(ylabel)
-    if ymax is not None:
-        ax.set_ylim(0, ymax * 1.08)
-    ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return compare_chart({"model": values}, path, title=title, ylabel=ylabel, chance=chance, ymax=ymax)
 
 
 def compare_chart(series: dict[str, dict[str, float | None]], path: str | os.PathLike, *, title: str,
-                  chance: dict[str, float] | None = None) -> Path:
-    """Grouped bars: per task (x), one bar per run (the series' keys, in order), so runs are compared task by task."""
+                  ylabel: str = "accuracy (%)", chance: dict[str, float] | None = None,
+                  ymax: float | None = 100.0) -> Path:
+    """Grouped bars: per key (x, e.g. a task), one bar per series (e.g. a run, in order), so runs are compared key
+    by key; one series is a plain bar chart. Missing values are drawn as empty bars marked "n/a"."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = list(dict.fromkeys(t for values in series.values() for t in values))
-    width = 0.8 / max(1, len(series))
-    fig, ax = plt.subplots(figsize=(max(7.0, 0.3 * len(tasks) * len(series) + 2.5), 4.8))
+    names = list(dict.fromkeys(n for values in series.values() for n in values))
+    one = len(series) == 1
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(max(6.0, (0.55 if one else 0.3 * len(series)) * len(names) + 2.0), 4.5))
     for i, (run, values) in enumerate(series.items()):
-        xs = [k + (i - (len(series) - 1) / 2) * width for k in range(len(tasks))]
-        heights = [values.get(t) or 0.0 for t in tasks]
-        bars = ax.bar(xs, heights, width=width, label=run)
-        for b, h in zip(bars, heights):
-            ax.annotate(f"{h:.0f}", (b.get_x() + b.get_width() / 2, h), ha="center", va="bottom", fontsize=6)
-    for k, t in enumerate(tasks):
-        if chance and chance.get(t) is not None:
-            ax.hlines(chance[t], k - 0.45, k + 0.45, colors="#C44E52", linestyles="--", linewidth=1.2,
-                      label="chance" if k == 0 else None)
-    ax.set_xticks(range(len(tasks)))
-    ax.set_xticklabels(tasks, rotation=45, ha="right", fontsize=8)
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 125)  # room for the legend above 100%
-    ax.legend(fontsize=7, ncol=min(4, len(series) + 1), loc="upper right")
+        xs = [k + (i - (len(series) - 1) / 2) * width for k in range(len(names))]
+        bars = ax.bar(xs, [values.get(n) or 0.0 for n in names], width=width, label=run, color="#4C72B0" if one else None)
+        for b, n in zip(bars, names):
+            v = values.get(n)
+            ax.annotate("n/a" if v is None else f"{v:.1f}" if one else f"{v:.0f}",
+                        (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=7 if one else 6)
+    dashed = [(k, chance[n]) for k, n in enumerate(names) if chance and chance.get(n) is not None]
+    for j, (k, level) in enumerate(dashed):
+        ax.hlines(level, k - 0.45, k + 0.45, colors="#C44E52", linestyles="--", linewidth=1.5,
+                  label="chance" if j == 0 else None)
+    if dashed or not one:
+        ax.legend(loc="upper right", fontsize=8 if one else 7, ncol=1 if one else min(4, len(series) + 1))
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    if ymax is not None:
+        ax.set_ylim(0, ymax * (1.08 if one else 1.25))  # several runs: room for the legend above the bars
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     path = Path(path)
