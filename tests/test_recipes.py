@@ -14,7 +14,7 @@ from vlm.train.engine import run_recipe
 from vlm.train.recipe import RecipeError, load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPES = ["quickstart", "oracle_text", "llava_video_mlp", "videollama2_stc", "videollama1_qformer", "lora_connector"]
+RECIPES = ["quickstart", "synth_long", "oracle_text", "llava_video_mlp", "videollama2_stc", "videollama1_qformer", "lora_connector"]
 TINY_CONNECTOR = {  # same connector family as the recipe, tiny widths
     "qformer": {"name": "qformer", "num_queries": 4, "hidden_size": 32, "num_layers": 2, "num_heads": 4, "temporal_layers": 1},
     "stc": {"name": "stc", "downsample": [2, 2, 2], "depth": 1, "hidden_size": 32},
@@ -70,7 +70,7 @@ def test_recipe_trains_with_tiny_overrides(name, data, tmp_path):
     if conn["name"] in TINY_CONNECTOR:
         overrides.append(f"model.connector={json.dumps(TINY_CONNECTOR[conn['name']] | {'reduce': conn.get('reduce', [])})}")
     for i in range(len(recipe.stages)):
-        if name in ("quickstart", "oracle_text"):  # their data comes from `vlm data synth`; use the tiny files
+        if name in ("quickstart", "synth_long", "oracle_text"):  # their data comes from `vlm data synth`; use the tiny files
             tiny_file = (data["instruct"] if i == len(recipe.stages) - 1
                          else data["regions"] if recipe.stages[i].objective == "slots" else data["captions"])
             overrides.append(f"stages.{i}.data.mixture={json.dumps([{'path': str(tiny_file)}])}")
