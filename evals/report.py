@@ -154,8 +154,11 @@ def write_report(results: Sequence[EvalResult], out_dir: str | os.PathLike, name
             label = _label(r, i)
             series[label if label not in series else f"{label} ({i + 1})"] = {t: v["accuracy"] for t, v in r.per_task.items()}
         chance = {t: v["chance"] for r in mcq for t, v in r.per_task.items()}
-        png = compare_chart(series, out / f"{name}_per_task.png", title="per-task accuracy", chance=chance)
-        text = text.replace("\n", f"\n\n![per-task accuracy of each run]({png.name})\n", 1)
+        try:
+            png = compare_chart(series, out / f"{name}_per_task.png", title="per-task accuracy", chance=chance)
+            text = text.replace("\n", f"\n\n![per-task accuracy of each run]({png.name})\n", 1)
+        except Exception as e:  # noqa: BLE001  (as above)
+            log.warning("the comparison chart failed: %s", e)
     path = out / f"{name}.md"
     path.write_text(text, encoding="utf-8")
     return path
