@@ -5,8 +5,10 @@
 For a model whose connector is `word_slots`, every record of `data` that carries `regions` (vlm.data.regions) is
 read at the model's frames; the heads' choices are compared with the annotation nearest each frame. Metrics (in
 percent): object-centre precision and recall over cells, and for each object attribute the accuracy at the cells
-that truly hold an object (so a colour is scored even where the centre was missed), and each scene attribute's
-accuracy per frame. The numbers say whether the words the LLM reads are right, separately from whether the LLM
+that truly hold an object (so a colour is scored even where the centre was missed), each scene attribute's
+accuracy per frame, and what the LLM is given: `count_accuracy` (frames where as many objects are named as there
+are, up to the connector's slots) and `named_precision` / `named_recall` (named objects whose identity, e.g.
+"red circle", is one of the frame's, over those named / over those there). The numbers say whether the words the LLM reads are right, separately from whether the LLM
 uses them (`vlm eval reliance`) and answers well (`vlm eval mcq`).
 """
 
@@ -32,6 +34,10 @@ def slot_metrics(counts: dict[str, int]) -> dict[str, float]:
     """Percentages from summed `WordSlots.slot_counts`."""
     tp, fp, fn = (counts[k] for k in ("objects_true_positive", "objects_false_positive", "objects_missed"))
     out = {"object_precision": 100.0 * tp / max(1, tp + fp), "object_recall": 100.0 * tp / max(1, tp + fn)}
+    if counts.get("frames"):
+        out["count_accuracy"] = 100.0 * counts["frames_count_right"] / counts["frames"]
+        out["named_precision"] = 100.0 * counts["named_right"] / max(1, counts["named"])
+        out["named_recall"] = 100.0 * counts["named_right"] / max(1, counts["named_true"])
     for key in counts:
         if key.endswith("_correct"):
             name = key[: -len("_correct")]
@@ -94,7 +100,7 @@ def evaluate_slots(model: Any, data: str | Path, out_dir: str | Path | None = No
         metrics=slot_metrics(totals),
         counts={"asked": scored + len(bad), "scored": scored, "skipped": len(bad), "skipped_reasons": bad,
                 "cells": totals, "elapsed_seconds": time.time() - t0},
-        settings={"num_frames": frames, "sampling": sampling, "threshold": connector.threshold},
+        settings={"num_frames": frames, "sampling": sampling, "threshold": connector.threshold, "nms": connector.nms},
     )
     if out_dir is not None:
         result.save(Path(out_dir) / "results.json")

@@ -307,6 +307,19 @@ def test_words_objective_stage_trains_the_connector_through_the_engine(data, tmp
     assert all(torch.equal(llm_before[k], llm_after[k]) for k in llm_before)
 
 
+def test_a_recipe_edited_after_a_stage_finished_keeps_its_new_settings(data, tmp_path, caplog):
+    """Rerunning a recipe reuses its finished stages; settings edited since (they change no weights) still reach the
+    next stage's model instead of being silently replaced by the finished stage's."""
+    raw = tiny_recipe(data, tmp_path / "run", max_steps=1)
+    run_recipe(parse_recipe({**raw, "stages": raw["stages"][:1]}))
+    raw["model"].update(max_length=200, system_prompt="Look closely.")
+    with caplog.at_level("INFO", logger="vlm.train.engine"):
+        saved = VideoLLM.from_pretrained(run_recipe(parse_recipe(raw)))
+    assert "already trained" in caplog.text and "changes settings" in caplog.text
+    assert saved.processor.max_length == 200 and saved.config.system_prompt == "Look closely."
+    assert VideoLLM.from_pretrained(tmp_path / "run" / "1-align" / "final").processor.max_length != 200
+
+
 def test_init_from_starts_the_first_stage_from_a_saved_model(data, tmp_path):
     """`init_from: FOLDER` (no `model` section): stage 1 starts from that model, as a later stage starts from the
     one before; its trained parts move on from the saved weights, the config is the saved one."""

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from vlm.data.conversation import resolve_media
 from vlm.data.dataset import BatchPlan, ConversationDataset, MixtureItem, load_mixture, subsample
 from vlm.data.stream import is_streamed, streamed_data
-from vlm.model import PARTS, VideoLLM
+from vlm.model import PARTS, SETTINGS, VideoLLM
 from vlm.train.feature_cache import FeatureCache, clip_key, tower_fingerprint
 from vlm.train.loop import Run, build_accelerator, setup, train
 from vlm.train.metrics import plot_loss_curves
@@ -46,6 +46,24 @@ def make_optimizer(model: VideoLLM, stage: StageSpec) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, betas=(0.9, 0.999))
 
 
+def recipe_settings(recipe: Recipe, model: VideoLLM) -> dict[str, Any]:
+    """The settings (config fields that change no weights) a stage's starting model takes from the recipe: all of
+    the model block when the recipe starts from a saved model (`init_from`); otherwise those of the recipe's
+    model that differ from the previous stage's saved config (a recipe edited after that stage finished: the
+    stage is reused, the edit is not lost)."""
+    if recipe.init_from is not None:
+        return recipe.model
+    changed = {k: recipe.model[k] for k in SETTINGS
+               if k != "connector" and k in recipe.model and recipe.model[k] != getattr(model.config, k)}
+    connector = {k: v for k, v in recipe.model.get("connector", {}).items()
+                 if k in model.connector.settings and model.config.connector.get(k) != v}
+    if connector:
+        changed["connector"] = connector
+    if changed:
+        log.info("the recipe changes settings of the previous stage's model: %s", changed)
+    return changed
+
+
 def stage_model(recipe: Recipe, index: int, init_from: Path | None) -> VideoLLM:
     """Stage `index`'s starting model (the previous stage's output, or built from the recipe with the stage's
     seed) with its modes set."""
@@ -60,8 +78,7 @@ def stage_model(recipe: Recipe, index: int, init_from: Path | None) -> VideoLLM:
         model = VideoLLM.from_config(recipe.model_config())
     else:
         model = VideoLLM.from_pretrained(init_from)
-        if recipe.init_from is not None:
-            model.apply_settings(recipe.model)  # a saved model's settings changed by the recipe (a token budget, ...)
+        model.apply_settings(recipe_settings(recipe, model))
     model.config.num_frames = stage.data.frames
     model.config.sampling = stage.data.sampling
     for part in PARTS:
