@@ -100,7 +100,7 @@ def evaluate_slots(model: Any, data: str | Path, out_dir: str | Path | None = No
         metrics=slot_metrics(totals),
         counts={"asked": scored + len(bad), "scored": scored, "skipped": len(bad), "skipped_reasons": bad,
                 "cells": totals, "elapsed_seconds": time.time() - t0},
-        settings={"num_frames": frames, "sampling": sampling, "threshold": connector.threshold, "nms": connector.nms},
+        settings={"num_frames": frames, "sampling": sampling, "threshold": connector.threshold},
     )
     if out_dir is not None:
         result.save(Path(out_dir) / "results.json")

@@ -89,10 +89,7 @@ class WordSlots(Connector):
     silent: words the heads choose but never write (e.g. "still": an object without a motion word is still),
     which keeps the visual tokens to what is worth reading;
     slots: objects named per frame at most; position: the row and column words (null: no position words);
-    threshold: the centre probability above which a cell holds an object; nms: keep a cell only when no cell of
-    its 3x3 neighbourhood is more likely (one object straddling two cells is then named once); spread: the heads
-    learn an object's attributes at the cells within this many rows and columns of its centre's cell too (each cell
-    goes to the nearest centre), so a detection one cell off still reads them; hidden: the heads' width;
+    threshold: the centre probability above which a cell holds an object; hidden: the heads' width;
     layout: "frames" (each frame's words in turn) or "tracks" (one sentence per object over time, in a slot of as
     many tokens as the frames layout's; the heads and their training are the same);
     text_tokens: the tracks layout's slot, whatever the number of frames (a fixed budget for long videos: the
@@ -103,7 +100,7 @@ class WordSlots(Connector):
                  objects: Mapping[str, Sequence[str]] | None = None,
                  motion: Mapping[str, Sequence[str]] | None = None, silent: Sequence[str] = (), slots: int = 3,
                  position: Sequence[Sequence[str]] | None = POSITION, threshold: float = 0.5, hidden: int = 256,
-                 layout: str = "frames", text_tokens: int | None = None, nms: bool = False, spread: int = 0):
+                 layout: str = "frames", text_tokens: int | None = None):
         super().__init__(in_dim, out_dim, reducers)
         self.scene_vocab = {k: list(v) for k, v in (scene or {}).items()}
         self.object_vocab = {k: list(v) for k, v in (objects or {}).items()}
@@ -114,9 +111,6 @@ class WordSlots(Connector):
             raise ValueError("word_slots: 'position' is [row words, column words] (or null)")
         self.position = [list(p) for p in position] if position is not None else []
         self.slots = int(slots)
-        self.spread = int(spread)
-        if self.spread < 0:
-            raise ValueError(f"word_slots: spread ({spread}) is a number of cells, 0 or more")
         # every word once, by group: scene attributes, object attributes, motion attributes, then rows and columns
         self.groups = [*self.scene_vocab.values(), *self.object_vocab.values(), *self.motion_vocab.values(),
                        *self.position]
@@ -125,7 +119,7 @@ class WordSlots(Connector):
         self.silent = [str(w) for w in silent]
         if not set(self.silent) <= set(self.words):
             raise ValueError(f"word_slots: silent words {sorted(set(self.silent) - set(self.words))} are not in its vocabulary")
-        self.configure(layout=layout, text_tokens=text_tokens, threshold=threshold, nms=nms)
+        self.configure(layout=layout, text_tokens=text_tokens, threshold=threshold)
         self.head = SlotHead(in_dim, sum(len(g) for g in self.object_vocab.values()),
                              sum(len(g) for g in self.scene_vocab.values()), hidden)
         if self.motion_vocab:
@@ -136,7 +130,7 @@ class WordSlots(Connector):
         self._tokenizer: list[Any] = []
         self.truncated = 0  # clips whose tracks text was cut to the token budget
 
-    settings = ("layout", "text_tokens", "threshold", "nms")
+    settings = ("layout", "text_tokens", "threshold")
 
     def configure(self, **values: Any) -> None:
         layout = values.get("layout", getattr(self, "layout", "frames"))
@@ -150,18 +144,6 @@ class WordSlots(Connector):
         self.layout = layout
         self.text_tokens = None if text_tokens is None else int(text_tokens)
         self.threshold = float(values.get("threshold", getattr(self, "threshold", 0.5)))
-        self.nms = bool(values.get("nms", getattr(self, "nms", False)))
-
-    def centre_prob(self, found: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
-        """Object-centre probabilities [B, T, N] from the centre logits; with `nms`, zero where a cell of the 3x3
-        neighbourhood is more likely."""
-        prob = found.float().sigmoid()
-        if not self.nms:
-            return prob
-        b, t, n = prob.shape
-        grid2d = prob.reshape(b * t, 1, grid[1], grid[2])
-        peak = F.max_pool2d(grid2d, 3, stride=1, padding=1)
-        return torch.where(grid2d >= peak, grid2d, torch.zeros_like(grid2d)).reshape(b, t, n)
 
     # ---------------------------------------------------------------- assembly
     def attach_llm(self, embeddings: nn.Embedding, tokenizer: Any) -> None:
@@ -202,7 +184,7 @@ class WordSlots(Connector):
         b, t, n = found.shape
         scene = torch.stack([logits.argmax(-1) + self.offsets[g] for g, logits in enumerate(scene_logits)], -1) \
             if scene_logits else found.new_zeros(b, t, 0, dtype=torch.long)
-        prob, cells = self.centre_prob(found, feats.grid).topk(min(self.slots, n), -1)  # [B, T, k]
+        prob, cells = found.sigmoid().topk(min(self.slots, n), -1)  # [B, T, k]
         keep = prob > self.threshold
         order = torch.where(keep, cells, cells + n).argsort(-1)  # kept ones first, in reading order
         cells, keep = cells.gather(-1, order), keep.gather(-1, order)
@@ -342,9 +324,8 @@ class WordSlots(Connector):
 
     def slot_targets(self, feats: VisualFeatures, regions: Sequence[Sequence[dict[str, Any]]]) -> dict[str, torch.Tensor]:
         """Each clip's annotations at its frames' timestamps, on the features' grid: "found" [B, T, N] (1 where a
-        cell holds an object's centre), "objects" [A, B, T, N] (each object then motion attribute's word index at
-        the centre's cell and, with `spread`, at the cells around it nearest to that centre; -100 elsewhere),
-        "scene" [S, B, T] (each scene attribute's word index)."""
+        cell holds an object's centre), "objects" [A, B, T, N] (each object then motion attribute's word index
+        there, -100 elsewhere), "scene" [S, B, T] (each scene attribute's word index)."""
         if feats.timestamps is None:
             raise ValueError("word_slots: annotations are matched to frames by timestamp, and these features have none")
         b, t, n = feats.tokens.shape[:3]
@@ -357,17 +338,9 @@ class WordSlots(Connector):
             for j, frame in enumerate(nearest_frames(clip, feats.timestamps[i].tolist())):
                 for a, (attr, vocab) in enumerate(self.scene_vocab.items()):
                     scene[a, i, j] = vocab.index(frame["scene"][attr])
-                nearest: dict[int, tuple[float, dict[str, Any]]] = {}  # cell -> (distance in cells, object)
                 for obj in frame.get("objects", []):
                     c = cell_of(obj["center"], h, w)
                     found[i, j, c] = 1
-                    x, y = obj["center"][0] * w, obj["center"][1] * h
-                    for r in range(max(0, c // w - self.spread), min(h, c // w + self.spread + 1)):
-                        for q in range(max(0, c % w - self.spread), min(w, c % w + self.spread + 1)):
-                            d = -1.0 if r * w + q == c else (r + 0.5 - y) ** 2 + (q + 0.5 - x) ** 2
-                            if r * w + q not in nearest or d < nearest[r * w + q][0]:
-                                nearest[r * w + q] = (d, obj)
-                for c, (_, obj) in nearest.items():
                     for a, (attr, vocab) in enumerate(attributes.items()):
                         objects[a, i, j, c] = vocab.index(obj[attr])
         dev = feats.tokens.device
@@ -401,9 +374,8 @@ class WordSlots(Connector):
                 loss = loss + F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
         for logits, y in zip(scenes, target["scene"]):
             loss = loss + F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
-        taught = target["objects"][0] >= 0 if len(target["objects"]) else target["found"] > 0
-        if self.motion_vocab and bool(taught.any()):  # only where objects are: a few cells per frame
-            b, t, c = taught.nonzero(as_tuple=True)
+        if self.motion_vocab and bool(target["found"].any()):  # only where objects are: a few cells per frame
+            b, t, c = target["found"].nonzero(as_tuple=True)
             for logits, y in zip(self.motion_logits(feats, b, t, c), target["objects"][len(self.object_vocab):]):
                 loss = loss + F.cross_entropy(logits.float(), y[b, t, c])
         return loss
@@ -418,7 +390,7 @@ class WordSlots(Connector):
         feats = self.reduced(feats)
         target = self.slot_targets(feats, regions)
         found, objects, scenes = self.split_logits(feats)
-        pred, real = self.centre_prob(found, feats.grid) > self.threshold, target["found"] > 0
+        pred, real = found.sigmoid() > self.threshold, target["found"] > 0
         counts = {"objects_true_positive": int((pred & real).sum()), "objects_false_positive": int((pred & ~real).sum()),
                   "objects_missed": int((~pred & real).sum())}
         for name, logits, y in zip(self.object_vocab, objects, target["objects"]):
