@@ -76,11 +76,12 @@ def plot(variants: list[dict], mean_frame: dict[str, str], path: Path) -> None:
     ax.set_xticklabels([f"{t}\n({'temporal' if mean_frame.get(t) == 'no' else 'partly static'})" for t in tasks],
                        rotation=35, ha="right", fontsize=8)
     ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 100)
+    ax.set_ylim(0, 118)
+    ax.set_yticks(range(0, 101, 20))
     n = sum(mean_frame.get(t) == "no" for t in tasks)
     ax.axvline(n - 0.5, color="black", linewidth=0.8)
     ax.set_title("Held-out synthetic MVBench: word slots per frame vs the same connector on the frame average (same budget)")
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=8, loc="upper center", ncol=3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -159,7 +160,7 @@ def main() -> None:
     body = (
         f"Measured {time.strftime('%Y-%m-%d')} by `scripts/bench_quickstart.py` (load average {load:.1f} at the end). "
         f"Same recipe (`{args.recipe}`{', ' + ', '.join(args.set) if args.set else ''}), data (`{data}`), steps, "
-        f"batches and seeds; the baseline adds `{FRAME_AVG.split('=', 1)[1]}`. Profile `{args.profile}`, "
+        f"batches and seeds; the baseline adds `{FRAME_AVG}`. Profile `{args.profile}`, "
         f"{variants[0]['result'].counts.get('scored', '?')} held-out questions.\n"
         + "\n".join(lines) + "\n\n" + "\n".join(rows) + "\n\n"
         f"![per task]({os.path.relpath(png, ROOT / 'docs')})\n\n"
