@@ -8,8 +8,8 @@ percent): object-centre precision and recall over cells, and for each object att
 that truly hold an object (so a colour is scored even where the centre was missed), each scene attribute's
 accuracy per frame, and what the LLM is given: `count_accuracy` (frames where as many objects are named as there
 are, up to the connector's slots) and `named_precision` / `named_recall` (named objects whose identity, e.g.
-"red circle", is one of the frame's, over those named / over those there). The numbers say whether the words the LLM reads are right, separately from whether the LLM
-uses them (`vlm eval reliance`) and answers well (`vlm eval mcq`).
+"red circle", is one of the frame's, over those named / over those there). The numbers say whether the words the
+LLM reads are right, separately from whether the LLM uses them (`vlm eval reliance`) and answers well (`vlm eval mcq`).
 """
 
 from __future__ import annotations
