@@ -53,12 +53,17 @@ def main() -> int:
     timings: dict[str, float] = {}
 
     from data_tools.synth import generate
+    from data_tools.synth.generate import FORMAT_VERSION
     from vlm.train.engine import run_recipe
     from vlm.train.recipe import load_recipe
 
     data = Path(args.data)
     t = time.time()
-    if not (data / "summary.json").is_file() or not (data / "regions_train.json").is_file():
+    summary = data / "summary.json"
+    written = json.loads(summary.read_text()).get("format_version") if summary.is_file() else None
+    if written != FORMAT_VERSION:  # missing, or written by an older generator (other per-frame words)
+        if written is not None:
+            print(f"{data} was written by format {written} of the generator; rewriting it as format {FORMAT_VERSION}")
         generate(data, args.num, seed=0, frames=16, size=128)
     timings["data"] = time.time() - t
 

@@ -36,6 +36,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from data_tools.synth.generate import seen_background  # noqa: E402
 from data_tools.synth.world import BG_KINDS, BG_TONES, COLORS, SHAPES, SIZES  # noqa: E402
 from vlm.connectors.base import Connector, VisualTokens, register_connector  # noqa: E402
 from vlm.connectors.reduce import masked_avg_pool2d  # noqa: E402
@@ -63,7 +64,7 @@ def frame_truth(meta: dict, k: int) -> np.ndarray:
     """Frame k of a clip as [GRID * GRID, channels] of ground truth."""
     cell = meta["size"] / GRID
     out = np.zeros((GRID, GRID, BACKGROUND_CHANNELS + OBJECT_CHANNELS), np.float32)
-    background = meta["background"]
+    background = seen_background(meta, k)
     out[:, :, BG_KINDS.index(background["kind"])] = 1
     for tone in background["tones"]:
         out[:, :, len(BG_KINDS) + TONES.index(tone)] = 1

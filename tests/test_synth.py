@@ -255,9 +255,9 @@ def test_ground_truth_matches_decoded_pixels(out: Path) -> None:
 
 
 def test_regions_are_the_ground_truth_in_the_quickstart_words(out: Path) -> None:
-    """Every clip's per-frame annotations: the frame's time, the background's first tone, each object drawn at half
-    opacity or more at its centre; in the vocabulary of recipes/quickstart.yaml's word_slots connector (a colour,
-    shape or tone added to the world without the recipe fails here)."""
+    """Every clip's per-frame annotations: the frame's time, the background seen then (its tones and pattern), each
+    object drawn at half opacity or more at its centre; in the vocabulary of recipes/quickstart.yaml's word_slots
+    connector (a colour, shape or tone added to the world without the recipe fails here)."""
     import yaml
 
     from vlm.data import parse_record
@@ -273,7 +273,12 @@ def test_regions_are_the_ground_truth_in_the_quickstart_words(out: Path) -> None
         m = metas[r["video"]]
         assert [f["t"] for f in r["regions"]] == [round(k / m["fps"], 4) for k in range(FRAMES)]
         for k, frame in enumerate(r["regions"]):
-            assert frame["scene"]["tone"] == m["background"]["tones"][0]
+            bg = m["background"]
+            change = [e for e in m["events"] if e["type"] == "background_change"]
+            if change and k >= change[0]["start_frame"] + (change[0]["end_frame"] - change[0]["start_frame"]) // 2:
+                bg = m["background_after"]  # the new one from the middle of the cross-fade (a cut: at once)
+            assert frame["scene"] == {"tone": bg["tones"][0], "tone2": (bg["tones"] + ["none"])[1],
+                                      "pattern": {"noise": "noisy", "stripes": "striped"}.get(bg["kind"], bg["kind"])}
             drawn = [o for o in m["objects"] if o["track"]["visible"][k] and o["track"]["opacity"][k] >= 0.5]
             assert [(f["color"], f["shape"]) for f in frame["objects"]] == [(o["track"]["color"][k], o["shape"]) for o in drawn]
             for f, o in zip(frame["objects"], drawn):

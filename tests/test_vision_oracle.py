@@ -89,10 +89,11 @@ def test_literal_slots_write_one_word_per_token_for_what_is_there(world):
 
 def test_word_slot_targets_match_the_truth_towers_object_cells(world):
     """The quickstart's word_slots heads are trained on targets (from `vlm data synth`'s regions) that put each
-    visible object in the cell the vision oracle puts it, with its colour and shape, and the frame's first tone."""
+    visible object in the cell the vision oracle puts it, with its colour and shape, and the frame's background
+    words."""
     import yaml
 
-    from data_tools.synth.generate import frame_regions
+    from data_tools.synth.generate import frame_regions, scene_words
     from vlm.connectors.words import WordSlots
     from vlm.towers.base import VisualFeatures
 
@@ -103,7 +104,7 @@ def test_word_slot_targets_match_the_truth_towers_object_cells(world):
     feats = VisualFeatures(torch.zeros(1, 4, vo.GRID * vo.GRID, 4), (4, vo.GRID, vo.GRID),
                            timestamps=torch.tensor(indices / meta["fps"])[None])
     target = slots.slot_targets(feats, [frame_regions(meta)])
-    found, (color, shape), (tone,) = target["found"][0], target["objects"][:, 0], target["scene"][:, 0]
+    found, (color, shape), scene = target["found"][0], target["objects"][:, 0], target["scene"][:, 0]
     for j, k in enumerate(indices):
         truth = vo.frame_truth(meta, int(k))
         colors = truth[:, vo.BACKGROUND_CHANNELS:vo.BACKGROUND_CHANNELS + len(vo.COLOR_NAMES)]
@@ -114,4 +115,5 @@ def test_word_slot_targets_match_the_truth_towers_object_cells(world):
             assert colors[c, vo.COLOR_NAMES.index(cfg["objects"]["color"][color[j, c]])] >= 1
             assert truth[c, vo.BACKGROUND_CHANNELS + len(vo.COLOR_NAMES) + vo.SHAPE_NAMES.index(cfg["objects"]["shape"][shape[j, c]])] >= 1
         assert int((color[j] >= 0).sum()) == len(cells)
-    assert (tone == cfg["scene"]["tone"].index(meta["background"]["tones"][0])).all()
+    for a, (attr, words) in enumerate(cfg["scene"].items()):  # the background seen in each frame
+        assert scene[a].tolist() == [words.index(scene_words(meta, int(k))[attr]) for k in indices]

@@ -192,3 +192,25 @@ def test_a_pooling_budget_drops_frames_for_word_slots_instead_of_blurring_their_
     model.apply_settings({"token_budget": {"max_tokens": 2 * per_frame, "policy": "pool"}})
     assert model.budget.grid((4, 4, 4), model.connector) == (2, 4, 4)
     assert model.num_visual_tokens(4) == 2 * per_frame
+
+
+@pytest.mark.parametrize("grid", [1, 2])
+def test_scene_grid_lets_the_scene_head_tell_where_a_tone_is(grid):
+    """A frame bright on the left and its mirror image have the same mean and spread over cells: only a head that
+    also reads the frame's regions (`scene_grid` 2) can learn which is which (a gradient's first tone)."""
+    from vlm.connectors.words import SlotHead
+
+    torch.manual_seed(0)
+    left = torch.zeros(4, 4, 3)
+    left[:, :2] = torch.tensor([1.0, -1.0, 0.5])
+    frames = torch.stack([left, left.flip(1)]).reshape(1, 2, 16, 3)  # [B=1, T=2, N=16, C]
+    head = SlotHead(3, object_classes=1, scene_classes=2, hidden=16, scene_grid=grid)
+    opt = torch.optim.Adam(head.parameters(), lr=1e-2)
+    target = torch.tensor([0, 1])
+    for _ in range(150):
+        loss = torch.nn.functional.cross_entropy(head(frames, (2, 4, 4))[1][0], target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    right = int((head(frames, (2, 4, 4))[1][0].argmax(-1) == target).sum())
+    assert right == (2 if grid == 2 else 1)

@@ -32,7 +32,7 @@ from vlm.video.encode import write_video
 log = logging.getLogger(__name__)
 
 VIDEO_DIRS = {"train": "videos", "test": "mvbench/video"}
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-frame scene words follow a background change and name its second tone and pattern
 
 
 def clip_id(index: int) -> str:
@@ -208,10 +208,31 @@ def event_word(meta: dict[str, Any], obj: int, k: int) -> str:
     return _EVENT_OF[min(near, key=lambda d: d[0])[1]["type"]] if near else "none"
 
 
+PATTERN_WORDS = {"solid": "solid", "gradient": "gradient", "noise": "noisy", "stripes": "striped"}
+
+
+def seen_background(meta: dict[str, Any], k: int) -> dict[str, Any]:
+    """The background of frame k: after a background change the new one, from the first frame where it covers at
+    least half of the cross-fade (as `render_clip` blends)."""
+    change = next((e for e in meta["events"] if e["type"] == "background_change"), None)
+    if change is not None and (k - change["start_frame"] + 1) / (change["end_frame"] - change["start_frame"] + 1) >= 0.5:
+        return meta["background_after"]
+    return meta["background"]
+
+
+def scene_words(meta: dict[str, Any], k: int) -> dict[str, str]:
+    """The background of frame k (`seen_background`) as the words its name uses ("navy-to-black gradient": tone
+    navy, tone2 black, pattern gradient; "noisy gray": tone gray, tone2 none, pattern noisy)."""
+    bg = seen_background(meta, k)
+    tones = bg["tones"]
+    return {"tone": tones[0], "tone2": tones[1] if len(tones) > 1 else "none", "pattern": PATTERN_WORDS[bg["kind"]]}
+
+
 def frame_regions(meta: dict[str, Any]) -> list[dict[str, Any]]:
     """A clip's ground truth as per-frame annotations (`vlm.data.regions`): per frame its time, the background's
-    (first) tone, and each object drawn at half opacity or more: centre in [0, 1], colour, shape (a shuffle
-    scenario's boxes are the shape "box"), what it is doing (`motion_word`) and what happens to it (`event_word`)."""
+    words (`scene_words`), and each object drawn at half opacity or more: centre in [0, 1], colour, shape (a
+    shuffle scenario's boxes are the shape "box"), what it is doing (`motion_word`) and what happens to it
+    (`event_word`)."""
     size, fps = float(meta["size"]), float(meta["fps"])
     frames = []
     for k in range(int(meta["num_frames"])):
@@ -222,7 +243,7 @@ def frame_regions(meta: dict[str, Any]) -> list[dict[str, Any]]:
                 centre = [round(min(1.0, max(0.0, tr[a][k] / size)), 4) for a in ("x", "y")]
                 objects.append({"center": centre, "color": tr["color"][k], "shape": o["shape"],
                                 "action": motion_word(tr, k), "event": event_word(meta, o["id"], k)})
-        frames.append({"t": round(k / fps, 4), "scene": {"tone": meta["background"]["tones"][0]}, "objects": objects})
+        frames.append({"t": round(k / fps, 4), "scene": scene_words(meta, k), "objects": objects})
     return frames
 
 

@@ -40,19 +40,30 @@ POSITION = (("top", "middle", "bottom"), ("left", "center", "right"))
 
 class SlotHead(nn.Module):
     """Per cell: an object-centre logit and per-attribute logits (from the cell and its difference to the frame
-    mean); per frame: per-scene-attribute logits (from the frame's mean and spread over cells)."""
+    mean); per frame: per-scene-attribute logits (from the frame's mean and spread over cells and, with
+    `scene_grid` g > 1, the means of its g x g regions: where in the frame a tone is, e.g. which end of a
+    gradient is which)."""
 
-    def __init__(self, in_dim: int, object_classes: int, scene_classes: int, hidden: int = 256):
+    def __init__(self, in_dim: int, object_classes: int, scene_classes: int, hidden: int = 256, scene_grid: int = 1):
         super().__init__()
         self.norm = nn.LayerNorm(in_dim)
         self.cell = nn.Sequential(nn.Linear(2 * in_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
                                   nn.Linear(hidden, 1 + object_classes))
-        self.scene = nn.Sequential(nn.Linear(2 * in_dim, hidden), nn.GELU(), nn.Linear(hidden, max(1, scene_classes)))
+        self.scene_grid = int(scene_grid)
+        regions = self.scene_grid ** 2 if self.scene_grid > 1 else 0
+        self.scene = nn.Sequential(nn.Linear((2 + regions) * in_dim, hidden), nn.GELU(),
+                                   nn.Linear(hidden, max(1, scene_classes)))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # [B, T, N, C]
+    def forward(self, x: torch.Tensor, grid: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, N, C] on a (T, h, w) grid -> cell logits [B, T, N, 1 + object classes], scene logits [B, T, S]."""
         x = self.norm(x.to(self.norm.weight.dtype))
         frame = x.mean(2, keepdim=True)
-        return self.cell(torch.cat([x, x - frame], -1)), self.scene(torch.cat([frame[:, :, 0], x.std(2)], -1))
+        scene = [frame[:, :, 0], x.std(2)]
+        if self.scene_grid > 1:
+            b, t, _, c = x.shape
+            maps = x.reshape(b * t, grid[1], grid[2], c).permute(0, 3, 1, 2)
+            scene.append(F.adaptive_avg_pool2d(maps, self.scene_grid).flatten(1).reshape(b, t, -1))
+        return self.cell(torch.cat([x, x - frame], -1)), self.scene(torch.cat(scene, -1))
 
 
 class MotionHead(nn.Module):
@@ -90,6 +101,8 @@ class WordSlots(Connector):
     which keeps the visual tokens to what is worth reading;
     slots: objects named per frame at most; position: the row and column words (null: no position words);
     threshold: the centre probability above which a cell holds an object; hidden: the heads' width;
+    scene_grid: the scene head also reads the means of the frame's g x g regions (g > 1; e.g. 2 tells a gradient's
+    two tones apart by where they are);
     layout: "frames" (each frame's words in turn) or "tracks" (one sentence per object over time, in a slot of as
     many tokens as the frames layout's; the heads and their training are the same);
     text_tokens: the tracks layout's slot, whatever the number of frames (a fixed budget for long videos: the
@@ -100,7 +113,7 @@ class WordSlots(Connector):
                  objects: Mapping[str, Sequence[str]] | None = None,
                  motion: Mapping[str, Sequence[str]] | None = None, silent: Sequence[str] = (), slots: int = 3,
                  position: Sequence[Sequence[str]] | None = POSITION, threshold: float = 0.5, hidden: int = 256,
-                 layout: str = "frames", text_tokens: int | None = None):
+                 layout: str = "frames", text_tokens: int | None = None, scene_grid: int = 1):
         super().__init__(in_dim, out_dim, reducers)
         self.scene_vocab = {k: list(v) for k, v in (scene or {}).items()}
         self.object_vocab = {k: list(v) for k, v in (objects or {}).items()}
@@ -121,7 +134,7 @@ class WordSlots(Connector):
             raise ValueError(f"word_slots: silent words {sorted(set(self.silent) - set(self.words))} are not in its vocabulary")
         self.configure(layout=layout, text_tokens=text_tokens, threshold=threshold)
         self.head = SlotHead(in_dim, sum(len(g) for g in self.object_vocab.values()),
-                             sum(len(g) for g in self.scene_vocab.values()), hidden)
+                             sum(len(g) for g in self.scene_vocab.values()), hidden, scene_grid)
         if self.motion_vocab:
             self.motion_head = MotionHead(in_dim, sum(len(g) for g in self.motion_vocab.values()), hidden)
         self.register_buffer("word_tokens", torch.zeros(len(self.words), 1, dtype=torch.long), persistent=False)
@@ -349,7 +362,7 @@ class WordSlots(Connector):
     def split_logits(self, feats: VisualFeatures) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         """The heads' outputs: centre logits [B, T, N], per object attribute [B, T, N, V_a], per scene attribute
         [B, T, V_s]."""
-        cell, scene = self.head(feats.tokens)
+        cell, scene = self.head(feats.tokens, feats.grid)
         objects = list(cell[..., 1:].split([len(v) for v in self.object_vocab.values()], -1))
         scenes = list(scene.split([len(v) for v in self.scene_vocab.values()], -1)) if self.scene_vocab else []
         return cell[..., 0], objects, scenes

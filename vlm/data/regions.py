@@ -3,7 +3,7 @@
 They train connectors that name what is where in a frame (`word_slots`, with the stage objective "slots"), the way
 a detector is trained on boxes:
 
-    "regions": [{"t": 0.0, "scene": {"tone": "gray"},
+    "regions": [{"t": 0.0, "scene": {"tone": "gray", "pattern": "noisy"},
                  "objects": [{"center": [0.67, 0.53], "color": "red", "shape": "circle"}, ...]},
                 {"t": 0.125, ...}, ...]
 
