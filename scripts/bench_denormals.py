@@ -2,12 +2,16 @@
 
 Float32 values under 1.2e-38 are "denormal"; x86 CPUs handle them in slow microcode unless flush-to-zero is set.
 They are not exotic in training: a peaked attention softmax puts probabilities of e^-88 .. e^-103 there, and
-Adam's second moment of a gradient under 1e-19 is one. Three cases, each timed in this process with flushing off
-(PyTorch's default) and on, best of `--repeats`:
+Adam's second moment of a gradient under 1e-19 is one. Three cases, each timed with flushing off (PyTorch's
+default) and on, best of `--repeats`:
 
-  matmul     a 512 x 512 product whose left operand is attention-like probabilities, nine in ten of them denormal (a sharp softmax over 512 keys)
+  matmul     a 512 x 512 product whose left operand is attention-like probabilities, nine in ten of them denormal
+             (a sharp softmax over 512 keys)
   attention  forward + backward of softmax attention (8 x 9 heads x 400 positions x 64) with peaked scores
   adamw      20 AdamW steps on 1M parameters whose gradients are ~1e-20 (second moments become denormal)
+
+Each (case, setting) runs in a process of its own: the setting must be made before torch starts its worker threads,
+which keep the floating-point mode they started with (so `import vlm` comes before any torch computation).
 
     python scripts/bench_denormals.py [--repeats 3] [--write]   (--write: the section of docs/BENCHMARKS.md)
 """
@@ -15,6 +19,7 @@ Adam's second moment of a gradient under 1e-19 is one. Three cases, each timed i
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -68,11 +73,10 @@ def case_adamw(gen: torch.Generator) -> Callable[[], None]:
     return run
 
 
-def timed(make: Callable[[torch.Generator], Callable[[], None]], flush: bool, repeats: int) -> float:
-    """Best seconds of a fresh instance of the case, with denormals flushed or kept."""
-    torch.set_flush_denormal(flush)
+def timed(make: Callable[[torch.Generator], Callable[[], None]], repeats: int) -> float:
+    """Best seconds of the case (after one warm-up run, which for adamw also fills the moments)."""
     run = make(torch.Generator().manual_seed(0))
-    run()  # warm up (and, for adamw, fill the moments)
+    run()
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
@@ -81,22 +85,36 @@ def timed(make: Callable[[torch.Generator], Callable[[], None]], flush: bool, re
     return best
 
 
+CASES = {"matmul": case_matmul, "attention": case_attention, "adamw": case_adamw}
+
+
+def in_process(case: str, flush: bool, repeats: int) -> float:
+    """The case's best time in a fresh process whose flush setting is made before any torch computation."""
+    out = subprocess.run([sys.executable, __file__, "--case", case, "--flush", str(int(flush)), "--repeats",
+                          str(repeats)], check=True, capture_output=True, text=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--write", action="store_true", help="write the results into docs/BENCHMARKS.md")
+    p.add_argument("--case", choices=sorted(CASES), help=argparse.SUPPRESS)  # one measurement (a child process)
+    p.add_argument("--flush", type=int, choices=[0, 1], help=argparse.SUPPRESS)
     args = p.parse_args()
-    torch.manual_seed(0)
+    if args.case:
+        torch.set_flush_denormal(bool(args.flush))  # before torch starts its threads
+        print(timed(CASES[args.case], args.repeats))
+        return 0
     rows = []
-    for name, make in (("matmul", case_matmul), ("attention", case_attention), ("adamw", case_adamw)):
-        slow = timed(make, False, args.repeats)
-        fast = timed(make, True, args.repeats)
+    for name in CASES:
+        slow, fast = in_process(name, False, args.repeats), in_process(name, True, args.repeats)
         rows.append((name, slow, fast))
         print(f"{name:10s} denormals kept {slow:7.3f} s   flushed {fast:7.3f} s   {slow / fast:6.1f}x", flush=True)
-    torch.set_flush_denormal(True)
     body = "\n".join([
         f"`python scripts/bench_denormals.py --write` ({torch.get_num_threads()} threads, torch {torch.__version__}); "
-        "best of %d; `import vlm` flushes denormal floats to zero (PyTorch keeps them by default)." % args.repeats,
+        f"best of {args.repeats}, each setting in a fresh process; `import vlm` flushes denormal floats to zero "
+        "(PyTorch keeps them by default).",
         "",
         "| case | denormals kept (PyTorch default) | flushed to zero (vlm) | speed-up |",
         "|---|---:|---:|---:|",
