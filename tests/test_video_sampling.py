@@ -7,6 +7,7 @@ by calling the code under test; windows use frame rates such as 4 fps so that se
 from __future__ import annotations
 
 import logging
+import sys
 
 import numpy as np
 import pytest
@@ -124,8 +125,9 @@ def test_window_one_float_step_wide_inside_the_video_is_its_frame(caplog):
     # 22.439999999999998 s and 22.44 s at 25 fps both give exactly 561.0: frame 561.
     assert sample_indices(1000, 25.0, 3, "uniform", 22.439999999999998, 22.44).tolist() == [561] * 3
     assert sample_indices(1000, 25.0, 3, "fps", 22.439999999999998, 22.44, target_fps=1.0).tolist() == [561]
-    # At the video's start: 0 s and 5e-324 s at 0.5 fps are both position 0.0: frame 0.
-    assert sample_indices(10, 0.5, 2, "uniform", 0.0, 5e-324).tolist() == [0, 0]
+    # At the video's start: 0 s and the smallest normal float (vlm flushes denormals, so no smaller end exists) at
+    # 0.5 fps are both position 0.0: frame 0.
+    assert sample_indices(10, 0.5, 2, "uniform", 0.0, sys.float_info.min).tolist() == [0, 0]
     assert _warnings(caplog) == []
     # ... while a window starting at the video's end (position 10.0 of 10 frames) is outside it: a warning.
     assert sample_indices(10, 0.5, 2, "uniform", 20.0, float(np.nextafter(20.0, 21.0))).tolist() == [9, 9]

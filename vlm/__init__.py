@@ -8,5 +8,6 @@ __version__ = "0.1.0"
 # a model trained for a while fall into that range, and CPU arithmetic on them is 3-160x slower (matmul, attention,
 # AdamW: docs/BENCHMARKS.md); one quickstart training step took over 10 minutes instead of 20 seconds with them.
 # The values lost are below anything float32 training resolves. Torch's worker threads keep the mode they started
-# with, so this is set at import: import vlm before running torch computations.
+# with, so this is set at import: import vlm before running torch computations. It is the CPU's mode for the whole
+# process: float64 too, so Python and numpy arithmetic here also read values under 2.2e-308 as zero.
 torch.set_flush_denormal(True)
