@@ -59,12 +59,15 @@ def main() -> int:
 
     data = Path(args.data)
     t = time.time()
-    summary = data / "summary.json"
-    written = json.loads(summary.read_text()).get("format_version") if summary.is_file() else None
-    if written != FORMAT_VERSION:  # missing, or written by an older generator (other per-frame words)
-        if written is not None:
-            print(f"{data} was written by format {written} of the generator; rewriting it as format {FORMAT_VERSION}")
-        generate(data, args.num, seed=0, frames=16, size=128)
+    summary = json.loads((data / "summary.json").read_text()) if (data / "summary.json").is_file() else {}
+    if summary.get("format_version") != FORMAT_VERSION:  # missing, or an older generator's (other per-frame words)
+        world = {"num": args.num, "seed": 0, "frames": 16, "size": 128}
+        if summary:  # the same world again (its seed and settings), in the current format
+            settings = summary["settings"]
+            world = {"seed": summary["seed"], **{k: settings[k] for k in ("num", "frames", "size", "fps", "eval_fraction")}}
+            print(f"{data} was written by format {summary.get('format_version')} of the generator; rewriting it "
+                  f"as format {FORMAT_VERSION}")
+        generate(data, world.pop("num"), **world)
     timings["data"] = time.time() - t
 
     t = time.time()
