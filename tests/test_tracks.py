@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.test_word_slots import nearest_words, tiny_slots_model
-from vlm.connectors.tracks import Detection, describe, link, merge_duplicates, smooth
+from vlm.connectors.tracks import Detection, count_tracks, describe, link, merge_duplicates, smooth
 from vlm.towers.base import VisualFeatures
 
 TIMES = [0.1, 0.4, 0.6, 0.9, 1.1, 1.4]
@@ -39,6 +39,24 @@ def test_link_follows_objects_by_place_then_by_words():
 def test_merge_duplicates_keeps_one_of_a_large_objects_neighbouring_cells():
     dets = [det(2, 2), det(2, 3), det(2, 3, "blue"), det(4, 4)]
     assert [d.cell for d in merge_duplicates(dets)] == [(2, 2), (2, 3), (4, 4)]
+
+
+def test_count_tracks_counts_objects_not_frames_and_ignores_one_frame_slips():
+    moves = ["moves left", "moves right"]
+    # the red circle moves left over four frames (a large one, seen in two cells); the blue square is still but read
+    # as moving in its last frame (smoothing keeps a clip's ends: only `min_frames` discounts the slip); a green star
+    # is seen once, moving
+    frames = [[det(1, 5 - k, action="moves left"), det(1, 6 - k, action="moves left"),
+               det(5, 5, "blue", "square", "moves right" if k == 3 else "still")] for k in range(4)]
+    frames[1].append(det(3, 0, "green", "star", "moves left"))
+    assert count_tracks(frames, 2, moves) == 1
+    assert count_tracks(frames, 2, moves, min_frames=1) == 2  # the slip counts; the one-frame star never does
+    assert count_tracks(frames, 1, ["square"]) == 1  # any attribute: identity words come first
+    frames[3][2] = frames[1][2] = det(5, 5, "blue", "square", "moves right")
+    assert count_tracks(frames, 2, moves, min_frames=1) == 2
+    frames[3][2] = det(5, 5, "blue", "square")  # a slip in the middle of a track is smoothed away
+    assert count_tracks(frames, 2, moves, min_frames=1) == 1
+    assert count_tracks([], 2, moves) == 0
 
 
 def test_describe_writes_one_sentence_per_object_with_the_times_of_its_changes():

@@ -103,6 +103,46 @@ def test_the_visual_tokens_are_the_words_of_what_the_heads_chose(monkeypatch, si
     assert conn.written(feats) == [f" gray red square{still} top center blue circle moves left bottom left | dark teal"]
 
 
+def test_count_sentences_are_written_once_after_the_last_frame(monkeypatch):
+    moves = {"action": ["moves left", "moves right"]}
+    with pytest.raises(ValueError, match=r"counts\['movers'\] names 'speed', not an object or motion attribute"):
+        tiny_slots_model(counts={"movers": {"speed": ["fast"]}})
+    with pytest.raises(ValueError, match=r"\['jumps'\] are not words of 'action'"):
+        tiny_slots_model(counts={"movers": {"action": ["jumps"]}})
+    model = tiny_slots_model(counts={"moving objects": moves, "red things": {"color": ["red"]}})
+    conn = model.connector
+    feats = VisualFeatures(tokens=torch.zeros(1, 3, 16, 32), grid=(3, 4, 4), timestamps=torch.tensor([[0.0, 0.5, 1.0]]))
+    found = torch.full((1, 3, 16), -5.0)
+    found[0, :, 5] = 5.0  # a red square in every frame
+    found[0, :, 10] = 4.0  # a blue square in every frame
+    colors, shapes, tones = torch.zeros(1, 3, 16, 4), torch.zeros(1, 3, 16, 2), torch.zeros(1, 3, 2)
+    colors[0, :, 5, 0] = colors[0, :, 10, 2] = shapes[..., 0] = tones[..., 0] = 1
+    monkeypatch.setattr(conn, "split_logits", lambda f: (found, [colors, shapes], [tones]))
+
+    def motion(f, b, t, c):  # the red square moves left in every frame, the blue one in the middle frame only
+        logits = torch.zeros(len(c), 3)
+        logits[:, 0] = 1
+        logits[(c == 5) | ((c == 10) & (t == 1)), 1] = 5
+        return [logits]
+
+    monkeypatch.setattr(conn, "motion_logits", motion)
+    frames = conn.written(feats)[0].split(" |")
+    assert frames[0] == " gray red square moves left top left blue square still middle center"
+    assert frames[2] == " gray red square moves left top left blue square still middle center moving objects: 1. red things: 1."
+    out = conn(feats)
+    assert out.embeds.shape[1] == 3 * conn.project_grid((3, 4, 4))[1] == model.num_visual_tokens(3)
+    conn.configure(layout="tracks")
+    assert conn.written(feats)[0].endswith(" moving objects: 1. red things: 1.")
+    # a setting (no weights): a recipe adds counts to a model whose heads an earlier stage trained without them
+    plain = tiny_slots_model()
+    monkeypatch.setattr(plain.connector, "split_logits", conn.split_logits)
+    monkeypatch.setattr(plain.connector, "motion_logits", motion)
+    before = plain.num_visual_tokens(3)
+    plain.apply_settings({"connector": {"counts": {"moving objects": moves}}})
+    assert plain.connector.written(feats)[0].endswith("center moving objects: 1.")
+    assert plain.num_visual_tokens(3) > before and plain.config.connector["counts"] == {"moving objects": moves}
+
+
 def fixed_heads(monkeypatch, conn, centres: dict[int, float], color_of: dict[int, int]):
     """Heads that see objects at the given cells (centre logits) with the given colour (index into COLORS), all
     squares, still, on a gray background, in every frame."""

@@ -103,6 +103,19 @@ def changes(rows: Sequence[tuple[str, ...]]) -> list[tuple[int, list[str]]]:
     return out
 
 
+def count_tracks(frames: Sequence[Sequence[Detection]], attribute: int, words: Sequence[str],
+                 min_frames: int = 2) -> int:
+    """How many objects show one of `words` in at least `min_frames` frames: each frame's detections linked into
+    tracks (`link`), a track's words of `attribute` (its index in identity + motion) smoothed over time, one-frame
+    tracks not counted (a head's one-frame slip would otherwise count a still object)."""
+    wanted, n = set(words), 0
+    for tr in link([merge_duplicates(f) for f in frames]):
+        if len(tr.frames) > 1:
+            values = smooth([(d.identity + d.motion)[attribute] for d in tr.detections])
+            n += sum(v in wanted for v in values) >= min_frames
+    return n
+
+
 def _at(t: float) -> str:
     return f"from {t:.1f} s"
 

@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from vlm.connectors.base import Connector, VisualTokens, register_connector
-from vlm.connectors.tracks import Detection, Seen, describe
+from vlm.connectors.tracks import Detection, Seen, count_tracks, describe
 from vlm.data.regions import cell_of, nearest_frames, region_problems
 from vlm.towers.base import VisualFeatures
 
@@ -106,14 +106,19 @@ class WordSlots(Connector):
     layout: "frames" (each frame's words in turn) or "tracks" (one sentence per object over time, in a slot of as
     many tokens as the frames layout's; the heads and their training are the same);
     text_tokens: the tracks layout's slot, whatever the number of frames (a fixed budget for long videos: the
-    text grows with what changes, not with the length; default: the frames layout's size).
+    text grows with what changes, not with the length; default: the frames layout's size);
+    counts: clip-level sentences written after the last frame, phrase -> {attribute: words}, e.g.
+    {"moving objects": {"action": ["moves left", ...]}} writes " moving objects: 2." when two of the objects linked
+    over frames (`vlm.connectors.tracks.count_tracks`) show one of those words in at least two frames: how many
+    is stated once, not left for the LLM to infer from frames compared.
     Each word is written with the LLM's tokens of " <word>" (several tokens when the tokenizer splits it)."""
 
     def __init__(self, in_dim: int, out_dim: int, reducers=(), scene: Mapping[str, Sequence[str]] | None = None,
                  objects: Mapping[str, Sequence[str]] | None = None,
                  motion: Mapping[str, Sequence[str]] | None = None, silent: Sequence[str] = (), slots: int = 3,
                  position: Sequence[Sequence[str]] | None = POSITION, threshold: float = 0.5, hidden: int = 256,
-                 layout: str = "frames", text_tokens: int | None = None, scene_grid: int = 1):
+                 layout: str = "frames", text_tokens: int | None = None, scene_grid: int = 1,
+                 counts: Mapping[str, Mapping[str, Sequence[str]]] | None = None):
         super().__init__(in_dim, out_dim, reducers)
         self.scene_vocab = {k: list(v) for k, v in (scene or {}).items()}
         self.object_vocab = {k: list(v) for k, v in (objects or {}).items()}
@@ -132,18 +137,44 @@ class WordSlots(Connector):
         self.silent = [str(w) for w in silent]
         if not set(self.silent) <= set(self.words):
             raise ValueError(f"word_slots: silent words {sorted(set(self.silent) - set(self.words))} are not in its vocabulary")
-        self.configure(layout=layout, text_tokens=text_tokens, threshold=threshold)
+        self.configure(layout=layout, text_tokens=text_tokens, threshold=threshold, counts=counts or {})
         self.head = SlotHead(in_dim, sum(len(g) for g in self.object_vocab.values()),
                              sum(len(g) for g in self.scene_vocab.values()), hidden, scene_grid)
         if self.motion_vocab:
             self.motion_head = MotionHead(in_dim, sum(len(g) for g in self.motion_vocab.values()), hidden)
         self.register_buffer("word_tokens", torch.zeros(len(self.words), 1, dtype=torch.long), persistent=False)
+        # per count: the token ids of its sentence for each number [counts, max_count + 1, width] (-1: padding)
+        self.register_buffer("count_tokens", torch.zeros(0, self.max_count + 1, 0, dtype=torch.long), persistent=False)
         self.widths: list[int] = []  # tokens per group position (the longest word of the group)
         self._embedding: list[nn.Embedding] = []  # the LLM's input embeddings (a list: not a submodule)
         self._tokenizer: list[Any] = []
         self.truncated = 0  # clips whose tracks text was cut to the token budget
 
-    settings = ("layout", "text_tokens", "threshold")
+    settings = ("layout", "text_tokens", "threshold", "counts")
+    max_count = 9  # a count sentence says 0-9 (more is written as 9)
+
+    def _count_rules(self, counts: Mapping[str, Mapping[str, Sequence[str]]]) -> list[tuple[str, int, list[str]]]:
+        """(phrase, attribute index in a detection's identity + motion words, the words counted) per count."""
+        attributes = [*self.object_vocab, *self.motion_vocab]
+        vocab = self.object_vocab | self.motion_vocab
+        rules = []
+        for phrase, rule in counts.items():
+            if not isinstance(rule, Mapping) or len(rule) != 1:
+                raise ValueError(f"word_slots: counts[{phrase!r}] is one {{attribute: [words]}}, e.g. "
+                                 "{action: [moves left, moves right]}")
+            (attr, words), = rule.items()
+            if attr not in vocab:
+                raise ValueError(f"word_slots: counts[{phrase!r}] names {attr!r}, not an object or motion attribute "
+                                 f"({attributes})")
+            unknown = sorted(set(words) - set(vocab[attr]))
+            if unknown:
+                raise ValueError(f"word_slots: counts[{phrase!r}]: {unknown} are not words of {attr!r}")
+            rules.append((str(phrase), attributes.index(attr), [str(w) for w in words]))
+        return rules
+
+    def count_sentences(self, seen: Seen) -> list[int]:
+        """One clip's counts (`counts`, in order) from its `detections`."""
+        return [min(self.max_count, count_tracks(seen[1], a, words)) for _, a, words in self.counts]
 
     def configure(self, **values: Any) -> None:
         layout = values.get("layout", getattr(self, "layout", "frames"))
@@ -157,6 +188,10 @@ class WordSlots(Connector):
         self.layout = layout
         self.text_tokens = None if text_tokens is None else int(text_tokens)
         self.threshold = float(values.get("threshold", getattr(self, "threshold", 0.5)))
+        if "counts" in values:
+            self.counts = self._count_rules(values["counts"] or {})
+            if getattr(self, "_tokenizer", None):  # a built model's setting: its sentences' tokens anew
+                self._count_ids(self._tokenizer[0])
 
     # ---------------------------------------------------------------- assembly
     def attach_llm(self, embeddings: nn.Embedding, tokenizer: Any) -> None:
@@ -170,8 +205,20 @@ class WordSlots(Connector):
             table[row, :len(i)] = torch.tensor(i)
         self.word_tokens = table.to(self.word_tokens.device)
         self.widths = [max(len(ids[o + k]) for k in range(len(g))) for o, g in zip(self.offsets, self.groups)]
+        self._count_ids(tokenizer)
         self._embedding = [embeddings]
         self._tokenizer = [tokenizer]
+
+    def _count_ids(self, tokenizer: Any) -> None:
+        """`count_tokens`: the tokens of " <phrase>: <n>." for every count and number."""
+        said = [[tokenizer(f" {phrase}: {n}.", add_special_tokens=False)["input_ids"] for n in range(self.max_count + 1)]
+                for phrase, _, _ in self.counts]
+        table = torch.full((len(said), self.max_count + 1, max([len(i) for s in said for i in s] or [0])), -1,
+                           dtype=torch.long)
+        for c, rows in enumerate(said):
+            for n, i in enumerate(rows):
+                table[c, n, :len(i)] = torch.tensor(i)
+        self.count_tokens = table.to(self.word_tokens.device)
 
     def positions(self) -> list[int]:
         """The group of each word position of a frame: scene attributes, then per slot object and motion attributes,
@@ -183,7 +230,7 @@ class WordSlots(Connector):
     def project_grid(self, grid: tuple[int, int, int]) -> tuple[int, int]:
         if not self.widths:
             raise RuntimeError("word_slots: attach_llm(embeddings, tokenizer) first (VideoLLM does it at assembly)")
-        per_frame = sum(self.widths[g] for g in self.positions())
+        per_frame = sum(self.widths[g] for g in self.positions()) + self.count_tokens.shape[0] * self.count_tokens.shape[2]
         if self.layout == "frames":
             return grid[0], per_frame
         return 1, self.text_tokens or grid[0] * per_frame
@@ -211,10 +258,11 @@ class WordSlots(Connector):
             attrs += [logits.argmax(-1).reshape(cells.shape) + self.offsets[base + g] for g, logits in enumerate(moved)]
         return scene, cells, keep, torch.stack(attrs, -1) if attrs else cells.new_zeros(*cells.shape, 0)
 
-    def choose(self, feats: VisualFeatures) -> tuple[torch.Tensor, torch.Tensor]:
+    def choose(self, feats: VisualFeatures, detected: tuple[torch.Tensor, ...] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per frame, the word of every position (indices into `self.words`, [B, T, P]) and whether the position is
-        used ([B, T, P] bool: False for empty object slots)."""
-        scene, cells, keep, attrs = self.detect(feats)
+        used ([B, T, P] bool: False for empty object slots). `detected`: `detect(feats)` when already computed."""
+        scene, cells, keep, attrs = detected if detected is not None else self.detect(feats)
         b, t, k = cells.shape
         h, w = feats.grid[1], feats.grid[2]
         per_slot = list(attrs.unbind(-1))
@@ -234,10 +282,11 @@ class WordSlots(Connector):
         an h x w grid."""
         return (cells // w) * len(self.position[0]) // h, (cells % w) * len(self.position[1]) // w
 
-    def detections(self, feats: VisualFeatures) -> list[Seen]:
+    def detections(self, feats: VisualFeatures, detected: tuple[torch.Tensor, ...] | None = None) -> list[Seen]:
         """Per clip, what the heads saw in each frame: (the scene's words per frame, the detections per frame, the
-        frames' times in seconds), the input of `vlm.connectors.tracks.describe`. `feats`: after the reducers."""
-        scene, cells, keep, attrs = (x.cpu() for x in self.detect(feats))
+        frames' times in seconds), the input of `vlm.connectors.tracks.describe`. `feats`: after the reducers;
+        `detected`: `detect(feats)` when already computed."""
+        scene, cells, keep, attrs = (x.cpu() for x in (detected if detected is not None else self.detect(feats)))
         w = feats.grid[2]
         ni = len(self.object_vocab)
         times = feats.timestamps.cpu() if feats.timestamps is not None else \
@@ -257,7 +306,8 @@ class WordSlots(Connector):
             return [self.position[0][row], self.position[1][col]]
 
         scenes, frames, times = seen
-        return describe(scenes, frames, times, position if self.position else None, max_tracks=2 * self.slots)
+        counted = "".join(f" {phrase}: {n}." for (phrase, _, _), n in zip(self.counts, self.count_sentences(seen)))
+        return describe(scenes, frames, times, position if self.position else None, max_tracks=2 * self.slots) + counted
 
     def describe(self, feats: VisualFeatures) -> list[str]:
         """Per clip, the text the `tracks` layout writes (`vlm.connectors.tracks`): the scene, then one sentence per
@@ -293,13 +343,23 @@ class WordSlots(Connector):
                             timestamps=feats.timestamps)
 
     def frame_ids(self, feats: VisualFeatures) -> tuple[torch.Tensor, torch.Tensor]:
-        """The frames layout's token ids [B, T, tokens per frame] and which are written (bool, same shape)."""
-        words, used = self.choose(feats)  # [B, T, P]
+        """The frames layout's token ids [B, T, tokens per frame] and which are written (bool, same shape); the
+        count sentences, if any, are written in the last frame's."""
+        detected = self.detect(feats)
+        words, used = self.choose(feats, detected)  # [B, T, P]
         ids, mask = [], []
         for p, g in enumerate(self.positions()):
             tokens = self.word_tokens[words[..., p], :self.widths[g]]  # [B, T, width]
             ids.append(tokens)
             mask.append((tokens >= 0) & used[..., p:p + 1])
+        if self.counts:
+            b, t = words.shape[:2]
+            n = torch.tensor([self.count_sentences(seen) for seen in self.detections(feats, detected)],
+                             device=words.device)  # [B, counts]
+            said = self.count_tokens[torch.arange(len(self.counts), device=words.device), n].flatten(1)  # [B, C * W]
+            ids.append(said[:, None].expand(b, t, -1))
+            last = torch.arange(t, device=words.device) == t - 1
+            mask.append((said >= 0)[:, None] & last[None, :, None])
         return torch.cat(ids, -1), torch.cat(mask, -1)
 
     @torch.no_grad()
