@@ -122,7 +122,8 @@ def main() -> int:
                 seen = model.connector.written(model.tower_features(pixels[None], stamps[None]))[0].strip()
             lines.append(f"the LLM reads: {seen}")
             answers.append({"video": str(path), "written": seen})
-        for q in qs:
+        for q in qs:  # each a conversation of its own, as the model was trained (one question per clip): as the
+            chat.reset()  # second turn of a chat, it answered the diamond's direction "down" where alone it says "right"
             a = chat.ask(q)
             lines += [f"Q: {q}", f"A: {a}"]
             answers.append({"video": str(path), "question": q, "answer": a})

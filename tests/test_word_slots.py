@@ -238,7 +238,7 @@ def test_a_pooling_budget_drops_frames_for_word_slots_instead_of_blurring_their_
 def test_scene_grid_lets_the_scene_head_tell_where_a_tone_is(grid):
     """A frame bright on the left and its mirror image have the same mean and spread over cells: only a head that
     also reads the frame's regions (`scene_grid` 2) can learn which is which (a gradient's first tone)."""
-    from vlm.connectors.words import SlotHead
+    from vlm.connectors.slot_heads import SlotHead
 
     torch.manual_seed(0)
     left = torch.zeros(4, 4, 3)
