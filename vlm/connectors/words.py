@@ -119,7 +119,7 @@ class WordSlots(Connector):
             rules.append((str(phrase), attributes.index(attr), [str(w) for w in words]))
         return rules
 
-    def count_sentences(self, seen: Seen) -> list[int]:
+    def clip_counts(self, seen: Seen) -> list[int]:
         """One clip's counts (`counts`, in order) from its `detections`."""
         return [min(self.max_count, count_tracks(seen[1], a, words)) for _, a, words in self.counts]
 
@@ -253,7 +253,7 @@ class WordSlots(Connector):
             return [self.position[0][row], self.position[1][col]]
 
         scenes, frames, times = seen
-        counted = "".join(f" {phrase}: {n}." for (phrase, _, _), n in zip(self.counts, self.count_sentences(seen)))
+        counted = "".join(f" {phrase}: {n}." for (phrase, _, _), n in zip(self.counts, self.clip_counts(seen)))
         return describe(scenes, frames, times, position if self.position else None, max_tracks=2 * self.slots) + counted
 
     def describe(self, feats: VisualFeatures) -> list[str]:
@@ -301,7 +301,7 @@ class WordSlots(Connector):
             mask.append((tokens >= 0) & used[..., p:p + 1])
         if self.counts:
             b, t = words.shape[:2]
-            n = torch.tensor([self.count_sentences(seen) for seen in self.detections(feats, detected)],
+            n = torch.tensor([self.clip_counts(seen) for seen in self.detections(feats, detected)],
                              device=words.device)  # [B, counts]
             said = self.count_tokens[torch.arange(len(self.counts), device=words.device), n].flatten(1)  # [B, C * W]
             ids.append(said[:, None].expand(b, t, -1))
