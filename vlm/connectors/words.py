@@ -39,6 +39,11 @@ log = logging.getLogger(__name__)
 POSITION = (("top", "middle", "bottom"), ("left", "center", "right"))
 
 
+def count_sentence(phrase: str, n: int) -> str:
+    """What a count says after the last frame (both layouts): " moving objects: 2." """
+    return f" {phrase}: {n}."
+
+
 @register_connector("word_slots")
 class WordSlots(Connector):
     """scene / objects: attribute -> its words (e.g. {"tone": [...]}, {"color": [...], "shape": [...]});
@@ -158,8 +163,8 @@ class WordSlots(Connector):
 
     def _count_ids(self, tokenizer: Any) -> None:
         """`count_tokens`: the tokens of " <phrase>: <n>." for every count and number."""
-        said = [[tokenizer(f" {phrase}: {n}.", add_special_tokens=False)["input_ids"] for n in range(self.max_count + 1)]
-                for phrase, _, _ in self.counts]
+        said = [[tokenizer(count_sentence(phrase, n), add_special_tokens=False)["input_ids"]
+                 for n in range(self.max_count + 1)] for phrase, _, _ in self.counts]
         table = torch.full((len(said), self.max_count + 1, max([len(i) for s in said for i in s] or [0])), -1,
                            dtype=torch.long)
         for c, rows in enumerate(said):
@@ -253,7 +258,7 @@ class WordSlots(Connector):
             return [self.position[0][row], self.position[1][col]]
 
         scenes, frames, times = seen
-        counted = "".join(f" {phrase}: {n}." for (phrase, _, _), n in zip(self.counts, self.clip_counts(seen)))
+        counted = "".join(count_sentence(phrase, n) for (phrase, _, _), n in zip(self.counts, self.clip_counts(seen)))
         return describe(scenes, frames, times, position if self.position else None, max_tracks=2 * self.slots) + counted
 
     def describe(self, feats: VisualFeatures) -> list[str]:
