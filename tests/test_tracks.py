@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from tests.test_word_slots import nearest_words, tiny_slots_model
-from vlm.connectors.tracks import Detection, count_tracks, describe, link, merge_duplicates, smooth
+from vlm.connectors.tracks import (Detection, count_tracks, counted_tracks, describe, link, merge_duplicates, smooth,
+                                  track_name)
 from vlm.towers.base import VisualFeatures
 
 TIMES = [0.1, 0.4, 0.6, 0.9, 1.1, 1.4]
@@ -57,6 +58,21 @@ def test_count_tracks_counts_objects_not_frames_and_ignores_one_frame_slips():
     frames[3][2] = det(5, 5, "blue", "square")  # a slip in the middle of a track is smoothed away
     assert count_tracks(frames, 2, moves, min_frames=1) == 1
     assert count_tracks([], 2, moves) == 0
+
+
+def test_counted_tracks_every_frame_and_the_names_they_are_said_by():
+    # a red circle moves left throughout, a blue square stays still (read as a green square once), a white star is
+    # still but starts moving in the last two frames
+    frames = [[det(1, 5 - k, action="moves left"), det(5, 5, "green" if k == 1 else "blue", "square"),
+               det(3, 0, "white", "star", "moves up" if k >= 2 else "still")] for k in range(4)]
+    still = counted_tracks(frames, 2, ["still"], every=True)
+    assert [track_name(t) for t in still] == ["blue square"]  # each word the one it shows most
+    moving = counted_tracks(frames, 2, ["moves left", "moves up"])
+    assert [track_name(t) for t in moving] == ["red circle", "white star"]
+    assert [track_name(t) for t in counted_tracks(frames, 2, ["still"])] == ["blue square", "white star"]
+    frames[0][0] = det(1, 5, action="still")  # one frame still is not "every"
+    assert [track_name(t) for t in counted_tracks(frames, 2, ["still", "moves up"], every=True)] == \
+        ["blue square", "white star"]
 
 
 def test_describe_writes_one_sentence_per_object_with_the_times_of_its_changes():
@@ -144,3 +160,21 @@ def test_a_built_model_switches_to_the_tracks_layout_and_keeps_it_when_saved(tmp
     assert (again.connector.layout, again.connector.text_tokens, again.connector.threshold) == ("tracks", 6, 0.7)
     again.apply_settings({"connector": {"layout": "frames"}})
     assert again.connector.text_tokens is None and again.num_visual_tokens(2) == 2 * again.connector.project_grid((1, 4, 4))[1]
+
+
+def test_count_text_says_how_many_and_which_objects_a_rule_counts():
+    from vlm.connectors.counts import count_rules, count_text
+    vocab = {"color": ["red", "blue", "white"], "shape": ["circle", "square", "star"], "action": ["still", "moves left"]}
+    # a red circle moves left throughout; a blue square is still; a white star appears in frame 2; the square is
+    # gone in the last frame
+    frames = [[det(1, 5 - k, action="moves left")] + [det(5, 5, "blue", "square")] * (k < 3)
+              + [det(3, 0, "white", "star")] * (k >= 2) for k in range(4)]
+    rules = count_rules({"moving objects": {"action": ["moves left"], "names": True},
+                         "still objects": {"action": ["still"], "every": True},
+                         "appearing objects": {"appears": True, "names": True},
+                         "disappearing objects": {"disappears": True, "names": True}}, vocab)
+    assert count_text(rules, frames) == (" moving objects: 1: red circle. still objects: 2."
+                                         " appearing objects: 1: white star. disappearing objects: 1: blue square.")
+    for bad in ({"appears": True, "every": True}, {"action": ["still"], "appears": True}, {"names": True}):
+        with pytest.raises(ValueError, match=r"is one \{attribute: \[words\]\} \(options: every, names\) or \{appears"):
+            count_rules({"objects": bad}, vocab)

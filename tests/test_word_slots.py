@@ -107,6 +107,8 @@ def test_count_sentences_are_written_once_after_the_last_frame(monkeypatch):
     moves = {"action": ["moves left", "moves right"]}
     with pytest.raises(ValueError, match=r"counts\['movers'\] names 'speed', not an object or motion attribute"):
         tiny_slots_model(counts={"movers": {"speed": ["fast"]}})
+    with pytest.raises(ValueError, match=r"counts\[.movers.\] is one \{attribute: \[words\]\} \(options: every, names\) or"):
+        tiny_slots_model(counts={"movers": {"action": ["moves left"], "color": ["red"]}})
     with pytest.raises(ValueError, match=r"\['jumps'\] are not words of 'action'"):
         tiny_slots_model(counts={"movers": {"action": ["jumps"]}})
     model = tiny_slots_model(counts={"moving objects": moves, "red things": {"color": ["red"]}})
@@ -141,6 +143,13 @@ def test_count_sentences_are_written_once_after_the_last_frame(monkeypatch):
     plain.apply_settings({"connector": {"counts": {"moving objects": moves}}})
     assert plain.connector.written(feats)[0].endswith("center moving objects: 1.")
     assert plain.num_visual_tokens(3) > before and plain.config.connector["counts"] == {"moving objects": moves}
+    # names: the counted objects said outright; every: the objects that show the words in every frame
+    named = {"moving objects": {**moves, "names": True}, "still objects": {"action": ["still"], "every": True, "names": True}}
+    plain.apply_settings({"connector": {"counts": named}})
+    assert plain.connector.written(feats)[0].endswith(
+        "center moving objects: 1: red square. still objects: 1: blue square.")  # its one moving frame smoothed away
+    out = plain.connector(feats)
+    assert out.embeds.shape[1] == plain.num_visual_tokens(3) and plain.connector.truncated == 0
 
 
 def fixed_heads(monkeypatch, conn, centres: dict[int, float], color_of: dict[int, int]):

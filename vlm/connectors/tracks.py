@@ -14,6 +14,7 @@ the same way, first. Everything here is plain Python on a handful of detections 
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -103,17 +104,32 @@ def changes(rows: Sequence[tuple[str, ...]]) -> list[tuple[int, list[str]]]:
     return out
 
 
-def count_tracks(frames: Sequence[Sequence[Detection]], attribute: int, words: Sequence[str],
-                 min_frames: int = 2) -> int:
-    """How many objects show one of `words` in at least `min_frames` frames: each frame's detections linked into
-    tracks (`link`), a track's words of `attribute` (its index in identity + motion) smoothed over time, one-frame
-    tracks not counted (a head's one-frame slip would otherwise count a still object)."""
-    wanted, n = set(words), 0
+def counted_tracks(frames: Sequence[Sequence[Detection]], attribute: int, words: Sequence[str],
+                   min_frames: int = 2, every: bool = False) -> list[Track]:
+    """The objects that show one of `words` in at least `min_frames` frames (`every`: in all their frames): each
+    frame's detections linked into tracks (`link`), a track's words of `attribute` (its index in identity + motion)
+    smoothed over time, one-frame tracks never counted (a head's one-frame slip would otherwise count a still
+    object). Longest tracks first."""
+    wanted, out = set(words), []
     for tr in link([merge_duplicates(f) for f in frames]):
         if len(tr.frames) > 1:
             values = smooth([(d.identity + d.motion)[attribute] for d in tr.detections])
-            n += sum(v in wanted for v in values) >= min_frames
-    return n
+            hits = sum(v in wanted for v in values)
+            if hits == len(values) if every else hits >= min_frames:
+                out.append(tr)
+    return sorted(out, key=lambda tr: -len(tr.frames))
+
+
+def count_tracks(frames: Sequence[Sequence[Detection]], attribute: int, words: Sequence[str],
+                 min_frames: int = 2, every: bool = False) -> int:
+    """How many objects `counted_tracks` finds."""
+    return len(counted_tracks(frames, attribute, words, min_frames, every))
+
+
+def track_name(track: Track) -> str:
+    """A track's identity words as a caption names the object ("white diamond"): each word the one it shows most."""
+    rows = [d.identity for d in track.detections]
+    return " ".join(Counter(r[a] for r in rows).most_common(1)[0][0] for a in range(len(rows[0])))
 
 
 def _at(t: float) -> str:

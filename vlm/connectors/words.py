@@ -30,18 +30,14 @@ from torch.nn import functional as F
 
 from vlm.connectors.base import Connector, VisualTokens, register_connector
 from vlm.connectors.slot_heads import MotionHead, SlotHead
-from vlm.connectors.tracks import Detection, Seen, count_tracks, describe
+from vlm.connectors.counts import count_rules, count_text, count_width
+from vlm.connectors.tracks import Detection, Seen, describe
 from vlm.data.regions import cell_of, nearest_frames, region_problems
 from vlm.towers.base import VisualFeatures
 
 log = logging.getLogger(__name__)
 
 POSITION = (("top", "middle", "bottom"), ("left", "center", "right"))
-
-
-def count_sentence(phrase: str, n: int) -> str:
-    """What a count says after the last frame (both layouts): " moving objects: 2." """
-    return f" {phrase}: {n}."
 
 
 @register_connector("word_slots")
@@ -61,8 +57,13 @@ class WordSlots(Connector):
     text grows with what changes, not with the length; default: the frames layout's size);
     counts: clip-level sentences written after the last frame, phrase -> {attribute: words}, e.g.
     {"moving objects": {"action": ["moves left", ...]}} writes " moving objects: 2." when two of the objects linked
-    over frames (`vlm.connectors.tracks.count_tracks`) show one of those words in at least two frames: how many
-    is stated once, not left for the LLM to infer from frames compared.
+    over frames (`vlm.connectors.counts`) show one of those words in at least two frames: how many
+    is stated once, not left for the LLM to infer from frames compared. Two options beside the attribute:
+    `every: true` counts the objects that show the words in every frame they are seen (e.g. {"action": ["still"]}:
+    never moved); `names: true` also names the counted objects (at most 4, the longest seen first):
+    " moving objects: 2: white diamond, red cross." (the one that moves, or stays still, is then said outright).
+    {"appears": true} or {"disappears": true} in place of the words counts the objects first seen after the first
+    frame or last seen before the last.
     Each word is written with the LLM's tokens of " <word>" (several tokens when the tokenizer splits it)."""
 
     def __init__(self, in_dim: int, out_dim: int, reducers=(), scene: Mapping[str, Sequence[str]] | None = None,
@@ -95,39 +96,12 @@ class WordSlots(Connector):
         if self.motion_vocab:
             self.motion_head = MotionHead(in_dim, sum(len(g) for g in self.motion_vocab.values()), hidden)
         self.register_buffer("word_tokens", torch.zeros(len(self.words), 1, dtype=torch.long), persistent=False)
-        # per count: the token ids of its sentence for each number [counts, max_count + 1, width] (-1: padding)
-        self.register_buffer("count_tokens", torch.zeros(0, self.max_count + 1, 0, dtype=torch.long), persistent=False)
         self.widths: list[int] = []  # tokens per group position (the longest word of the group)
         self._embedding: list[nn.Embedding] = []  # the LLM's input embeddings (a list: not a submodule)
         self._tokenizer: list[Any] = []
-        self.truncated = 0  # clips whose tracks text was cut to the token budget
+        self.truncated = 0  # clips whose text (tracks, counts) was cut to the token budget
 
     settings = ("layout", "text_tokens", "threshold", "counts")
-    max_count = 9  # a count sentence says 0-9 (more is written as 9)
-
-    def _count_rules(self, counts: Mapping[str, Mapping[str, Sequence[str]]]) -> list[tuple[str, int, list[str]]]:
-        """(phrase, attribute index in a detection's identity + motion words, the words counted) per count."""
-        attributes = [*self.object_vocab, *self.motion_vocab]
-        vocab = self.object_vocab | self.motion_vocab
-        rules = []
-        for phrase, rule in counts.items():
-            if not isinstance(rule, Mapping) or len(rule) != 1:
-                raise ValueError(f"word_slots: counts[{phrase!r}] is one {{attribute: [words]}}, e.g. "
-                                 "{action: [moves left, moves right]}")
-            (attr, words), = rule.items()
-            if attr not in vocab:
-                raise ValueError(f"word_slots: counts[{phrase!r}] names {attr!r}, not an object or motion attribute "
-                                 f"({attributes})")
-            unknown = sorted(set(words) - set(vocab[attr]))
-            if unknown:
-                raise ValueError(f"word_slots: counts[{phrase!r}]: {unknown} are not words of {attr!r}")
-            rules.append((str(phrase), attributes.index(attr), [str(w) for w in words]))
-        return rules
-
-    def clip_counts(self, seen: Seen) -> list[int]:
-        """One clip's counts (`counts`, in order) from its `detections`."""
-        return [min(self.max_count, count_tracks(seen[1], a, words)) for _, a, words in self.counts]
-
     def configure(self, **values: Any) -> None:
         layout = values.get("layout", getattr(self, "layout", "frames"))
         text_tokens = values.get("text_tokens", getattr(self, "text_tokens", None) if layout == "tracks" else None)
@@ -141,9 +115,7 @@ class WordSlots(Connector):
         self.text_tokens = None if text_tokens is None else int(text_tokens)
         self.threshold = float(values.get("threshold", getattr(self, "threshold", 0.5)))
         if "counts" in values:
-            self.counts = self._count_rules(values["counts"] or {})
-            if getattr(self, "_tokenizer", None):  # a built model's setting: its sentences' tokens anew
-                self._count_ids(self._tokenizer[0])
+            self.counts = count_rules(values["counts"] or {}, self.object_vocab | self.motion_vocab)
 
     # ---------------------------------------------------------------- assembly
     def attach_llm(self, embeddings: nn.Embedding, tokenizer: Any) -> None:
@@ -157,20 +129,13 @@ class WordSlots(Connector):
             table[row, :len(i)] = torch.tensor(i)
         self.word_tokens = table.to(self.word_tokens.device)
         self.widths = [max(len(ids[o + k]) for k in range(len(g))) for o, g in zip(self.offsets, self.groups)]
-        self._count_ids(tokenizer)
         self._embedding = [embeddings]
         self._tokenizer = [tokenizer]
 
-    def _count_ids(self, tokenizer: Any) -> None:
-        """`count_tokens`: the tokens of " <phrase>: <n>." for every count and number."""
-        said = [[tokenizer(count_sentence(phrase, n), add_special_tokens=False)["input_ids"]
-                 for n in range(self.max_count + 1)] for phrase, _, _ in self.counts]
-        table = torch.full((len(said), self.max_count + 1, max([len(i) for s in said for i in s] or [0])), -1,
-                           dtype=torch.long)
-        for c, rows in enumerate(said):
-            for n, i in enumerate(rows):
-                table[c, n, :len(i)] = torch.tensor(i)
-        self.count_tokens = table.to(self.word_tokens.device)
+    def count_width(self) -> int:
+        """The tokens the count sentences may take (`vlm.connectors.counts.count_width`)."""
+        tokens = lambda text: len(self._tokenizer[0](text, add_special_tokens=False)["input_ids"])  # noqa: E731
+        return count_width(self.counts, tokens, sum(self.widths[len(self.scene_vocab):][:len(self.object_vocab)]))
 
     def positions(self) -> list[int]:
         """The group of each word position of a frame: scene attributes, then per slot object and motion attributes,
@@ -182,7 +147,7 @@ class WordSlots(Connector):
     def project_grid(self, grid: tuple[int, int, int]) -> tuple[int, int]:
         if not self.widths:
             raise RuntimeError("word_slots: attach_llm(embeddings, tokenizer) first (VideoLLM does it at assembly)")
-        per_frame = sum(self.widths[g] for g in self.positions()) + self.count_tokens.shape[0] * self.count_tokens.shape[2]
+        per_frame = sum(self.widths[g] for g in self.positions()) + self.count_width()
         if self.layout == "frames":
             return grid[0], per_frame
         return 1, self.text_tokens or grid[0] * per_frame
@@ -258,8 +223,8 @@ class WordSlots(Connector):
             return [self.position[0][row], self.position[1][col]]
 
         scenes, frames, times = seen
-        counted = "".join(count_sentence(phrase, n) for (phrase, _, _), n in zip(self.counts, self.clip_counts(seen)))
-        return describe(scenes, frames, times, position if self.position else None, max_tracks=2 * self.slots) + counted
+        return describe(scenes, frames, times, position if self.position else None, max_tracks=2 * self.slots) \
+            + count_text(self.counts, frames)
 
     def describe(self, feats: VisualFeatures) -> list[str]:
         """Per clip, the text the `tracks` layout writes (`vlm.connectors.tracks`): the scene, then one sentence per
@@ -272,7 +237,7 @@ class WordSlots(Connector):
         if len(row) > budget:
             self.truncated += 1
             if self.truncated == 1:
-                log.warning("word_slots: a clip's tracks text has %d tokens, over the slot's %d; cut there "
+                log.warning("word_slots: a clip's text has %d tokens, over the slot's %d; cut there "
                             "(counted in .truncated)", len(row), budget)
         return torch.tensor(row[:budget], dtype=torch.long)
 
@@ -306,9 +271,11 @@ class WordSlots(Connector):
             mask.append((tokens >= 0) & used[..., p:p + 1])
         if self.counts:
             b, t = words.shape[:2]
-            n = torch.tensor([self.clip_counts(seen) for seen in self.detections(feats, detected)],
-                             device=words.device)  # [B, counts]
-            said = self.count_tokens[torch.arange(len(self.counts), device=words.device), n].flatten(1)  # [B, C * W]
+            said = torch.full((b, self.count_width()), -1, dtype=torch.long)
+            for i, seen in enumerate(self.detections(feats, detected)):
+                row = self.text_ids(count_text(self.counts, seen[1]), said.shape[1])
+                said[i, :len(row)] = row
+            said = said.to(words.device)
             ids.append(said[:, None].expand(b, t, -1))
             last = torch.arange(t, device=words.device) == t - 1
             mask.append((said >= 0)[:, None] & last[None, :, None])

@@ -1,0 +1,90 @@
+"""Clip-level count sentences of the word-slot connector, written after the last frame.
+
+A 135M LLM does not learn in a few steps to count objects over frames from per-frame words (docs/GROUNDING.md has
+the numbers), so the connector does it: the heads' detections are linked into tracks (`vlm.connectors.tracks`) and
+a rule says which tracks count: those showing some words, e.g. {"action": ["moves left", "moves right", ...]}, or
+those first seen after the clip's first frame ({"appears": true}) or last seen before its last ({"disappears": true}).
+The sentence states the number, and with `names` the counted objects too, as a caption names them:
+
+    " moving objects: 2: white diamond, red cross. still objects: 1: blue square. appearing objects: 0."
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+from vlm.connectors.tracks import Detection, Track, counted_tracks, link, merge_duplicates, track_name
+
+MAX_COUNT = 9  # a sentence says 0-9 (more is written as 9)
+MAX_NAMES = 4  # and names at most this many objects, the longest seen first
+
+
+@dataclass(frozen=True)
+class CountRule:
+    phrase: str  # what the sentence says ("moving objects")
+    attribute: int = -1  # the index of the attribute in a detection's identity + motion words (-1: none)
+    words: tuple[str, ...] = ()  # the words counted
+    every: bool = False  # counted when every frame of the object says one of them (else: at least two frames)
+    names: bool = False  # the sentence also names the counted objects
+    appears: bool = False  # (without words) counted when first seen after the clip's first frame
+    disappears: bool = False  # (without words) counted when last seen before the clip's last frame
+
+    def tracks(self, frames: Sequence[Sequence[Detection]]) -> list[Track]:
+        """The objects (tracks of more than one frame) this rule counts in one clip, the longest seen first."""
+        if self.words:
+            return counted_tracks(frames, self.attribute, self.words, every=self.every)
+        last = len(frames) - 1
+        found = [tr for tr in link([merge_duplicates(f) for f in frames]) if len(tr.frames) > 1
+                 and (tr.frames[0] > 0 or not self.appears) and (tr.frames[-1] < last or not self.disappears)]
+        return sorted(found, key=lambda tr: -len(tr.frames))
+
+
+def count_rules(counts: Mapping[str, Mapping[str, Any]], vocab: Mapping[str, Sequence[str]]) -> list[CountRule]:
+    """The `counts` setting, checked: phrase -> {attribute: [words], every: bool, names: bool} or {appears: true,
+    names: bool} or {disappears: true, names: bool}. `vocab`: the object then motion attributes' words, in the order
+    of a detection's words."""
+    rules = []
+    options = ("every", "names", "appears", "disappears")
+    for phrase, rule in counts.items():
+        named = [k for k in rule if k not in options] if isinstance(rule, Mapping) else []
+        extent = isinstance(rule, Mapping) and bool(rule.get("appears") or rule.get("disappears"))
+        if len(named) != (0 if extent else 1) or extent and rule.get("every"):
+            raise ValueError(f"word_slots: counts[{phrase!r}] is one {{attribute: [words]}} (options: every, names) "
+                             "or {appears: true} or {disappears: true} (option: names), e.g. "
+                             "{action: [moves left, moves right], names: true}")
+        if extent:
+            rules.append(CountRule(str(phrase), names=bool(rule.get("names", False)),
+                                   appears=bool(rule.get("appears", False)), disappears=bool(rule.get("disappears", False))))
+            continue
+        attr, words = named[0], rule[named[0]]
+        if attr not in vocab:
+            raise ValueError(f"word_slots: counts[{phrase!r}] names {attr!r}, not an object or motion attribute "
+                             f"({list(vocab)})")
+        unknown = sorted(set(words) - set(vocab[attr]))
+        if unknown:
+            raise ValueError(f"word_slots: counts[{phrase!r}]: {unknown} are not words of {attr!r}")
+        rules.append(CountRule(str(phrase), list(vocab).index(attr), tuple(str(w) for w in words),
+                               bool(rule.get("every", False)), bool(rule.get("names", False))))
+    return rules
+
+
+def count_sentence(phrase: str, n: int, names: Sequence[str] = ()) -> str:
+    """" moving objects: 2." or, with the counted objects' names, " moving objects: 2: white diamond, red cross." """
+    return f" {phrase}: {n}" + (": " + ", ".join(names) if names else "") + "."
+
+
+def count_text(rules: Sequence[CountRule], frames: Sequence[Sequence[Detection]]) -> str:
+    """One clip's sentences, in the rules' order, from its detections per frame."""
+    said = []
+    for r in rules:
+        tracks = r.tracks(frames)
+        names = [track_name(tr) for tr in tracks[:MAX_NAMES]] if r.names else []
+        said.append(count_sentence(r.phrase, min(MAX_COUNT, len(tracks)), names))
+    return "".join(said)
+
+
+def count_width(rules: Sequence[CountRule], tokens: Callable[[str], int], name_tokens: int) -> int:
+    """The tokens the sentences may take: each with the longest number and, if it names, `MAX_NAMES` names of
+    `name_tokens` tokens and a comma each. `tokens(text)`: the LLM tokenizer's count."""
+    return sum(tokens(count_sentence(r.phrase, MAX_COUNT)) + r.names * (1 + MAX_NAMES * (name_tokens + 1)) for r in rules)
