@@ -175,6 +175,9 @@ def test_count_text_says_how_many_and_which_objects_a_rule_counts():
                          "disappearing objects": {"disappears": True, "names": True}}, vocab)
     assert count_text(rules, frames) == (" moving objects: 1: red circle. still objects: 2."
                                          " appearing objects: 1: white star. disappearing objects: 1: blue square.")
+    verbs = count_rules({"appearing": {"appears": True, "verb": "appears"}, "gone": {"disappears": True, "verb": "disappears"}},
+                        vocab)  # a sentence per object, in the words an answer would use
+    assert count_text(verbs, frames) == " white star appears. blue square disappears."
     for bad in ({"appears": True, "every": True}, {"action": ["still"], "appears": True}, {"names": True}):
-        with pytest.raises(ValueError, match=r"is one \{attribute: \[words\]\} \(options: every, names\) or \{appears"):
+        with pytest.raises(ValueError, match=r"is one \{attribute: \[words\]\} \(options: every, names, verb\) or \{appears"):
             count_rules({"objects": bad}, vocab)

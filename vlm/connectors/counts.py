@@ -7,6 +7,8 @@ those first seen after the clip's first frame ({"appears": true}) or last seen b
 The sentence states the number, and with `names` the counted objects too, as a caption names them:
 
     " moving objects: 2: white diamond, red cross. still objects: 1: blue square. appearing objects: 0."
+
+or, with `verb`, one sentence per counted object in the words an answer would use: " blue star appears."
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class CountRule:
     names: bool = False  # the sentence also names the counted objects
     appears: bool = False  # (without words) counted when first seen after the clip's first frame
     disappears: bool = False  # (without words) counted when last seen before the clip's last frame
+    verb: str = ""  # instead of the count, one sentence per counted object: " <name> <verb>." (" blue star appears.")
 
     def tracks(self, frames: Sequence[Sequence[Detection]]) -> list[Track]:
         """The objects (tracks of more than one frame) this rule counts in one clip, the longest seen first."""
@@ -41,20 +44,20 @@ class CountRule:
 
 
 def count_rules(counts: Mapping[str, Mapping[str, Any]], vocab: Mapping[str, Sequence[str]]) -> list[CountRule]:
-    """The `counts` setting, checked: phrase -> {attribute: [words], every: bool, names: bool} or {appears: true,
-    names: bool} or {disappears: true, names: bool}. `vocab`: the object then motion attributes' words, in the order
-    of a detection's words."""
+    """The `counts` setting, checked: phrase -> {attribute: [words], every: bool} or {appears: true} or
+    {disappears: true}, each with the options names: bool or verb: str. `vocab`: the object then motion
+    attributes' words, in the order of a detection's words."""
     rules = []
-    options = ("every", "names", "appears", "disappears")
+    options = ("every", "names", "appears", "disappears", "verb")
     for phrase, rule in counts.items():
         named = [k for k in rule if k not in options] if isinstance(rule, Mapping) else []
         extent = isinstance(rule, Mapping) and bool(rule.get("appears") or rule.get("disappears"))
         if len(named) != (0 if extent else 1) or extent and rule.get("every"):
-            raise ValueError(f"word_slots: counts[{phrase!r}] is one {{attribute: [words]}} (options: every, names) "
-                             "or {appears: true} or {disappears: true} (option: names), e.g. "
+            raise ValueError(f"word_slots: counts[{phrase!r}] is one {{attribute: [words]}} (options: every, names, "
+                             "verb) or {appears: true} or {disappears: true} (options: names, verb), e.g. "
                              "{action: [moves left, moves right], names: true}")
         if extent:
-            rules.append(CountRule(str(phrase), names=bool(rule.get("names", False)),
+            rules.append(CountRule(str(phrase), names=bool(rule.get("names", False)), verb=str(rule.get("verb", "")),
                                    appears=bool(rule.get("appears", False)), disappears=bool(rule.get("disappears", False))))
             continue
         attr, words = named[0], rule[named[0]]
@@ -65,7 +68,8 @@ def count_rules(counts: Mapping[str, Mapping[str, Any]], vocab: Mapping[str, Seq
         if unknown:
             raise ValueError(f"word_slots: counts[{phrase!r}]: {unknown} are not words of {attr!r}")
         rules.append(CountRule(str(phrase), list(vocab).index(attr), tuple(str(w) for w in words),
-                               bool(rule.get("every", False)), bool(rule.get("names", False))))
+                               bool(rule.get("every", False)), bool(rule.get("names", False)),
+                               verb=str(rule.get("verb", ""))))
     return rules
 
 
@@ -79,6 +83,9 @@ def count_text(rules: Sequence[CountRule], frames: Sequence[Sequence[Detection]]
     said = []
     for r in rules:
         tracks = r.tracks(frames)
+        if r.verb:
+            said += [f" {track_name(tr)} {r.verb}." for tr in tracks[:MAX_NAMES]]
+            continue
         names = [track_name(tr) for tr in tracks[:MAX_NAMES]] if r.names else []
         said.append(count_sentence(r.phrase, min(MAX_COUNT, len(tracks)), names))
     return "".join(said)
@@ -87,4 +94,5 @@ def count_text(rules: Sequence[CountRule], frames: Sequence[Sequence[Detection]]
 def count_width(rules: Sequence[CountRule], tokens: Callable[[str], int], name_tokens: int) -> int:
     """The tokens the sentences may take: each with the longest number and, if it names, `MAX_NAMES` names of
     `name_tokens` tokens and a comma each. `tokens(text)`: the LLM tokenizer's count."""
-    return sum(tokens(count_sentence(r.phrase, MAX_COUNT)) + r.names * (1 + MAX_NAMES * (name_tokens + 1)) for r in rules)
+    return sum(MAX_NAMES * (name_tokens + tokens(f" {r.verb}.")) if r.verb else
+               tokens(count_sentence(r.phrase, MAX_COUNT)) + r.names * (1 + MAX_NAMES * (name_tokens + 1)) for r in rules)
