@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.test_word_slots import nearest_words, tiny_slots_model
-from vlm.connectors.tracks import (Detection, count_tracks, counted_tracks, describe, link, merge_duplicates, smooth,
+from vlm.connectors.tracks import (Detection, counted_tracks, describe, link, merge_duplicates, object_tracks, smooth,
                                   track_name)
 from vlm.towers.base import VisualFeatures
 
@@ -42,6 +42,10 @@ def test_merge_duplicates_keeps_one_of_a_large_objects_neighbouring_cells():
     assert [d.cell for d in merge_duplicates(dets)] == [(2, 2), (2, 3), (4, 4)]
 
 
+def count_tracks(frames, attribute, words, min_frames=2):
+    return len(counted_tracks(object_tracks(frames), attribute, words, min_frames))
+
+
 def test_count_tracks_counts_objects_not_frames_and_ignores_one_frame_slips():
     moves = ["moves left", "moves right"]
     # the red circle moves left over four frames (a large one, seen in two cells); the blue square is still but read
@@ -65,13 +69,13 @@ def test_counted_tracks_every_frame_and_the_names_they_are_said_by():
     # still but starts moving in the last two frames
     frames = [[det(1, 5 - k, action="moves left"), det(5, 5, "green" if k == 1 else "blue", "square"),
                det(3, 0, "white", "star", "moves up" if k >= 2 else "still")] for k in range(4)]
-    still = counted_tracks(frames, 2, ["still"], every=True)
+    still = counted_tracks(object_tracks(frames), 2, ["still"], every=True)
     assert [track_name(t) for t in still] == ["blue square"]  # each word the one it shows most
-    moving = counted_tracks(frames, 2, ["moves left", "moves up"])
+    moving = counted_tracks(object_tracks(frames), 2, ["moves left", "moves up"])
     assert [track_name(t) for t in moving] == ["red circle", "white star"]
-    assert [track_name(t) for t in counted_tracks(frames, 2, ["still"])] == ["blue square", "white star"]
+    assert [track_name(t) for t in counted_tracks(object_tracks(frames), 2, ["still"])] == ["blue square", "white star"]
     frames[0][0] = det(1, 5, action="still")  # one frame still is not "every"
-    assert [track_name(t) for t in counted_tracks(frames, 2, ["still", "moves up"], every=True)] == \
+    assert [track_name(t) for t in counted_tracks(object_tracks(frames), 2, ["still", "moves up"], every=True)] == \
         ["blue square", "white star"]
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
-from vlm.connectors.tracks import Detection, Track, counted_tracks, link, merge_duplicates, track_name
+from vlm.connectors.tracks import Detection, Track, counted_tracks, object_tracks, track_name
 
 MAX_COUNT = 9  # a sentence says 0-9 (more is written as 9)
 MAX_NAMES = 4  # and names at most this many objects, the longest seen first
@@ -33,13 +33,12 @@ class CountRule:
     disappears: bool = False  # (without words) counted when last seen before the clip's last frame
     verb: str = ""  # instead of the count, one sentence per counted object: " <name> <verb>." (" blue star appears.")
 
-    def tracks(self, frames: Sequence[Sequence[Detection]]) -> list[Track]:
-        """The objects (tracks of more than one frame) this rule counts in one clip, the longest seen first."""
+    def pick(self, tracks: Sequence[Track], last: int) -> list[Track]:
+        """The objects this rule counts among a clip's `object_tracks` (its last frame: `last`), longest seen first."""
         if self.words:
-            return counted_tracks(frames, self.attribute, self.words, every=self.every)
-        last = len(frames) - 1
-        found = [tr for tr in link([merge_duplicates(f) for f in frames]) if len(tr.frames) > 1
-                 and (tr.frames[0] > 0 or not self.appears) and (tr.frames[-1] < last or not self.disappears)]
+            return counted_tracks(tracks, self.attribute, self.words, every=self.every)
+        found = [tr for tr in tracks if (tr.frames[0] > 0 or not self.appears)
+                 and (tr.frames[-1] < last or not self.disappears)]
         return sorted(found, key=lambda tr: -len(tr.frames))
 
 
@@ -80,9 +79,9 @@ def count_sentence(phrase: str, n: int, names: Sequence[str] = ()) -> str:
 
 def count_text(rules: Sequence[CountRule], frames: Sequence[Sequence[Detection]]) -> str:
     """One clip's sentences, in the rules' order, from its detections per frame."""
-    said = []
+    said, objects = [], object_tracks(frames) if rules else []
     for r in rules:
-        tracks = r.tracks(frames)
+        tracks = r.pick(objects, len(frames) - 1)
         if r.verb:
             said += [f" {track_name(tr)} {r.verb}." for tr in tracks[:MAX_NAMES]]
             continue

@@ -104,26 +104,23 @@ def changes(rows: Sequence[tuple[str, ...]]) -> list[tuple[int, list[str]]]:
     return out
 
 
-def counted_tracks(frames: Sequence[Sequence[Detection]], attribute: int, words: Sequence[str],
-                   min_frames: int = 2, every: bool = False) -> list[Track]:
-    """The objects that show one of `words` in at least `min_frames` frames (`every`: in all their frames): each
-    frame's detections linked into tracks (`link`), a track's words of `attribute` (its index in identity + motion)
-    smoothed over time, one-frame tracks never counted (a head's one-frame slip would otherwise count a still
-    object). Longest tracks first."""
+def object_tracks(frames: Sequence[Sequence[Detection]]) -> list[Track]:
+    """Each frame's detections linked into tracks (`link`), without the tracks of one frame (a head's one-frame
+    slip would otherwise be an object)."""
+    return [tr for tr in link([merge_duplicates(f) for f in frames]) if len(tr.frames) > 1]
+
+
+def counted_tracks(tracks: Sequence[Track], attribute: int, words: Sequence[str], min_frames: int = 2,
+                   every: bool = False) -> list[Track]:
+    """The tracks whose words of `attribute` (its index in identity + motion), smoothed over time, are one of `words`
+    in at least `min_frames` frames (`every`: in all their frames); longest tracks first."""
     wanted, out = set(words), []
-    for tr in link([merge_duplicates(f) for f in frames]):
-        if len(tr.frames) > 1:
-            values = smooth([(d.identity + d.motion)[attribute] for d in tr.detections])
-            hits = sum(v in wanted for v in values)
-            if hits == len(values) if every else hits >= min_frames:
-                out.append(tr)
+    for tr in tracks:
+        values = smooth([(d.identity + d.motion)[attribute] for d in tr.detections])
+        hits = sum(v in wanted for v in values)
+        if hits == len(values) if every else hits >= min_frames:
+            out.append(tr)
     return sorted(out, key=lambda tr: -len(tr.frames))
-
-
-def count_tracks(frames: Sequence[Sequence[Detection]], attribute: int, words: Sequence[str],
-                 min_frames: int = 2, every: bool = False) -> int:
-    """How many objects `counted_tracks` finds."""
-    return len(counted_tracks(frames, attribute, words, min_frames, every))
 
 
 def track_name(track: Track) -> str:
