@@ -55,9 +55,10 @@ def count_rules(counts: Mapping[str, Mapping[str, Any]], vocab: Mapping[str, Seq
             raise ValueError(f"word_slots: counts[{phrase!r}] is one {{attribute: [words]}} (options: every, names, "
                              "verb) or {appears: true} or {disappears: true} (options: names, verb), e.g. "
                              "{action: [moves left, moves right], names: true}")
+        flags = {k: bool(rule.get(k, False)) for k in ("every", "names", "appears", "disappears")}
+        flags["verb"] = str(rule.get("verb", ""))
         if extent:
-            rules.append(CountRule(str(phrase), names=bool(rule.get("names", False)), verb=str(rule.get("verb", "")),
-                                   appears=bool(rule.get("appears", False)), disappears=bool(rule.get("disappears", False))))
+            rules.append(CountRule(str(phrase), **flags))
             continue
         attr, words = named[0], rule[named[0]]
         if attr not in vocab:
@@ -66,9 +67,7 @@ def count_rules(counts: Mapping[str, Mapping[str, Any]], vocab: Mapping[str, Seq
         unknown = sorted(set(words) - set(vocab[attr]))
         if unknown:
             raise ValueError(f"word_slots: counts[{phrase!r}]: {unknown} are not words of {attr!r}")
-        rules.append(CountRule(str(phrase), list(vocab).index(attr), tuple(str(w) for w in words),
-                               bool(rule.get("every", False)), bool(rule.get("names", False)),
-                               verb=str(rule.get("verb", ""))))
+        rules.append(CountRule(str(phrase), list(vocab).index(attr), tuple(str(w) for w in words), **flags))
     return rules
 
 
