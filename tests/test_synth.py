@@ -13,7 +13,7 @@ import pytest
 
 from data_tools.synth import CLASSES, generate
 from data_tools.synth.contact_sheet import decode_frames
-from data_tools.synth.generate import class_of, event_word, motion_word, split_of
+from data_tools.synth.generate import class_of, event_word, motion_word, size_word, split_of
 from data_tools.synth.language import movers, object_action, timeline
 from data_tools.synth.render import render_clip
 from data_tools.synth.scenarios import sample_clip
@@ -284,6 +284,7 @@ def test_regions_are_the_ground_truth_in_the_quickstart_words(out: Path) -> None
             for f, o in zip(frame["objects"], drawn):
                 assert f["center"][0] == pytest.approx(min(1, max(0, o["track"]["x"][k] / SIZE)), abs=1e-4)
                 assert f["action"] == motion_word(o["track"], k) and f["event"] == event_word(m, o["id"], k)
+                assert f["size"] == size_word(o["radius"], o["track"]["scale"][k], SIZE)
     # what an object does agrees with the events in the middle of each movement, growth and rotation
     checked = 0
     for m in metas.values():
@@ -295,6 +296,13 @@ def test_regions_are_the_ground_truth_in_the_quickstart_words(out: Path) -> None
                 assert motion_word(track, (e["start_frame"] + e["end_frame"]) // 2) == word, (m["id"], e)
                 checked += 1
     assert checked > 0
+    # an object that grows is small when it starts and large when it ends, and one that shrinks the other way round
+    for m in metas.values():
+        for e in m["events"]:
+            if e["type"] in ("grow", "shrink"):
+                o = m["objects"][e["object"]]
+                ends = [size_word(o["radius"], o["track"]["scale"][k], SIZE) for k in (e["start_frame"], e["end_frame"])]
+                assert ends == (["small", "large"] if e["type"] == "grow" else ["large", "small"]), (m["id"], e)
     # each one-off event is named at its frame (and the frames next to it) on its object
     for m in metas.values():
         for e in m["events"]:

@@ -182,6 +182,22 @@ def test_count_text_says_how_many_and_which_objects_a_rule_counts():
     verbs = count_rules({"appearing": {"appears": True, "verb": "appears"}, "gone": {"disappears": True, "verb": "disappears"}},
                         vocab)  # a sentence per object, in the words an answer would use
     assert count_text(verbs, frames) == " white star appears. blue square disappears."
-    for bad in ({"appears": True, "every": True}, {"action": ["still"], "appears": True}, {"names": True}):
-        with pytest.raises(ValueError, match=r"is one \{attribute: \[words\]\} \(options: every, names, verb\) or \{appears"):
+    for bad in ({"appears": True, "every": True}, {"action": ["still"], "appears": True}, {"names": True},
+                {"appears": True, "becomes": "still"}, {"action": ["still"], "every": True, "becomes": "moves left"}):
+        with pytest.raises(ValueError, match=r"is one \{attribute: \[words\]\} \(options: every or becomes, names, verb\) or \{appears"):
             count_rules({"objects": bad}, vocab)
+    with pytest.raises(ValueError, match=r"counts\['grown'\]: \['huge'\] are not words of 'action'"):
+        count_rules({"grown": {"action": ["still"], "becomes": "huge"}}, vocab)
+
+
+def test_a_change_rule_says_which_objects_end_with_other_words_than_they_began():
+    from vlm.connectors.counts import count_rules, count_text
+    vocab = {"color": ["red", "blue", "white", "purple"], "shape": ["circle"], "size": ["small", "large"]}
+    # grows; shrinks; a one-frame slip in the middle, then one in the last frame: both stay small
+    sizes = {"red": "ssslll", "blue": "llllss", "white": "sslsss", "purple": "ssssl"}
+    frames = [[Detection((2 * i, 1), (c, "circle"), ({"s": "small", "l": "large"}[w[k]],))
+               for i, (c, w) in enumerate(sizes.items()) if k < len(w)] for k in range(6)]
+    rules = count_rules({"grown": {"size": ["small"], "becomes": "large", "verb": "grows"},
+                         "shrunk": {"size": ["large"], "becomes": "small", "verb": "shrinks"},
+                         "how many grew": {"size": ["small"], "becomes": "large"}}, vocab)
+    assert count_text(rules, frames) == " red circle grows. blue circle shrinks. how many grew: 1."

@@ -26,13 +26,14 @@ from data_tools.synth.qa import open_questions
 from data_tools.synth.render import render_clip
 from data_tools.synth.scenarios import sample_clip
 from data_tools.synth.tasks import TASKS, AnswerPlacer, Question, clip_questions
-from data_tools.synth.world import CLASSES
+from data_tools.synth.world import CLASSES, SIZES
 from vlm.video.encode import write_video
 
 log = logging.getLogger(__name__)
 
 VIDEO_DIRS = {"train": "videos", "test": "mvbench/video"}
-FORMAT_VERSION = 2  # 2: per-frame scene words follow a background change and name its second tone and pattern
+FORMAT_VERSION = 3  # 2: per-frame scene words follow a background change and name its second tone and pattern;
+                    # 3: per-frame objects carry a size word
 
 
 def clip_id(index: int) -> str:
@@ -195,6 +196,15 @@ def motion_word(track: dict[str, list], k: int) -> str:
     return "still"
 
 
+SIZE_WORDS = ("small", "large")
+
+
+def size_word(radius: float, scale: float, frame_size: float) -> str:
+    """How large an object is drawn in a frame: "large" from halfway between the world's two sizes up (a small
+    object that has grown to about twice its size is large, a large one shrunk to half is small)."""
+    return "large" if radius * scale / frame_size >= (SIZES["small"] + SIZES["large"]) / 2 else "small"
+
+
 EVENT_WORDS = ("none", "starts moving", "stops moving", "bounces", "changes color", "appears", "disappears")
 _EVENT_OF = {"start": "starts moving", "stop": "stops moving", "bounce": "bounces", "color_change": "changes color",
              "appear": "appears", "disappear": "disappears"}
@@ -231,8 +241,8 @@ def scene_words(meta: dict[str, Any], k: int) -> dict[str, str]:
 def frame_regions(meta: dict[str, Any]) -> list[dict[str, Any]]:
     """A clip's ground truth as per-frame annotations (`vlm.data.regions`): per frame its time, the background's
     words (`scene_words`), and each object drawn at half opacity or more: centre in [0, 1], colour, shape (a
-    shuffle scenario's boxes are the shape "box"), what it is doing (`motion_word`) and what happens to it
-    (`event_word`)."""
+    shuffle scenario's boxes are the shape "box"), how large it is drawn (`size_word`), what it is doing
+    (`motion_word`) and what happens to it (`event_word`)."""
     size, fps = float(meta["size"]), float(meta["fps"])
     frames = []
     for k in range(int(meta["num_frames"])):
@@ -242,6 +252,7 @@ def frame_regions(meta: dict[str, Any]) -> list[dict[str, Any]]:
             if tr["visible"][k] and tr["opacity"][k] >= 0.5:
                 centre = [round(min(1.0, max(0.0, tr[a][k] / size)), 4) for a in ("x", "y")]
                 objects.append({"center": centre, "color": tr["color"][k], "shape": o["shape"],
+                                "size": size_word(o["radius"], tr["scale"][k], size),
                                 "action": motion_word(tr, k), "event": event_word(meta, o["id"], k)})
         frames.append({"t": round(k / fps, 4), "scene": scene_words(meta, k), "objects": objects})
     return frames

@@ -3,7 +3,8 @@
 A 135M LLM does not learn in a few steps to count objects over frames from per-frame words (docs/GROUNDING.md has
 the numbers), so the connector does it: the heads' detections are linked into tracks (`vlm.connectors.tracks`) and
 a rule says which tracks count: those showing some words, e.g. {"action": ["moves left", "moves right", ...]}, or
-those first seen after the clip's first frame ({"appears": true}) or last seen before its last ({"disappears": true}).
+those first seen after the clip's first frame ({"appears": true}) or last seen before its last ({"disappears": true}),
+or those whose words change from some to another ({"size": ["small"], "becomes": "large"}: grown).
 The sentence states the number, and with `names` the counted objects too, as a caption names them:
 
     " moving objects: 2: white diamond, red cross. still objects: 1: blue square. appearing objects: 0."
@@ -16,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
-from vlm.connectors.tracks import Detection, Track, counted_tracks, object_tracks, track_name
+from vlm.connectors.tracks import Detection, Track, changed_tracks, counted_tracks, object_tracks, track_name
 
 MAX_COUNT = 9  # a sentence says 0-9 (more is written as 9)
 MAX_NAMES = 4  # and names at most this many objects, the longest seen first
@@ -32,9 +33,13 @@ class CountRule:
     appears: bool = False  # (without words) counted when first seen after the clip's first frame
     disappears: bool = False  # (without words) counted when last seen before the clip's last frame
     verb: str = ""  # instead of the count, one sentence per counted object: " <name> <verb>." (" blue star appears.")
+    becomes: str = ""  # counted when the words, smoothed over time, start as one of `words` and end as this one
+                       # (in two frames each)
 
     def pick(self, tracks: Sequence[Track], last: int) -> list[Track]:
         """The objects this rule counts among a clip's `object_tracks` (its last frame: `last`), longest seen first."""
+        if self.becomes:
+            return changed_tracks(tracks, self.attribute, self.words, self.becomes)
         if self.words:
             return counted_tracks(tracks, self.attribute, self.words, every=self.every)
         found = [tr for tr in tracks if (tr.frames[0] > 0 or not self.appears)
@@ -43,20 +48,22 @@ class CountRule:
 
 
 def count_rules(counts: Mapping[str, Mapping[str, Any]], vocab: Mapping[str, Sequence[str]]) -> list[CountRule]:
-    """The `counts` setting, checked: phrase -> {attribute: [words], every: bool} or {appears: true} or
-    {disappears: true}, each with the options names: bool or verb: str. `vocab`: the object then motion
-    attributes' words, in the order of a detection's words."""
+    """The `counts` setting, checked: phrase -> {attribute: [words], every: bool} or {attribute: [words], becomes:
+    word} or {appears: true} or {disappears: true}, each with the options names: bool or verb: str. `vocab`: the
+    object then motion attributes' words, in the order of a detection's words."""
     rules = []
-    options = ("every", "names", "appears", "disappears", "verb")
+    options = ("every", "names", "appears", "disappears", "verb", "becomes")
     for phrase, rule in counts.items():
-        named = [k for k in rule if k not in options] if isinstance(rule, Mapping) else []
-        extent = isinstance(rule, Mapping) and bool(rule.get("appears") or rule.get("disappears"))
-        if len(named) != (0 if extent else 1) or extent and rule.get("every"):
-            raise ValueError(f"word_slots: counts[{phrase!r}] is one {{attribute: [words]}} (options: every, names, "
-                             "verb) or {appears: true} or {disappears: true} (options: names, verb), e.g. "
+        rule = rule if isinstance(rule, Mapping) else {}
+        named = [k for k in rule if k not in options]
+        extent = bool(rule.get("appears") or rule.get("disappears"))
+        how = [k for k in ("every", "becomes") if rule.get(k)]  # of an attribute's words, at most one
+        if len(named) != (0 if extent else 1) or len(how) > (0 if extent else 1):
+            raise ValueError(f"word_slots: counts[{phrase!r}] is one {{attribute: [words]}} (options: every or becomes, "
+                             "names, verb) or {appears: true} or {disappears: true} (options: names, verb), e.g. "
                              "{action: [moves left, moves right], names: true}")
         flags = {k: bool(rule.get(k, False)) for k in ("every", "names", "appears", "disappears")}
-        flags["verb"] = str(rule.get("verb", ""))
+        flags |= {k: str(rule.get(k, "")) for k in ("verb", "becomes")}
         if extent:
             rules.append(CountRule(str(phrase), **flags))
             continue
@@ -64,7 +71,7 @@ def count_rules(counts: Mapping[str, Mapping[str, Any]], vocab: Mapping[str, Seq
         if attr not in vocab:
             raise ValueError(f"word_slots: counts[{phrase!r}] names {attr!r}, not an object or motion attribute "
                              f"({list(vocab)})")
-        unknown = sorted(set(words) - set(vocab[attr]))
+        unknown = sorted(set(words) - set(vocab[attr]) | ({flags["becomes"]} - {""} - set(vocab[attr])))
         if unknown:
             raise ValueError(f"word_slots: counts[{phrase!r}]: {unknown} are not words of {attr!r}")
         rules.append(CountRule(str(phrase), list(vocab).index(attr), tuple(str(w) for w in words), **flags))

@@ -123,6 +123,19 @@ def counted_tracks(tracks: Sequence[Track], attribute: int, words: Sequence[str]
     return sorted(out, key=lambda tr: -len(tr.frames))
 
 
+def changed_tracks(tracks: Sequence[Track], attribute: int, words: Sequence[str], becomes: str,
+                   ends: int = 2) -> list[Track]:
+    """The tracks whose words of `attribute`, smoothed over time, are one of `words` in their first `ends` frames
+    and `becomes` in their last `ends` (e.g. a size that goes from "small" to "large"; a head's slip in a first or
+    last frame, which smoothing cannot mend, is not a change); longest tracks first."""
+    out = []
+    for tr in tracks:
+        values = smooth([(d.identity + d.motion)[attribute] for d in tr.detections])
+        if len(values) >= 2 * ends and set(values[:ends]) <= set(words) and set(values[-ends:]) == {becomes}:
+            out.append(tr)
+    return sorted(out, key=lambda tr: -len(tr.frames))
+
+
 def track_name(track: Track) -> str:
     """A track's identity words as a caption names the object ("white diamond"): each word the one it shows most."""
     rows = [d.identity for d in track.detections]

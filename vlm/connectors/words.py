@@ -63,8 +63,9 @@ class WordSlots(Connector):
     never moved); `names: true` also names the counted objects (at most 4, the longest seen first):
     " moving objects: 2: white diamond, red cross." (the one that moves, or stays still, is then said outright).
     {"appears": true} or {"disappears": true} in place of the words counts the objects first seen after the first
-    frame or last seen before the last; `verb: appears` writes one sentence per counted object instead of the count
-    (" blue star appears.")
+    frame or last seen before the last; `becomes: large` beside {"size": ["small"]} counts the objects whose words
+    change (small in the first two frames, large in the last two); `verb: appears` writes one sentence per counted
+    object instead of the count (" blue star appears.", " red star grows.")
     Each word is written with the LLM's tokens of " <word>" (several tokens when the tokenizer splits it)."""
 
     def __init__(self, in_dim: int, out_dim: int, reducers=(), scene: Mapping[str, Sequence[str]] | None = None,
