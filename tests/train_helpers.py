@@ -58,12 +58,12 @@ def make_tiny_data(root: Path, n: int = 8, frames: int = 4, bad: bool = True) ->
 
 
 def square_regions(i: int, frames: int) -> list[dict[str, Any]]:
-    """Clip i's ground truth as per-frame annotations (vlm.data.regions): the square's centre, colour, shape and
-    motion."""
+    """Clip i's ground truth as per-frame annotations (vlm.data.regions): the square's centre, colour, shape, size
+    and motion."""
     right = i % 2 == 0
     return [{"t": t / 4, "scene": {"tone": "gray", "tone2": "none", "pattern": "solid"},
              "objects": [{"center": [((4 + 5 * t if right else 24 - 5 * t) + 3) / 32, 0.5],
-                          "color": list(COLORS)[i % 4], "shape": "square",
+                          "color": list(COLORS)[i % 4], "shape": "square", "size": "small",
                           "action": "moves right" if right else "moves left"}]} for t in range(frames)]
 
 
