@@ -110,13 +110,18 @@ def object_tracks(frames: Sequence[Sequence[Detection]]) -> list[Track]:
     return [tr for tr in link([merge_duplicates(f) for f in frames]) if len(tr.frames) > 1]
 
 
+def track_words(track: Track, attribute: int) -> list[str]:
+    """A track's words of one attribute (its index in identity + motion), frame by frame, smoothed over time."""
+    return smooth([(d.identity + d.motion)[attribute] for d in track.detections])
+
+
 def counted_tracks(tracks: Sequence[Track], attribute: int, words: Sequence[str], min_frames: int = 2,
                    every: bool = False) -> list[Track]:
     """The tracks whose words of `attribute` (its index in identity + motion), smoothed over time, are one of `words`
     in at least `min_frames` frames (`every`: in all their frames); longest tracks first."""
     wanted, out = set(words), []
     for tr in tracks:
-        values = smooth([(d.identity + d.motion)[attribute] for d in tr.detections])
+        values = track_words(tr, attribute)
         hits = sum(v in wanted for v in values)
         if hits == len(values) if every else hits >= min_frames:
             out.append(tr)
@@ -130,7 +135,7 @@ def changed_tracks(tracks: Sequence[Track], attribute: int, words: Sequence[str]
     last frame, which smoothing cannot mend, is not a change); longest tracks first."""
     out = []
     for tr in tracks:
-        values = smooth([(d.identity + d.motion)[attribute] for d in tr.detections])
+        values = track_words(tr, attribute)
         if len(values) >= 2 * ends and set(values[:ends]) <= set(words) and set(values[-ends:]) == {becomes}:
             out.append(tr)
     return sorted(out, key=lambda tr: -len(tr.frames))
