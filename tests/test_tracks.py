@@ -201,3 +201,33 @@ def test_a_change_rule_says_which_objects_end_with_other_words_than_they_began()
                          "shrunk": {"size": ["large"], "becomes": "small", "verb": "shrinks"},
                          "how many grew": {"size": ["small"], "becomes": "large"}}, vocab)
     assert count_text(rules, frames) == " red circle grows. blue circle shrinks. how many grew: 1."
+
+
+def test_event_sentences_say_each_held_change_in_the_frame_that_first_shows_it():
+    from vlm.connectors.events import event_rules, event_texts
+    vocab = {"color": ["red", "blue", "green"], "shape": ["circle", "square"],
+             "action": ["still", "moves left", "moves right"]}
+    rules = event_rules({"action": {"still > moves left": "starts moving to the left",
+                                    "moves left > moves right": "bounces off the left wall",
+                                    "moves left > still": "stops moving"},
+                         "color": {"* > *": "turns {to}"}}, vocab)
+    L, R, S = "moves left", "moves right", "still"
+    # a red circle: still, then moves left, then bounces and turns green; a blue square starts moving left and, in the
+    # last frame only, is seen still (not held for two frames)
+    circle = [S, S, L, L, R, R]
+    square = [S, S, S, L, L, S]
+    frames = [[Detection((1, 5), ("red" if k < 4 else "green", "circle"), (circle[k],)),
+               Detection((6, 1), ("blue", "square"), (square[k],))] for k in range(6)]
+    said = event_texts(rules, frames, hold=2)
+    assert said == ["", "", " red circle starts moving to the left.", " blue square starts moving to the left.",
+                    " red circle bounces off the left wall. red circle turns green.", ""]
+    assert event_texts(rules, frames, hold=1)[5] == " blue square stops moving."  # one frame is enough
+    # appears / disappears: where a track begins after the first frame, and after the last frame of one that ends early
+    late = [[Detection((3, 3), ("blue", "circle"), (S,))] if 2 <= k <= 3 else [] for k in range(6)]
+    extent = {"appears": "appears", "disappears": "disappears"}
+    assert event_texts([], late, extent=extent) == ["", "", " blue circle appears.", "", " blue circle disappears.", ""]
+    # "moves * > still" is not a word; written plainly it is
+    with pytest.raises(ValueError, match=r"events\['action'\]\['moves \* > still'\].*\['moves \*'\] are not its words"):
+        event_rules({"action": {"moves * > still": "stops moving"}}, vocab)
+    with pytest.raises(ValueError, match=r"events names 'speed', not an object or motion attribute"):
+        event_rules({"speed": {"* > *": "changes"}}, vocab)

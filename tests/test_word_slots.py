@@ -152,6 +152,37 @@ def test_count_sentences_are_written_once_after_the_last_frame(monkeypatch):
     assert out.embeds.shape[1] == plain.num_visual_tokens(3) and plain.connector.truncated == 0
 
 
+def test_event_sentences_follow_the_words_of_the_frame_that_shows_the_change(monkeypatch):
+    model = tiny_slots_model()
+    conn = model.connector
+    feats = VisualFeatures(tokens=torch.zeros(1, 4, 16, 32), grid=(4, 4, 4),
+                           timestamps=torch.tensor([[0.0, 0.5, 1.0, 1.5]]))
+    found = torch.full((1, 4, 16), -5.0)
+    found[0, :, 5] = 5.0  # a red square in every frame, still in the first two, moving left in the last two
+    colors, shapes, tones = torch.zeros(1, 4, 16, 4), torch.zeros(1, 4, 16, 2), torch.zeros(1, 4, 2)
+    colors[0, :, 5, 0] = shapes[..., 0] = tones[..., 0] = 1
+    monkeypatch.setattr(conn, "split_logits", lambda f: (found, [colors, shapes], [tones]))
+
+    def motion(f, b, t, c):
+        logits = torch.zeros(len(c), 3)
+        logits[:, 0] = 1
+        logits[t >= 2, 1] = 5
+        return [logits]
+
+    monkeypatch.setattr(conn, "motion_logits", motion)
+    before = model.num_visual_tokens(4)
+    model.apply_settings({"connector": {"events": {"action": {"still > moves left": "starts moving to the left"}}}})
+    frames = conn.written(feats)[0].split(" |")
+    assert frames[2] == " gray red square moves left top left red square starts moving to the left."
+    assert frames[1] == " gray red square still top left" and frames[3] == " gray red square moves left top left"
+    out = conn(feats)
+    assert out.embeds.shape[1] == model.num_visual_tokens(4) > before and conn.truncated == 0
+    with pytest.raises(ValueError, match="'events' apply to layout 'frames'"):
+        conn.configure(layout="tracks")
+    with pytest.raises(ValueError, match="events hold"):
+        conn.configure(events={"hold": 0})
+
+
 def fixed_heads(monkeypatch, conn, centres: dict[int, float], color_of: dict[int, int]):
     """Heads that see objects at the given cells (centre logits) with the given colour (index into COLORS), all
     squares, still, on a gray background, in every frame."""

@@ -31,6 +31,7 @@ from torch.nn import functional as F
 from vlm.connectors.base import Connector, VisualTokens, register_connector
 from vlm.connectors.slot_heads import MotionHead, SlotHead
 from vlm.connectors.counts import count_rules, count_text, count_width
+from vlm.connectors.events import event_rules, event_texts, event_width, settings as event_settings
 from vlm.connectors.tracks import Detection, Seen, describe
 from vlm.data.regions import cell_of, nearest_frames, region_problems
 from vlm.towers.base import VisualFeatures
@@ -65,7 +66,14 @@ class WordSlots(Connector):
     {"appears": true} or {"disappears": true} in place of the words counts the objects first seen after the first
     frame or last seen before the last; `becomes: large` beside {"size": ["small"]} counts the objects whose words
     change (small in the first two frames, large in the last two); `verb: appears` writes one sentence per counted
-    object instead of the count (" blue star appears.", " red star grows.")
+    object instead of the count (" blue star appears.", " red star grows.");
+    events: sentences written after the words of the frame where a change is first seen, attribute ->
+    {"<word> > <word>": what the change is called}, e.g. {"action": {"moves left > moves right": "bounces off the left
+    wall"}, "color": {"* > *": "turns {to}"}} writes " red star bounces off the left wall." when a track's words
+    change so, each side holding for `hold` frames (an optional key beside the attributes, default 2;
+    `vlm.connectors.events`): the frame's time stamp then says when, the sentences' order what came first;
+    `appears: appears` / `disappears: disappears` there write " blue star appears." in the frame where an object is
+    first seen (after the clip's first), " ... disappears." in the first frame it is no longer seen.
     Each word is written with the LLM's tokens of " <word>" (several tokens when the tokenizer splits it)."""
 
     def __init__(self, in_dim: int, out_dim: int, reducers=(), scene: Mapping[str, Sequence[str]] | None = None,
@@ -73,7 +81,8 @@ class WordSlots(Connector):
                  motion: Mapping[str, Sequence[str]] | None = None, silent: Sequence[str] = (), slots: int = 3,
                  position: Sequence[Sequence[str]] | None = POSITION, threshold: float = 0.5, hidden: int = 256,
                  layout: str = "frames", text_tokens: int | None = None, scene_grid: int = 1,
-                 counts: Mapping[str, Mapping[str, Sequence[str]]] | None = None):
+                 counts: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
+                 events: Mapping[str, Any] | None = None):
         super().__init__(in_dim, out_dim, reducers)
         self.scene_vocab = {k: list(v) for k, v in (scene or {}).items()}
         self.object_vocab = {k: list(v) for k, v in (objects or {}).items()}
@@ -92,7 +101,8 @@ class WordSlots(Connector):
         self.silent = [str(w) for w in silent]
         if not set(self.silent) <= set(self.words):
             raise ValueError(f"word_slots: silent words {sorted(set(self.silent) - set(self.words))} are not in its vocabulary")
-        self.configure(layout=layout, text_tokens=text_tokens, threshold=threshold, counts=counts or {})
+        self.configure(layout=layout, text_tokens=text_tokens, threshold=threshold, counts=counts or {},
+                       events=events or {})
         self.head = SlotHead(in_dim, sum(len(g) for g in self.object_vocab.values()),
                              sum(len(g) for g in self.scene_vocab.values()), hidden, scene_grid)
         if self.motion_vocab:
@@ -103,7 +113,7 @@ class WordSlots(Connector):
         self._tokenizer: list[Any] = []
         self.truncated = 0  # clips whose text (tracks, counts) was cut to the token budget
 
-    settings = ("layout", "text_tokens", "threshold", "counts")
+    settings = ("layout", "text_tokens", "threshold", "counts", "events")
     def configure(self, **values: Any) -> None:
         layout = values.get("layout", getattr(self, "layout", "frames"))
         text_tokens = values.get("text_tokens", getattr(self, "text_tokens", None) if layout == "tracks" else None)
@@ -118,6 +128,11 @@ class WordSlots(Connector):
         self.threshold = float(values.get("threshold", getattr(self, "threshold", 0.5)))
         if "counts" in values:
             self.counts = count_rules(values["counts"] or {}, self.object_vocab | self.motion_vocab)
+        if "events" in values:
+            rules, self.event_hold, self.event_extent = event_settings(values["events"])
+            self.events = event_rules(rules, self.object_vocab | self.motion_vocab)
+        if self.layout == "tracks" and (getattr(self, "events", None) or getattr(self, "event_extent", None)):
+            raise ValueError("word_slots: 'events' apply to layout 'frames' (the tracks layout writes each change)")
 
     # ---------------------------------------------------------------- assembly
     def attach_llm(self, embeddings: nn.Embedding, tokenizer: Any) -> None:
@@ -134,10 +149,20 @@ class WordSlots(Connector):
         self._embedding = [embeddings]
         self._tokenizer = [tokenizer]
 
+    def _tokens(self, text: str) -> int:
+        return len(self._tokenizer[0](text, add_special_tokens=False)["input_ids"])
+
+    def _name_tokens(self) -> int:
+        """The most tokens an object's name (its object attributes' words) takes."""
+        return sum(self.widths[len(self.scene_vocab):][:len(self.object_vocab)])
+
     def count_width(self) -> int:
         """The tokens the count sentences may take (`vlm.connectors.counts.count_width`)."""
-        tokens = lambda text: len(self._tokenizer[0](text, add_special_tokens=False)["input_ids"])  # noqa: E731
-        return count_width(self.counts, tokens, sum(self.widths[len(self.scene_vocab):][:len(self.object_vocab)]))
+        return count_width(self.counts, self._tokens, self._name_tokens())
+
+    def event_width(self) -> int:
+        """The tokens a frame's event sentences may take (`vlm.connectors.events.event_width`)."""
+        return event_width(self.events, self.event_extent, self._tokens, self._name_tokens())
 
     def positions(self) -> list[int]:
         """The group of each word position of a frame: scene attributes, then per slot object and motion attributes,
@@ -149,7 +174,7 @@ class WordSlots(Connector):
     def project_grid(self, grid: tuple[int, int, int]) -> tuple[int, int]:
         if not self.widths:
             raise RuntimeError("word_slots: attach_llm(embeddings, tokenizer) first (VideoLLM does it at assembly)")
-        per_frame = sum(self.widths[g] for g in self.positions()) + self.count_width()
+        per_frame = sum(self.widths[g] for g in self.positions()) + self.count_width() + self.event_width()
         if self.layout == "frames":
             return grid[0], per_frame
         return 1, self.text_tokens or grid[0] * per_frame
@@ -262,8 +287,8 @@ class WordSlots(Connector):
                             timestamps=feats.timestamps)
 
     def frame_ids(self, feats: VisualFeatures) -> tuple[torch.Tensor, torch.Tensor]:
-        """The frames layout's token ids [B, T, tokens per frame] and which are written (bool, same shape); the
-        count sentences, if any, are written in the last frame's."""
+        """The frames layout's token ids [B, T, tokens per frame] and which are written (bool, same shape); a frame's
+        event sentences, if any, follow its words, and the count sentences are written in the last frame's."""
         detected = self.detect(feats)
         words, used = self.choose(feats, detected)  # [B, T, P]
         ids, mask = [], []
@@ -271,11 +296,20 @@ class WordSlots(Connector):
             tokens = self.word_tokens[words[..., p], :self.widths[g]]  # [B, T, width]
             ids.append(tokens)
             mask.append((tokens >= 0) & used[..., p:p + 1])
+        b, t = words.shape[:2]
+        seen = self.detections(feats, detected) if self.counts or self.events or self.event_extent else []
+        if self.events or self.event_extent:  # each frame's event sentences after its words
+            said = torch.full((b, t, self.event_width()), -1, dtype=torch.long)
+            for i, (_, frames, _) in enumerate(seen):
+                for j, text in enumerate(event_texts(self.events, frames, self.event_hold, self.event_extent)):
+                    row = self.text_ids(text, said.shape[2])
+                    said[i, j, :len(row)] = row
+            ids.append(said.to(words.device))
+            mask.append(ids[-1] >= 0)
         if self.counts:
-            b, t = words.shape[:2]
             said = torch.full((b, self.count_width()), -1, dtype=torch.long)
-            for i, seen in enumerate(self.detections(feats, detected)):
-                row = self.text_ids(count_text(self.counts, seen[1]), said.shape[1])
+            for i, (_, frames, _) in enumerate(seen):
+                row = self.text_ids(count_text(self.counts, frames), said.shape[1])
                 said[i, :len(row)] = row
             said = said.to(words.device)
             ids.append(said[:, None].expand(b, t, -1))
