@@ -184,7 +184,7 @@ def test_count_text_says_how_many_and_which_objects_a_rule_counts():
     assert count_text(verbs, frames) == " white star appears. blue square disappears."
     for bad in ({"appears": True, "every": True}, {"action": ["still"], "appears": True}, {"names": True},
                 {"appears": True, "becomes": "still"}, {"action": ["still"], "every": True, "becomes": "moves left"}):
-        with pytest.raises(ValueError, match=r"is one \{attribute: \[words\]\} \(options: every or becomes, names, verb\) or \{appears"):
+        with pytest.raises(ValueError, match=r"is one \{attribute: \[words\]\} \(options: every, several or becomes; names, verb or says\) or \{appears"):
             count_rules({"objects": bad}, vocab)
     with pytest.raises(ValueError, match=r"counts\['grown'\]: \['huge'\] are not words of 'action'"):
         count_rules({"grown": {"action": ["still"], "becomes": "huge"}}, vocab)
@@ -201,6 +201,26 @@ def test_a_change_rule_says_which_objects_end_with_other_words_than_they_began()
                          "shrunk": {"size": ["large"], "becomes": "small", "verb": "shrinks"},
                          "how many grew": {"size": ["small"], "becomes": "large"}}, vocab)
     assert count_text(rules, frames) == " red circle grows. blue circle shrinks. how many grew: 1."
+
+
+def test_a_rule_can_say_its_objects_in_a_questions_words_and_count_objects_whose_words_vary():
+    from vlm.connectors.counts import count_rules, count_text
+    vocab = {"color": ["red", "blue", "white"], "shape": ["circle", "square"],
+             "action": ["still", "moves left", "moves right"]}
+    L, R, S = "moves left", "moves right", "still"
+    acts = {"red": [L, L, R, R, R], "blue": [S] * 5, "white": [R, R, R, S, S]}  # bounces; still; moves right, stops
+    frames = [[Detection((2 * i, 1), (c, "circle"), (a[k],)) for i, (c, a) in enumerate(acts.items())] for k in range(5)]
+    rules = count_rules({"right": {"action": [R], "says": "the object that moves to the right is the {name}"},
+                         "bounce": {"action": [L, R], "several": True, "says": "the object that bounces is the {name}"},
+                         "still": {"action": [S], "every": True, "says": "the object that stays still is the {name}"}},
+                        vocab)
+    assert count_text(rules, frames) == (" the object that moves to the right is the red circle. the object that moves"
+                                         " to the right is the white circle. the object that bounces is the red circle."
+                                         " the object that stays still is the blue circle.")
+    with pytest.raises(ValueError, match=r"the template names the object with \{name\}"):
+        count_rules({"right": {"action": [R], "says": "it moves right"}}, vocab)
+    with pytest.raises(ValueError, match=r"is one \{attribute"):
+        count_rules({"right": {"action": [R], "says": "{name} x", "verb": "moves"}}, vocab)
 
 
 def test_event_sentences_say_each_held_change_in_the_frame_that_first_shows_it():

@@ -17,7 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
-from vlm.connectors.tracks import Detection, Track, changed_tracks, counted_tracks, object_tracks, track_name
+from vlm.connectors.tracks import (Detection, Track, changed_tracks, counted_tracks, object_tracks, track_name,
+                                  varied_tracks)
 
 MAX_COUNT = 9  # a sentence says 0-9 (more is written as 9)
 MAX_NAMES = 4  # and names at most this many objects, the longest seen first
@@ -35,11 +36,21 @@ class CountRule:
     verb: str = ""  # instead of the count, one sentence per counted object: " <name> <verb>." (" blue star appears.")
     becomes: str = ""  # counted when the words, smoothed over time, start as one of `words` and end as this one
                        # (in two frames each)
+    several: bool = False  # counted when two or more of the words show, each in at least two frames (e.g. " moves
+                           # left" and " moves right": it bounces)
+    says: str = ""  # instead of the count, one sentence per counted object from this template with {name}
+
+    @property
+    def template(self) -> str:
+        """The sentence written per counted object ("{name} appears"), or "" when the rule writes a count."""
+        return self.says or (f"{{name}} {self.verb}" if self.verb else "")
 
     def pick(self, tracks: Sequence[Track], last: int) -> list[Track]:
         """The objects this rule counts among a clip's `object_tracks` (its last frame: `last`), longest seen first."""
         if self.becomes:
             return changed_tracks(tracks, self.attribute, self.words, self.becomes)
+        if self.several:
+            return varied_tracks(tracks, self.attribute, self.words)
         if self.words:
             return counted_tracks(tracks, self.attribute, self.words, every=self.every)
         found = [tr for tr in tracks if (tr.frames[0] > 0 or not self.appears)
@@ -49,21 +60,25 @@ class CountRule:
 
 def count_rules(counts: Mapping[str, Mapping[str, Any]], vocab: Mapping[str, Sequence[str]]) -> list[CountRule]:
     """The `counts` setting, checked: phrase -> {attribute: [words], every: bool} or {attribute: [words], becomes:
-    word} or {appears: true} or {disappears: true}, each with the options names: bool or verb: str. `vocab`: the
+    word} or {attribute: [words], several: true} or {appears: true} or {disappears: true}, each with the options
+    names: bool, verb: str or says: "... {name} ...". `vocab`: the
     object then motion attributes' words, in the order of a detection's words."""
     rules = []
-    options = ("every", "names", "appears", "disappears", "verb", "becomes")
+    options = ("every", "names", "appears", "disappears", "verb", "becomes", "several", "says")
     for phrase, rule in counts.items():
         rule = rule if isinstance(rule, Mapping) else {}
         named = [k for k in rule if k not in options]
         extent = bool(rule.get("appears") or rule.get("disappears"))
-        how = [k for k in ("every", "becomes") if rule.get(k)]  # of an attribute's words, at most one
-        if len(named) != (0 if extent else 1) or len(how) > (0 if extent else 1):
-            raise ValueError(f"word_slots: counts[{phrase!r}] is one {{attribute: [words]}} (options: every or becomes, "
-                             "names, verb) or {appears: true} or {disappears: true} (options: names, verb), e.g. "
-                             "{action: [moves left, moves right], names: true}")
-        flags = {k: bool(rule.get(k, False)) for k in ("every", "names", "appears", "disappears")}
-        flags |= {k: str(rule.get(k, "")) for k in ("verb", "becomes")}
+        how = [k for k in ("every", "becomes", "several") if rule.get(k)]  # of an attribute's words, at most one
+        if len(named) != (0 if extent else 1) or len(how) > (0 if extent else 1) or (rule.get("verb") and rule.get("says")):
+            raise ValueError(f"word_slots: counts[{phrase!r}] is one {{attribute: [words]}} (options: every, several or "
+                             "becomes; names, verb or says) or {appears: true} or {disappears: true} (options: names, "
+                             "verb or says), e.g. {action: [moves left, moves right], names: true}")
+        if rule.get("says") and "{name}" not in str(rule["says"]):
+            raise ValueError(f"word_slots: counts[{phrase!r}] says {rule['says']!r}: the template names the object "
+                             "with {name}")
+        flags = {k: bool(rule.get(k, False)) for k in ("every", "names", "appears", "disappears", "several")}
+        flags |= {k: str(rule.get(k, "")) for k in ("verb", "becomes", "says")}
         if extent:
             rules.append(CountRule(str(phrase), **flags))
             continue
@@ -88,8 +103,9 @@ def count_text(rules: Sequence[CountRule], frames: Sequence[Sequence[Detection]]
     said, objects = [], object_tracks(frames) if rules else []
     for r in rules:
         tracks = r.pick(objects, len(frames) - 1)
-        if r.verb:
-            said += [f" {track_name(tr)} {r.verb}." for tr in tracks[:MAX_NAMES]]
+        if r.template:  # one sentence per object named (a track broken in two is one object said once)
+            names = dict.fromkeys(track_name(tr) for tr in tracks)
+            said += [" " + r.template.replace("{name}", name) + "." for name in list(names)[:MAX_NAMES]]
             continue
         names = [track_name(tr) for tr in tracks[:MAX_NAMES]] if r.names else []
         said.append(count_sentence(r.phrase, min(MAX_COUNT, len(tracks)), names))
@@ -99,5 +115,5 @@ def count_text(rules: Sequence[CountRule], frames: Sequence[Sequence[Detection]]
 def count_width(rules: Sequence[CountRule], tokens: Callable[[str], int], name_tokens: int) -> int:
     """The tokens the sentences may take: each with the longest number and, if it names, `MAX_NAMES` names of
     `name_tokens` tokens and a comma each. `tokens(text)`: the LLM tokenizer's count."""
-    return sum(MAX_NAMES * (name_tokens + tokens(f" {r.verb}.")) if r.verb else
+    return sum(MAX_NAMES * (name_tokens + tokens(" " + r.template.replace("{name}", "") + ".")) if r.template else
                tokens(count_sentence(r.phrase, MAX_COUNT)) + r.names * (1 + MAX_NAMES * (name_tokens + 1)) for r in rules)

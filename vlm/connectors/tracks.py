@@ -128,6 +128,17 @@ def counted_tracks(tracks: Sequence[Track], attribute: int, words: Sequence[str]
     return sorted(out, key=lambda tr: -len(tr.frames))
 
 
+def varied_tracks(tracks: Sequence[Track], attribute: int, words: Sequence[str], min_frames: int = 2) -> list[Track]:
+    """The tracks whose words of `attribute`, smoothed over time, include two or more of `words`, each in at least
+    `min_frames` frames (e.g. " moves left", then " moves right": it bounced); longest tracks first."""
+    out = []
+    for tr in tracks:
+        values = track_words(tr, attribute)
+        if sum(values.count(w) >= min_frames for w in set(words)) >= 2:
+            out.append(tr)
+    return sorted(out, key=lambda tr: -len(tr.frames))
+
+
 def changed_tracks(tracks: Sequence[Track], attribute: int, words: Sequence[str], becomes: str,
                    ends: int = 2) -> list[Track]:
     """The tracks whose words of `attribute`, smoothed over time, are one of `words` in their first `ends` frames
