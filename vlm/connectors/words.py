@@ -65,8 +65,10 @@ class WordSlots(Connector):
     " moving objects: 2: white diamond, red cross." (the one that moves, or stays still, is then said outright).
     {"appears": true} or {"disappears": true} in place of the words counts the objects first seen after the first
     frame or last seen before the last; `becomes: large` beside {"size": ["small"]} counts the objects whose words
-    change (small in the first two frames, large in the last two); `verb: appears` writes one sentence per counted
-    object instead of the count (" blue star appears.", " red star grows.");
+    change (small in the first two frames, large in the last two), `several: true` those showing two or more of the
+    words (" moves left" and " moves right": it bounced); `verb: appears` writes one sentence per counted object
+    instead of the count (" blue star appears.", " red star grows."), `says: "the object that moves to the right is
+    the {name}"` one in a question's words;
     events: sentences written after the words of the frame where a change is first seen, attribute ->
     {"<word> > <word>": what the change is called}, e.g. {"action": {"moves left > moves right": "bounces off the left
     wall"}, "color": {"* > *": "turns {to}"}} writes " red star bounces off the left wall." when a track's words
