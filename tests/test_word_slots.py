@@ -171,7 +171,9 @@ def test_event_sentences_follow_the_words_of_the_frame_that_shows_the_change(mon
 
     monkeypatch.setattr(conn, "motion_logits", motion)
     before = model.num_visual_tokens(4)
-    model.apply_settings({"connector": {"events": {"action": {"still > moves left": "starts moving to the left"}}}})
+    starts = {"action": {"still > moves left": "starts moving to the left"}}
+    model.apply_settings({"connector": {"events": starts}})
+    assert model.config.connector["events"] == starts  # saved with the model: a setting, not a weight
     frames = conn.written(feats)[0].split(" |")
     assert frames[2] == " gray red square moves left top left red square starts moving to the left."
     assert frames[1] == " gray red square still top left" and frames[3] == " gray red square moves left top left"
