@@ -103,9 +103,8 @@ def count_text(rules: Sequence[CountRule], frames: Sequence[Sequence[Detection]]
     said, objects = [], object_tracks(frames) if rules else []
     for r in rules:
         tracks = r.pick(objects, len(frames) - 1)
-        if r.template:  # one sentence per object named (a track broken in two is one object said once)
-            names = dict.fromkeys(track_name(tr) for tr in tracks)
-            said += [" " + r.template.replace("{name}", name) + "." for name in list(names)[:MAX_NAMES]]
+        if r.template:
+            said += [" " + r.template.replace("{name}", track_name(tr)) + "." for tr in tracks[:MAX_NAMES]]
             continue
         names = [track_name(tr) for tr in tracks[:MAX_NAMES]] if r.names else []
         said.append(count_sentence(r.phrase, min(MAX_COUNT, len(tracks)), names))
