@@ -152,6 +152,28 @@ def test_count_sentences_are_written_once_after_the_last_frame(monkeypatch):
     assert out.embeds.shape[1] == plain.num_visual_tokens(3) and plain.connector.truncated == 0
 
 
+def test_sentence_widths_are_tokenized_once_per_setting_not_per_batch():
+    model = tiny_slots_model(counts={"moving objects": {"action": ["moves left", "moves right"]}})
+    conn = model.connector
+    tokenizer, calls = conn._tokenizer[0], []
+
+    def counting(*args, **kwargs):
+        calls.append(args[0])
+        return tokenizer(*args, **kwargs)
+
+    conn._tokenizer[0] = counting
+    width = conn.project_grid((4, 4, 4))[1]
+    first = len(calls)
+    assert conn.project_grid((4, 4, 4))[1] == width and len(calls) == first  # the second batch tokenizes nothing
+    conn.configure(counts={"moving objects": {"action": ["moves left"], "names": True}},
+                   events={"action": {"still > moves left": "starts moving to the left"}})
+    assert conn.project_grid((4, 4, 4))[1] > width and len(calls) > first  # a new setting is measured again
+    conn.attach_llm(conn._embedding[0], tokenizer)  # a new tokenizer forgets the widths measured with the old one
+    assert conn._sentence_widths == {}
+    conn.project_grid((4, 4, 4))
+    assert set(conn._sentence_widths) == {"counts", "events"}
+
+
 def test_event_sentences_follow_the_words_of_the_frame_that_shows_the_change(monkeypatch):
     model = tiny_slots_model()
     conn = model.connector

@@ -135,6 +135,7 @@ class WordSlots(Connector):
             self.events = event_rules(rules, self.object_vocab | self.motion_vocab)
         if self.layout == "tracks" and (getattr(self, "events", None) or getattr(self, "event_extent", None)):
             raise ValueError("word_slots: 'events' apply to layout 'frames' (the tracks layout writes each change)")
+        self._sentence_widths: dict[str, int] = {}  # count_width / event_width, computed once per setting
 
     # ---------------------------------------------------------------- assembly
     def attach_llm(self, embeddings: nn.Embedding, tokenizer: Any) -> None:
@@ -150,6 +151,7 @@ class WordSlots(Connector):
         self.widths = [max(len(ids[o + k]) for k in range(len(g))) for o, g in zip(self.offsets, self.groups)]
         self._embedding = [embeddings]
         self._tokenizer = [tokenizer]
+        self._sentence_widths = {}
 
     def _tokens(self, text: str) -> int:
         return len(self._tokenizer[0](text, add_special_tokens=False)["input_ids"])
@@ -159,12 +161,18 @@ class WordSlots(Connector):
         return sum(self.widths[len(self.scene_vocab):][:len(self.object_vocab)])
 
     def count_width(self) -> int:
-        """The tokens the count sentences may take (`vlm.connectors.counts.count_width`)."""
-        return count_width(self.counts, self._tokens, self._name_tokens())
+        """The tokens the count sentences may take (`vlm.connectors.counts.count_width`; tokenized once per
+        setting and tokenizer, not per batch)."""
+        if "counts" not in self._sentence_widths:
+            self._sentence_widths["counts"] = count_width(self.counts, self._tokens, self._name_tokens())
+        return self._sentence_widths["counts"]
 
     def event_width(self) -> int:
-        """The tokens a frame's event sentences may take (`vlm.connectors.events.event_width`)."""
-        return event_width(self.events, self.event_extent, self._tokens, self._name_tokens())
+        """The tokens a frame's event sentences may take (`vlm.connectors.events.event_width`; once, as above)."""
+        if "events" not in self._sentence_widths:
+            self._sentence_widths["events"] = event_width(self.events, self.event_extent, self._tokens,
+                                                          self._name_tokens())
+        return self._sentence_widths["events"]
 
     def positions(self) -> list[int]:
         """The group of each word position of a frame: scene attributes, then per slot object and motion attributes,
