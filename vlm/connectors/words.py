@@ -56,26 +56,14 @@ class WordSlots(Connector):
     many tokens as the frames layout's; the heads and their training are the same);
     text_tokens: the tracks layout's slot, whatever the number of frames (a fixed budget for long videos: the
     text grows with what changes, not with the length; default: the frames layout's size);
-    counts: clip-level sentences written after the last frame, phrase -> {attribute: words}, e.g.
+    counts: clip-level sentences written after the last frame, phrase -> {attribute: words, options}, e.g.
     {"moving objects": {"action": ["moves left", ...]}} writes " moving objects: 2." when two of the objects linked
-    over frames (`vlm.connectors.counts`) show one of those words in at least two frames: how many
-    is stated once, not left for the LLM to infer from frames compared. Two options beside the attribute:
-    `every: true` counts the objects that show the words in every frame they are seen (e.g. {"action": ["still"]}:
-    never moved); `names: true` also names the counted objects (at most 4, the longest seen first):
-    " moving objects: 2: white diamond, red cross." (the one that moves, or stays still, is then said outright).
-    {"appears": true} or {"disappears": true} in place of the words counts the objects first seen after the first
-    frame or last seen before the last; `becomes: large` beside {"size": ["small"]} counts the objects whose words
-    change (small in the first two frames, large in the last two), `several: true` those showing two or more of the
-    words (" moves left" and " moves right": it bounced); `verb: appears` writes one sentence per counted object
-    instead of the count (" blue star appears.", " red star grows."), `says: "the object that moves to the right is
-    the {name}"` one in a question's words;
+    over frames show one of those words in at least two frames (the rules and their options, appearing, changing
+    and named objects, one sentence per object: `vlm.connectors.counts`);
     events: sentences written after the words of the frame where a change is first seen, attribute ->
     {"<word> > <word>": what the change is called}, e.g. {"action": {"moves left > moves right": "bounces off the left
-    wall"}, "color": {"* > *": "turns {to}"}} writes " red star bounces off the left wall." when a track's words
-    change so, each side holding for `hold` frames (an optional key beside the attributes, default 2;
-    `vlm.connectors.events`): the frame's time stamp then says when, the sentences' order what came first;
-    `appears: appears` / `disappears: disappears` there write " blue star appears." in the frame where an object is
-    first seen (after the clip's first), " ... disappears." in the first frame it is no longer seen.
+    wall"}} writes " red star bounces off the left wall." there (`hold`, `{to}`, appears / disappears:
+    `vlm.connectors.events`): the frame's time stamp then says when, the sentences' order what came first.
     Each word is written with the LLM's tokens of " <word>" (several tokens when the tokenizer splits it)."""
 
     def __init__(self, in_dim: int, out_dim: int, reducers=(), scene: Mapping[str, Sequence[str]] | None = None,
