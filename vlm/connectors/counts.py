@@ -9,7 +9,7 @@ The sentence states the number, and with `names` the counted objects too, as a c
 
     " moving objects: 2: white diamond, red cross. still objects: 1: blue square. appearing objects: 0."
 
-or, with `verb`, one sentence per counted object in the words an answer would use: " blue star appears.".
+or, with `verb`, one sentence per counted object in the words an answer would use (" blue star appears.").
 The options of a rule beside its attribute: `every: true` counts the objects that show the words in every frame
 they are seen ({"action": ["still"]}: never moved); `names: true` also names the counted objects (at most 4, the
 longest seen first); `becomes: large` beside {"size": ["small"]} counts the objects whose words change (small in
