@@ -318,3 +318,56 @@ def test_scene_grid_lets_the_scene_head_tell_where_a_tone_is(grid):
         opt.step()
     right = int((head(frames, (2, 4, 4))[1][0].argmax(-1) == target).sum())
     assert right == (2 if grid == 2 else 1)
+
+
+def test_the_truth_is_written_as_perfect_heads_would_write_it(monkeypatch):
+    from vlm.connectors.truth import true_text
+
+    model = tiny_slots_model(counts={"moving objects": {"action": ["moves left", "moves right"]}})
+    conn = model.connector
+    red = {"color": "red", "shape": "square", "action": "moves left"}
+    blue = {"color": "blue", "shape": "circle", "action": "still"}
+    green = {"color": "green", "shape": "circle", "action": "still"}
+    frames = [{"t": 0.0, "scene": {"tone": "gray"}, "objects": [  # three objects for two slots: the first two read
+        {"center": [0.9, 0.9], **blue}, {"center": [0.6, 0.1], **red}, {"center": [0.1, 0.95], **green}]},
+        {"t": 0.5, "scene": {"tone": "dark teal"}, "objects": [{"center": [0.7, 0.1], **red}]}]
+    stamps = torch.tensor([[0.0, 0.5]])
+    text = true_text(conn, [frames], stamps, (2, 4, 4))
+    assert text == ["Time: 0.0s gray red square moves left top center green circle still bottom left "
+                    "Time: 0.5s dark teal red square moves left top center moving objects: 1."]
+    # the same words as the connector writes when its heads see exactly what is there
+    still = [{"t": t, "scene": {"tone": "gray"}, "objects": [{"center": [0.6, 0.1], **red, "action": "still"},
+                                                             {"center": [0.9, 0.9], **blue, "shape": "square"}]}
+             for t in (0.0, 0.5)]
+    fixed_heads(monkeypatch, conn, {2: 5.0, 15: 4.0}, {2: 0, 15: 2})  # red square top center, blue bottom right
+    feats = VisualFeatures(tokens=torch.zeros(1, 2, 16, 32), grid=(2, 4, 4), timestamps=stamps)
+    assert conn.written(feats)[0].replace(" |", " ") == true_text(conn, [still], stamps, (2, 4, 4), stamps=False)[0]
+    conn.configure(layout="tracks")
+    with pytest.raises(ValueError, match="frames layout"):
+        true_text(conn, [frames], stamps, (2, 4, 4))
+
+
+def test_words_oracle_script_writes_descriptions_and_text_twins(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from words_oracle import main
+
+    data = make_tiny_data(tmp_path / "data", n=4)
+    model_dir = tiny_slots_model().save_pretrained(tmp_path / "model")
+    records = json.loads(data["regions"].read_text())
+    (tmp_path / "data" / "regions_train.json").write_text(json.dumps(records))
+    good = [r for r in records if r["id"].startswith("cap")]
+    (tmp_path / "data" / "qa_train.json").write_text(json.dumps([{k: r[k] for k in ("id", "video", "conversations")}
+                                                                 for r in good[:2]]))
+    assert main(["--model", str(model_dir), "--data", str(tmp_path / "data"), "--batch", "3"]) == 0
+    out = tmp_path / "data" / "oracle_words"
+    descriptions = json.loads((out / "descriptions.json").read_text())
+    assert set(descriptions) == {"v0", "v1", "v2", "v3"}  # the missing and the broken video: skipped, named
+    assert descriptions["v0"].startswith("Time: 0.0s gray red square moves right middle left Time: 0.2s gray red")
+    assert descriptions["v1"].startswith("Time: 0.0s gray green square moves left middle right")
+    skipped = (out / "skipped.txt").read_text().splitlines()
+    assert len(skipped) == 2 and "regions_train.json[4]: videos/nope.mp4" in skipped[0] and "broken.mp4" in skipped[1]
+    twin = json.loads((out / "qa_train.json").read_text())
+    assert len(twin) == 2 and "Video description: Time: 0.0s gray" in twin[0]["conversations"][0]["value"]
+    assert "video" not in twin[0]

@@ -78,11 +78,19 @@ def write_oracle(root: str | Path, style: str = "events", num_frames: int = 8) -
     metas = [json.loads(line) for line in (root / "meta.jsonl").read_text(encoding="utf-8").splitlines() if line]
     by_video = {m["video"]: describe(m) if style == "events" else describe_frames(m, num_frames) for m in metas}
     out = root / ("oracle" if style == "events" else "oracle_frames")
-    out.mkdir(exist_ok=True)
-    counts: dict[str, int] = {}
     descriptions = {m["id"]: by_video[m["video"]] for m in metas}
+    return write_described(root, out, descriptions, by_video)
+
+
+def write_described(root: str | Path, out: str | Path, descriptions: dict[str, str],
+                    by_video: dict[str, str]) -> dict[str, int]:
+    """`out/descriptions.json` ({clip id or video stem: text}, for `vlm eval mcq --descriptions`) and a text-only
+    twin of each of `root`'s `ORACLE_FILES` present, every record's video replaced by `by_video[its video path]`.
+    Returns the number of records written per file."""
+    root, out = Path(root), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "descriptions.json", descriptions)
-    counts["descriptions.json"] = len(descriptions)
+    counts = {"descriptions.json": len(descriptions)}
     for name in ORACLE_FILES:
         if not (root / name).is_file():
             continue
@@ -90,6 +98,8 @@ def write_oracle(root: str | Path, style: str = "events", num_frames: int = 8) -
         for location, record in read_records(root / name):
             if isinstance(record, Exception):
                 raise record
+            if record["video"] not in by_video:
+                raise ValueError(f"{location}: no description of {record['video']}")
             records.append(_text_only(record, by_video[record["video"]], location))
         _write_json(out / name, records)
         counts[name] = len(records)

@@ -284,10 +284,11 @@ class WordSlots(Connector):
         return VisualTokens(embeds=embeds.reshape(b, -1, embeds.shape[-1]), groups=t, mask=mask.reshape(b, -1),
                             timestamps=feats.timestamps)
 
-    def frame_ids(self, feats: VisualFeatures) -> tuple[torch.Tensor, torch.Tensor]:
+    def frame_ids(self, feats: VisualFeatures, detected: tuple[torch.Tensor, ...] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """The frames layout's token ids [B, T, tokens per frame] and which are written (bool, same shape); a frame's
-        event sentences, if any, follow its words, and the count sentences are written in the last frame's."""
-        detected = self.detect(feats)
+        event sentences follow its words, the count sentences the last frame's. `detected`: as `detect` returns."""
+        detected = self.detect(feats) if detected is None else detected
         words, used = self.choose(feats, detected)  # [B, T, P]
         ids, mask = [], []
         for p, g in enumerate(self.positions()):

@@ -1,0 +1,84 @@
+"""The words oracle: a word-slot model's own text written from the ground truth, in place of the clips.
+
+    python scripts/words_oracle.py --model runs/synth_long/final --data demo_data/synth_long
+    vlm train recipes/oracle_text.yaml --set vars.data=demo_data/synth_long \\
+        --set 'stages.0.data.mixture=[{path: demo_data/synth_long/oracle_words/qa_train.json}]' ...
+    vlm eval mcq --model runs/oracle_text/final --bench demo_data/synth_long/mvbench --profile cloze \\
+        --descriptions demo_data/synth_long/oracle_words/descriptions.json --out runs/oracle_text/eval_cloze
+
+For every clip of `DIR/regions_{train,test}.json` it writes what the model's `word_slots` connector (frames layout)
+would give the LLM if its heads were perfect: the frames the model samples, each after its "Time: x.xs" stamp,
+with the scene's and each object's words, and the connector's count and event sentences, all from the per-frame
+annotations the heads are trained on (`vlm.connectors.truth`). `OUT` (default `DIR/oracle_words/`) gets
+`descriptions.json` and a text-only twin of the training and benchmark files, as `vlm data synth --oracle` writes
+them, so the text oracle's recipe trains on it. Trained at the model's budget, it separates what perception costs
+(the heads' model against this) from what the words' format costs (this against the event oracle). Records whose
+annotations do not fit the connector's words, or whose video cannot be read, are skipped, named and counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from data_tools.synth.oracle import write_described  # noqa: E402
+from vlm.connectors.truth import true_text  # noqa: E402
+from vlm.data.conversation import read_records  # noqa: E402
+from vlm.model import VideoLLM  # noqa: E402
+from vlm.video import read_clip  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="a saved VideoLLM folder with a word_slots connector")
+    p.add_argument("--data", required=True, help="a `vlm data synth` folder (regions_train.json, regions_test.json)")
+    p.add_argument("--out", default=None, help="default: DATA/oracle_words")
+    p.add_argument("--frames", type=int, default=None, help="frames per clip (default: the model's)")
+    p.add_argument("--batch", type=int, default=64)
+    args = p.parse_args(argv)
+    data = Path(args.data)
+    model = VideoLLM.from_pretrained(args.model, device="cpu")
+    connector = model.connector
+    if not hasattr(connector, "slot_targets"):
+        raise SystemExit(f"{args.model}: its connector ({type(connector).__name__}) has no word slots")
+    frames = args.frames or model.config.num_frames
+    names = [n for n in ("regions_train.json", "regions_test.json") if (data / n).is_file()]
+    if not names:
+        raise SystemExit(f"{data}: no regions_train.json or regions_test.json (`vlm data synth` writes both)")
+    by_video, skipped = {}, []
+    for name in names:
+        batch = []
+        for location, record in [*read_records(data / name), (None, None)]:
+            if record is not None:
+                problems = [] if isinstance(record, Exception) else connector.region_problems(record.get("regions"))
+                if isinstance(record, Exception) or problems:
+                    skipped.append(f"{location}: {record if isinstance(record, Exception) else problems[0]}")
+                    continue
+                try:
+                    stamps = read_clip(data / record["video"], frames, "uniform").timestamps
+                except Exception as e:  # noqa: BLE001 - any unreadable video is skipped and named
+                    skipped.append(f"{location}: {record['video']}: {e}")
+                    continue
+                batch.append((record, torch.tensor(stamps, dtype=torch.float)))
+            if batch and (record is None or len(batch) == args.batch):
+                grid = model.tower.grid_for(frames, *model.tower.preprocessor.hw)
+                texts = true_text(connector, [r["regions"] for r, _ in batch], torch.stack([s for _, s in batch]), grid)
+                by_video.update({r["video"]: text for (r, _), text in zip(batch, texts)})
+                batch = []
+    out = Path(args.out) if args.out else data / "oracle_words"
+    counts = write_described(data, out, {Path(v).stem: t for v, t in by_video.items()}, by_video)
+    (out / "skipped.txt").write_text("".join(s + "\n" for s in skipped), encoding="utf-8")
+    print(json.dumps({"written": counts, "skipped": len(skipped), "out": str(out),
+                      "example": next(iter(by_video.values()), "")}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
