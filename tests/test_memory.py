@@ -100,6 +100,9 @@ def test_word_slot_tracks_keep_every_frames_detections_and_a_fixed_slot(long_vid
     with torch.no_grad():
         feats = slots.connector.reduced(slots.tower_features(pixels[None], stamps[None]))
     assert isinstance(one, TrackMemory) and len(one.times) == 240 and one.text == slots.connector.describe(feats)[0]
+    slots.connector.configure(layout="story")  # the same memory, told as the story layout tells it
+    assert one.text == slots.connector.describe(feats)[0] != ""
+    slots.connector.configure(layout="tracks")
     chunked, _, stats = encode_stream(slots, long_video, chunk_frames=8)
     assert stats.chunks == 30 and chunked.times == one.times
     seen = [[(d.cell, d.identity) for d in frame] for frame in chunked.frames]

@@ -100,7 +100,7 @@ def test_describe_writes_one_sentence_per_object_with_the_times_of_its_changes()
 
 
 def test_the_tracks_layout_writes_the_description_as_word_embeddings(monkeypatch):
-    with pytest.raises(ValueError, match="layout is 'frames' or 'tracks'"):
+    with pytest.raises(ValueError, match="layout is 'frames', 'tracks' or 'story'"):
         tiny_slots_model(layout="track")
     with pytest.raises(ValueError, match="'silent' words apply to layout 'frames'"):
         tiny_slots_model(layout="tracks", silent=["still"])
@@ -251,3 +251,32 @@ def test_event_sentences_say_each_held_change_in_the_frame_that_first_shows_it()
         event_rules({"action": {"moves * > still": "stops moving"}}, vocab)
     with pytest.raises(ValueError, match=r"events names 'speed', not an object or motion attribute"):
         event_rules({"speed": {"* > *": "changes"}}, vocab)
+
+
+def test_story_tells_every_change_in_time_order_as_a_timed_caption():
+    from vlm.connectors.events import event_rules
+    from vlm.connectors.story import story
+    vocab = {"color": ["red", "blue", "green"], "shape": ["circle", "square"],
+             "action": ["still", "moves left", "moves right"]}
+    rules = event_rules({"action": {"still > moves left": "starts moving to the left",
+                                    "moves left > moves right": "bounces off the left wall"},
+                         "color": {"* > *": "turns {to}"}}, vocab)
+    L, R, S = "moves left", "moves right", "still"
+    circle = [S, S, L, L, R, R]
+    frames = [[Detection((1, 5), ("red" if k < 4 else "green", "circle"), (circle[k],))]
+              + ([Detection((6, 1), ("blue", "square"), (S if k < 4 else R,))] if k >= 1 else []) for k in range(6)]
+    scene = [("gray",)] * 3 + [("navy",)] * 3
+    times = [0.1 + 0.3 * k for k in range(6)]
+    text = story(scene, frames, times, rules, {"appears": "fades in"})
+    assert text == (" A red circle is on a gray background. The red circle: still."
+                    " At 0.4 seconds, a blue square fades in: still."
+                    " At 0.7 seconds, the red circle starts moving to the left."
+                    " At 1.0 seconds, the background becomes navy."
+                    " At 1.3 seconds, the red circle turns green."
+                    " At 1.3 seconds, the red circle bounces off the left wall."
+                    " At 1.3 seconds, the blue square: moves right.")  # no rule names still > moves right
+    # an object gone before the end disappears; with none at the start the scene says so
+    late = [[Detection((3, 3), ("blue", "circle"), (S,))] if 2 <= k <= 3 else [] for k in range(6)]
+    assert story([], late, times) == (" The video starts with the background and no objects."
+                                      " At 0.7 seconds, a blue circle appears: still."
+                                      " At 1.3 seconds, the blue circle disappears.")

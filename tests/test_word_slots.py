@@ -342,9 +342,10 @@ def test_the_truth_is_written_as_perfect_heads_would_write_it(monkeypatch):
     fixed_heads(monkeypatch, conn, {2: 5.0, 15: 4.0}, {2: 0, 15: 2})  # red square top center, blue bottom right
     feats = VisualFeatures(tokens=torch.zeros(1, 2, 16, 32), grid=(2, 4, 4), timestamps=stamps)
     assert conn.written(feats)[0].replace(" |", " ") == true_text(conn, [still], stamps, (2, 4, 4), stamps=False)[0]
-    conn.configure(layout="tracks")
-    with pytest.raises(ValueError, match="frames layout"):
-        true_text(conn, [frames], stamps, (2, 4, 4))
+    for layout in ("tracks", "story"):  # one text, as the connector writes it from the same heads
+        conn.configure(layout=layout)
+        assert conn.written(feats) == true_text(conn, [still], stamps, (2, 4, 4))
+    assert true_text(conn, [still], stamps, (2, 4, 4))[0].startswith(" A red square and a blue square are on a gray")
 
 
 def test_words_oracle_script_writes_descriptions_and_text_twins(tmp_path):

@@ -138,7 +138,7 @@ class TrackMemory:
 
 def new_memory(model: Any, max_groups: int = 16) -> VideoMemory | TrackMemory:
     """The memory `model`'s connector needs: its detections for the tracks layout of word slots, else its groups."""
-    if getattr(model.connector, "layout", None) == "tracks":
+    if getattr(model.connector, "layout", "frames") in ("tracks", "story"):
         return TrackMemory(model.connector)
     return VideoMemory(max_groups)
 

@@ -39,17 +39,17 @@ def true_detected(connector: Any, regions: Sequence[Sequence[dict[str, Any]]], t
 
 def true_text(connector: Any, regions: Sequence[Sequence[dict[str, Any]]], timestamps: torch.Tensor,
               grid: tuple[int, int, int], stamps: bool = True) -> list[str]:
-    """Per clip, the text the connector's frames layout would write from the annotations: each frame's words (after
+    """Per clip, the text the connector would write from the annotations. Frames layout: each frame's words (after
     "Time: x.xs" when `stamps`, as the model's processor writes it; frames joined by a space, so that a word and the
-    next stamp stay two tokens as they are for the model), event sentences and count sentences included."""
+    next stamp stay two tokens as they are for the model), event sentences and count sentences included; tracks
+    and story layouts: their one text (no stamps: one group)."""
     if connector.reducers:
         raise ValueError("true_text: the connector's token reducers change the grid its heads read; the truth is "
                          "written on the tower's grid, so use it with a connector without reducers")
-    if getattr(connector, "layout", "frames") != "frames":
-        raise ValueError("true_text writes the frames layout; this connector's is "
-                         f"{getattr(connector, 'layout', None)!r}")
     detected = true_detected(connector, regions, timestamps, grid)
     feats = VisualFeatures(torch.zeros(len(regions), grid[0], grid[1] * grid[2], 1), grid, timestamps=timestamps)
+    if connector.layout != "frames":
+        return [connector.text(seen, grid) for seen in connector.detections(feats, detected)]
     ids, mask = connector.frame_ids(feats, detected)
     decode = connector._tokenizer[0].decode
     out = []

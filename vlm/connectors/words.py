@@ -12,10 +12,9 @@ are trained with the stage objective "slots" from per-frame annotations carried 
 (`vlm.data.regions`), before the LLM is tuned on them with the connector frozen: the LLM never has to learn a new
 embedding space, only to read words (docs/GROUNDING.md has the measurements that led here).
 
-`layout: tracks` writes the same heads' words per object instead of per frame: detections are linked over frames
-into tracks and each track becomes a sentence with the times its words change (`vlm.connectors.tracks`), e.g.
-" gray. red circle, top right: still; from 0.6 s grows; from 1.6 s still.": what happens when is then written once,
-not left for the LLM to infer from frames compared.
+`layout: tracks` links the detections over frames and writes one sentence per object with the times its words
+change (" gray. red circle, top right: still; from 0.6 s grows; from 1.6 s still.", `vlm.connectors.tracks`);
+`layout: story` tells the same tracks as a timed caption (`vlm.connectors.story`).
 """
 
 from __future__ import annotations
@@ -32,6 +31,7 @@ from vlm.connectors.base import Connector, VisualTokens, register_connector
 from vlm.connectors.slot_heads import MotionHead, SlotHead
 from vlm.connectors.counts import count_rules, count_text, count_width
 from vlm.connectors.events import event_rules, event_texts, event_width, settings as event_settings
+from vlm.connectors.story import story
 from vlm.connectors.tracks import Detection, Seen, describe
 from vlm.data.regions import cell_of, nearest_frames, region_problems
 from vlm.towers.base import VisualFeatures
@@ -52,10 +52,9 @@ class WordSlots(Connector):
     threshold: the centre probability above which a cell holds an object; hidden: the heads' width;
     scene_grid: the scene head also reads the means of the frame's g x g regions (g > 1; e.g. 2 tells a gradient's
     two tones apart by where they are);
-    layout: "frames" (each frame's words in turn) or "tracks" (one sentence per object over time, in a slot of as
-    many tokens as the frames layout's; the heads and their training are the same);
-    text_tokens: the tracks layout's slot, whatever the number of frames (a fixed budget for long videos: the
-    text grows with what changes, not with the length; default: the frames layout's size);
+    layout: "frames" (each frame's words in turn), "tracks" (one sentence per object over time) or "story" (every
+    change of every object in time order, as a timed caption: `vlm.connectors.story`), the last two in one slot of
+    `text_tokens` (default: as many as the frames layout's; a fixed budget for long videos); same heads;
     counts: clip-level sentences written after the last frame, phrase -> {attribute: words, options}, e.g.
     {"moving objects": {"action": ["moves left", ...]}} writes " moving objects: 2." when two of the objects linked
     over frames show one of those words in at least two frames (the rules and their options, appearing, changing
@@ -106,13 +105,14 @@ class WordSlots(Connector):
     settings = ("layout", "text_tokens", "threshold", "counts", "events")
     def configure(self, **values: Any) -> None:
         layout = values.get("layout", getattr(self, "layout", "frames"))
-        text_tokens = values.get("text_tokens", getattr(self, "text_tokens", None) if layout == "tracks" else None)
-        if layout not in ("frames", "tracks"):
-            raise ValueError(f"word_slots: layout is 'frames' or 'tracks', not {layout!r}")
-        if layout == "tracks" and self.silent:
-            raise ValueError("word_slots: 'silent' words apply to layout 'frames' (the tracks layout writes changes)")
-        if text_tokens is not None and (layout != "tracks" or int(text_tokens) < 1):
-            raise ValueError(f"word_slots: text_tokens ({text_tokens}) is a positive token count for layout 'tracks'")
+        text_tokens = values.get("text_tokens", getattr(self, "text_tokens", None) if layout != "frames" else None)
+        if layout not in ("frames", "tracks", "story"):
+            raise ValueError(f"word_slots: layout is 'frames', 'tracks' or 'story', not {layout!r}")
+        if layout != "frames" and self.silent:
+            raise ValueError(f"word_slots: 'silent' words apply to layout 'frames' (layout {layout!r} writes changes)")
+        if text_tokens is not None and (layout == "frames" or int(text_tokens) < 1):
+            raise ValueError(f"word_slots: text_tokens ({text_tokens}) is a positive token count for layouts 'tracks' "
+                             "and 'story'")
         self.layout = layout
         self.text_tokens = None if text_tokens is None else int(text_tokens)
         self.threshold = float(values.get("threshold", getattr(self, "threshold", 0.5)))
@@ -248,6 +248,9 @@ class WordSlots(Connector):
             return [self.position[0][row], self.position[1][col]]
 
         scenes, frames, times = seen
+        if self.layout == "story":
+            return story(scenes, frames, times, self.events, self.event_extent, 2 * self.slots) \
+                + count_text(self.counts, frames)
         return describe(scenes, frames, times, position if self.position else None, max_tracks=2 * self.slots) \
             + count_text(self.counts, frames)
 
@@ -276,7 +279,7 @@ class WordSlots(Connector):
     def project(self, feats: VisualFeatures, instruction=None) -> VisualTokens:
         if not self._embedding:
             raise RuntimeError("word_slots: attach_llm(embeddings, tokenizer) first (VideoLLM does it at assembly)")
-        if self.layout == "tracks":
+        if self.layout != "frames":
             return self._project_tracks(feats)
         ids, mask = self.frame_ids(feats)  # [B, T, tokens per frame]
         b, t = ids.shape[:2]
@@ -321,7 +324,7 @@ class WordSlots(Connector):
         """Per clip, the text this connector writes for the LLM: what the model sees, to read or print (frames
         layout: each frame's words, frames separated by " |"). `feats`: the tower's, before the reducers."""
         feats = self.reduced(feats)
-        if self.layout == "tracks":
+        if self.layout != "frames":
             return self.describe(feats)
         ids, mask = self.frame_ids(feats)
         decode = self._tokenizer[0].decode

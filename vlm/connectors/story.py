@@ -1,0 +1,81 @@
+"""The story layout of a word-slot connector: what the heads saw, told as a caption with times tells it.
+
+The frames layout writes each frame's words and leaves what happened to be composed from frames compared; the tracks
+layout (`vlm.connectors.tracks`) writes one sentence per object with the times its words change. The story writes
+the same tracks as a timed caption does: the scene, then every change of every object in one time order, each as a
+sentence that begins with its time and names its object,
+
+    " A red circle and an orange triangle are on a noisy gray background. The red circle: still, small. The orange
+    triangle: moves left, large. At 0.6 seconds, the red circle starts growing. At 1.1 seconds, the orange triangle
+    bounces off the left wall. At 1.4 seconds, a blue star appears: still, small."
+
+so the order of events and their times are stated, not inferred. A change is named by the connector's `events`
+rules (`vlm.connectors.events`: "still > grows" -> "starts growing"); one no rule names is said with its new word
+(" At 1.2 seconds, the red circle: moves right."); appearing and disappearing use the `events` extent verbs
+(default "appears" / "disappears"). Each track's words are smoothed over time first, as in the tracks layout; no
+position words: a caption names an object by its words.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+from vlm.connectors.events import EventRule
+from vlm.connectors.tracks import Detection, _columns, changes, link, merge_duplicates
+
+
+def _article(words: str) -> str:
+    return ("an " if words[:1].lower() in "aeiou" else "a ") + words
+
+
+def _and(items: Sequence[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _name(row: tuple[str, ...], identity: int) -> str:
+    return " ".join(row[:identity])
+
+
+def _state(row: tuple[str, ...], identity: int) -> str:
+    return ", ".join(row[identity:])
+
+
+def story(scene: Sequence[tuple[str, ...]], frames: Sequence[Sequence[Detection]], times: Sequence[float],
+          rules: Sequence[EventRule] = (), extent: Mapping[str, str] | None = None, max_tracks: int = 6) -> str:
+    """The story text of one clip: its scene's words per frame, its detections per frame and the frames' times
+    (seconds), as `vlm.connectors.word_slots` gives them. At most `max_tracks` objects (the longest seen); an
+    object seen in one frame only is dropped when the clip has 4 frames or more (a head's slip)."""
+    extent = dict(extent or {})
+    tracks = [tr for tr in link([merge_duplicates(f) for f in frames]) if len(tr.frames) > 1 or len(times) < 4]
+    tracks = sorted(sorted(tracks, key=lambda tr: -len(tr.frames))[:max_tracks],
+                    key=lambda tr: (tr.frames[0], tr.detections[0].cell))
+    scenes = _columns(scene) if scene and scene[0] else []
+    events: list[tuple[int, str]] = [(k, f"the background becomes {' '.join(scenes[k])}")
+                                     for k, _ in changes(scenes)[1:]]
+    opening, states = [], []
+    for tr in tracks:
+        rows = _columns([d.identity + d.motion for d in tr.detections])
+        n = len(tr.detections[0].identity)
+        first = f"{_name(rows[0], n)}" + (f": {_state(rows[0], n)}" if len(rows[0]) > n else "")
+        if tr.frames[0] == 0:
+            opening.append(_article(_name(rows[0], n)))
+            states.append(f"The {first}." if len(rows[0]) > n else "")
+        else:
+            events.append((tr.frames[0], f"{_article(_name(rows[0], n))} {extent.get('appears', 'appears')}"
+                           + first[len(_name(rows[0], n)):]))
+        for k, _ in changes(rows)[1:]:
+            for a, (before, after) in enumerate(zip(rows[k - 1], rows[k])):
+                if before == after:
+                    continue
+                said = next((p for r in rules if r.attribute == a for p in [r.predicate(before, after)] if p), None)
+                events.append((tr.frames[k], f"the {_name(rows[k - 1], n)} {said}" if said
+                               else f"the {_name(rows[k - 1], n)}: {after}"))
+        if tr.frames[-1] < len(times) - 1:
+            events.append((tr.frames[-1] + 1, f"the {_name(rows[-1], n)} {extent.get('disappears', 'disappears')}"))
+    background = f"a {' '.join(w for w in scenes[0])} background" if scenes else "the background"
+    parts = [f"{_and(opening)} {'is' if len(opening) == 1 else 'are'} on {background}." if opening
+             else f"The video starts with {background} and no objects."]
+    parts[0] = parts[0][0].upper() + parts[0][1:]
+    parts += [s for s in states if s]
+    parts += [f"At {times[k]:.1f} seconds, {said}." for k, said in sorted(events, key=lambda e: e[0])]
+    return " " + " ".join(parts)
