@@ -1,18 +1,21 @@
 """The words oracle: a word-slot model's own text written from the ground truth, in place of the clips.
 
     python scripts/words_oracle.py --model runs/synth_long/final --data demo_data/synth_long
+    python scripts/words_oracle.py --recipe recipes/synth_long.yaml --set model.connector.layout=story ...
     vlm train recipes/oracle_text.yaml --set vars.data=demo_data/synth_long \\
         --set 'stages.0.data.mixture=[{path: demo_data/synth_long/oracle_words/qa_train.json}]' ...
     vlm eval mcq --model runs/oracle_text/final --bench demo_data/synth_long/mvbench --profile cloze \\
         --descriptions demo_data/synth_long/oracle_words/descriptions.json --out runs/oracle_text/eval_cloze
 
 For every clip of `DIR/regions_{train,test}.json` it writes what the model's `word_slots` connector (frames layout)
-would give the LLM if its heads were perfect: the frames the model samples, each after its "Time: x.xs" stamp,
+(any layout) would give the LLM if its heads were perfect: the frames the model samples, each after its "Time: x.xs" stamp,
 with the scene's and each object's words, and the connector's count and event sentences, all from the per-frame
 annotations the heads are trained on (`vlm.connectors.truth`). `OUT` (default `DIR/oracle_words/`) gets
 `descriptions.json` and a text-only twin of the training and benchmark files, as `vlm data synth --oracle` writes
 them, so the text oracle's recipe trains on it. Trained at the model's budget, it separates what perception costs
-(the heads' model against this) from what the words' format costs (this against the event oracle). Records whose
+(the heads' model against this) from what the words' format costs (this against the event oracle). Only the
+connector's words and settings are read, not its weights, so `--recipe` (with `--set` overrides) serves before any
+training: the model is built from the recipe's `model` section. Records whose
 annotations do not fit the connector's words, or whose video cannot be read, are skipped, named and counted.
 """
 
@@ -32,22 +35,31 @@ from data_tools.synth.oracle import write_described  # noqa: E402
 from vlm.connectors.truth import true_text  # noqa: E402
 from vlm.data.conversation import read_records  # noqa: E402
 from vlm.model import VideoLLM  # noqa: E402
+from vlm.train.recipe import load_recipe  # noqa: E402
 from vlm.video import read_clip  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="a saved VideoLLM folder with a word_slots connector")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help="a saved VideoLLM folder with a word_slots connector")
+    which.add_argument("--recipe", help="a training recipe whose model has a word_slots connector (none trained)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe overrides, as `vlm train`'s")
     p.add_argument("--data", required=True, help="a `vlm data synth` folder (regions_train.json, regions_test.json)")
     p.add_argument("--out", default=None, help="default: DATA/oracle_words")
     p.add_argument("--frames", type=int, default=None, help="frames per clip (default: the model's)")
     p.add_argument("--batch", type=int, default=64)
     args = p.parse_args(argv)
     data = Path(args.data)
-    model = VideoLLM.from_pretrained(args.model, device="cpu")
+    if args.set and not args.recipe:
+        raise SystemExit("--set overrides a --recipe")
+    if args.recipe:
+        model = VideoLLM.from_config(load_recipe(args.recipe, args.set, check_files=False).model_config())
+    else:
+        model = VideoLLM.from_pretrained(args.model, device="cpu")
     connector = model.connector
     if not hasattr(connector, "slot_targets"):
-        raise SystemExit(f"{args.model}: its connector ({type(connector).__name__}) has no word slots")
+        raise SystemExit(f"{args.model or args.recipe}: its connector ({type(connector).__name__}) has no word slots")
     frames = args.frames or model.config.num_frames
     names = [n for n in ("regions_train.json", "regions_test.json") if (data / n).is_file()]
     if not names:
