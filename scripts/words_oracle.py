@@ -7,17 +7,16 @@
     vlm eval mcq --model runs/oracle_text/final --bench demo_data/synth_long/mvbench --profile cloze \\
         --descriptions demo_data/synth_long/oracle_words/descriptions.json --out runs/oracle_text/eval_cloze
 
-For every clip of `DIR/regions_{train,test}.json` it writes what the model's `word_slots` connector (in
-its layout: frames, tracks or story) would give the LLM if its heads were perfect, e.g. for frames the frames the
-model samples, each after its "Time: x.xs" stamp, with the scene's and each object's words, and the connector's count
-and event sentences, all from the per-frame
-annotations the heads are trained on (`vlm.connectors.truth`). `OUT` (default `DIR/oracle_words/`) gets
+For every clip of `DIR/regions_{train,test}.json` it writes what the model's `word_slots` connector, in its layout
+(frames, tracks or story), would give the LLM if its heads were perfect (for frames: each sampled frame after its
+"Time: x.xs" stamp, with the scene's and each object's words, then the count and event sentences), all from the
+per-frame annotations the heads are trained on (`vlm.connectors.truth`). `OUT` (default `DIR/oracle_words/`) gets
 `descriptions.json` and a text-only twin of the training and benchmark files, as `vlm data synth --oracle` writes
 them, so the text oracle's recipe trains on it. Trained at the model's budget, it separates what perception costs
 (the heads' model against this) from what the words' format costs (this against the event oracle). Only the
 connector's words and settings are read, not its weights, so `--recipe` (with `--set` overrides) serves before any
-training: the model is built from the recipe's `model` section. Records whose
-annotations do not fit the connector's words, or whose video cannot be read, are skipped, named and counted.
+training: the model is built from the recipe's `model` section. Records whose annotations do not fit the connector's
+words, or whose video cannot be read, are skipped, named and counted.
 """
 
 from __future__ import annotations

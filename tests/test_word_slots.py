@@ -372,14 +372,11 @@ def test_words_oracle_script_writes_descriptions_and_text_twins(tmp_path):
     twin = json.loads((out / "qa_train.json").read_text())
     assert len(twin) == 2 and "Video description: Time: 0.0s gray" in twin[0]["conversations"][0]["value"]
     assert "video" not in twin[0]
-    # no model needed: the connector's words from a recipe, a layout set on the command line
-    import yaml
-
+    # no model needed: the connector's words from a recipe (JSON is YAML), a layout set on the command line
+    raw = tiny_recipe(data, tmp_path / "run")
+    raw["model"]["connector"] = {"name": "word_slots", **copy.deepcopy(VOCAB), "slots": 2}
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({"name": "story", "output_dir": str(tmp_path / "run"), "model": {"tower": TINY_TOWERS["clip"], "llm": TINY_LLM, "num_frames": 4,
-                                                "connector": {"name": "word_slots", **VOCAB, "slots": 2}},
-                                      "stages": [{"name": "instruct", "parts": {"llm": {"mode": "lora", "lr": 1.0e-3}},
-                                                  "data": {"mixture": [{"path": "nowhere.json"}]}}]}))
+    recipe.write_text(json.dumps(raw))
     assert main(["--recipe", str(recipe), "--set", "model.connector.layout=story", "--data", str(tmp_path / "data"),
                  "--out", str(tmp_path / "story")]) == 0
     told = json.loads((tmp_path / "story" / "descriptions.json").read_text())
