@@ -8,8 +8,14 @@ percent): object-centre precision and recall over cells, and for each object att
 that truly hold an object (so a colour is scored even where the centre was missed), each scene attribute's
 accuracy per frame, and what the LLM is given: `count_accuracy` (frames where as many objects are named as there
 are, up to the connector's slots) and `named_precision` / `named_recall` (named objects whose identity, e.g.
-"red circle", is one of the frame's, over those named / over those there). The numbers say whether the words the
-LLM reads are right, separately from whether the LLM uses them (`vlm eval reliance`) and answers well (`vlm eval mcq`).
+"red circle", is one of the frame's, over those named / over those there). Over time: the changes the heads'
+detections tell once linked into tracks (an object starts or stops moving, bounces, turns green, appears; the story
+layout's events, `vlm.connectors.story.timeline`, named by the connector's `events` rules) against those the
+annotations tell the same way: `event_precision` / `event_recall` (the same change of the same object in the same
+frame), `event_recall_near` (within one frame), `clips_events_right` (clips whose changes are all said, and only
+they, in the right frames) and `clips_order_right` (in the right order, times aside). The numbers say whether the
+words the LLM reads are right, separately from whether the LLM uses them (`vlm eval reliance`) and answers well
+(`vlm eval mcq`).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +31,17 @@ import torch
 
 from evals.reliance import _sample_clip
 from evals.results import EvalResult
+from vlm.connectors.story import timeline
+from vlm.connectors.truth import true_detected
 from vlm.data.dataset import SourceSpec, load_mixture
+from vlm.data.regions import nearest_frames
 from vlm.video.prefetch import prefetch_clips
 
 log = logging.getLogger(__name__)
 
 
 def slot_metrics(counts: dict[str, int]) -> dict[str, float]:
-    """Percentages from summed `WordSlots.slot_counts`."""
+    """Percentages from summed `slot_counts` and `event_counts`."""
     tp, fp, fn = (counts[k] for k in ("objects_true_positive", "objects_false_positive", "objects_missed"))
     out = {"object_precision": 100.0 * tp / max(1, tp + fp), "object_recall": 100.0 * tp / max(1, tp + fn)}
     if counts.get("frames"):
@@ -42,7 +52,85 @@ def slot_metrics(counts: dict[str, int]) -> dict[str, float]:
         if key.endswith("_correct"):
             name = key[: -len("_correct")]
             out[f"{name}_accuracy"] = 100.0 * counts[key] / max(1, counts[f"{name}_total"])
+    if counts.get("clips"):
+        out["event_precision"] = 100.0 * counts["events_right"] / max(1, counts["events_said"])
+        out["event_recall"] = 100.0 * counts["events_right"] / max(1, counts["events_true"])
+        out["event_recall_near"] = 100.0 * counts["events_near"] / max(1, counts["events_true"])
+        out["clips_events_right"] = 100.0 * counts["clips_events_right"] / counts["clips"]
+        out["clips_order_right"] = 100.0 * counts["clips_order_right"] / counts["clips"]
     return out
+
+
+def slot_counts(connector: Any, feats: Any, regions: list[Any]) -> dict[str, int]:
+    """What the heads get right against the annotations, as counts to sum over batches: object centres found
+    (true/false positives, misses), each object attribute right at the true centres, each scene attribute, and
+    what the LLM is given per frame: whether as many objects are named as there are (up to `slots`), and how
+    many named objects' identities (their object attributes' words together) match one of the frame's; and over
+    time, `event_counts`. `connector`: a `word_slots` connector; `feats`: the tower's, before the reducers."""
+    feats = connector.reduced(feats)
+    target = connector.slot_targets(feats, regions)
+    found, objects, scenes = connector.split_logits(feats)
+    pred, real = found.sigmoid() > connector.threshold, target["found"] > 0
+    counts = {"objects_true_positive": int((pred & real).sum()), "objects_false_positive": int((pred & ~real).sum()),
+              "objects_missed": int((~pred & real).sum())}
+    for name, logits, y in zip(connector.object_vocab, objects, target["objects"]):
+        counts[f"{name}_correct"] = int((logits.argmax(-1)[real] == y[real]).sum())
+        counts[f"{name}_total"] = int(real.sum())
+    if connector.motion_vocab and bool(real.any()):
+        b, t, c = real.nonzero(as_tuple=True)
+        for name, logits, y in zip(connector.motion_vocab, connector.motion_logits(feats, b, t, c),
+                                   target["objects"][len(connector.object_vocab):]):
+            counts[f"{name}_correct"] = int((logits.argmax(-1) == y[b, t, c]).sum())
+            counts[f"{name}_total"] = int(real.sum())
+    for name, logits, y in zip(connector.scene_vocab, scenes, target["scene"]):
+        counts[f"{name}_correct"] = int((logits.argmax(-1) == y).sum())
+        counts[f"{name}_total"] = y.numel()
+    _, _, keep, attrs = (x.cpu() for x in connector.detect(feats))
+    ni = len(connector.object_vocab)
+    named_counts = {"frames": 0, "frames_count_right": 0, "named_right": 0, "named": 0, "named_true": 0}
+    for i, clip in enumerate(regions):
+        for j, frame in enumerate(nearest_frames(clip, feats.timestamps[i].tolist())):
+            truth = Counter(tuple(obj[a] for a in connector.object_vocab) for obj in frame.get("objects", []))
+            named = Counter(tuple(connector.words[x] for x in a[:ni].tolist()) for a, kept in zip(attrs[i, j], keep[i, j]) if kept)
+            named_counts["frames"] += 1
+            named_counts["frames_count_right"] += int(sum(named.values()) == min(connector.slots, sum(truth.values())))
+            named_counts["named_right"] += sum((named & truth).values())
+            named_counts["named"] += sum(named.values())
+            named_counts["named_true"] += min(connector.slots, sum(truth.values()))
+    return counts | named_counts | event_counts(connector, feats, regions)
+
+
+def matched_events(said: list[tuple[int, str]], true: list[tuple[int, str]], within: int) -> int:
+    """How many of the `true` (frame, event) pairs a `said` one matches: the same event at most `within` frames
+    away, each said one used once (the nearest first)."""
+    free, hits = list(said), 0
+    for k, event in true:
+        near = [(abs(j - k), i) for i, (j, e) in enumerate(free) if e == event and abs(j - k) <= within]
+        if near:
+            free.pop(min(near)[1])
+            hits += 1
+    return hits
+
+
+def event_counts(connector: Any, feats: Any, regions: list[Any]) -> dict[str, int]:
+    """The changes over time the heads' detections tell against those the annotations tell (both through the story
+    layout's `timeline`, with the connector's event rules), as counts to sum over batches. `feats`: after the
+    reducers, with timestamps."""
+    seen = connector.detections(feats)
+    truth = connector.detections(feats, true_detected(connector, regions, feats.timestamps, feats.grid))
+    rules, extent, tracks = getattr(connector, "events", []), getattr(connector, "event_extent", {}), 2 * connector.slots
+    counts = dict.fromkeys(("clips", "events_said", "events_true", "events_right", "events_near",
+                            "clips_events_right", "clips_order_right"), 0)
+    for heads, real in zip(seen, truth):
+        said, true = (timeline(*clip, rules, extent, tracks)[3] for clip in (heads, real))
+        counts["clips"] += 1
+        counts["events_said"] += len(said)
+        counts["events_true"] += len(true)
+        counts["events_right"] += matched_events(said, true, 0)
+        counts["events_near"] += matched_events(said, true, 1)
+        counts["clips_events_right"] += int(sorted(said) == sorted(true))
+        counts["clips_order_right"] += int([e for _, e in sorted(said)] == [e for _, e in sorted(true)])
+    return counts
 
 
 @torch.no_grad()
@@ -52,7 +140,7 @@ def evaluate_slots(model: Any, data: str | Path, out_dir: str | Path | None = No
     """Score a `word_slots` connector's heads on the records of `data` that carry regions; records without usable
     regions and clips that fail to decode are skipped, counted and named (counts.skipped_reasons)."""
     connector = model.connector
-    if not hasattr(connector, "slot_counts"):
+    if not hasattr(connector, "slot_targets"):
         raise ValueError(f"{model_name or 'model'}: its connector ({type(connector).__name__}) has no slot heads; "
                          "`vlm eval slots` scores word_slots connectors")
     t0 = time.time()
@@ -74,7 +162,9 @@ def evaluate_slots(model: Any, data: str | Path, out_dir: str | Path | None = No
     def run(batch: list[tuple[Any, Any]]) -> None:
         pixels, stamps = zip(*(model.processor.preprocess_clip(clip) for _, clip in batch))
         feats = model.tower_features(torch.stack(pixels), torch.stack(stamps))
-        for key, value in connector.slot_counts(feats, [s.extra["regions"] for s, _ in batch]).items():
+        regions = [s.extra["regions"] for s, _ in batch]
+        counts = slot_counts(connector, feats, regions)
+        for key, value in counts.items():
             totals[key] = totals.get(key, 0) + value
 
     scored = 0

@@ -95,7 +95,7 @@ def main() -> int:
     from evals.slots import evaluate_slots
 
     slots = None
-    if hasattr(model.connector, "slot_counts"):  # are the words the LLM reads right? (held-out ground truth)
+    if hasattr(model.connector, "slot_targets"):  # are the words the LLM reads right? (held-out ground truth)
         t = time.time()
         slots = evaluate_slots(model, data / "regions_test.json", out / "slots", model_name=str(final))
         timings["slots"] = time.time() - t

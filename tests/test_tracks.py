@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from tests.test_word_slots import nearest_words, tiny_slots_model
-from vlm.connectors.tracks import (Detection, counted_tracks, describe, link, merge_duplicates, object_tracks, smooth,
-                                  track_name)
+from vlm.connectors.tracks import (Detection, counted_tracks, describe, link, merge_duplicates, object_tracks, settle,
+                                  smooth, track_name, viterbi)
 from vlm.towers.base import VisualFeatures
 
 TIMES = [0.1, 0.4, 0.6, 0.9, 1.1, 1.4]
@@ -21,6 +21,41 @@ def test_smooth_removes_one_frame_flickers_only():
     assert smooth(["a", "b", "a", "a", "c", "c", "d"]) == ["a", "a", "a", "a", "c", "c", "d"]
     assert smooth(["a", "b", "c"]) == ["a", "b", "c"]  # all differ: kept
     assert smooth(["a"]) == ["a"]
+
+
+def test_viterbi_drops_doubtful_flips_and_keeps_confident_ones():
+    def frames(*pairs):  # per frame: log-probabilities of "a" and "b"
+        return [{"a": a, "b": b} for a, b in pairs]
+
+    doubtful = frames((0, -3), (-1, -0.5), (-1, -0.5), (0, -3), (0, -3))  # "b" by half a nat for two frames
+    assert viterbi(doubtful, 0.0) == ["a", "b", "b", "a", "a"]  # no cost: each frame's likeliest word
+    assert viterbi(doubtful, 2.0) == ["a", "a", "a", "a", "a"]  # two changes cost 4 nats, "b" gains 1
+    confident = frames((-6, 0), (0, -6), (0, -6), (0, -6))  # a sure "b" in the first frame, then "a"
+    assert viterbi(confident, 2.0) == ["b", "a", "a", "a"] and viterbi(confident, 8.0) == ["a"] * 4
+    lasting = frames((0, -3), (-3, 0), (-3, 0), (-3, 0))  # a real change: held, and sure
+    assert viterbi(lasting, 2.0) == ["a", "b", "b", "b"]
+
+
+def test_settle_decodes_each_track_and_the_scene_over_time():
+    def scored(row, col, color, p_red):
+        lp = {"red": torch.tensor(p_red).log().item(), "blue": torch.tensor(1 - p_red).log().item()}
+        return Detection((row, col), (color, "circle"), ("still",), (lp, {"circle": 0.0}, {"still": 0.0}))
+
+    # a red circle read as blue in frames 1-2 by a hair; a sure blue square elsewhere keeps its colour
+    frames = [[scored(1, 1, "red", 0.9)], [scored(1, 1, "blue", 0.45)], [scored(1, 2, "blue", 0.45)],
+              [scored(1, 2, "red", 0.9)]]
+    frames[1].append(Detection((5, 5), ("blue", "square"), ("still",), ({"red": -5.0, "blue": 0.0}, {"square": 0.0},
+                                                                       {"still": 0.0})))
+    scene_scores = [({"gray": 0.0, "black": -2.0},), ({"gray": -0.8, "black": -0.6},), ({"gray": 0.0, "black": -2.0},),
+                    ({"gray": 0.0, "black": -2.0},)]
+    seen = ([("gray",), ("black",), ("gray",), ("gray",)], frames, TIMES[:4])
+    scenes, settled, times = settle(seen, scene_scores, 2.0)
+    assert [d.identity[0] for f in settled for d in f if d.identity[1] == "circle"] == ["red"] * 4
+    assert [d.identity for d in settled[1] if d.cell == (5, 5)] == [("blue", "square")]
+    assert scenes == [("gray",)] * 4 and times == TIMES[:4]
+    assert settle(seen, scene_scores, 0.0)[1][1][0].identity[0] == "blue"  # no cost: the words as read
+    unscored = ([("gray",)] * 2, [[det(1, 1)], [det(1, 1, "blue")]], TIMES[:2])
+    assert settle(unscored, [], 2.0)[1][1][0].identity[0] == "blue"  # no scores (e.g. annotations): as given
 
 
 def test_link_follows_objects_by_place_then_by_words():
@@ -119,10 +154,10 @@ def test_the_tracks_layout_writes_the_description_as_word_embeddings(monkeypatch
     tones = torch.zeros(1, 3, 2)
     monkeypatch.setattr(conn, "split_logits", lambda f: (found, [colors, shapes], [tones]))
 
-    def motion(f, b, t, c):  # still, then moving left from the second frame
+    def motion(f, b, t, c):  # still, then moving left from the second frame (sure of both)
         logits = torch.zeros(len(c), 3)
-        logits[:, 0] = 1
-        logits[t >= 1, 1] = 5
+        logits[:, 0] = 4
+        logits[t >= 1, 1] = 8
         return [logits]
 
     monkeypatch.setattr(conn, "motion_logits", motion)
@@ -132,6 +167,12 @@ def test_the_tracks_layout_writes_the_description_as_word_embeddings(monkeypatch
     assert nearest_words(model, out.embeds[0][out.mask[0]]) == conn.describe(feats)[0]
     assert conn.truncated == 0
     assert conn.written(feats) == conn.describe(feats)
+    colors[0, 1:, 5:7, 1] = 1.2  # frames 1 and 2 read the circle as green, by a hair (0.2 nats)
+    assert conn.describe(feats) == [" gray. blue circle, top left: still; from 0.8 s green moves left."]
+    conn.configure(switch_cost=2.0)  # decoded over the track: a doubtful green is not a change
+    assert conn.describe(feats) == [" gray. blue circle, top left: still; from 0.8 s moves left."]
+    with pytest.raises(ValueError, match="switch_cost"):
+        conn.configure(switch_cost=-1)
 
 
 def test_text_tokens_fix_the_tracks_slot_whatever_the_frame_count():

@@ -230,12 +230,19 @@ def test_slot_counts_say_how_many_objects_the_llm_is_told_and_whether_they_are_r
     frames = [{"t": 0.0, "scene": {"tone": "gray"}, "objects": [{"center": [0.3, 0.3], **red}]},  # named right
               {"t": 0.5, "scene": {"tone": "gray"}, "objects": [{"center": [0.3, 0.3], **red},
                                                                 {"center": [0.9, 0.9], **red, "color": "blue"}]}]
-    c = conn.slot_counts(feats, [frames])
+    from evals.slots import event_counts, matched_events, slot_counts, slot_metrics
+    c = slot_counts(conn, feats, [frames])
     # frame 0: two named for one there (one right); frame 1: two named for two there (the red one right)
     assert (c["frames"], c["frames_count_right"], c["named"], c["named_right"], c["named_true"]) == (2, 1, 4, 2, 3)
-    from evals.slots import slot_metrics
     m = slot_metrics(c)
     assert m["count_accuracy"] == 50.0 and m["named_precision"] == 50.0 and round(m["named_recall"], 1) == 66.7
+    # over time: the annotations say a blue square appears in frame 1; the heads never see it
+    e = event_counts(conn, feats, [frames])
+    assert (e["events_true"], e["events_said"], e["events_right"], e["clips_events_right"]) == (1, 0, 0, 0)
+    assert all(c[k] == v for k, v in e.items())  # slot_counts includes them
+    assert m["event_recall"] == 0.0 and m["clips_order_right"] == 0.0
+    said, true = [(2, "a"), (3, "b"), (3, "c")], [(2, "a"), (2, "b"), (5, "c")]
+    assert matched_events(said, true, 0) == 1 and matched_events(said, true, 1) == 2  # "c" is two frames off
 
 
 def test_slots_objective_trains_the_heads_then_the_llm_reads_them(tmp_path):

@@ -40,11 +40,13 @@ def _state(row: tuple[str, ...], identity: int) -> str:
     return ", ".join(row[identity:])
 
 
-def story(scene: Sequence[tuple[str, ...]], frames: Sequence[Sequence[Detection]], times: Sequence[float],
-          rules: Sequence[EventRule] = (), extent: Mapping[str, str] | None = None, max_tracks: int = 6) -> str:
-    """The story text of one clip: its scene's words per frame, its detections per frame and the frames' times
-    (seconds), as `vlm.connectors.word_slots` gives them. At most `max_tracks` objects (the longest seen); an
-    object seen in one frame only is dropped when the clip has 4 frames or more (a head's slip)."""
+def timeline(scene: Sequence[tuple[str, ...]], frames: Sequence[Sequence[Detection]], times: Sequence[float],
+             rules: Sequence[EventRule] = (), extent: Mapping[str, str] | None = None, max_tracks: int = 6
+             ) -> tuple[list[str], list[str], str, list[tuple[int, str]]]:
+    """What a clip's story says, before it is written: the objects there from the first frame (with their articles,
+    "a red circle"), their first states ("The red circle: still, small."), the first background ("a gray
+    background"), and every change as (frame index, what happened) in time order; the input of `story`, and what
+    `vlm eval slots` compares with the annotations'."""
     extent = dict(extent or {})
     tracks = [tr for tr in link([merge_duplicates(f) for f in frames]) if len(tr.frames) > 1 or len(times) < 4]
     tracks = sorted(sorted(tracks, key=lambda tr: -len(tr.frames))[:max_tracks],
@@ -73,9 +75,18 @@ def story(scene: Sequence[tuple[str, ...]], frames: Sequence[Sequence[Detection]
         if tr.frames[-1] < len(times) - 1:
             events.append((tr.frames[-1] + 1, f"the {_name(rows[-1], n)} {extent.get('disappears', 'disappears')}"))
     background = f"a {' '.join(w for w in scenes[0])} background" if scenes else "the background"
+    return opening, [s for s in states if s], background, sorted(events, key=lambda e: e[0])
+
+
+def story(scene: Sequence[tuple[str, ...]], frames: Sequence[Sequence[Detection]], times: Sequence[float],
+          rules: Sequence[EventRule] = (), extent: Mapping[str, str] | None = None, max_tracks: int = 6) -> str:
+    """The story text of one clip: its scene's words per frame, its detections per frame and the frames' times
+    (seconds), as `vlm.connectors.word_slots` gives them. At most `max_tracks` objects (the longest seen); an
+    object seen in one frame only is dropped when the clip has 4 frames or more (a head's slip)."""
+    opening, states, background, events = timeline(scene, frames, times, rules, extent, max_tracks)
     parts = [f"{_and(opening)} {'is' if len(opening) == 1 else 'are'} on {background}." if opening
              else f"The video starts with {background} and no objects."]
     parts[0] = parts[0][0].upper() + parts[0][1:]
-    parts += [s for s in states if s]
-    parts += [f"At {times[k]:.1f} seconds, {said}." for k, said in sorted(events, key=lambda e: e[0])]
+    parts += states
+    parts += [f"At {times[k]:.1f} seconds, {said}." for k, said in events]
     return " " + " ".join(parts)

@@ -15,8 +15,8 @@ the same way, first. Everything here is plain Python on a handful of detections 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Callable, Mapping, Sequence
 
 
 @dataclass
@@ -24,6 +24,7 @@ class Detection:
     cell: tuple[int, int]  # (row, column) on the feature grid
     identity: tuple[str, ...]  # the object attributes' words (colour, shape, ...): what says which object it is
     motion: tuple[str, ...] = ()  # the motion attributes' words (what it is doing)
+    scores: tuple[Mapping[str, float], ...] = ()  # per attribute of identity + motion, each word's log-probability
 
 
 @dataclass
@@ -108,6 +109,45 @@ def object_tracks(frames: Sequence[Sequence[Detection]]) -> list[Track]:
     """Each frame's detections linked into tracks (`link`), without the tracks of one frame (a head's one-frame
     slip would otherwise be an object)."""
     return [tr for tr in link([merge_duplicates(f) for f in frames]) if len(tr.frames) > 1]
+
+
+def viterbi(scores: Sequence[Mapping[str, float]], switch: float) -> list[str]:
+    """The words, one per frame, of highest summed log-probability (`scores`: each frame's words' log-probabilities)
+    when every change of word costs `switch` nats: a confident one-frame word stays, a doubtful run of two goes."""
+    best, back = dict(scores[0]), []
+    for frame in scores[1:]:
+        top = max(best, key=best.get)
+        came = {w: w if best[w] >= best[top] - switch else top for w in frame}
+        best = {w: best[came[w]] - switch * (came[w] != w) + frame[w] for w in frame}
+        back.append(came)
+    word = max(best, key=best.get)
+    out = [word]
+    for came in reversed(back):
+        word = came[word]
+        out.append(word)
+    return out[::-1]
+
+
+def settle(seen: Seen, scene_scores: Sequence[Sequence[Mapping[str, float]]], switch: float) -> Seen:
+    """A clip's detections with every word sequence decoded by `viterbi` at a cost of `switch` nats per change:
+    the scene's words per attribute over the frames (`scene_scores`: per frame, per scene attribute), each object's
+    over the frames of its track (`link`; the detections' `scores`). What the heads say once per frame becomes
+    what they say over the clip: a colour, shape or motion word that flips for a frame or two against the heads'
+    own doubt is read as the word around it."""
+    scenes, frames, times = seen
+    if scene_scores and switch > 0:
+        columns = [viterbi([frame[a] for frame in scene_scores], switch) for a in range(len(scene_scores[0]))]
+        scenes = [tuple(c[k] for c in columns) for k in range(len(scene_scores))]
+    frames = [merge_duplicates(f) for f in frames]
+    decoded: dict[int, Detection] = {}
+    for track in link(frames):
+        if switch > 0 and all(d.scores for d in track.detections):
+            columns = [viterbi([d.scores[a] for d in track.detections], switch)
+                       for a in range(len(track.detections[0].scores))]
+            for k, d in enumerate(track.detections):
+                words, n = tuple(c[k] for c in columns), len(d.identity)
+                decoded[id(d)] = replace(d, identity=words[:n], motion=words[n:])
+    return scenes, [[decoded.get(id(d), d) for d in f] for f in frames], times
 
 
 def track_words(track: Track, attribute: int) -> list[str]:

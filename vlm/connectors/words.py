@@ -20,7 +20,6 @@ change (" gray. red circle, top right: still; from 0.6 s grows; from 1.6 s still
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -32,7 +31,7 @@ from vlm.connectors.slot_heads import MotionHead, SlotHead
 from vlm.connectors.counts import count_rules, count_text, count_width
 from vlm.connectors.events import event_rules, event_texts, event_width, settings as event_settings
 from vlm.connectors.story import story
-from vlm.connectors.tracks import Detection, Seen, describe
+from vlm.connectors.tracks import Detection, Seen, describe, settle
 from vlm.data.regions import cell_of, nearest_frames, region_problems
 from vlm.towers.base import VisualFeatures
 
@@ -62,8 +61,11 @@ class WordSlots(Connector):
     events: sentences written after the words of the frame where a change is first seen, attribute ->
     {"<word> > <word>": what the change is called}, e.g. {"action": {"moves left > moves right": "bounces off the left
     wall"}} writes " red star bounces off the left wall." there (`hold`, `{to}`, appears / disappears:
-    `vlm.connectors.events`): the frame's time stamp then says when, the sentences' order what came first.
-    Each word is written with the LLM's tokens of " <word>" (several tokens when the tokenizer splits it)."""
+    `vlm.connectors.events`): the frame's time stamp then says when, the sentences' order what came first;
+    switch_cost: > 0 decodes each object's words over its track, and the scene's over the clip, as the sequence of
+    highest log-probability when a change of word costs that many nats (`vlm.connectors.tracks.settle`), where 0
+    takes each frame's likeliest word, then the majority of three frames; for the layouts that link tracks, and
+    for counts and events. Each word is written with the LLM's tokens of " <word>" (several tokens when the tokenizer splits it)."""
 
     def __init__(self, in_dim: int, out_dim: int, reducers=(), scene: Mapping[str, Sequence[str]] | None = None,
                  objects: Mapping[str, Sequence[str]] | None = None,
@@ -71,7 +73,7 @@ class WordSlots(Connector):
                  position: Sequence[Sequence[str]] | None = POSITION, threshold: float = 0.5, hidden: int = 256,
                  layout: str = "frames", text_tokens: int | None = None, scene_grid: int = 1,
                  counts: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
-                 events: Mapping[str, Any] | None = None):
+                 events: Mapping[str, Any] | None = None, switch_cost: float = 0.0):
         super().__init__(in_dim, out_dim, reducers)
         self.scene_vocab = {k: list(v) for k, v in (scene or {}).items()}
         self.object_vocab = {k: list(v) for k, v in (objects or {}).items()}
@@ -91,7 +93,7 @@ class WordSlots(Connector):
         if not set(self.silent) <= set(self.words):
             raise ValueError(f"word_slots: silent words {sorted(set(self.silent) - set(self.words))} are not in its vocabulary")
         self.configure(layout=layout, text_tokens=text_tokens, threshold=threshold, counts=counts or {},
-                       events=events or {})
+                       events=events or {}, switch_cost=switch_cost)
         self.head = SlotHead(in_dim, sum(len(g) for g in self.object_vocab.values()),
                              sum(len(g) for g in self.scene_vocab.values()), hidden, scene_grid)
         if self.motion_vocab:
@@ -102,7 +104,7 @@ class WordSlots(Connector):
         self._tokenizer: list[Any] = []
         self.truncated = 0  # clips whose text (tracks, counts) was cut to the token budget
 
-    settings = ("layout", "text_tokens", "threshold", "counts", "events")
+    settings = ("layout", "text_tokens", "threshold", "counts", "events", "switch_cost")
     def configure(self, **values: Any) -> None:
         layout = values.get("layout", getattr(self, "layout", "frames"))
         text_tokens = values.get("text_tokens", getattr(self, "text_tokens", None) if layout != "frames" else None)
@@ -116,6 +118,9 @@ class WordSlots(Connector):
         self.layout = layout
         self.text_tokens = None if text_tokens is None else int(text_tokens)
         self.threshold = float(values.get("threshold", getattr(self, "threshold", 0.5)))
+        self.switch_cost = float(values.get("switch_cost", getattr(self, "switch_cost", 0.0)))
+        if self.switch_cost < 0:
+            raise ValueError(f"word_slots: switch_cost ({self.switch_cost}) is the nats a change of word costs, >= 0")
         if "counts" in values:
             self.counts = count_rules(values["counts"] or {}, self.object_vocab | self.motion_vocab)
         if "events" in values:
@@ -178,10 +183,12 @@ class WordSlots(Connector):
         return 1, self.text_tokens or grid[0] * per_frame
 
     # ---------------------------------------------------------------- the words of each frame
-    def detect(self, feats: VisualFeatures) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def detect(self, feats: VisualFeatures, scores: bool = False) -> tuple[Any, ...]:
         """What the heads see in each frame: the scene attributes' words [B, T, S], the cells of the (at most
         `slots`) most likely object centres [B, T, k] in reading order, whether each is an object [B, T, k], and
-        each one's object then motion attributes' words [B, T, k, A] (word indices into `self.words`)."""
+        each one's object then motion attributes' words [B, T, k, A] (word indices into `self.words`). `scores`:
+        also the log-probabilities behind the words, per scene attribute [B, T, V] and per object then motion
+        attribute [B, T, k, V]."""
         found, object_logits, scene_logits = self.split_logits(feats)
         b, t, n = found.shape
         scene = torch.stack([logits.argmax(-1) + self.offsets[g] for g, logits in enumerate(scene_logits)], -1) \
@@ -191,14 +198,15 @@ class WordSlots(Connector):
         order = torch.where(keep, cells, cells + n).argsort(-1)  # kept ones first, in reading order
         cells, keep = cells.gather(-1, order), keep.gather(-1, order)
         ns = len(self.scene_vocab)
-        attrs = [logits.argmax(-1).gather(-1, cells) + self.offsets[ns + g] for g, logits in enumerate(object_logits)]
+        per_cell = [logits.gather(2, cells[..., None].expand(*cells.shape, logits.shape[-1])) for logits in object_logits]
         if self.motion_vocab:
             bi = torch.arange(b, device=cells.device)[:, None, None].expand_as(cells)
             ti = torch.arange(t, device=cells.device)[None, :, None].expand_as(cells)
             moved = self.motion_logits(feats, bi.flatten(), ti.flatten(), cells.flatten())
-            base = ns + len(self.object_vocab)
-            attrs += [logits.argmax(-1).reshape(cells.shape) + self.offsets[base + g] for g, logits in enumerate(moved)]
-        return scene, cells, keep, torch.stack(attrs, -1) if attrs else cells.new_zeros(*cells.shape, 0)
+            per_cell += [logits.reshape(*cells.shape, -1) for logits in moved]
+        attrs = [logits.argmax(-1) + self.offsets[ns + g] for g, logits in enumerate(per_cell)]
+        out = (scene, cells, keep, torch.stack(attrs, -1) if attrs else cells.new_zeros(*cells.shape, 0))
+        return out + ([x.log_softmax(-1) for x in scene_logits], [x.log_softmax(-1) for x in per_cell]) if scores else out
 
     def choose(self, feats: VisualFeatures, detected: tuple[torch.Tensor, ...] | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,16 +236,28 @@ class WordSlots(Connector):
         """Per clip, what the heads saw in each frame: (the scene's words per frame, the detections per frame, the
         frames' times in seconds), the input of `vlm.connectors.tracks.describe`. `feats`: after the reducers;
         `detected`: `detect(feats)` when already computed."""
-        scene, cells, keep, attrs = (x.cpu() for x in (detected if detected is not None else self.detect(feats)))
+        decode = detected is None and self.switch_cost > 0  # the heads' own words, decoded over time (`settle`)
+        detected = detected if detected is not None else self.detect(feats, scores=decode)
+        scene, cells, keep, attrs = (x.cpu() for x in detected[:4])
         w = feats.grid[2]
         ni = len(self.object_vocab)
         times = feats.timestamps.cpu() if feats.timestamps is not None else \
             torch.arange(cells.shape[1], dtype=torch.float)[None].expand(cells.shape[0], -1)
-        return [([tuple(self.words[x] for x in row.tolist()) for row in scene[i]],
+        groups = [list(g) for g in [*self.object_vocab.values(), *self.motion_vocab.values()]]
+        scene_lp, object_lp = (detected[4], detected[5]) if decode else ([], [])
+        def scored(lps: list[torch.Tensor], words: list[list[str]], *at: int) -> tuple[dict[str, float], ...]:
+            return tuple(dict(zip(ws, lp[at].tolist())) for lp, ws in zip(lps, words))
+        seen = [([tuple(self.words[x] for x in row.tolist()) for row in scene[i]],
                  [[Detection((int(c) // w, int(c) % w), tuple(self.words[x] for x in a[:ni].tolist()),
-                             tuple(self.words[x] for x in a[ni:].tolist()))
-                   for c, kept, a in zip(cells[i, j], keep[i, j], attrs[i, j]) if kept] for j in range(cells.shape[1])],
+                             tuple(self.words[x] for x in a[ni:].tolist()), scored(object_lp, groups, i, j, s))
+                   for s, (c, kept, a) in enumerate(zip(cells[i, j], keep[i, j], attrs[i, j])) if kept]
+                  for j in range(cells.shape[1])],
                  times[i].tolist()) for i in range(cells.shape[0])]
+        if not decode:
+            return seen
+        scene_words = [list(g) for g in self.scene_vocab.values()]
+        return [settle(clip, [scored(scene_lp, scene_words, i, j) for j in range(cells.shape[1])], self.switch_cost)
+                for i, clip in enumerate(seen)]
 
     def text(self, seen: Seen, grid: tuple[int, int, int]) -> str:
         """The tracks text of one clip's `detections` on a feature grid (T, h, w)."""
@@ -409,42 +429,3 @@ class WordSlots(Connector):
             for logits, y in zip(self.motion_logits(feats, b, t, c), target["objects"][len(self.object_vocab):]):
                 loss = loss + F.cross_entropy(logits.float(), y[b, t, c])
         return loss
-
-    @torch.no_grad()
-    def slot_counts(self, feats: VisualFeatures, regions: Sequence[Sequence[dict[str, Any]]]) -> dict[str, int]:
-        """What the heads get right against the annotations, as counts to sum over batches: object centres found
-        (true/false positives, misses), each object attribute right at the true centres, each scene attribute, and
-        what the LLM is given per frame: whether as many objects are named as there are (up to `slots`), and how
-        many named objects' identities (their object attributes' words together) match one of the frame's.
-        `feats`: the tower's, before the reducers."""
-        feats = self.reduced(feats)
-        target = self.slot_targets(feats, regions)
-        found, objects, scenes = self.split_logits(feats)
-        pred, real = found.sigmoid() > self.threshold, target["found"] > 0
-        counts = {"objects_true_positive": int((pred & real).sum()), "objects_false_positive": int((pred & ~real).sum()),
-                  "objects_missed": int((~pred & real).sum())}
-        for name, logits, y in zip(self.object_vocab, objects, target["objects"]):
-            counts[f"{name}_correct"] = int((logits.argmax(-1)[real] == y[real]).sum())
-            counts[f"{name}_total"] = int(real.sum())
-        if self.motion_vocab and bool(real.any()):
-            b, t, c = real.nonzero(as_tuple=True)
-            for name, logits, y in zip(self.motion_vocab, self.motion_logits(feats, b, t, c),
-                                       target["objects"][len(self.object_vocab):]):
-                counts[f"{name}_correct"] = int((logits.argmax(-1) == y[b, t, c]).sum())
-                counts[f"{name}_total"] = int(real.sum())
-        for name, logits, y in zip(self.scene_vocab, scenes, target["scene"]):
-            counts[f"{name}_correct"] = int((logits.argmax(-1) == y).sum())
-            counts[f"{name}_total"] = y.numel()
-        _, _, keep, attrs = (x.cpu() for x in self.detect(feats))
-        ni = len(self.object_vocab)
-        named_counts = {"frames": 0, "frames_count_right": 0, "named_right": 0, "named": 0, "named_true": 0}
-        for i, clip in enumerate(regions):
-            for j, frame in enumerate(nearest_frames(clip, feats.timestamps[i].tolist())):
-                truth = Counter(tuple(obj[a] for a in self.object_vocab) for obj in frame.get("objects", []))
-                named = Counter(tuple(self.words[x] for x in a[:ni].tolist()) for a, kept in zip(attrs[i, j], keep[i, j]) if kept)
-                named_counts["frames"] += 1
-                named_counts["frames_count_right"] += int(sum(named.values()) == min(self.slots, sum(truth.values())))
-                named_counts["named_right"] += sum((named & truth).values())
-                named_counts["named"] += sum(named.values())
-                named_counts["named_true"] += min(self.slots, sum(truth.values()))
-        return counts | named_counts
