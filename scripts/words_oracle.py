@@ -2,6 +2,8 @@
 
     python scripts/words_oracle.py --model runs/synth_long/final --data demo_data/synth_long
     python scripts/words_oracle.py --recipe recipes/synth_long.yaml --set model.connector.layout=story ...
+    python scripts/words_oracle.py --heads FOLD0=regions_fold1.json --heads FOLD1=regions_fold0.json \
+        --heads FULL=regions_test.json --data demo_data/synth_long --out demo_data/synth_long/heads_out_of_fold
     vlm train recipes/oracle_text.yaml --set vars.data=demo_data/synth_long \\
         --set 'stages.0.data.mixture=[{path: demo_data/synth_long/oracle_words/qa_train.json}]' ...
     vlm eval mcq --model runs/oracle_text/final --bench demo_data/synth_long/mvbench --profile cloze \\
@@ -17,6 +19,12 @@ them, so the text oracle's recipe trains on it. Trained at the model's budget, i
 connector's words and settings are read, not its weights, so `--recipe` (with `--set` overrides) serves before any
 training: the model is built from the recipe's `model` section. Records whose annotations do not fit the connector's
 words, or whose video cannot be read, are skipped, named and counted.
+
+`--heads MODEL=REGIONS` writes instead what trained heads write from the video, for the clips of one regions file
+of DATA per model. Heads read their own training clips better than new ones, so an LLM trained on the text of the
+clips its heads learned from meets noisier text at test time; heads trained on one half of the training clips
+writing the text of the other half (out of fold), and heads trained on all of them writing the test clips', give
+it text as noisy in training as in the test (docs/GROUNDING.md row 53).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -32,11 +41,35 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from data_tools.synth.oracle import write_described  # noqa: E402
-from vlm.connectors.truth import true_text  # noqa: E402
+from vlm.connectors.truth import true_text, written_text  # noqa: E402
 from vlm.data.conversation import read_records  # noqa: E402
 from vlm.model import VideoLLM  # noqa: E402
 from vlm.train.recipe import load_recipe  # noqa: E402
 from vlm.video import read_clip  # noqa: E402
+
+
+def load(args: argparse.Namespace, where: str | None = None) -> VideoLLM:
+    """The model whose connector writes the text: from --recipe (none trained), --model, or a --heads MODEL."""
+    if where is None and args.recipe:
+        model = VideoLLM.from_config(load_recipe(args.recipe, args.set, check_files=False).model_config())
+    else:
+        model = VideoLLM.from_pretrained(where or args.model, device="cpu")
+    if not hasattr(model.connector, "slot_targets"):
+        raise SystemExit(f"{where or args.model or args.recipe}: its connector ({type(model.connector).__name__}) "
+                         "has no word slots")
+    return model
+
+
+def texts_of(model: VideoLLM, batch: list[tuple[dict, Any]], frames: int, heads: bool) -> list[str]:
+    """The connector's text of each (record, clip or its frame times) of `batch`: from the heads on the clip's
+    frames, or from the record's annotations."""
+    grid = model.tower.grid_for(frames, *model.tower.preprocessor.hw)
+    if not heads:
+        return true_text(model.connector, [r["regions"] for r, _ in batch], torch.stack([s for _, s in batch]), grid)
+    pixels, stamps = zip(*(model.processor.preprocess_clip(clip) for _, clip in batch))
+    with torch.no_grad():
+        feats = model.connector.reduced(model.tower_features(torch.stack(pixels), torch.stack(stamps)))
+        return written_text(model.connector, feats)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--model", help="a saved VideoLLM folder with a word_slots connector")
     which.add_argument("--recipe", help="a training recipe whose model has a word_slots connector (none trained)")
+    which.add_argument("--heads", action="append", metavar="MODEL=REGIONS",
+                       help="the text of the clips of REGIONS (a regions file of DATA) as MODEL's heads write it from "
+                            "the video, not from the annotations; repeat until every clip is covered")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe overrides, as `vlm train`'s")
     p.add_argument("--data", required=True, help="a `vlm data synth` folder (regions_train.json, regions_test.json)")
     p.add_argument("--out", default=None, help="default: DATA/oracle_words")
@@ -53,37 +89,38 @@ def main(argv: list[str] | None = None) -> int:
     data = Path(args.data)
     if args.set and not args.recipe:
         raise SystemExit("--set overrides a --recipe")
-    if args.recipe:
-        model = VideoLLM.from_config(load_recipe(args.recipe, args.set, check_files=False).model_config())
+    if args.heads:
+        jobs = []
+        for spec in args.heads:
+            where, _, regions = spec.partition("=")
+            if not (where and regions and (data / regions).is_file()):
+                raise SystemExit(f"--heads {spec}: write MODEL=REGIONS, REGIONS a file of {data}")
+            jobs.append((load(args, where), [regions], True))
     else:
-        model = VideoLLM.from_pretrained(args.model, device="cpu")
-    connector = model.connector
-    if not hasattr(connector, "slot_targets"):
-        raise SystemExit(f"{args.model or args.recipe}: its connector ({type(connector).__name__}) has no word slots")
-    frames = args.frames or model.config.num_frames
-    names = [n for n in ("regions_train.json", "regions_test.json") if (data / n).is_file()]
-    if not names:
-        raise SystemExit(f"{data}: no regions_train.json or regions_test.json (`vlm data synth` writes both)")
+        names = [n for n in ("regions_train.json", "regions_test.json") if (data / n).is_file()]
+        if not names:
+            raise SystemExit(f"{data}: no regions_train.json or regions_test.json (`vlm data synth` writes both)")
+        jobs = [(load(args), names, False)]
     by_video, skipped = {}, []
-    for name in names:
-        batch = []
-        for location, record in [*read_records(data / name), (None, None)]:
-            if record is not None:
-                problems = [] if isinstance(record, Exception) else connector.region_problems(record.get("regions"))
-                if isinstance(record, Exception) or problems:
-                    skipped.append(f"{location}: {record if isinstance(record, Exception) else problems[0]}")
-                    continue
-                try:
-                    stamps = read_clip(data / record["video"], frames, "uniform").timestamps
-                except Exception as e:  # noqa: BLE001 - any unreadable video is skipped and named
-                    skipped.append(f"{location}: {record['video']}: {e}")
-                    continue
-                batch.append((record, torch.tensor(stamps, dtype=torch.float)))
-            if batch and (record is None or len(batch) == args.batch):
-                grid = model.tower.grid_for(frames, *model.tower.preprocessor.hw)
-                texts = true_text(connector, [r["regions"] for r, _ in batch], torch.stack([s for _, s in batch]), grid)
-                by_video.update({r["video"]: text for (r, _), text in zip(batch, texts)})
-                batch = []
+    for model, names, heads in jobs:
+        frames = args.frames or model.config.num_frames
+        for name in names:
+            batch = []
+            for location, record in [*read_records(data / name), (None, None)]:
+                if record is not None:
+                    problems = [] if isinstance(record, Exception) else model.connector.region_problems(record.get("regions"))
+                    if isinstance(record, Exception) or problems:
+                        skipped.append(f"{location}: {record if isinstance(record, Exception) else problems[0]}")
+                        continue
+                    try:
+                        clip = read_clip(data / record["video"], frames, model.config.sampling if heads else "uniform")
+                    except Exception as e:  # noqa: BLE001 - any unreadable video is skipped and named
+                        skipped.append(f"{location}: {record['video']}: {e}")
+                        continue
+                    batch.append((record, clip if heads else torch.tensor(clip.timestamps, dtype=torch.float)))
+                if batch and (record is None or len(batch) == args.batch):
+                    by_video.update({r["video"]: t for (r, _), t in zip(batch, texts_of(model, batch, frames, heads))})
+                    batch = []
     out = Path(args.out) if args.out else data / "oracle_words"
     counts = write_described(data, out, {Path(v).stem: t for v, t in by_video.items()}, by_video)
     (out / "skipped.txt").write_text("".join(s + "\n" for s in skipped), encoding="utf-8")

@@ -390,3 +390,20 @@ def test_words_oracle_script_writes_descriptions_and_text_twins(tmp_path):
     assert set(told) == {"v0", "v1", "v2", "v3"} and told["v0"].startswith(" A red square is on a gray background.")
     with pytest.raises(SystemExit, match="overrides a --recipe"):
         main(["--model", str(model_dir), "--set", "model.connector.layout=story", "--data", str(tmp_path / "data")])
+    # what trained heads write from the video: two models, each for the clips of one regions file
+    (tmp_path / "data" / "regions_a.json").write_text(json.dumps(records[:2]))
+    (tmp_path / "data" / "regions_b.json").write_text(json.dumps(records[2:]))
+    assert main(["--heads", f"{model_dir}=regions_a.json", "--heads", f"{model_dir}=regions_b.json",
+                 "--data", str(tmp_path / "data"), "--out", str(tmp_path / "heads")]) == 0
+    seen = json.loads((tmp_path / "heads" / "descriptions.json").read_text())
+    from vlm.connectors.truth import written_text
+    from vlm.model import VideoLLM
+    from vlm.video import read_clip
+    model = VideoLLM.from_pretrained(model_dir)
+    pixels, stamps = model.processor.preprocess_clip(read_clip(tmp_path / "data" / "videos" / "v2.mp4",
+                                                               model.config.num_frames, model.config.sampling))
+    with torch.no_grad():
+        feats = model.tower_features(pixels[None], stamps[None])
+    assert set(seen) == {"v0", "v1", "v2", "v3"} and seen["v2"] == written_text(model.connector, feats)[0]
+    with pytest.raises(SystemExit, match="MODEL=REGIONS"):
+        main(["--heads", str(model_dir), "--data", str(tmp_path / "data")])

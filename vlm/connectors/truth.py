@@ -37,23 +37,31 @@ def true_detected(connector: Any, regions: Sequence[Sequence[dict[str, Any]]], t
     return scene, cells, keep, attrs
 
 
-def true_text(connector: Any, regions: Sequence[Sequence[dict[str, Any]]], timestamps: torch.Tensor,
-              grid: tuple[int, int, int], stamps: bool = True) -> list[str]:
-    """Per clip, the text the connector would write from the annotations. Frames layout: each frame's words (after
-    "Time: x.xs" when `stamps`, as the model's processor writes it; frames joined by a space, so that a word and the
-    next stamp stay two tokens as they are for the model), event sentences and count sentences included; tracks
-    and story layouts: their one text (no stamps: one group)."""
-    if connector.reducers:
-        raise ValueError("true_text: the connector's token reducers change the grid its heads read; the truth is "
-                         "written on the tower's grid, so use it with a connector without reducers")
-    detected = true_detected(connector, regions, timestamps, grid)
-    feats = VisualFeatures(torch.zeros(len(regions), grid[0], grid[1] * grid[2], 1), grid, timestamps=timestamps)
+def written_text(connector: Any, feats: VisualFeatures, detected: tuple[torch.Tensor, ...] | None = None,
+                 stamps: bool = True) -> list[str]:
+    """Per clip, the text the connector writes from `detected` (as `WordSlots.detect` returns it; None: its heads'
+    own choices on `feats`, after the reducers). Frames layout: each frame's words (after "Time: x.xs" when
+    `stamps`, as the model's processor writes it; frames joined by a space, so that a word and the next stamp stay
+    two tokens as they are for the model), event sentences and count sentences included; tracks and story
+    layouts: their one text (no stamps: one group)."""
     if connector.layout != "frames":
-        return [connector.text(seen, grid) for seen in connector.detections(feats, detected)]
+        return [connector.text(seen, feats.grid) for seen in connector.detections(feats, detected)]
     ids, mask = connector.frame_ids(feats, detected)
     decode = connector._tokenizer[0].decode
     out = []
     for i in range(ids.shape[0]):
         frames = [decode(ids[i, j][mask[i, j]].tolist()) for j in range(ids.shape[1])]
-        out.append(" ".join((f"Time: {s:.1f}s" if stamps else "") + f for s, f in zip(timestamps[i].tolist(), frames)))
+        out.append(" ".join((f"Time: {s:.1f}s" if stamps else "") + f
+                            for s, f in zip(feats.timestamps[i].tolist(), frames)))
     return out
+
+
+def true_text(connector: Any, regions: Sequence[Sequence[dict[str, Any]]], timestamps: torch.Tensor,
+              grid: tuple[int, int, int], stamps: bool = True) -> list[str]:
+    """Per clip, the text the connector would write from the annotations (`written_text` of `true_detected`)."""
+    if connector.reducers:
+        raise ValueError("true_text: the connector's token reducers change the grid its heads read; the truth is "
+                         "written on the tower's grid, so use it with a connector without reducers")
+    detected = true_detected(connector, regions, timestamps, grid)
+    feats = VisualFeatures(torch.zeros(len(regions), grid[0], grid[1] * grid[2], 1), grid, timestamps=timestamps)
+    return written_text(connector, feats, detected, stamps)
