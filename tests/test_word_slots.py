@@ -407,3 +407,19 @@ def test_words_oracle_script_writes_descriptions_and_text_twins(tmp_path):
     assert set(seen) == {"v0", "v1", "v2", "v3"} and seen["v2"] == written_text(model.connector, feats)[0]
     with pytest.raises(SystemExit, match="MODEL=REGIONS"):
         main(["--heads", str(model_dir), "--data", str(tmp_path / "data")])
+
+
+def test_bench_decode_times_both_decodings_on_the_same_features(tmp_path, capsys):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from bench_decode import main
+
+    data = make_tiny_data(tmp_path / "data", n=3)
+    model_dir = tiny_slots_model(layout="story").save_pretrained(tmp_path / "model")
+    records = [r for r in json.loads(data["regions"].read_text()) if r["id"].startswith("cap")]
+    (tmp_path / "data" / "clips.json").write_text(json.dumps(records))
+    assert main(["--model", str(model_dir), "--data", str(tmp_path / "data" / "clips.json"), "--repeats", "1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["clips"] == 3 and report["layout"] == "story" and report["ratio"] > 0
+    assert 0 <= report["texts_that_differ"] <= 3
