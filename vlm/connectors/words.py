@@ -244,9 +244,12 @@ class WordSlots(Connector):
         times = feats.timestamps.cpu() if feats.timestamps is not None else \
             torch.arange(cells.shape[1], dtype=torch.float)[None].expand(cells.shape[0], -1)
         groups = [list(g) for g in [*self.object_vocab.values(), *self.motion_vocab.values()]]
-        scene_lp, object_lp = (detected[4], detected[5]) if decode else ([], [])
-        def scored(lps: list[torch.Tensor], words: list[list[str]], *at: int) -> tuple[dict[str, float], ...]:
-            return tuple(dict(zip(ws, lp[at].tolist())) for lp, ws in zip(lps, words))
+        scene_lp, object_lp = ([x.cpu().tolist() for x in detected[4]], [x.cpu().tolist() for x in detected[5]]) \
+            if decode else ([], [])  # nested lists: indexed per detection, no small tensor ops
+        def scored(lps: list[list], words: list[list[str]], *at: int) -> tuple[dict[str, float], ...]:
+            def pick(lp: list, at: tuple[int, ...]) -> list[float]:
+                return pick(lp[at[0]], at[1:]) if at else lp
+            return tuple(dict(zip(ws, pick(lp, at))) for lp, ws in zip(lps, words))
         seen = [([tuple(self.words[x] for x in row.tolist()) for row in scene[i]],
                  [[Detection((int(c) // w, int(c) % w), tuple(self.words[x] for x in a[:ni].tolist()),
                              tuple(self.words[x] for x in a[ni:].tolist()), scored(object_lp, groups, i, j, s))
