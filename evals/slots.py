@@ -85,7 +85,8 @@ def slot_counts(connector: Any, feats: Any, regions: list[Any]) -> dict[str, int
     for name, logits, y in zip(connector.scene_vocab, scenes, target["scene"]):
         counts[f"{name}_correct"] = int((logits.argmax(-1) == y).sum())
         counts[f"{name}_total"] = y.numel()
-    _, _, keep, attrs = (x.cpu() for x in connector.detect(feats))
+    detected = connector.detect(feats, scores=connector.switch_cost > 0)  # read once: named counts and events
+    keep, attrs = detected[2].cpu(), detected[3].cpu()
     ni = len(connector.object_vocab)
     named_counts = {"frames": 0, "frames_count_right": 0, "named_right": 0, "named": 0, "named_true": 0}
     for i, clip in enumerate(regions):
@@ -97,7 +98,7 @@ def slot_counts(connector: Any, feats: Any, regions: list[Any]) -> dict[str, int
             named_counts["named_right"] += sum((named & truth).values())
             named_counts["named"] += sum(named.values())
             named_counts["named_true"] += min(connector.slots, sum(truth.values()))
-    return counts | named_counts | event_counts(connector, feats, regions)
+    return counts | named_counts | event_counts(connector, feats, regions, detected)
 
 
 def matched_events(said: list[tuple[int, str]], true: list[tuple[int, str]], within: int) -> int:
@@ -112,13 +113,13 @@ def matched_events(said: list[tuple[int, str]], true: list[tuple[int, str]], wit
     return hits
 
 
-def event_counts(connector: Any, feats: Any, regions: list[Any]) -> dict[str, int]:
+def event_counts(connector: Any, feats: Any, regions: list[Any], detected: tuple | None = None) -> dict[str, int]:
     """The changes over time the heads' detections tell against those the annotations tell (both through the story
     layout's `timeline`, with the connector's event rules), as counts to sum over batches. `feats`: after the
-    reducers, with timestamps."""
-    seen = connector.detections(feats)
+    reducers, with timestamps; `detected`: the heads' `detect(feats, ...)` when already computed."""
+    seen = connector.detections(feats, detected)
     truth = connector.detections(feats, true_detected(connector, regions, feats.timestamps, feats.grid))
-    rules, extent, tracks = getattr(connector, "events", []), getattr(connector, "event_extent", {}), 2 * connector.slots
+    rules, extent, tracks = connector.events, connector.event_extent, 2 * connector.slots
     counts = dict.fromkeys(("clips", "events_said", "events_true", "events_right", "events_near",
                             "clips_events_right", "clips_order_right"), 0)
     for heads, real in zip(seen, truth):

@@ -171,6 +171,11 @@ def test_the_tracks_layout_writes_the_description_as_word_embeddings(monkeypatch
     assert conn.describe(feats) == [" gray. blue circle, top left: still; from 0.8 s green moves left."]
     conn.configure(switch_cost=2.0)  # decoded over the track: a doubtful green is not a change
     assert conn.describe(feats) == [" gray. blue circle, top left: still; from 0.8 s moves left."]
+    # the heads' words read once and handed in decode the same way; without their scores, nothing is decoded
+    assert conn.detections(feats, conn.detect(feats, scores=True)) == conn.detections(feats)
+    def words(seen):
+        return [[[(d.identity, d.motion) for d in frame] for frame in clip[1]] for clip in seen]
+    assert words(conn.detections(feats, conn.detect(feats))) != words(conn.detections(feats))
     with pytest.raises(ValueError, match="switch_cost"):
         conn.configure(switch_cost=-1)
 

@@ -241,6 +241,9 @@ def test_slot_counts_say_how_many_objects_the_llm_is_told_and_whether_they_are_r
     assert (e["events_true"], e["events_said"], e["events_right"], e["clips_events_right"]) == (1, 0, 0, 0)
     assert all(c[k] == v for k, v in e.items())  # slot_counts includes them
     assert m["event_recall"] == 0.0 and m["clips_order_right"] == 0.0
+    conn.configure(switch_cost=2.0)  # decoded: slot_counts hands its one read of the heads to event_counts
+    decoded = slot_counts(conn, feats, [frames])
+    assert all(decoded[k] == v for k, v in event_counts(conn, feats, [frames]).items())
     said, true = [(2, "a"), (3, "b"), (3, "c")], [(2, "a"), (2, "b"), (5, "c")]
     assert matched_events(said, true, 0) == 1 and matched_events(said, true, 1) == 2  # "c" is two frames off
 

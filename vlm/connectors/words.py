@@ -235,9 +235,10 @@ class WordSlots(Connector):
     def detections(self, feats: VisualFeatures, detected: tuple[torch.Tensor, ...] | None = None) -> list[Seen]:
         """Per clip, what the heads saw in each frame: (the scene's words per frame, the detections per frame, the
         frames' times in seconds), the input of `vlm.connectors.tracks.describe`. `feats`: after the reducers;
-        `detected`: `detect(feats)` when already computed."""
-        decode = detected is None and self.switch_cost > 0  # the heads' own words, decoded over time (`settle`)
-        detected = detected if detected is not None else self.detect(feats, scores=decode)
+        `detected`: `detect(feats)` (or `detect(feats, scores=True)`) when already computed. With `switch_cost` > 0
+        and the heads' scores at hand, each track's words and the scene's are decoded over time (`settle`)."""
+        detected = detected if detected is not None else self.detect(feats, scores=self.switch_cost > 0)
+        decode = self.switch_cost > 0 and len(detected) > 4
         scene, cells, keep, attrs = (x.cpu() for x in detected[:4])
         w = feats.grid[2]
         ni = len(self.object_vocab)
@@ -246,20 +247,19 @@ class WordSlots(Connector):
         groups = [list(g) for g in [*self.object_vocab.values(), *self.motion_vocab.values()]]
         scene_lp, object_lp = ([x.cpu().tolist() for x in detected[4]], [x.cpu().tolist() for x in detected[5]]) \
             if decode else ([], [])  # nested lists: indexed per detection, no small tensor ops
-        def scored(lps: list[list], words: list[list[str]], *at: int) -> tuple[dict[str, float], ...]:
-            def pick(lp: list, at: tuple[int, ...]) -> list[float]:
-                return pick(lp[at[0]], at[1:]) if at else lp
-            return tuple(dict(zip(ws, pick(lp, at))) for lp, ws in zip(lps, words))
+        scene_words = [list(g) for g in self.scene_vocab.values()]
+        def object_scores(i: int, j: int, s: int) -> tuple[dict[str, float], ...]:  # per attribute, word -> log p
+            return tuple(dict(zip(ws, lp[i][j][s])) for lp, ws in zip(object_lp, groups))
         seen = [([tuple(self.words[x] for x in row.tolist()) for row in scene[i]],
                  [[Detection((int(c) // w, int(c) % w), tuple(self.words[x] for x in a[:ni].tolist()),
-                             tuple(self.words[x] for x in a[ni:].tolist()), scored(object_lp, groups, i, j, s))
+                             tuple(self.words[x] for x in a[ni:].tolist()), object_scores(i, j, s))
                    for s, (c, kept, a) in enumerate(zip(cells[i, j], keep[i, j], attrs[i, j])) if kept]
                   for j in range(cells.shape[1])],
                  times[i].tolist()) for i in range(cells.shape[0])]
         if not decode:
             return seen
-        scene_words = [list(g) for g in self.scene_vocab.values()]
-        return [settle(clip, [scored(scene_lp, scene_words, i, j) for j in range(cells.shape[1])], self.switch_cost)
+        return [settle(clip, [tuple(dict(zip(ws, lp[i][j])) for lp, ws in zip(scene_lp, scene_words))
+                              for j in range(cells.shape[1])], self.switch_cost)
                 for i, clip in enumerate(seen)]
 
     def text(self, seen: Seen, grid: tuple[int, int, int]) -> str:
