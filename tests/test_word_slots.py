@@ -248,6 +248,20 @@ def test_slot_counts_say_how_many_objects_the_llm_is_told_and_whether_they_are_r
     assert matched_events(said, true, 0) == 1 and matched_events(said, true, 1) == 2  # "c" is two frames off
 
 
+def test_peaks_name_an_object_that_lights_two_cells_once(monkeypatch):
+    conn = tiny_slots_model().connector  # two slots, a 4 x 4 grid
+    fixed_heads(monkeypatch, conn, {5: 3.0, 6: 2.0, 15: 1.0}, {5: 0, 6: 0, 15: 1})  # a red square lights 5 and 6
+    feats = VisualFeatures(tokens=torch.zeros(1, 2, 16, 32), grid=(2, 4, 4), timestamps=torch.tensor([[0.0, 0.5]]))
+
+    def named() -> list[int]:
+        _, cells, keep, _ = conn.detect(feats)
+        return cells[0, 0][keep[0, 0]].tolist()
+    assert named() == [5, 6]  # the red square twice, the blue one (cell 15) left out
+    conn.configure(peaks=True)
+    assert named() == [5, 15]
+    assert "peaks" in conn.settings  # a setting: a saved model can switch it on
+
+
 def test_slots_objective_trains_the_heads_then_the_llm_reads_them(tmp_path):
     from evals.slots import evaluate_slots
     from vlm.model import VideoLLM

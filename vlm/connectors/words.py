@@ -48,7 +48,10 @@ class WordSlots(Connector):
     silent: words the heads choose but never write (e.g. "still": an object without a motion word is still),
     which keeps the visual tokens to what is worth reading;
     slots: objects named per frame at most; position: the row and column words (null: no position words);
-    threshold: the centre probability above which a cell holds an object; hidden: the heads' width;
+    threshold: the centre probability above which a cell holds an object; peaks: a cell holds one only where its
+    centre logit is also the highest of its 3x3 neighbourhood (peak picking, as CenterNet reads its heatmap: an
+    object whose centre lies near a cell border lights two cells and is named once; two objects in adjacent cells
+    are then named once too, which is rarer); hidden: the heads' width;
     scene_grid: the scene head also reads the means of the frame's g x g regions (g > 1; e.g. 2 tells a gradient's
     two tones apart by where they are);
     layout: "frames" (each frame's words in turn), "tracks" (one sentence per object over time) or "story" (every
@@ -73,7 +76,8 @@ class WordSlots(Connector):
                  position: Sequence[Sequence[str]] | None = POSITION, threshold: float = 0.5, hidden: int = 256,
                  layout: str = "frames", text_tokens: int | None = None, scene_grid: int = 1,
                  counts: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
-                 events: Mapping[str, Any] | None = None, switch_cost: float = 0.0):
+                 events: Mapping[str, Any] | None = None, switch_cost: float = 0.0,
+                 peaks: bool = False):
         super().__init__(in_dim, out_dim, reducers)
         self.scene_vocab = {k: list(v) for k, v in (scene or {}).items()}
         self.object_vocab = {k: list(v) for k, v in (objects or {}).items()}
@@ -93,7 +97,7 @@ class WordSlots(Connector):
         if not set(self.silent) <= set(self.words):
             raise ValueError(f"word_slots: silent words {sorted(set(self.silent) - set(self.words))} are not in its vocabulary")
         self.configure(layout=layout, text_tokens=text_tokens, threshold=threshold, counts=counts or {},
-                       events=events or {}, switch_cost=switch_cost)
+                       events=events or {}, switch_cost=switch_cost, peaks=peaks)
         self.head = SlotHead(in_dim, sum(len(g) for g in self.object_vocab.values()),
                              sum(len(g) for g in self.scene_vocab.values()), hidden, scene_grid)
         if self.motion_vocab:
@@ -104,7 +108,7 @@ class WordSlots(Connector):
         self._tokenizer: list[Any] = []
         self.truncated = 0  # clips whose text (tracks, counts) was cut to the token budget
 
-    settings = ("layout", "text_tokens", "threshold", "counts", "events", "switch_cost")
+    settings = ("layout", "text_tokens", "threshold", "peaks", "counts", "events", "switch_cost")
     def configure(self, **values: Any) -> None:
         layout = values.get("layout", getattr(self, "layout", "frames"))
         text_tokens = values.get("text_tokens", getattr(self, "text_tokens", None) if layout != "frames" else None)
@@ -118,6 +122,7 @@ class WordSlots(Connector):
         self.layout = layout
         self.text_tokens = None if text_tokens is None else int(text_tokens)
         self.threshold = float(values.get("threshold", getattr(self, "threshold", 0.5)))
+        self.peaks = bool(values.get("peaks", getattr(self, "peaks", False)))
         self.switch_cost = float(values.get("switch_cost", getattr(self, "switch_cost", 0.0)))
         if self.switch_cost < 0:
             raise ValueError(f"word_slots: switch_cost ({self.switch_cost}) is the nats a change of word costs, >= 0")
@@ -193,7 +198,11 @@ class WordSlots(Connector):
         b, t, n = found.shape
         scene = torch.stack([logits.argmax(-1) + self.offsets[g] for g, logits in enumerate(scene_logits)], -1) \
             if scene_logits else found.new_zeros(b, t, 0, dtype=torch.long)
-        prob, cells = found.sigmoid().topk(min(self.slots, n), -1)  # [B, T, k]
+        prob = found.sigmoid()
+        if self.peaks:  # only the highest cell of each 3x3 neighbourhood
+            maps = found.reshape(b * t, 1, feats.grid[1], feats.grid[2])
+            prob = prob * (F.max_pool2d(maps, 3, 1, 1) == maps).reshape(b, t, n)
+        prob, cells = prob.topk(min(self.slots, n), -1)  # [B, T, k]
         keep = prob > self.threshold
         order = torch.where(keep, cells, cells + n).argsort(-1)  # kept ones first, in reading order
         cells, keep = cells.gather(-1, order), keep.gather(-1, order)
