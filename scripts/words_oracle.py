@@ -1,7 +1,7 @@
 """The words oracle: a word-slot model's own text written from the ground truth, in place of the clips.
 
     python scripts/words_oracle.py --model runs/synth_long/final --data demo_data/synth_long
-    python scripts/words_oracle.py --recipe recipes/synth_long.yaml --set model.connector.layout=frames ...
+    python scripts/words_oracle.py --recipe recipes/synth_long.yaml --data demo_data/synth_long --out demo_data/synth_long/oracle_story
     python scripts/words_oracle.py --heads FOLD0=regions_fold1.json --heads FOLD1=regions_fold0.json \
         --heads FULL=regions_test.json --data demo_data/synth_long --out demo_data/synth_long/heads_out_of_fold
     vlm train recipes/oracle_text.yaml --set vars.data=demo_data/synth_long \\
