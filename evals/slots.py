@@ -13,7 +13,8 @@ detections tell once linked into tracks (an object starts or stops moving, bounc
 layout's events, `vlm.connectors.story.timeline`, named by the connector's `events` rules) against those the
 annotations tell the same way: `event_precision` / `event_recall` (the same change of the same object in the same
 frame), `event_recall_near` (within one frame), `clips_events_right` (clips whose changes are all said, and only
-they, in the right frames) and `clips_order_right` (in the right order, times aside). The numbers say whether the
+they, in the right frames) and `clips_order_right` (in the right order, times aside); `per_task` holds, per kind of
+change (appears, disappears, background, each rule's words), how many are true, said, missed and invented. The numbers say whether the
 words the LLM reads are right, separately from whether the LLM uses them (`vlm eval reliance`) and answers well
 (`vlm eval mcq`).
 """
@@ -25,7 +26,7 @@ import logging
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -101,12 +102,12 @@ def slot_counts(connector: Any, feats: Any, regions: list[Any]) -> dict[str, int
     return counts | named_counts | event_counts(connector, feats, regions, detected)
 
 
-def matched_events(said: list[tuple[int, str]], true: list[tuple[int, str]], within: int) -> int:
-    """How many of the `true` (frame, event) pairs a `said` one matches: the same event at most `within` frames
-    away, each said one used once (the nearest first)."""
+def matched_events(said: Sequence[tuple], true: Sequence[tuple], within: int) -> int:
+    """How many of the `true` (frame, event, ...) tuples a `said` one matches: the same event at most `within`
+    frames away, each said one used once (the nearest first)."""
     free, hits = list(said), 0
-    for k, event in true:
-        near = [(abs(j - k), i) for i, (j, e) in enumerate(free) if e == event and abs(j - k) <= within]
+    for k, event, *_ in true:
+        near = [(abs(j - k), i) for i, (j, e, *_) in enumerate(free) if e == event and abs(j - k) <= within]
         if near:
             free.pop(min(near)[1])
             hits += 1
@@ -115,8 +116,9 @@ def matched_events(said: list[tuple[int, str]], true: list[tuple[int, str]], wit
 
 def event_counts(connector: Any, feats: Any, regions: list[Any], detected: tuple | None = None) -> dict[str, int]:
     """The changes over time the heads' detections tell against those the annotations tell (both through the story
-    layout's `timeline`, with the connector's event rules), as counts to sum over batches. `feats`: after the
-    reducers, with timestamps; `detected`: the heads' `detect(feats, ...)` when already computed."""
+    layout's `timeline`, with the connector's event rules), as counts to sum over batches, with per kind of change
+    ("kind/<kind>/true", ".../said", ".../near": matched within one frame). `feats`: after the reducers, with
+    timestamps; `detected`: the heads' `detect(feats, ...)` when already computed."""
     seen = connector.detections(feats, detected)
     truth = connector.detections(feats, true_detected(connector, regions, feats.timestamps, feats.grid))
     rules, extent, tracks = connector.events, connector.event_extent, 2 * connector.slots
@@ -130,8 +132,25 @@ def event_counts(connector: Any, feats: Any, regions: list[Any], detected: tuple
         counts["events_right"] += matched_events(said, true, 0)
         counts["events_near"] += matched_events(said, true, 1)
         counts["clips_events_right"] += int(sorted(said) == sorted(true))
-        counts["clips_order_right"] += int([e for _, e in sorted(said)] == [e for _, e in sorted(true)])
+        counts["clips_order_right"] += int([e.text for e in sorted(said)] == [e.text for e in sorted(true)])
+        for kind in {e.kind for e in said + true}:
+            mine, real_k = [e for e in said if e.kind == kind], [e for e in true if e.kind == kind]
+            for key, n in (("true", len(real_k)), ("said", len(mine)), ("near", matched_events(mine, real_k, 1))):
+                counts[f"kind/{kind}/{key}"] = counts.get(f"kind/{kind}/{key}", 0) + n
     return counts
+
+
+def events_by_kind(totals: dict[str, int]) -> dict[str, dict[str, int]]:
+    """Per kind of change (from `event_counts`' "kind/..." counts, removed from `totals`): how many the annotations
+    tell (`true`), the heads tell (`said`), the true ones the heads miss (`missed`: not told within one frame) and
+    those the heads invent (`invented`: not true within one frame); most frequent first."""
+    kinds: dict[str, dict[str, int]] = {}
+    for key in [k for k in totals if k.startswith("kind/")]:
+        kind, what = key[len("kind/"):].rsplit("/", 1)
+        kinds.setdefault(kind, {})[what] = totals.pop(key)
+    table = {k: {"true": v.get("true", 0), "said": v.get("said", 0), "missed": v.get("true", 0) - v.get("near", 0),
+                 "invented": v.get("said", 0) - v.get("near", 0)} for k, v in kinds.items()}
+    return dict(sorted(table.items(), key=lambda kv: (-kv[1]["true"] - kv[1]["said"], kv[0])))
 
 
 @torch.no_grad()
@@ -186,9 +205,10 @@ def evaluate_slots(model: Any, data: str | Path, out_dir: str | Path | None = No
         run(pending)
     if not scored:
         raise ValueError(f"{data}: no clip with usable regions ({len(bad)} skipped; first: {bad[0] if bad else '-'})")
+    kinds = events_by_kind(totals)
     result = EvalResult(
         task_type="slots", model=model_name or type(model).__name__, dataset={"path": str(data), "name": Path(data).stem},
-        metrics=slot_metrics(totals),
+        metrics=slot_metrics(totals), per_task=kinds,
         counts={"asked": scored + len(bad), "scored": scored, "skipped": len(bad), "skipped_reasons": bad,
                 "cells": totals, "elapsed_seconds": time.time() - t0},
         settings={"num_frames": frames, "sampling": sampling, "threshold": connector.threshold},

@@ -321,6 +321,10 @@ def test_story_tells_every_change_in_time_order_as_a_timed_caption():
                     " At 1.3 seconds, the red circle turns green."
                     " At 1.3 seconds, the red circle bounces off the left wall."
                     " At 1.3 seconds, the blue square: moves right.")  # no rule names still > moves right
+    # what `vlm eval slots` counts per kind: the rule's words as written, the extent's key, not its verb
+    from vlm.connectors.story import timeline
+    assert [e.kind for e in timeline(scene, frames, times, rules, {"appears": "fades in"})[3]] == [
+        "appears", "starts moving to the left", "background", "turns {to}", "bounces off the left wall", "other"]
     # an object gone before the end disappears; with none at the start the scene says so
     late = [[Detection((3, 3), ("blue", "circle"), (S,))] if 2 <= k <= 3 else [] for k in range(6)]
     assert story([], late, times) == (" The video starts with the background and no objects."

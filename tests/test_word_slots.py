@@ -241,6 +241,10 @@ def test_slot_counts_say_how_many_objects_the_llm_is_told_and_whether_they_are_r
     assert (e["events_true"], e["events_said"], e["events_right"], e["clips_events_right"]) == (1, 0, 0, 0)
     assert all(c[k] == v for k, v in e.items())  # slot_counts includes them
     assert m["event_recall"] == 0.0 and m["clips_order_right"] == 0.0
+    from evals.slots import events_by_kind
+    kinds = dict(e)
+    assert events_by_kind(kinds) == {"appears": {"true": 1, "said": 0, "missed": 1, "invented": 0}}
+    assert not any(k.startswith("kind/") for k in kinds)  # taken out of the counts
     conn.configure(switch_cost=2.0)  # decoded: slot_counts hands its one read of the heads to event_counts
     decoded = slot_counts(conn, feats, [frames])
     assert all(decoded[k] == v for k, v in event_counts(conn, feats, [frames]).items())
@@ -289,6 +293,8 @@ def test_slots_objective_trains_the_heads_then_the_llm_reads_them(tmp_path):
     assert m["action_accuracy"] > 60, m  # which way the square moves, from the frames around each one
     assert m["count_accuracy"] > 60 and m["named_precision"] > 60, m  # what the LLM is told, frame by frame
     assert json.loads((tmp_path / "eval" / "results.json").read_text())["task_type"] == "slots"
+    assert all(set(v) == {"true", "said", "missed", "invented"} for v in result.per_task.values())  # per kind
+    assert not any(k.startswith("kind/") for k in result.counts["cells"])
     # the saved heads come back: the same visual tokens after reloading
     stage1 = VideoLLM.from_pretrained(tmp_path / "run" / "1-slots" / "final")
     clip = torch.rand(1, 4, 3, 32, 32)

@@ -34,12 +34,15 @@ class EventRule:
     changes: tuple[tuple[str, str, str], ...]  # (word before or "*", word after or "*", predicate), first match wins
     words: tuple[str, ...] = ()  # the attribute's words (what {from} and {to} may say)
 
+    def template(self, before: str, after: str) -> str | None:
+        """The words of the first change that matches `before` -> `after`, as written ("turns {to}"; None: none)."""
+        return next((said for a, b, said in self.changes
+                     if before != after and a in ("*", before) and b in ("*", after)), None)
+
     def predicate(self, before: str, after: str) -> str | None:
         """What the change from `before` to `after` is called (None: not an event of this rule)."""
-        for a, b, said in self.changes:
-            if before != after and a in ("*", before) and b in ("*", after):
-                return said.replace("{from}", before).replace("{to}", after)
-        return None
+        said = self.template(before, after)
+        return None if said is None else said.replace("{from}", before).replace("{to}", after)
 
 
 def event_rules(events: Mapping[str, Mapping[str, str]], vocab: Mapping[str, Sequence[str]]) -> list[EventRule]:

@@ -18,10 +18,18 @@ position words: a caption names an object by its words.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 from vlm.connectors.events import EventRule
 from vlm.connectors.tracks import Detection, _columns, changes, link, merge_duplicates
+
+
+class Event(NamedTuple):
+    """One change a story tells: the frame it is first seen in, its words, and its kind ("appears", "disappears",
+    "background", the rule's words as written in `events`, e.g. "turns {to}", or "other" where no rule names it)."""
+    frame: int
+    text: str
+    kind: str
 
 
 def _article(words: str) -> str:
@@ -42,18 +50,17 @@ def _state(row: tuple[str, ...], identity: int) -> str:
 
 def timeline(scene: Sequence[tuple[str, ...]], frames: Sequence[Sequence[Detection]], times: Sequence[float],
              rules: Sequence[EventRule] = (), extent: Mapping[str, str] | None = None, max_tracks: int = 6
-             ) -> tuple[list[str], list[str], str, list[tuple[int, str]]]:
+             ) -> tuple[list[str], list[str], str, list[Event]]:
     """What a clip's story says, before it is written: the objects there from the first frame (with their articles,
     "a red circle"), their first states ("The red circle: still, small."), the first background ("a gray
-    background"), and every change as (frame index, what happened) in time order; the input of `story`, and what
-    `vlm eval slots` compares with the annotations'."""
+    background"), and every change as an `Event` in time order; the input of `story`, and what `vlm eval slots`
+    compares with the annotations'."""
     extent = dict(extent or {})
     tracks = [tr for tr in link([merge_duplicates(f) for f in frames]) if len(tr.frames) > 1 or len(times) < 4]
     tracks = sorted(sorted(tracks, key=lambda tr: -len(tr.frames))[:max_tracks],
                     key=lambda tr: (tr.frames[0], tr.detections[0].cell))
     scenes = _columns(scene) if scene and scene[0] else []
-    events: list[tuple[int, str]] = [(k, f"the background becomes {' '.join(scenes[k])}")
-                                     for k, _ in changes(scenes)[1:]]
+    events = [Event(k, f"the background becomes {' '.join(scenes[k])}", "background") for k, _ in changes(scenes)[1:]]
     opening, states = [], []
     for tr in tracks:
         rows = _columns([d.identity + d.motion for d in tr.detections])
@@ -63,19 +70,21 @@ def timeline(scene: Sequence[tuple[str, ...]], frames: Sequence[Sequence[Detecti
             opening.append(_article(_name(rows[0], n)))
             states.append(f"The {first}." if len(rows[0]) > n else "")
         else:
-            events.append((tr.frames[0], f"{_article(_name(rows[0], n))} {extent.get('appears', 'appears')}"
-                           + first[len(_name(rows[0], n)):]))
+            events.append(Event(tr.frames[0], f"{_article(_name(rows[0], n))} {extent.get('appears', 'appears')}"
+                                + first[len(_name(rows[0], n)):], "appears"))
         for k, _ in changes(rows)[1:]:
             for a, (before, after) in enumerate(zip(rows[k - 1], rows[k])):
                 if before == after:
                     continue
-                said = next((p for r in rules if r.attribute == a for p in [r.predicate(before, after)] if p), None)
-                events.append((tr.frames[k], f"the {_name(rows[k - 1], n)} {said}" if said
-                               else f"the {_name(rows[k - 1], n)}: {after}"))
+                rule = next((r for r in rules if r.attribute == a and r.template(before, after)), None)
+                events.append(Event(tr.frames[k], f"the {_name(rows[k - 1], n)} {rule.predicate(before, after)}",
+                                    rule.template(before, after)) if rule
+                              else Event(tr.frames[k], f"the {_name(rows[k - 1], n)}: {after}", "other"))
         if tr.frames[-1] < len(times) - 1:
-            events.append((tr.frames[-1] + 1, f"the {_name(rows[-1], n)} {extent.get('disappears', 'disappears')}"))
+            events.append(Event(tr.frames[-1] + 1, f"the {_name(rows[-1], n)} {extent.get('disappears', 'disappears')}",
+                                "disappears"))
     background = f"a {' '.join(w for w in scenes[0])} background" if scenes else "the background"
-    return opening, [s for s in states if s], background, sorted(events, key=lambda e: e[0])
+    return opening, [s for s in states if s], background, sorted(events, key=lambda e: e.frame)
 
 
 def story(scene: Sequence[tuple[str, ...]], frames: Sequence[Sequence[Detection]], times: Sequence[float],
@@ -88,5 +97,5 @@ def story(scene: Sequence[tuple[str, ...]], frames: Sequence[Sequence[Detection]
              else f"The video starts with {background} and no objects."]
     parts[0] = parts[0][0].upper() + parts[0][1:]
     parts += states
-    parts += [f"At {times[k]:.1f} seconds, {said}." for k, said in events]
+    parts += [f"At {times[e.frame]:.1f} seconds, {e.text}." for e in events]
     return " " + " ".join(parts)
