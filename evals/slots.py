@@ -14,9 +14,9 @@ layout's events, `vlm.connectors.story.timeline`, named by the connector's `even
 annotations tell the same way: `event_precision` / `event_recall` (the same change of the same object in the same
 frame), `event_recall_near` (within one frame), `clips_events_right` (clips whose changes are all said, and only
 they, in the right frames) and `clips_order_right` (in the right order, times aside); `per_task` holds, per kind of
-change (appears, disappears, background, each rule's words), how many are true, said, missed and invented. The numbers say whether the
-words the LLM reads are right, separately from whether the LLM uses them (`vlm eval reliance`) and answers well
-(`vlm eval mcq`).
+change (appears, disappears, background, each rule's words), how many are true, said, missed and invented. The
+numbers say whether the words the LLM reads are right, separately from whether the LLM uses them (`vlm eval
+reliance`) and answers well (`vlm eval mcq`).
 """
 
 from __future__ import annotations
