@@ -311,6 +311,19 @@ def test_regions_are_the_ground_truth_in_the_quickstart_words(out: Path) -> None
                         and x["start_frame"] <= e["start_frame"] <= x["end_frame"]}
                 word = event_word(m, e["object"], e["start_frame"])
                 assert word == "bounces" or word != "none" and len(same) > 1, (m["id"], e)
+    # at a bounce the object moves, the way it leaves: a story told from sampled frames says "bounces off", not
+    # "stops moving" then "starts moving"
+    bounces = 0
+    for m in metas.values():
+        for e in m["events"]:
+            k = e["start_frame"]
+            if e["type"] == "bounce" and 0 < k < int(m["num_frames"]) - 1:
+                tr = m["objects"][e["object"]]["track"]
+                out = (tr["x"][k + 1] - tr["x"][k], tr["y"][k + 1] - tr["y"][k])
+                way = ("right" if out[0] > 0 else "left") if abs(out[0]) >= abs(out[1]) else ("down" if out[1] > 0 else "up")
+                assert motion_word(tr, k) == f"moves {way}" != motion_word(tr, k - 1), (m["id"], e)
+                bounces += 1
+    assert bounces > 0
 
 
 @pytest.mark.parametrize("direction", ["left", "right", "up", "down"])

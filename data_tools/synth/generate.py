@@ -178,15 +178,24 @@ MOTION_WORDS = ("still", "moves left", "moves right", "moves up", "moves down", 
                 "rotates clockwise", "rotates counterclockwise")
 
 
+def _direction(dx: float, dy: float) -> str:
+    return ("moves right" if dx > 0 else "moves left") if abs(dx) >= abs(dy) else ("moves down" if dy > 0 else "moves up")
+
+
 def motion_word(track: dict[str, list], k: int) -> str:
     """What an object is doing at frame k, from its track around k (frames k-1 to k+1): moving (by its main axis,
     at least 1 px per frame), else growing or shrinking (at least 2% per frame), else rotating (at least 1 degree
-    per frame; image y points down, so a growing angle turns clockwise), else still."""
-    a, b = max(0, k - 1), min(len(track["x"]) - 1, k + 1)
+    per frame; image y points down, so a growing angle turns clockwise), else still. At a bounce the way in and the
+    way out cancel over k-1 to k+1; an object that moves at least 1 px per frame on both sides of k moves, the
+    way it leaves (without this, half the bounces of 8 sampled frames read "stops moving", then "starts moving")."""
+    x, y = track["x"], track["y"]
+    a, b = max(0, k - 1), min(len(x) - 1, k + 1)
     span = max(1, b - a)
-    dx, dy = (track["x"][b] - track["x"][a]) / span, (track["y"][b] - track["y"][a]) / span
+    dx, dy = (x[b] - x[a]) / span, (y[b] - y[a]) / span
     if max(abs(dx), abs(dy)) >= 1.0:
-        return ("moves right" if dx > 0 else "moves left") if abs(dx) >= abs(dy) else ("moves down" if dy > 0 else "moves up")
+        return _direction(dx, dy)
+    if a < k < b and min(max(abs(x[k] - x[a]), abs(y[k] - y[a])), max(abs(x[b] - x[k]), abs(y[b] - y[k]))) >= 1.0:
+        return _direction(x[b] - x[k], y[b] - y[k])
     growth = (track["scale"][b] / max(1e-6, track["scale"][a])) ** (1 / span)
     if abs(growth - 1) >= 0.02:
         return "grows" if growth > 1 else "shrinks"
