@@ -32,8 +32,8 @@ from vlm.video.encode import write_video
 log = logging.getLogger(__name__)
 
 VIDEO_DIRS = {"train": "videos", "test": "mvbench/video"}
-FORMAT_VERSION = 3  # 2: per-frame scene words follow a background change and name its second tone and pattern;
-                    # 3: per-frame objects carry a size word
+FORMAT_VERSION = 4  # 2: per-frame scene words follow a background change and name its second tone and pattern;
+                    # 3: per-frame objects carry a size word; 4: at a bounce an object moves (the way it leaves)
 
 
 def clip_id(index: int) -> str:
