@@ -91,7 +91,8 @@ def _reliance(args: argparse.Namespace) -> int:
 
     model = _load_model(args.model, args).eval()
     result = visual_reliance(model, args.data, args.out, media_root=args.media_root, limit=args.limit,
-                             num_frames=args.frames, seed=args.seed, model_name=args.model, workers=args.workers)
+                             num_frames=args.frames, seed=args.seed, model_name=args.model, workers=args.workers,
+                             partners=args.partners)
     write_report([result], args.out)
     _print_result(result, args.out)
     return 0
@@ -207,7 +208,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--sampling", default="segment_middle")
     p.add_argument("--limit", type=int, default=None, help="first N questions per task")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=8, help="questions per model call (a clip's questions go together)")
     p.add_argument("--model-name", default=None, help="name recorded in results (default: the model folder)")
     p.add_argument("--descriptions", default=None,
                    help="text oracle: JSON {video name or stem: description} used in place of each clip")
@@ -274,6 +275,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--media-root", default=None, help="folder video paths are relative to (default: the file's)")
     p.add_argument("--out", required=True)
     p.add_argument("--limit", type=int, default=64, help="samples (a seeded shuffle)")
+    p.add_argument("--partners", type=int, default=1,
+                   help="other samples' clips each sample is scored with (more: a less noisy own-preferred rate)")
     p.add_argument("--frames", type=int, default=None, help="default: the model's num_frames")
     p.add_argument("--seed", type=int, default=0)
     _workers_arg(p)

@@ -4,10 +4,11 @@
     result = evaluate_mcq(model, "data/MVBench", "runs/mvbench", profile="mvbench")
     result.metrics  # {"accuracy_mean_over_tasks": ..., "accuracy_over_questions": ..., "unparsable": ...}
 
-What it does: questions are grouped by clip (video + start/end window), each clip is decoded once (16 frames,
-MVBench's `segment_middle` sampling by default, frame folders 1-based as MVBench reads them), by DataLoader
-workers while the model answers earlier questions, and shared by its questions; the model is asked in batches
-through the `evals.interface` methods the profile needs; every prediction is appended to
+What it does: questions are grouped by clip (video + start/end window) across tasks, each clip is decoded once (16
+frames, MVBench's `segment_middle` sampling by default, frame folders 1-based as MVBench reads them), by
+DataLoader workers while the model answers earlier questions, and shared by its questions; the model is asked in
+batches through the `evals.interface` methods the profile needs, a clip's questions in one batch where they fit
+(`VideoLLM.score_options` then computes the video they share once); every prediction is appended to
 `OUT/predictions.jsonl` as it is made, so a rerun resumes where a run stopped. Under torchrun the clips are
 shared out among the processes (`evals.shard`). A clip that cannot be decoded (or a question the model fails on) is skipped, counted and reported;
 an unparsable answer is scored wrong and stays in the denominator. At the end `OUT/results.json`,
@@ -178,7 +179,7 @@ def evaluate_mcq(
     num_frames: int = 16,
     sampling: str = "segment_middle",
     limit: int | None = None,
-    batch_size: int = 4,
+    batch_size: int = 8,
     model_name: str | None = None,
     backend: str = "auto",
     progress: bool = True,
@@ -216,7 +217,7 @@ def evaluate_mcq(
     plog = open_log(out, shard, identity)
     runner = _Runner(model, prof, plog)
     all_items = [i for items in data.values() for i in items]
-    groups = [g for items in data.values() for g in group_by_clip(items).values()]
+    groups = list(group_by_clip(all_items).values())  # one decode per clip, its questions side by side (shared prefix)
     jobs = [todo for g in shard.mine(groups) if (todo := [i for i in g if not plog.done(i.uid)])]
     pending = sum(len(j) for j in jobs)
     log.info("mcq: %d tasks, %d questions (%d to ask%s), profile '%s', model %s", len(data), len(all_items), pending,
@@ -239,11 +240,11 @@ def evaluate_mcq(
                 bar.update(len(todo))
                 continue
             decoded += texts is None
+            if buffer and (memory is not None or len(buffer) + len(todo) > batch_size):
+                asked += runner.run(buffer)  # a clip's questions go in one batch where they fit (a model computes
+                bar.update(len(buffer))      # the video they share once); long videos' memories never share one
+                buffer = []
             buffer += [(i, clip) for i in todo]
-            while memory is not None and buffer:  # batches of one video's memory: no padding between memories
-                batch, buffer = buffer[:batch_size], buffer[batch_size:]
-                asked += runner.run(batch)
-                bar.update(len(batch))
             while len(buffer) >= batch_size:
                 asked += runner.run(buffer[:batch_size])
                 bar.update(batch_size)

@@ -101,7 +101,8 @@ def main() -> int:
         timings["slots"] = time.time() - t
 
     t = time.time()  # does the model look? held-out answer loss with each sample's own clip vs another's
-    reliance = visual_reliance(model, data / "qa_test.json", out / "reliance", limit=60, model_name=str(final))
+    reliance = visual_reliance(model, data / "qa_test.json", out / "reliance", limit=60, partners=2,
+                               model_name=str(final))
     timings["reliance"] = time.time() - t
 
     t = time.time()
@@ -150,9 +151,10 @@ def main() -> int:
     if slots is not None:
         print(f"\nword slots on held-out frames: " + ", ".join(f"{k} {v:.1f}%" for k, v in slots.metrics.items()))
     r = reliance.metrics
-    print(f"\nvisual reliance ({r['samples']} held-out clips' questions): answer loss {r['loss_own']:.3f} with the own clip vs "
-          f"{r['loss_swapped']:.3f} with another clip (gap {r['gap']:+.3f} +- {r['gap_stderr']:.3f} nats/token; own clip "
-          f"preferred in {r['own_preferred_percent']:.0f}% of samples, 50% = blind)")
+    print(f"\nvisual reliance ({r['samples']} held-out clips' questions, each also with {reliance.settings['partners']} other "
+          f"clips): answer loss {r['loss_own']:.3f} with the own clip vs {r['loss_swapped']:.3f} with another (gap "
+          f"{r['gap']:+.3f} +- {r['gap_stderr']:.3f} nats/token; own clip preferred in {r['own_preferred_percent']:.0f}% "
+          "of pairs, 50% = blind)")
     print("\nanswers:")
     for a in answers:
         if "written" in a:

@@ -87,7 +87,7 @@ def test_loglik_picks_the_best_score_and_ties_are_unparsable(bench, truth, tmp_p
     assert res.metrics["unparsable"] == res.counts["scored"] and res.metrics["accuracy_over_questions"] == 0.0
 
 
-def test_each_clip_is_decoded_once_per_task_and_bounds_are_honoured(bench, truth, tmp_path, monkeypatch):
+def test_each_clip_is_decoded_once_and_bounds_are_honoured(bench, truth, tmp_path, monkeypatch):
     calls: list[tuple[str, float | None, float | None]] = []
     real = mcq.read_clip
 
@@ -110,6 +110,31 @@ def test_each_clip_is_decoded_once_per_task_and_bounds_are_honoured(bench, truth
     # frame folder, 1-based as MVBench's get_index reads it: window [0.5, 3.0] s at 3 fps -> start 2, end 9,
     # segment 1.75 -> 1-based frames int(2 + 0.875 + round(1.75 i)) = 2, 4, 6, 7 -> 0-based positions
     assert clips["Episodic Reasoning/0"].indices.tolist() == [1, 3, 5, 6]
+
+
+def test_a_clip_asked_about_in_two_tasks_is_decoded_once_and_its_questions_are_asked_together(tmp_path, monkeypatch):
+    """Questions about one clip are grouped across tasks: one decode, and they arrive in one batch (where a model
+    computes the clip's video once for all of them)."""
+    bench = make_bench(tmp_path / "bench", missing_video=False)
+    (bench / "json" / "colour.json").write_text(json.dumps([
+        {"video": "red.mp4", "question": "Is it red?", "candidates": ["yes", "no"], "answer": "yes"},
+        {"video": "blue.mp4", "question": "Is it red?", "candidates": ["yes", "no"], "answer": "no"}]))
+    manifest = json.loads((bench / "tasks.json").read_text())
+    manifest.append({"task": "Colour", "json": "colour.json", "prefix": "video/", "data_type": "video", "bound": False})
+    (bench / "tasks.json").write_text(json.dumps(manifest))
+    calls: list[tuple[str, float | None, float | None]] = []
+    real = mcq.read_clip
+    monkeypatch.setattr(mcq, "read_clip", lambda path, n, policy, start, end, **kw:
+                        calls.append((Path(path).name, start, end)) or real(path, n, policy, start, end, **kw))
+    batches: list[list[str]] = []
+    model = ScriptedModel(scores=lambda r: [0.0] * len(r.continuations))
+    model.score_options = lambda reqs: batches.append([r.uid for r in reqs]) or ScriptedModel.score_options(model, reqs)
+    res = evaluate_mcq(model, bench, tmp_path / "out", profile="loglik", num_frames=4, progress=False,
+                       batch_size=3, workers=0)
+    assert calls.count(("red.mp4", None, None)) == 1 and calls.count(("blue.mp4", None, None)) == 1
+    assert res.counts["clips_decoded"] == len(set(calls)) == len(calls)
+    assert model.clips["Colour/0"] is model.clips["Moving Direction/0"] is model.clips["Moving Direction/1"]
+    assert batches[0] == ["Moving Direction/0", "Moving Direction/1", "Colour/0"]  # red.mp4's three questions
 
 
 def test_resume_after_interruption_asks_only_the_rest(bench, truth, tmp_path):

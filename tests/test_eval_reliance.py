@@ -95,7 +95,7 @@ def test_one_video_only_is_refused(data, tmp_path):
     root, files = data
     records = json.loads(files["captions"].read_text())[:1]
     (root / "one.json").write_text(json.dumps(records))
-    with pytest.raises(ValueError, match="at least two different videos"):
+    with pytest.raises(ValueError, match="at least 2 different videos"):
         visual_reliance(FakeModel(lambda sid, mean: 1.0), root / "one.json")
 
 
@@ -245,6 +245,56 @@ def test_swap_partner_is_the_next_sample_of_another_video_in_the_seeded_shuffle(
     for i, sid in enumerate(order):
         partner = next(order[k % 5] for k in range(i + 1, i + 5) if video_of[order[k % 5]] != video_of[sid])
         assert [mean for s, mean in seen if s == sid] == [means[sid], means[partner]]
+
+
+def test_several_partners_are_the_next_samples_of_other_videos_and_pairs_are_counted(data):
+    """partners=3: each sample is scored with its own clip and the clips of the next three samples with another
+    video, in order; the swapped loss is their mean and own_preferred counts (sample, partner) pairs."""
+    import random
+
+    root, files = data
+    records = [r for r in json.loads(files["captions"].read_text()) if r["id"].startswith("cap")]
+    mean_of = {r["id"]: round(float(read_clip(root / r["video"], 4).frames.astype("float64").mean()), 4)
+               for r in records}
+    sample_of = {m: sid for sid, m in mean_of.items()}
+    seen: list[tuple[str, str]] = []
+    loss = {"cap0": 1.0, "cap1": 2.0, "cap2": 3.0, "cap3": 4.0}  # a sample's loss with the clip of sample X: loss[X]
+
+    def rule(sid, mean):
+        seen.append((sid, sample_of[mean]))
+        return loss[sample_of[mean]]
+
+    result = visual_reliance(FakeModel(rule), files["captions"], limit=10, partners=3, seed=5)
+    order = [r["id"] for r in json.loads(files["captions"].read_text()) if r["id"] != "noplaceholder"]
+    random.Random(5).shuffle(order)  # malformed records are left out before the shuffle, undecodable clips after it
+    order = [s for s in order if s in loss]
+    expect = [(sid, c) for i, sid in enumerate(order) for c in [sid] + [order[(i + k) % 4] for k in (1, 2, 3)]]
+    assert seen == expect
+    # every sample meets every other clip once: a sample prefers its own clip to those with a higher loss
+    pairs = sum(loss[o] > loss[s] for s in loss for o in loss if o != s)
+    m = result.metrics
+    assert m["own_preferred_percent"] == pytest.approx(100 * pairs / 12)
+    assert m["loss_swapped"] == pytest.approx(sum((10.0 - loss[s]) / 3 for s in loss) / 4)
+    assert result.settings["partners"] == 3
+    with pytest.raises(ValueError, match="4 partner"):
+        visual_reliance(FakeModel(rule), files["captions"], limit=10, partners=4)
+
+
+def test_each_sample_is_logged_as_it_is_scored_and_a_rerun_resumes(data, tmp_path):
+    root, files = data
+    calls: list[str] = []
+    first = visual_reliance(FakeModel(lambda sid, mean: calls.append(sid) or mean / 100), files["captions"], tmp_path,
+                            limit=10, partners=2)
+    lines = [json.loads(x) for x in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert len(lines) == 4 and len(calls) == 12
+    assert all(len(x["swapped"]) == len(x["partner_ids"]) == 2 and x["uid"] not in x["partner_ids"] for x in lines)
+    again = visual_reliance(FakeModel(lambda sid, mean: pytest.fail("asked again")), files["captions"], tmp_path,
+                            limit=10, partners=2)
+    assert again.metrics == first.metrics and again.counts["resumed"] == 4
+    calls.clear()  # a third partner: every sample is scored anew (its record is against other partners)
+    visual_reliance(FakeModel(lambda sid, mean: calls.append(sid) or 1.0), files["captions"], tmp_path, limit=10,
+                    partners=3)
+    assert len(calls) == 16
 
 
 def test_zero_losses_give_zero_gap_percent(data):

@@ -166,6 +166,35 @@ def test_a_batch_of_questions_scores_like_one_question_at_a_time(model, share_pr
     assert all(np.allclose(a, b, atol=1e-4, rtol=0) for a, b in zip(split, alone))
 
 
+def test_questions_about_one_clip_compute_its_video_once(model, monkeypatch):
+    """Three questions about one clip and one about another, scored together: the start the three share (system
+    prompt and video) runs once, then the rest of all four prompts, then every option; each score within 1e-4 of
+    the question scored alone."""
+    other = MCQItem("t", 1, Path("v.mp4"), "What colour is the square in the first frame of the video?",
+                    ["red", "blue"], "red", 0)
+    third = MCQItem("t", 2, Path("v.mp4"), "Does it stop?", ["yes", "no"], "no", 1)
+    same = clip()
+    reqs = [ScoringRequest(uid=f"q{n}", clip=c, turns=mvbench_turns(it), prefill="Best option:(", continuations=o)
+            for n, (c, it, o) in enumerate([(same, ITEM, ["A) left", "B) right", "C) up"]),
+                                            (same, other, ["A) red", "B) blue"]),
+                                            (clip(seed=4), ITEM, ["A) left", "B) right"]),
+                                            (same, third, ["A) yes", "B) no"])])]
+    alone = [model.score_options([r])[0] for r in reqs]
+    embeds = [prompt_embeds(model, r)[1][0] for r in reqs]
+    shared = next(i for i in range(embeds[0].shape[0]) if not torch.equal(embeds[0][i], embeds[1][i]))
+    assert shared > embeds[0].shape[0] // 2  # the video is most of the prompt
+    forwards = []
+    real = model.llm.forward
+    monkeypatch.setattr(model.llm, "forward", lambda *a, **k: forwards.append(tuple(k["inputs_embeds"].shape[:2]))
+                        or real(*a, **k))
+    together = model.score_options(reqs)
+    assert [f[0] for f in forwards] == [2, 4, 9]  # two groups, four prompts, 3 + 2 + 2 + 2 options
+    assert forwards[0][1] == max(shared, embeds[2].shape[0])  # the clip's shared start, the other prompt whole
+    assert forwards[1][1] == max(e.shape[0] for e in (embeds[0], embeds[1], embeds[3])) - shared  # the rests
+    for got, ref in zip(together, alone):
+        assert np.allclose(got, ref, atol=1e-4, rtol=0), (got, ref)
+
+
 def test_options_get_no_special_tokens_even_from_a_tokenizer_that_adds_bos(model, monkeypatch):
     """Llama-style tokenizers put BOS before every text they tokenize; an option must be scored without it."""
     monkeypatch.setattr(model.processor.tokenizer, "add_bos_token", True)
@@ -362,14 +391,16 @@ def test_every_tensor_scoring_makes_lives_on_the_inputs_device(model):
     assert (ids.device, mask.device, tuple(ids.shape), tuple(mask.shape)) == (meta, meta, (2, 2), (2, 2))
 
     scorer = _MetaScorer(owner.processor, _MetaLLM(model.llm.config))
-    embeds, attention = torch.zeros(1, 5, 4, device=meta), torch.ones(1, 5, dtype=torch.long, device=meta)
+    # two prompts of 5 positions sharing their first 3 (the plan reads values: it is given here)
+    scorer._prefix_plan = lambda embeds, attention: ([5, 5], [0, 0], [3])
+    embeds, attention = torch.zeros(2, 5, 4, device=meta), torch.ones(2, 5, dtype=torch.long, device=meta)
     with pytest.raises(_Stop):
-        scorer._score_with_cache(embeds, attention, [[[1, 2], [3]]])
-    assert scorer.llm.seen == [{"inputs_embeds": "meta", "attention_mask": "meta"}, {"table": "meta"},
-                               {"inputs_embeds": "meta", "attention_mask": "meta"}]
+        scorer._score_with_cache(embeds, attention, [[[1, 2], [3]], [[4]]])
+    on_meta = {"inputs_embeds": "meta", "attention_mask": "meta", "position_ids": "meta"}
+    assert scorer.llm.seen == [on_meta, on_meta, {"table": "meta"}, on_meta]  # shared start, rests, options
     scorer.llm = _MetaLLM(model.llm.config)
     with pytest.raises(_Stop):
-        scorer._score_recompute(embeds, attention, [[[1, 2], [3]]])
+        scorer._score_recompute(embeds[:1], attention[:1], [[[1, 2], [3]]])
     assert scorer.llm.seen == [{"table": "meta"}, {"inputs_embeds": "meta", "attention_mask": "meta"}]
 
     # the stopping criterion answers on the ids' device, where generate combines it with its own flags

@@ -341,3 +341,26 @@ def test_importing_vlm_flushes_denormal_floats_on_the_cpu():
 
     tiny = torch.tensor([1e-39], dtype=torch.float32)  # a float32 denormal
     assert (tiny * 1.0).item() == 0.0
+
+
+@pytest.mark.parametrize("connector", ["mlp", "qformer_instruct_per_frame"])
+def test_a_clip_given_twice_is_encoded_once_without_gradients(models, connector, monkeypatch):
+    """One clip's questions scored together: the tower runs on each distinct clip once (same tokens as encoding
+    every sample); with gradients, or a connector that reads each sample's instruction, every sample is encoded."""
+    model = models("clip", connector).eval()
+    clips = [sample(model, 4, seed=s) for s in (0, 1, 0, 0)]
+    turns = [CONVERSATION, CONVERSATION, CONVERSATION, [Turn("user", "<video>\nWhat else?"), Turn("assistant", "x")]]
+    batch = model.processor.build_batch([dict(c, turns=t) for c, t in zip(clips, turns)], generation=True)
+    seen: list[int] = []
+    real = model.tower.forward
+    monkeypatch.setattr(model.tower, "forward", lambda x, *a, **k: seen.append(x.shape[0]) or real(x, *a, **k))
+    with torch.no_grad():
+        once = model.embed(batch)[0]
+    deduped = seen[0]
+    seen.clear()
+    with torch.enable_grad():
+        every = model.embed(batch)[0]
+    assert torch.allclose(once, every.detach(), atol=1e-6)
+    uses_instruction = getattr(model.connector, "uses_instruction", False)
+    frames_per_clip = seen[0] // 4
+    assert deduped == (4 if uses_instruction else 2) * frames_per_clip

@@ -203,7 +203,9 @@ class VideoLLM(ScoringMixin, nn.Module):
     def encode_visual(self, pixel_values: list[torch.Tensor], timestamps: list[torch.Tensor],
                       instruction: Instruction | None = None, features: list[torch.Tensor] | None = None,
                       grids: list[tuple[int, int, int]] | None = None) -> VisualTokens:
-        """Tower (skipped for cached `features`) + connector per media sample; equal shapes run as one batch."""
+        """Tower (skipped for cached `features`) + connector per media sample; equal shapes run as one batch. Without
+        gradients, a clip given several times (one clip's questions, scored together) is encoded once, unless the
+        connector reads each sample's instruction."""
         inputs = list(features) if features else list(pixel_values)
         if not inputs:
             raise ValueError("encode_visual needs at least one clip")
@@ -212,7 +214,14 @@ class VideoLLM(ScoringMixin, nn.Module):
             shapes.setdefault((tuple(x.shape), tuple(grids[i]) if features else None), []).append(i)
         pieces: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         groups = 1
-        for (_, grid), idx in shapes.items():
+        reads_instruction = instruction is not None and getattr(self.connector, "uses_instruction", False)
+        for (_, grid), same_shape in shapes.items():
+            first = {i: i for i in same_shape}  # each sample -> the first sample with the same clip and times
+            if not torch.is_grad_enabled() and not reads_instruction:
+                for n, i in enumerate(same_shape):
+                    first[i] = next((k for k in same_shape[:n] if first[k] == k and torch.equal(inputs[k], inputs[i])
+                                     and torch.equal(timestamps[k], timestamps[i])), i)
+            idx = [i for i in same_shape if first[i] == i]
             x = torch.stack([inputs[i] for i in idx]).to(self.device)  # [b, T, 3, H, W] or [b, T', N, D]
             ts = torch.stack([timestamps[i] for i in idx]).to(self.device)  # [b, T]
             if features:
@@ -228,6 +237,8 @@ class VideoLLM(ScoringMixin, nn.Module):
             groups = out.groups
             for j, i in enumerate(idx):
                 pieces[i] = (out.embeds[j], None if out.mask is None else out.mask[j])
+            for i in same_shape:
+                pieces[i] = pieces[first[i]]
         embeds = [pieces[i][0] for i in range(len(inputs))]  # each [L_i, D]
         masks = None if all(pieces[i][1] is None for i in pieces) else [
             m if m is not None else torch.ones(e.shape[0], dtype=torch.bool, device=e.device)
@@ -275,19 +286,20 @@ class VideoLLM(ScoringMixin, nn.Module):
             labels = labels.masked_fill(ids == VISUAL_TOKEN, IGNORE_INDEX)
         return self.splice(ids, visual), attention, labels
 
-    def prefill(self, embeds: torch.Tensor, attention: torch.Tensor | None = None,
-                logits_to_keep: int = 1) -> tuple[torch.Tensor, Cache]:
+    def prefill(self, embeds: torch.Tensor, attention: torch.Tensor | None = None, logits_to_keep: int = 1,
+                position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, Cache]:
         """Run a prompt's embeddings [B, S, D] through the LLM into a new KV cache: (logits [B, keep, V] of the last
         `logits_to_keep` positions (0: all), the cache)."""
         cache = DynamicCache(config=self.llm.config)
-        return self.extend(cache, embeds, attention, logits_to_keep), cache
+        return self.extend(cache, embeds, attention, logits_to_keep, position_ids), cache
 
     def extend(self, cache: Cache, embeds: torch.Tensor, attention: torch.Tensor | None = None,
-               logits_to_keep: int = 1) -> torch.Tensor:
+               logits_to_keep: int = 1, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Append positions (embeddings [B, S, D]) to `cache` in place; `attention` [B, past + S] covers the cached
-        positions too. Returns the logits [B, keep, V] of the last `logits_to_keep` positions (0: all)."""
+        positions too, `position_ids` [B, S] are the new positions' (default: counted on from the cache's length,
+        padding included). Returns the logits [B, keep, V] of the last `logits_to_keep` positions (0: all)."""
         return self.llm(inputs_embeds=embeds, attention_mask=attention, past_key_values=cache, use_cache=True,
-                        logits_to_keep=logits_to_keep).logits
+                        logits_to_keep=logits_to_keep, position_ids=position_ids).logits
 
     # ---------------------------------------------------------------- forward
     def forward(self, batch: Batch, return_logits: bool = False, objective: str = "lm") -> Any:

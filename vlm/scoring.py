@@ -7,9 +7,9 @@ dataclasses live in `evals.interface`, which `vlm` never imports); a request nee
     + max_new_tokens: int, stop: tuple[str, ...]       (generate_answers)
     + continuations: list[str]                          (score_options)
 
-Option scoring shares the prompt: a batch of video + question prefixes (left-padded) is prefilled into one KV
-cache, each prompt's row is repeated once per continuation, and only the continuation tokens extend it, all
-options of all prompts in one forward. `share_prefix=False` recomputes every continuation from scratch (the
+Option scoring shares the prompt: the start that a batch's prompts share (one clip's video, asked several
+questions) is computed once, the rest of each prompt extends its KV cache, each prompt's row is repeated once per
+continuation, and only the continuation tokens extend it, all options of all prompts in one forward. `share_prefix=False` recomputes every continuation from scratch (the
 reference the tests compare against).
 """
 
@@ -146,20 +146,81 @@ class ScoringMixin:
             scores.append(row_scores)
         return scores
 
+    @staticmethod
+    def _prefix_plan(embeds: torch.Tensor, attention: torch.Tensor) -> tuple[list[int], list[int], list[int]]:
+        """For left-padded prompts [B, S, D]: each row's real length, its group, and per group the length of the
+        start all its rows share. A row joins the first group whose first row shares at least half of the shorter
+        prompt with it: one clip's questions share the system prompt and the video, most of each prompt. The
+        grouping only decides what is computed once; every score is the same either way."""
+        lengths = [int(n) for n in attention.sum(1)]
+        if any(not bool(attention[i, attention.shape[1] - n:].all()) for i, n in enumerate(lengths)):
+            raise ValueError("score_options needs left-padded prompts (build them with build_batch(generation=True))")
+        s = embeds.shape[1]
+        real = [embeds[b, s - n:] for b, n in enumerate(lengths)]
+        leaders: list[int] = []
+        shared: list[int] = []
+        group_of: list[int] = []
+        for b, n in enumerate(lengths):
+            for g, first in enumerate(leaders):
+                m = min(n, lengths[first])
+                same = (real[b][:m] == real[first][:m]).all(-1)
+                common = m if bool(same.all()) else int((~same).nonzero()[0])
+                if 2 * common >= m:
+                    group_of.append(g)
+                    shared[g] = min(shared[g], common)
+                    break
+            else:
+                group_of.append(len(leaders))
+                leaders.append(b)
+                shared.append(n)
+        return lengths, group_of, shared
+
     def _score_with_cache(self, embeds: torch.Tensor, attention: torch.Tensor,
                           conts: list[list[list[int]]]) -> list[list[float]]:
-        """Prompts [B, S, D] (left-padded, `attention` [B, S]) and per prompt its options' token ids."""
-        # logits only at the last prompt position: the rest of the prompt is never scored
-        logits, cache = self.prefill(embeds, attention)  # type: ignore[attr-defined]  # [B, 1, V]
-        rows, flat = self._option_rows(conts, embeds.device)  # [R]
-        first_logp = F.log_softmax(logits[:, -1].float(), dim=-1)[rows]  # [R, V]
+        """Prompts [B, S, D] (left-padded, `attention` [B, S]) and per prompt its options' token ids.
+
+        Three forwards at most, each position once: the start each group of prompts shares (`_prefix_plan`; a
+        clip's questions share its video), the rest of every prompt after its group's cached start, then every
+        option of every prompt after its prompt. Padding sits between the parts and is masked, and positions are
+        passed explicitly, so each row sees exactly the positions it would see alone.
+        """
+        b, s, d = embeds.shape
+        device = embeds.device
+        lengths, group_of, shared = self._prefix_plan(embeds, attention)
+        width = max(shared)
+        starts = embeds.new_zeros(len(shared), width, d)
+        start_mask = attention.new_zeros(len(shared), width)
+        start_pos = torch.zeros(len(shared), width, dtype=torch.long, device=device)
+        for g, k in enumerate(shared):
+            i = group_of.index(g)
+            starts[g, width - k:] = embeds[i, s - lengths[i] : s - lengths[i] + k]
+            start_mask[g, width - k:] = 1
+            start_pos[g, width - k:] = torch.arange(k, device=device)
+        logits, cache = self.prefill(starts, start_mask, position_ids=start_pos)  # type: ignore[attr-defined]  # [G, 1, V]
+        group = torch.tensor(group_of, dtype=torch.long, device=device)  # [B]
+        if group_of != list(range(b)):
+            cache.batch_select_indices(group)  # [G, ...] -> [B, ...] per layer, in place
+        last, mask = logits[group, -1], start_mask[group]  # [B, V], [B, width]
+        rest = [n - shared[g] for n, g in zip(lengths, group_of)]  # each prompt's positions after its group's start
+        if max(rest) > 0:
+            w = max(rest)
+            cols = torch.arange(w, device=device)
+            after = torch.tensor(rest, device=device)[:, None]  # [B, 1]
+            rest_mask = (cols >= w - after).to(attention.dtype)  # [B, w]: the last `rest` positions are the row's
+            rest_pos = (torch.tensor([shared[g] for g in group_of], device=device)[:, None] + cols - (w - after)).clamp(min=0)
+            mask = torch.cat([mask, rest_mask], dim=1)
+            rest_logits = self.extend(cache, embeds[:, s - w:], mask, position_ids=rest_pos)  # type: ignore[attr-defined]
+            last = torch.where(after > 0, rest_logits[:, -1], last)
+        rows, flat = self._option_rows(conts, device)  # [R]
+        first_logp = F.log_softmax(last.float(), dim=-1)[rows]  # [R, V]
         if all(len(c) <= 1 for c in flat):
             return self._gather(first_logp, first_logp.new_zeros(len(flat), 1, 1), conts)
         cache.batch_select_indices(rows)  # [B, ...] -> [R, ...] per layer, in place
-        ids, mask = self._continuation_ids(flat, embeds.device)  # [R, L]
-        full_mask = torch.cat([attention[rows], mask], dim=1)  # [R, S + L]
+        ids, cont_mask = self._continuation_ids(flat, device)  # [R, L]
+        full_mask = torch.cat([mask[rows], cont_mask], dim=1)  # [R, past + L]
+        cont_pos = torch.tensor(lengths, device=device)[rows][:, None] + torch.arange(ids.shape[1], device=device)
         cont_embeds = self.llm.get_input_embeddings()(ids)  # type: ignore[attr-defined]  # [R, L, D]
-        logits = self.extend(cache, cont_embeds, full_mask, logits_to_keep=0)  # type: ignore[attr-defined]
+        logits = self.extend(cache, cont_embeds, full_mask, logits_to_keep=0, position_ids=cont_pos)  # type: ignore[attr-defined]
         rest_logp = F.log_softmax(logits.float(), dim=-1)  # [R, L, V]; position j predicts token j + 1
         return self._gather(first_logp, rest_logp, conts)
 
