@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -35,6 +36,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import torch  # noqa: E402
 from bench_docs import update_section  # noqa: E402
+from bench_eval_speed import add_demo_model_args, load_demo_model, score_in_batches  # noqa: E402
 
 from evals.mcq import _Runner, decode_item_clip, evaluate_mcq, group_by_clip  # noqa: E402
 from evals.profiles import get_profile  # noqa: E402
@@ -51,20 +53,20 @@ def each_prompt_alone(embeds: torch.Tensor, attention: torch.Tensor) -> tuple[li
     return lengths, list(range(len(lengths))), lengths
 
 
+def prompt_starts(model: VideoLLM, share: bool) -> Any:
+    """A context in which `model` computes the start its prompts share once (share) or every prompt whole."""
+    return mock.patch.object(model, "_prefix_plan", ScoringMixin._prefix_plan if share else each_prompt_alone)
+
+
 def timed(model: VideoLLM, requests: list, batch: int, share: bool) -> tuple[float, list[list[float]]]:
-    plan = ScoringMixin._prefix_plan if share else each_prompt_alone
-    scores: list[list[float]] = []
-    with mock.patch.object(model, "_prefix_plan", plan):
-        t = time.perf_counter()
-        for s in range(0, len(requests), batch):
-            scores += model.score_options(requests[s : s + batch])
-    return time.perf_counter() - t, scores
+    """(seconds, scores) of `score_in_batches`, shared starts or not."""
+    with prompt_starts(model, share):
+        return score_in_batches(model, requests, batch)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="runs/quickstart/final", help="a saved VideoLLM (default: what make demo trains)")
-    p.add_argument("--bench", default="demo_data/synth/mvbench", help="an MVBench-layout benchmark")
+    add_demo_model_args(p)
     p.add_argument("--profile", default="cloze")
     p.add_argument("--clips", type=int, default=12, help="clips whose questions are scored")
     p.add_argument("--batches", default="4,8,16")
@@ -73,10 +75,7 @@ def main() -> None:
     p.add_argument("--no-docs", action="store_true")
     args = p.parse_args()
     model_dir, bench = Path(args.model), Path(args.bench)
-    if not (model_dir / "config.json").is_file() or not bench.is_dir():
-        raise SystemExit(f"need a trained model ({model_dir}) and its benchmark ({bench}): run `make demo` first, "
-                         "or give --model and --bench")
-    model = VideoLLM.from_pretrained(model_dir, device="cpu").eval()
+    model = load_demo_model(model_dir, bench)
     profile = get_profile(args.profile)
     data = load_mvbench(bench)
     groups = list(group_by_clip([i for task in data.values() for i in task]).values())[: args.clips]
@@ -107,7 +106,7 @@ def main() -> None:
         for share in (False, True):
             out = work / f"share{int(share)}"
             shutil.rmtree(out, ignore_errors=True)
-            with mock.patch.object(model, "_prefix_plan", ScoringMixin._prefix_plan if share else each_prompt_alone):
+            with prompt_starts(model, share):
                 t = time.perf_counter()
                 res = evaluate_mcq(model, bench, out, profile=profile, num_frames=frames, progress=False)
                 walls[share] = time.perf_counter() - t

@@ -60,6 +60,20 @@ def score_in_batches(model: VideoLLM, requests: list, batch: int) -> tuple[float
     return time.perf_counter() - t, scores
 
 
+def add_demo_model_args(p: argparse.ArgumentParser) -> None:
+    """--model and --bench, defaulting to what `make demo` leaves."""
+    p.add_argument("--model", default="runs/quickstart/final", help="a saved VideoLLM (default: what make demo trains)")
+    p.add_argument("--bench", default="demo_data/synth/mvbench", help="an MVBench-layout benchmark")
+
+
+def load_demo_model(model_dir: Path, bench: Path) -> VideoLLM:
+    """The model of --model on the CPU in eval mode; exits with what to run when it or --bench is missing."""
+    if not (model_dir / "config.json").is_file() or not bench.is_dir():
+        raise SystemExit(f"need a trained model ({model_dir}) and its benchmark ({bench}): run `make demo` first, "
+                         "or give --model and --bench")
+    return VideoLLM.from_pretrained(model_dir, device="cpu").eval()
+
+
 def llm_flop_params(model: VideoLLM) -> int:
     """Parameters a token goes through in the LLM's forward (the input embedding table is a lookup)."""
     table = model.llm.get_input_embeddings().weight
@@ -110,8 +124,7 @@ def same_results(a: Path, b: Path) -> bool:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="runs/quickstart/final", help="a saved VideoLLM (default: what make demo trains)")
-    p.add_argument("--bench", default="demo_data/synth/mvbench", help="an MVBench-layout benchmark")
+    add_demo_model_args(p)
     p.add_argument("--profile", default="cloze")
     p.add_argument("--limit", type=int, default=4, help="questions per task")
     p.add_argument("--batches", default="1,8,32")
@@ -120,11 +133,8 @@ def main() -> None:
     p.add_argument("--no-docs", action="store_true")
     args = p.parse_args()
     model_dir, bench = Path(args.model), Path(args.bench)
-    if not (model_dir / "config.json").is_file() or not bench.is_dir():
-        raise SystemExit(f"need a trained model ({model_dir}) and its benchmark ({bench}): run `make demo` first, "
-                         "or give --model and --bench")
     work = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench_eval_speed_"))
-    model = VideoLLM.from_pretrained(model_dir, device="cpu").eval()
+    model = load_demo_model(model_dir, bench)
     profile = get_profile(args.profile)
     items = [i for task in load_mvbench(bench).values() for i in task[: args.limit]]
     runner = _Runner(model, profile, None)

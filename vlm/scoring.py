@@ -9,8 +9,8 @@ dataclasses live in `evals.interface`, which `vlm` never imports); a request nee
 
 Option scoring shares the prompt: the start that a batch's prompts share (one clip's video, asked several
 questions) is computed once, the rest of each prompt extends its KV cache, each prompt's row is repeated once per
-continuation, and only the continuation tokens extend it, all options of all prompts in one forward. `share_prefix=False` recomputes every continuation from scratch (the
-reference the tests compare against).
+continuation, and only the continuation tokens extend it, all options of all prompts in one forward.
+`share_prefix=False` recomputes every continuation from scratch (the reference the tests compare against).
 """
 
 from __future__ import annotations
@@ -207,7 +207,8 @@ class ScoringMixin:
             cols = torch.arange(w, device=device)
             after = torch.tensor(rest, device=device)[:, None]  # [B, 1]
             rest_mask = (cols >= w - after).to(attention.dtype)  # [B, w]: the last `rest` positions are the row's
-            rest_pos = (torch.tensor([shared[g] for g in group_of], device=device)[:, None] + cols - (w - after)).clamp(min=0)
+            start = torch.tensor([shared[g] for g in group_of], device=device)[:, None]  # [B, 1]
+            rest_pos = (start + cols - (w - after)).clamp(min=0)
             mask = torch.cat([mask, rest_mask], dim=1)
             rest_logits = self.extend(cache, embeds[:, s - w:], mask, position_ids=rest_pos)  # type: ignore[attr-defined]
             last = torch.where(after > 0, rest_logits[:, -1], last)
