@@ -30,7 +30,8 @@ def _print_result(result: Any, out: str) -> None:
 def _load_model(path: str, args: argparse.Namespace) -> Any:
     from vlm.model import VideoLLM
 
-    return VideoLLM.from_pretrained(path, device=args.device, dtype=args.dtype, device_map=args.device_map)
+    return VideoLLM.from_pretrained(path, device=args.device, dtype=args.dtype, device_map=args.device_map,
+                                    merge_lora=True)
 
 
 def _placement_args(p: argparse.ArgumentParser) -> None:

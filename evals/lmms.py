@@ -71,7 +71,7 @@ class VLM(_Base):
         if model is None:
             from vlm.model import VideoLLM
 
-            model = VideoLLM.from_pretrained(pretrained, device=device, dtype=dtype)
+            model = VideoLLM.from_pretrained(pretrained, device=device, dtype=dtype, merge_lora=True)
         self.model = model.eval()
         self.num_frames = int(num_frames or model.config.num_frames)
         self.sampling = sampling or model.config.sampling

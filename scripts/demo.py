@@ -85,7 +85,7 @@ def main() -> int:
     from vlm.model import VideoLLM
     from vlm.viz import frame_strip
 
-    model = VideoLLM.from_pretrained(final, device=args.device, dtype=args.dtype)
+    model = VideoLLM.from_pretrained(final, device=args.device, dtype=args.dtype, merge_lora=True)
     t = time.time()
     result = evaluate_mcq(model, data / "mvbench", out / f"eval_{args.profile}", profile=args.profile,
                           num_frames=model.config.num_frames, model_name=str(final))

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import TINY_LLM, TINY_TOWERS
+from vlm.llm.lora import has_lora
 from vlm.weights import CheckpointMismatchError
 from vlm.data.conversation import Turn
 from vlm.llm.template import IGNORE_INDEX, VISUAL_TOKEN, TemplateMismatchError
@@ -164,6 +165,35 @@ def test_save_load_identical_logits_with_lora_and_full_tower(tmp_path):
     loaded = VideoLLM.from_pretrained(tmp_path / "m")
     after = loaded(loaded.processor.build_batch([sample(loaded, 4, 0), sample(loaded, 4, 1)]), return_logits=True).logits
     assert torch.equal(before, after)
+
+
+def test_merge_lora_on_load_keeps_outputs_and_saves_merged_weights(tmp_path):
+    torch.manual_seed(0)
+    model = VideoLLM.from_config(config("clip", "mlp"))
+    model.set_mode("llm", "lora", {"r": 4, "alpha": 8, "targets": ["q_proj", "v_proj", "down_proj"]})
+    model.set_mode("tower", "lora", {"r": 4, "targets": ["q_proj"]})
+    with torch.no_grad():  # LoRA's B starts at zero: make the adapters change the outputs
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(tmp_path / "m")
+    adapted = VideoLLM.from_pretrained(tmp_path / "m")
+    merged = VideoLLM.from_pretrained(tmp_path / "m", merge_lora=True)
+    assert not has_lora(merged.llm) and not has_lora(merged.tower) and merged.config.lora == {}
+    assert has_lora(adapted.llm) and has_lora(adapted.tower)
+    batch = adapted.processor.build_batch([sample(adapted, 4, 0), sample(adapted, 4, 1)])
+    with torch.no_grad():
+        ref = adapted(batch, return_logits=True).logits
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.zero_()  # the model without its adapters: a merge that dropped them would give this
+        assert not torch.allclose(model.eval()(batch, return_logits=True).logits, ref, atol=1e-3)
+        torch.testing.assert_close(merged(batch, return_logits=True).logits, ref, atol=1e-5, rtol=1e-5)
+    merged.save_pretrained(tmp_path / "merged")  # a plain model now: the merged weights are written whole
+    again = VideoLLM.from_pretrained(tmp_path / "merged")
+    assert not has_lora(again.llm)
+    with torch.no_grad():
+        torch.testing.assert_close(again(batch, return_logits=True).logits, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_lora_on_the_last_blocks_only(tmp_path):

@@ -69,17 +69,17 @@ class Loaded(Exception):
 def test_every_command_that_loads_a_model_passes_device_and_dtype(argv, monkeypatch):
     from vlm.cli import main
 
-    def stand_in(cls, folder, *, device=None, dtype=None, device_map=None):
-        raise Loaded(folder, device, dtype, device_map)
+    def stand_in(cls, folder, *, device=None, dtype=None, device_map=None, merge_lora=False):
+        raise Loaded(folder, device, dtype, device_map, merge_lora)
 
     monkeypatch.setattr(VideoLLM, "from_pretrained", classmethod(stand_in))
     monkeypatch.setattr("evals.openqa.load_openqa", lambda *a, **k: [])  # openqa reads its data before the model
     with pytest.raises(Loaded) as e:
         main(argv + ["--model", "M", "--device", "cpu", "--dtype", "bfloat16"])
-    assert e.value.args == ("M", "cpu", "bfloat16", None)
+    assert e.value.args == ("M", "cpu", "bfloat16", None, True)  # inference: LoRA folded into the weights
     with pytest.raises(Loaded) as e:
         main(argv + ["--model", "M", "--device-map", "auto"])
-    assert e.value.args == ("M", None, None, "auto")
+    assert e.value.args == ("M", None, None, "auto", True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

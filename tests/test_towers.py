@@ -243,6 +243,23 @@ def test_efficientnet_tower_equals_the_package_extract_features() -> None:
     torch.testing.assert_close(tower.encode(x)[0], expected)
 
 
+def test_efficientnet_runs_few_frames_per_call_on_the_cpu_outside_training() -> None:
+    from vlm.towers import efficientnet
+
+    tower = build_tower("efficientnet_lite0", pretrained=False, layer=3, image_size=32).eval()
+    calls: list[int] = []
+    run = tower.features
+    tower.features = lambda images: calls.append(len(images)) or run(images)  # type: ignore[method-assign]
+    x = pixels(3, 5, size=32)  # 15 frames
+    with torch.no_grad():
+        chunked = tower.encode(x)
+        assert calls == [efficientnet.CPU_FRAMES_PER_CALL, 15 - efficientnet.CPU_FRAMES_PER_CALL]
+        torch.testing.assert_close(chunked, torch.cat([tower.encode(x[i:i + 1]) for i in range(3)]))
+        calls.clear()
+        tower.train().encode(x)
+    assert calls == [15]  # training: batch statistics over the whole batch, one call
+
+
 def test_patch_tower_tokens_are_the_frames_own_pixels() -> None:
     """The default patches tower is the identity on raw patches: token (frame t, patch row i, column j) holds that
     patch's normalised pixels, row-major, channels last; a narrower width is an orthogonal projection of them."""

@@ -94,7 +94,8 @@ def _serve(args: argparse.Namespace) -> int:
         raise SystemExit(f"vlm serve needs the serve extra: pip install 'vlm[serve]' ({e})") from None
     from vlm.model import VideoLLM
 
-    model = VideoLLM.from_pretrained(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)
+    model = VideoLLM.from_pretrained(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
+                                     merge_lora=True)
     options = {"max_new_tokens": args.max_new_tokens} | ({"num_frames": args.frames} if args.frames else {})
     with tempfile.TemporaryDirectory(prefix="vlm-serve-") as tmp:
         app = create_app(args.model, model=model, upload_dir=args.upload_dir or tmp, media_root=args.media_root,

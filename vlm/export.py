@@ -114,15 +114,14 @@ def export(folder: str | os.PathLike, target: str, out: str | os.PathLike) -> Pa
     from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
 
     from vlm.chat.generation import stop_ids
-    from vlm.llm.lora import merge_lora
     from vlm.model import VideoLLM
 
-    model = VideoLLM.from_pretrained(folder, device="cpu", dtype="float32")
+    model = VideoLLM.from_pretrained(folder, device="cpu", dtype="float32", merge_lora=True)  # LoRA in the weights
     check_exportable(model, target)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = model.processor.tokenizer
-    llm = merge_lora(model.llm)  # LoRA folded into the weights
+    llm = model.llm
     tokenizer.add_special_tokens({"additional_special_tokens": list(_SPECIAL)})
     llm.resize_token_embeddings(len(tokenizer))
     image_id, video_id = tokenizer.convert_tokens_to_ids(list(_SPECIAL))

@@ -27,6 +27,7 @@ from vlm.budget import TokenBudget
 from vlm.connectors.base import Instruction, VisualTokens, build_connector
 from vlm.llm.load import load_llm
 from vlm.llm.lora import LoRASettings, add_lora, has_lora, load_lora, save_lora
+from vlm.llm.lora import merge_lora as fold_lora
 from vlm.llm.template import IGNORE_INDEX, VISUAL_TOKEN
 from vlm.objectives import STAGE_OBJECTIVES
 from vlm.processor import CONFIG_NAME, Batch, VideoLLMProcessor, drop_pruned
@@ -365,9 +366,13 @@ class VideoLLM(ScoringMixin, nn.Module):
     @classmethod
     def from_pretrained(cls, folder: str | Path, *, device: str | torch.device | None = None,
                         dtype: str | torch.dtype | None = None, device_map: str | dict[str, Any] | None = None,
-                        max_memory: dict[Any, Any] | None = None, offload_folder: str | None = None) -> "VideoLLM":
+                        max_memory: dict[Any, Any] | None = None, offload_folder: str | None = None,
+                        merge_lora: bool = False) -> "VideoLLM":
         """Rebuild from config.json and load the saved parts strictly (mismatches name part and key). The processor
-        is the saved one; a folder saved without one gets a processor built from config.json. Every part is moved
+        is the saved one; a folder saved without one gets a processor built from config.json. `merge_lora` folds
+        saved adapters into their base weights (in float32, before any cast): the same outputs, one matmul per
+        adapted layer instead of three, for inference (the evaluation, chat and serving entry points set it); the
+        part is then a plain full part and cannot be tuned further as LoRA. Every part is moved
         to `device` in `dtype` (defaults: `vlm.towers.common.placement`, CUDA + bfloat16 when a GPU is present), or
         spread over devices by `device_map` ("auto": accelerate's big-model inference, see `vlm.dispatch`)."""
         folder = Path(folder)
@@ -392,6 +397,11 @@ class VideoLLM(ScoringMixin, nn.Module):
         load_module(model.connector, folder / "connector.safetensors", "connector")
         for part, mode in meta.get("modes", {}).items():
             model.modes[part] = mode
+        for part in model.config.lora if merge_lora else ():
+            fold_lora(model.part(part))
+            model.modes[part] = "full"  # a save writes the merged weights
+        if merge_lora:
+            model.config.lora = {}
         dev, dt = placement(device, dtype)
         if device_map is None:
             return model.to(device=dev, dtype=dt).eval()

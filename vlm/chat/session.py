@@ -108,9 +108,10 @@ class VideoChat:
     def from_pretrained(cls, folder: str | os.PathLike, *, device: str | torch.device | None = None,
                         dtype: str | torch.dtype | None = None, device_map: str | dict[str, Any] | None = None,
                         **kwargs: Any) -> "VideoChat":
-        """A session over `VideoLLM.from_pretrained(folder, device=, dtype=, device_map=)`; kwargs as for the
-        constructor."""
-        return cls(VideoLLM.from_pretrained(folder, device=device, dtype=dtype, device_map=device_map), **kwargs)
+        """A session over `VideoLLM.from_pretrained(folder, device=, dtype=, device_map=)`, LoRA merged; kwargs as
+        for the constructor."""
+        model = VideoLLM.from_pretrained(folder, device=device, dtype=dtype, device_map=device_map, merge_lora=True)
+        return cls(model, **kwargs)
 
     # ---------------------------------------------------------------- state
     @property

