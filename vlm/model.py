@@ -397,10 +397,10 @@ class VideoLLM(ScoringMixin, nn.Module):
         load_module(model.connector, folder / "connector.safetensors", "connector")
         for part, mode in meta.get("modes", {}).items():
             model.modes[part] = mode
-        for part in model.config.lora if merge_lora else ():
-            fold_lora(model.part(part))
-            model.modes[part] = "full"  # a save writes the merged weights
         if merge_lora:
+            for part in model.config.lora:
+                fold_lora(model.part(part))
+                model.modes[part] = "full"  # a save writes the merged weights
             model.config.lora = {}
         dev, dt = placement(device, dtype)
         if device_map is None:
