@@ -306,8 +306,9 @@ def _mcq_result(data: dict[str, list[MCQItem]], records: dict[str, dict[str, Any
     result = EvalResult(task_type="mcq", model=mid, metrics=metrics, per_task=per_task, counts=counts,
                         dataset={"path": str(bench_root), "name": Path(bench_root).name, "tasks": list(data)},
                         profile=prof.record(), settings=settings)
-    log.info("mcq[%s]: %.2f%% (mean over tasks), %.2f%% (over questions), %d unparsable, %d skipped",
-             prof.name, metrics["accuracy_mean_over_tasks"], metrics["accuracy_over_questions"],
+    log.info("mcq[%s]: %.2f%% +- %.2f (mean over tasks), %.2f%% +- %.2f (over questions), %d unparsable, %d skipped",
+             prof.name, metrics["accuracy_mean_over_tasks"], metrics["accuracy_mean_over_tasks_stderr"],
+             metrics["accuracy_over_questions"], metrics["accuracy_over_questions_stderr"],
              counts["unparsable"], counts["skipped"])
     return result
 
@@ -340,7 +341,10 @@ def mcq_metrics(data: dict[str, list[MCQItem]], records: dict[str, dict[str, Any
 
     A question with an error record (undecodable clip, model failure) or none is *skipped*: counted, not
     scored. Every other question is in its task's denominator, unparsable answers included (as wrong).
-    Accuracies are percentages; chance is the mean of 1 / number of options.
+    Accuracies are percentages; chance is the mean of 1 / number of options. Each accuracy comes with its standard
+    error over questions (`stderr`: sqrt(p(1-p)/(n-1)); for the mean over tasks, sqrt(sum of the tasks' squared
+    errors) / tasks): what re-asking other questions of the same kind would move it by, not what another training
+    seed would.
     """
     per_task: dict[str, dict[str, Any]] = {}
     reasons: Counter[str] = Counter()
@@ -356,14 +360,18 @@ def mcq_metrics(data: dict[str, list[MCQItem]], records: dict[str, dict[str, Any
             correct += bool(rec["correct"])
             unparsable += not rec["parsed"]
         chance = 100.0 * sum(1.0 / len(i.candidates) for i in items) / len(items) if items else None
-        per_task[task] = {"accuracy": 100.0 * correct / total if total else None, "correct": correct, "total": total,
-                          "unparsable": unparsable, "skipped": skipped, "chance": chance}
+        per_task[task] = {"accuracy": 100.0 * correct / total if total else None, "stderr": _stderr(correct, total),
+                          "correct": correct, "total": total, "unparsable": unparsable, "skipped": skipped,
+                          "chance": chance}
     scored = [t for t in per_task.values() if t["total"]]
     correct = sum(t["correct"] for t in scored)
     total = sum(t["total"] for t in scored)
     metrics = {
         "accuracy_mean_over_tasks": sum(t["accuracy"] for t in scored) / len(scored) if scored else None,
+        "accuracy_mean_over_tasks_stderr":
+            math.sqrt(sum(t["stderr"] ** 2 for t in scored)) / len(scored) if scored else None,
         "accuracy_over_questions": 100.0 * correct / total if total else None,
+        "accuracy_over_questions_stderr": _stderr(correct, total),
         "chance_mean_over_tasks": sum(t["chance"] for t in scored) / len(scored) if scored else None,
         "unparsable": sum(t["unparsable"] for t in per_task.values()),
         "unparsable_percent": 100.0 * sum(t["unparsable"] for t in scored) / total if total else None,
@@ -373,3 +381,11 @@ def mcq_metrics(data: dict[str, list[MCQItem]], records: dict[str, dict[str, Any
               "unparsable": metrics["unparsable"], "skipped": sum(t["skipped"] for t in per_task.values()),
               "skip_reasons": dict(reasons)}
     return metrics, per_task, counts
+
+
+def _stderr(correct: int, total: int) -> float | None:
+    """The standard error of an accuracy in percent over `total` questions (sample variance; 0 for one question)."""
+    if not total:
+        return None
+    p = correct / total
+    return 100.0 * math.sqrt(p * (1 - p) / (total - 1)) if total > 1 else 0.0

@@ -25,16 +25,20 @@ def _fmt(v: Any) -> str:
 
 
 def bar_chart(values: dict[str, float | None], path: str | os.PathLike, *, title: str, ylabel: str = "accuracy (%)",
-              chance: dict[str, float] | None = None, ymax: float | None = 100.0) -> Path:
-    """A bar per key; `chance` draws a red dash at each bar's chance level (labelled once in the legend)."""
-    return compare_chart({"model": values}, path, title=title, ylabel=ylabel, chance=chance, ymax=ymax)
+              chance: dict[str, float] | None = None, ymax: float | None = 100.0,
+              errors: dict[str, float | None] | None = None) -> Path:
+    """A bar per key; `chance` draws a red dash at each bar's chance level (labelled once in the legend), `errors`
+    a whisker of one standard error."""
+    return compare_chart({"model": values}, path, title=title, ylabel=ylabel, chance=chance, ymax=ymax,
+                         errors={"model": errors} if errors else None)
 
 
 def compare_chart(series: dict[str, dict[str, float | None]], path: str | os.PathLike, *, title: str,
                   ylabel: str = "accuracy (%)", chance: dict[str, float] | None = None,
-                  ymax: float | None = 100.0) -> Path:
+                  ymax: float | None = 100.0, errors: dict[str, dict[str, float | None]] | None = None) -> Path:
     """Grouped bars: per key (x, e.g. a task), one bar per series (e.g. a run, in order), so runs are compared key
-    by key; one series is a plain bar chart. Missing values are drawn as empty bars marked "n/a"."""
+    by key; one series is a plain bar chart. Missing values are drawn as empty bars marked "n/a"; `errors` (per
+    series, per key) draws whiskers of one standard error."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -46,11 +50,13 @@ def compare_chart(series: dict[str, dict[str, float | None]], path: str | os.Pat
     fig, ax = plt.subplots(figsize=(max(6.0, (0.55 if one else 0.3 * len(series)) * len(names) + 2.0), 4.5))
     for i, (run, values) in enumerate(series.items()):
         xs = [k + (i - (len(series) - 1) / 2) * width for k in range(len(names))]
-        bars = ax.bar(xs, [values.get(n) or 0.0 for n in names], width=width, label=run, color="#4C72B0" if one else None)
-        for b, n in zip(bars, names):
+        err = [(errors or {}).get(run, {}).get(n) or 0.0 for n in names]
+        bars = ax.bar(xs, [values.get(n) or 0.0 for n in names], width=width, label=run, color="#4C72B0" if one else None,
+                      yerr=err if any(err) else None, error_kw={"elinewidth": 0.8, "capsize": 2, "ecolor": "#333333"})
+        for b, n, e in zip(bars, names, err):
             v = values.get(n)
             ax.annotate("n/a" if v is None else f"{v:.1f}" if one else f"{v:.0f}",
-                        (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=7 if one else 6)
+                        (b.get_x() + b.get_width() / 2, b.get_height() + e), ha="center", va="bottom", fontsize=7 if one else 6)
     dashed = [(k, chance[n]) for k, n in enumerate(names) if chance and chance.get(n) is not None]
     for j, (k, level) in enumerate(dashed):
         ax.hlines(level, k - 0.45, k + 0.45, colors="#C44E52", linestyles="--", linewidth=1.5,
@@ -78,7 +84,7 @@ def chart_for(result: EvalResult, path: str | os.PathLike) -> Path | None:
     if result.task_type == "mcq":
         acc = {t: v["accuracy"] for t, v in result.per_task.items()}
         chance = {t: v["chance"] for t, v in result.per_task.items()}
-        return bar_chart(acc, path, title=title, chance=chance)
+        return bar_chart(acc, path, title=title, chance=chance, errors={t: v.get("stderr") for t, v in result.per_task.items()})
     if result.task_type == "classify":
         acc = {c: v["accuracy"] for c, v in result.per_task.items()}
         chance = {c: 100.0 / max(1, len(result.per_task)) for c in result.per_task}
@@ -150,12 +156,16 @@ def write_report(results: Sequence[EvalResult], out_dir: str | os.PathLike, name
     mcq = [r for r in results if r.task_type == "mcq" and r.per_task]
     if len(mcq) > 1:  # several runs on a benchmark: one chart that compares them task by task
         series: dict[str, dict[str, float | None]] = {}
+        errors: dict[str, dict[str, float | None]] = {}
         for i, r in enumerate(mcq):
             label = _label(r, i)
-            series[label if label not in series else f"{label} ({i + 1})"] = {t: v["accuracy"] for t, v in r.per_task.items()}
+            label = label if label not in series else f"{label} ({i + 1})"
+            series[label] = {t: v["accuracy"] for t, v in r.per_task.items()}
+            errors[label] = {t: v.get("stderr") for t, v in r.per_task.items()}
         chance = {t: v["chance"] for r in mcq for t, v in r.per_task.items()}
         try:
-            png = compare_chart(series, out / f"{name}_per_task.png", title="per-task accuracy", chance=chance)
+            png = compare_chart(series, out / f"{name}_per_task.png", title="per-task accuracy (whiskers: one standard error)",
+                                chance=chance, errors=errors)
             text = text.replace("\n", f"\n\n![per-task accuracy of each run]({png.name})\n", 1)
         except Exception as e:  # noqa: BLE001  (as above)
             log.warning("the comparison chart failed: %s", e)

@@ -145,8 +145,9 @@ def main() -> int:
         acc = "  n/a " if row["accuracy"] is None else f"{row['accuracy']:5.1f}%"
         print(f"  {task:24s} {acc}  ({row['correct']}/{row['total']}, chance {row['chance']:.0f}%)")
     m = result.metrics
-    print(f"  {'mean over tasks':24s} {m['accuracy_mean_over_tasks']:5.1f}%   over questions {m['accuracy_over_questions']:.1f}%"
-          f"   chance {m['chance_mean_over_tasks']:.1f}%")
+    print(f"  {'mean over tasks':24s} {m['accuracy_mean_over_tasks']:5.1f}% +- {m['accuracy_mean_over_tasks_stderr']:.1f}   "
+          f"over questions {m['accuracy_over_questions']:.1f}% +- {m['accuracy_over_questions_stderr']:.1f}   "
+          f"chance {m['chance_mean_over_tasks']:.1f}%  (+-: one standard error over questions)")
     print(f"  report: {out / f'eval_{args.profile}'}")
     if slots is not None:
         print(f"\nword slots on held-out frames: " + ", ".join(f"{k} {v:.1f}%" for k, v in slots.metrics.items()))

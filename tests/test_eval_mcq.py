@@ -45,6 +45,7 @@ def test_always_right_scores_100_and_always_c_scores_the_share_of_c(bench, truth
     res = evaluate_mcq(right, bench, tmp_path / "right", profile=profile, progress=False)
     assert res.metrics["accuracy_over_questions"] == 100.0
     assert res.metrics["accuracy_mean_over_tasks"] == 100.0
+    assert res.metrics["accuracy_mean_over_tasks_stderr"] == 0.0 and res.metrics["accuracy_over_questions_stderr"] == 0.0
     assert res.metrics["unparsable"] == 0
     assert res.counts["skipped"] == 1 and res.counts["skip_reasons"] == {"decode": 1}  # missing.mp4
 
@@ -57,9 +58,16 @@ def test_always_right_scores_100_and_always_c_scores_the_share_of_c(bench, truth
         shares[task] = 100.0 * sum(i.answer_letter == "C" for i in scored) / len(scored)
         assert res.per_task[task]["accuracy"] == pytest.approx(shares[task])
         assert res.per_task[task]["chance"] == pytest.approx(100.0 * np.mean([1 / len(i.candidates) for i in items]))
+        hits = [100.0 * (i.answer_letter == "C") for i in scored]  # the standard error of the mean of 0/100 scores
+        assert res.per_task[task]["stderr"] == pytest.approx(np.std(hits, ddof=1) / np.sqrt(len(hits)))
     assert res.metrics["accuracy_mean_over_tasks"] == pytest.approx(np.mean(list(shares.values())))
+    task_errors = [res.per_task[t]["stderr"] for t in shares]
+    assert res.metrics["accuracy_mean_over_tasks_stderr"] == pytest.approx(np.linalg.norm(task_errors) / len(shares))
+    assert 0 < res.metrics["accuracy_mean_over_tasks_stderr"] < max(task_errors)
     weighted = sum(truth[u] == "C" for u in truth if u != "Moving Direction/6") / (len(truth) - 1)
     assert res.metrics["accuracy_over_questions"] == pytest.approx(100.0 * weighted)
+    hits = [100.0 * (truth[u] == "C") for u in truth if u != "Moving Direction/6"]
+    assert res.metrics["accuracy_over_questions_stderr"] == pytest.approx(np.std(hits, ddof=1) / np.sqrt(len(hits)))
 
 
 @pytest.mark.parametrize("profile,reply", [("mvbench", "I cannot tell."), ("mvbench", ""), ("mvbench", ")"),
