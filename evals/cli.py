@@ -184,13 +184,17 @@ def _report(args: argparse.Namespace) -> int:
     from evals.report import write_report
     from evals.results import EvalResult
 
+    from evals.results import read_records
+
     results = [EvalResult.load(p) for p in args.results]
     if args.names:
         if len(args.names) != len(results):
             raise SystemExit(f"--names: {len(args.names)} names for {len(results)} results files")
         for result, name in zip(results, args.names):
             result.model = name
-    path = write_report(results, args.out)
+    logs = [Path(p).with_name("predictions.jsonl") for p in args.results]  # multiple choice: compared question by question
+    answers = [read_records(f) if r.task_type == "mcq" and f.is_file() else None for r, f in zip(results, logs)]
+    path = write_report(results, args.out, answers=answers)
     print(f"report: {path}")
     return 0
 
@@ -307,7 +311,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_probe)
 
     p = sub.add_parser("report", help="markdown + PNG report from results.json files (several multiple-choice runs "
-                                      "are also drawn side by side per task)")
+                                      "are also drawn side by side per task and, from the predictions.jsonl beside "
+                                      "each, compared with the first question by question)")
     p.add_argument("results", nargs="+")
     p.add_argument("--names", nargs="+", default=None, help="a name per results file, for the report and its charts")
     p.add_argument("--out", required=True)

@@ -134,14 +134,68 @@ def markdown(results: Sequence[EvalResult], charts: Sequence[Path | None] = ()) 
     return "\n".join(lines)
 
 
+def paired_difference(first: dict[str, dict[str, Any]], other: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """Two runs' multiple-choice answers to the same questions (prediction records by uid; error records left out),
+    compared question by question: accuracies on the shared questions, the difference (other - first) over questions
+    and mean over tasks, each with its paired standard error, and the questions right in one run only. A paired
+    error is far smaller than either run's own when the runs mostly agree. None when fewer than 2 are shared."""
+    def scored(rec: dict[str, Any] | None) -> bool:
+        return rec is not None and not rec.get("error") and "correct" in rec
+
+    shared = [u for u in first if scored(first[u]) and scored(other.get(u))]
+    if len(shared) < 2:
+        return None
+    by_task: dict[str, list[float]] = {}
+    for u in shared:
+        by_task.setdefault(str(first[u].get("task", "")), []).append(100.0 * (bool(other[u]["correct"]) - bool(first[u]["correct"])))
+
+    def mean_and_error(d: list[float]) -> tuple[float, float]:
+        m = sum(d) / len(d)
+        return m, math.sqrt(sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d)) if len(d) > 1 else 0.0
+
+    diffs = [x for d in by_task.values() for x in d]
+    per_task = [mean_and_error(d) for d in by_task.values()]
+    diff, err = mean_and_error(diffs)
+    return {"questions": len(shared), "tasks": len(by_task),
+            "accuracy_first": 100.0 * sum(bool(first[u]["correct"]) for u in shared) / len(shared),
+            "accuracy_other": 100.0 * sum(bool(other[u]["correct"]) for u in shared) / len(shared),
+            "difference_over_questions": diff, "difference_over_questions_stderr": err,
+            "difference_mean_over_tasks": sum(m for m, _ in per_task) / len(per_task),
+            "difference_mean_over_tasks_stderr": math.sqrt(sum(e * e for _, e in per_task)) / len(per_task),
+            "right_only_first": sum(x < 0 for x in diffs), "right_only_other": sum(x > 0 for x in diffs)}
+
+
+def paired_markdown(labels: Sequence[str], answers: Sequence[dict[str, dict[str, Any]] | None]) -> list[str]:
+    """A table of each run against the first, question by question (`paired_difference`); [] when none pairs."""
+    rows = []
+    for label, other in zip(labels[1:], answers[1:]):
+        p = paired_difference(answers[0], other) if answers[0] and other else None
+        if p is not None:
+            rows.append(f"| {label} | {p['questions']} | {p['accuracy_first']:.1f} | {p['accuracy_other']:.1f} | "
+                        f"{p['difference_over_questions']:+.1f} +- {p['difference_over_questions_stderr']:.1f} | "
+                        f"{p['difference_mean_over_tasks']:+.1f} +- {p['difference_mean_over_tasks_stderr']:.1f} | "
+                        f"{p['right_only_first']} | {p['right_only_other']} |")
+    if not rows:
+        return []
+    return [f"## Each run against {labels[0]}, on the questions both answered", "",
+            "| run | questions | first (%) | this run (%) | difference over questions | difference mean over tasks | "
+            "right in the first only | right in this run only |", "|---" * 8 + "|", *rows, "",
+            "Differences are this run's minus the first's, in points, +- one paired standard error over questions: a "
+            "difference within about twice it is what another draw of questions could give. A training seed's "
+            "spread is not in it.", ""]
+
+
 def _label(result: EvalResult, index: int) -> str:
     """A short name for a run in a comparison: the model folder's last parts (or its recorded name)."""
     parts = [p for p in Path(str(result.model)).parts if p != "final"]
     return "/".join(parts[-2:]) or f"run {index + 1}"
 
 
-def write_report(results: Sequence[EvalResult], out_dir: str | os.PathLike, name: str = "report") -> Path:
-    """Write `name`.md and one chart per result (per_task.png for a single result) into `out_dir`."""
+def write_report(results: Sequence[EvalResult], out_dir: str | os.PathLike, name: str = "report",
+                 answers: Sequence[dict[str, dict[str, Any]] | None] = ()) -> Path:
+    """Write `name`.md and one chart per result (per_task.png for a single result) into `out_dir`. `answers`
+    (each result's prediction records by uid, or None) adds the multiple-choice runs' paired comparison with the
+    first."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     charts: list[Path | None] = []
@@ -169,6 +223,9 @@ def write_report(results: Sequence[EvalResult], out_dir: str | os.PathLike, name
             text = text.replace("\n", f"\n\n![per-task accuracy of each run]({png.name})\n", 1)
         except Exception as e:  # noqa: BLE001  (as above)
             log.warning("the comparison chart failed: %s", e)
+    if len(mcq) > 1 and answers:
+        kept = [(_label(r, i), a) for i, (r, a) in enumerate(zip(results, answers)) if r in mcq]
+        text += "\n" + "\n".join(paired_markdown([k for k, _ in kept], [a for _, a in kept]))
     path = out / f"{name}.md"
     path.write_text(text, encoding="utf-8")
     return path

@@ -92,6 +92,29 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
+def read_records(path: str | os.PathLike, identity: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """The newest record of each uid in a predictions JSONL ({} when there is no file); unreadable lines (a run
+    stopped mid-write) are skipped with a warning, and a record whose `identity` fields differ is an error."""
+    path = Path(path)
+    records: dict[str, dict[str, Any]] = {}
+    if not path.is_file():
+        return records
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            log.warning("%s:%d: unreadable line ignored (a run stopped mid-write?)", path, lineno)
+            continue
+        for key, value in (identity or {}).items():
+            if rec.get(key) != value:
+                raise ValueError(f"{path}:{lineno}: record has {key}={rec.get(key)!r} but this run has "
+                                 f"{key}={value!r}; use another output folder")
+        records[str(rec["uid"])] = rec
+    return records
+
+
 class PredictionLog:
     """Append-only JSONL of per-item records keyed by "uid"; each line is flushed to disk as it is written."""
 
@@ -100,31 +123,11 @@ class PredictionLog:
         mixing predictions of different models or protocols in one file is an error, not a silent merge."""
         self.path = Path(path)
         self.identity = dict(identity or {})
-        self.records: dict[str, dict[str, Any]] = self._read()
+        self.records: dict[str, dict[str, Any]] = read_records(self.path, self.identity)
+        if self.records:
+            log.info("%s: resuming, %d records already present", self.path, len(self.records))
         self.resumed = len(self.records)
         self._fh = None
-
-    def _read(self) -> dict[str, dict[str, Any]]:
-        records: dict[str, dict[str, Any]] = {}
-        if not self.path.is_file():
-            return records
-        lines = self.path.read_text(encoding="utf-8").splitlines()
-        for lineno, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                log.warning("%s:%d: unreadable line ignored (a run stopped mid-write?)", self.path, lineno)
-                continue
-            for key, value in self.identity.items():
-                if rec.get(key) != value:
-                    raise ValueError(f"{self.path}:{lineno}: record has {key}={rec.get(key)!r} but this run has "
-                                     f"{key}={value!r}; use another output folder")
-            records[str(rec["uid"])] = rec
-        if records:
-            log.info("%s: resuming, %d records already present", self.path, len(records))
-        return records
 
     def done(self, uid: str) -> bool:
         """True when the uid has a record without an error."""

@@ -12,7 +12,7 @@ import pytest
 import evals.mcq as mcq
 from evals.mcq import evaluate_mcq
 from evals.profiles import check_ans, lmms_eval_extract, mvbench_turns, parse_lmms_eval, parse_mvbench
-from evals.report import write_report
+from evals.report import paired_difference, write_report
 from evals.results import EvalResult
 from tests.eval_helpers import ScriptedModel, make_bench
 from vlm.data.mvbench import LETTERS, load_mvbench
@@ -196,12 +196,40 @@ def test_report_compares_runs_task_by_task(bench, truth, tmp_path):
 
     assert main(["eval", "report", *(str(tmp_path / x / "results.json") for x in "ab"), "--names", "always B",
                  "right", "--out", str(tmp_path / "cli")]) == 0
-    assert "## mcq: always B" in (tmp_path / "cli" / "report.md").read_text()
+    cli_report = (tmp_path / "cli" / "report.md").read_text()
+    assert "## mcq: always B" in cli_report
+    b_right = sum(truth[u] == "B" for u in truth if u != "Moving Direction/6")  # missing.mp4 is skipped by both
+    row = next(line for line in cli_report.splitlines() if line.startswith("| right |"))  # against the first, by question
+    assert row.split(" | ")[1:3] == [str(len(truth) - 1), f"{100.0 * b_right / (len(truth) - 1):.1f}"]
+    assert row.rstrip(" |").endswith(f"| 0 | {len(truth) - 1 - b_right}")  # right only in the first / in this run
     with pytest.raises(SystemExit, match="2 results"):
         main(["eval", "report", *(str(tmp_path / x / "results.json") for x in "ab"), "--names", "one",
               "--out", str(tmp_path / "cli")])
     write_report(runs[:1], tmp_path / "one")
     assert not (tmp_path / "one" / "report_per_task.png").exists()  # one run: its own chart only
+
+
+def test_paired_difference_against_hand_computed_numbers():
+    """Question by question: the differences, their paired standard errors (per task, then over tasks), who is right
+    alone; error records and questions one run lacks are left out."""
+    def rec(task: str, correct: bool, **extra) -> dict:
+        return {"task": task, "correct": correct, **extra}
+
+    first = {"a/0": rec("a", True), "a/1": rec("a", False), "a/2": rec("a", True), "b/0": rec("b", False),
+             "b/1": rec("b", False), "b/2": rec("b", True, error="decode: bad"), "c/0": rec("c", True)}
+    other = {"a/0": rec("a", True), "a/1": rec("a", True), "a/2": rec("a", False), "b/0": rec("b", True),
+             "b/1": rec("b", True), "b/2": rec("b", True)}
+    p = paired_difference(first, other)
+    assert p["questions"] == 5 and p["tasks"] == 2  # b/2 is an error in the first run, c/0 is not in the other
+    assert p["accuracy_first"] == pytest.approx(40.0) and p["accuracy_other"] == pytest.approx(80.0)
+    d = np.array([0, 100, -100, 100, 100.0])
+    assert p["difference_over_questions"] == pytest.approx(40.0)
+    assert p["difference_over_questions_stderr"] == pytest.approx(d.std(ddof=1) / np.sqrt(5))
+    se_a = np.array([0, 100, -100.0]).std(ddof=1) / np.sqrt(3)  # task b's differences are all +100: no spread
+    assert p["difference_mean_over_tasks"] == pytest.approx((0.0 + 100.0) / 2)
+    assert p["difference_mean_over_tasks_stderr"] == pytest.approx(se_a / 2)
+    assert (p["right_only_first"], p["right_only_other"]) == (1, 3)
+    assert paired_difference(first, {"a/0": rec("a", True)}) is None  # one shared question: nothing to say
 
 
 def test_official_prompt_and_parsing_rules():
