@@ -230,7 +230,7 @@ def test_count_text_says_how_many_and_which_objects_a_rule_counts():
     assert count_text(verbs, frames) == " white star appears. blue square disappears."
     for bad in ({"appears": True, "every": True}, {"action": ["still"], "appears": True}, {"names": True},
                 {"appears": True, "becomes": "still"}, {"action": ["still"], "every": True, "becomes": "moves left"}):
-        with pytest.raises(ValueError, match=r"is one \{attribute: \[words\]\} \(options: every, several or becomes; names, verb or says\) or \{appears"):
+        with pytest.raises(ValueError, match=r"is one \{attribute: \[words\]\} \(options: every, several, becomes or changes; names, verb or says\) or \{appears"):
             count_rules({"objects": bad}, vocab)
     with pytest.raises(ValueError, match=r"counts\['grown'\]: \['huge'\] are not words of 'action'"):
         count_rules({"grown": {"action": ["still"], "becomes": "huge"}}, vocab)
@@ -267,6 +267,32 @@ def test_a_rule_can_say_its_objects_in_a_questions_words_and_count_objects_whose
         count_rules({"right": {"action": [R], "says": "it moves right"}}, vocab)
     with pytest.raises(ValueError, match=r"is one \{attribute"):
         count_rules({"right": {"action": [R], "says": "{name} x", "verb": "moves"}}, vocab)
+
+
+def test_a_changes_rule_says_how_often_each_objects_words_change():
+    from vlm.connectors.counts import count_rules, count_text
+    vocab = {"color": ["red", "blue", "green"], "shape": ["circle", "square", "star"],
+             "action": ["still", "moves left", "moves right", "moves up"]}
+    L, R, S, U = "moves left", "moves right", "still", "moves up"
+    tracks = {  # (colour per frame, action per frame) of three objects, each on its own row
+        "circle": ("rrbbbbgg", [L, L, R, R, S, R, L, L]),  # two colour changes; left, right, (stop), right, left: 2
+        "square": ("bbbbbbbb", [S] * 8),  # nothing changes
+        "star": ("rrrrrbrr", [U, U, U, U, R, R, R, R])}  # a one-frame colour slip; up, then right: not among L / R
+    colour = {"r": "red", "b": "blue", "g": "green"}
+    frames = [[Detection((2 * i, 3), (colour[c[k]], shape), (a[k],)) for i, (shape, (c, a)) in enumerate(tracks.items())]
+              for k in range(8)]
+    rules = count_rules({"colour": {"color": ["red", "blue", "green"], "changes": True,
+                                    "says": "the {name} changes color {times}"},
+                         "bounce": {"action": [L, R], "changes": True, "says": "the {name} bounces off a wall {times}"},
+                         "changing": {"color": ["red", "blue", "green"], "changes": True}}, vocab)
+    assert count_text(rules, frames) == (" the blue circle changes color 2 times. the blue circle bounces off a wall 2 times."
+                                         " changing: 1.")
+    one = [[Detection((0, 3), ("red" if k < 4 else "blue", "circle"), (S,))] for k in range(8)]
+    assert count_text(rules[:1], one) == " the red circle changes color 1 time."
+    with pytest.raises(ValueError, match=r"says \{times\}, which a rule with changes: true counts"):
+        count_rules({"x": {"color": ["red"], "says": "the {name} changes {times}"}}, vocab)
+    with pytest.raises(ValueError, match=r"is one \{attribute"):
+        count_rules({"x": {"color": ["red"], "changes": True, "every": True}}, vocab)
 
 
 def test_event_sentences_say_each_held_change_in_the_frame_that_first_shows_it():

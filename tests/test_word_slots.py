@@ -107,7 +107,7 @@ def test_count_sentences_are_written_once_after_the_last_frame(monkeypatch):
     moves = {"action": ["moves left", "moves right"]}
     with pytest.raises(ValueError, match=r"counts\['movers'\] names 'speed', not an object or motion attribute"):
         tiny_slots_model(counts={"movers": {"speed": ["fast"]}})
-    with pytest.raises(ValueError, match=r"counts\[.movers.\] is one \{attribute: \[words\]\} \(options: every, several or becomes; names, verb or says\) or"):
+    with pytest.raises(ValueError, match=r"counts\[.movers.\] is one \{attribute: \[words\]\} \(options: every, several, becomes or changes; names, verb or says\) or"):
         tiny_slots_model(counts={"movers": {"action": ["moves left"], "color": ["red"]}})
     with pytest.raises(ValueError, match=r"\['jumps'\] are not words of 'action'"):
         tiny_slots_model(counts={"movers": {"action": ["jumps"]}})

@@ -14,8 +14,13 @@ The options of a rule beside its attribute: `every: true` counts the objects tha
 they are seen ({"action": ["still"]}: never moved); `names: true` also names the counted objects (at most 4, the
 longest seen first); `becomes: large` beside {"size": ["small"]} counts the objects whose words change (small in
 the first two frames, large in the last two); `several: true` those showing two or more of the words (" moves left"
-and " moves right": it bounced); `verb: appears` writes one sentence per counted object instead of the count, `says:
-"the object that moves to the right is the {name}"` one in a question's words.
+and " moves right": it bounced); `changes: true` those whose words change, among the rule's words, and how often
+(each colour change of an object; " moves left" to " moves right": a bounce); `verb: appears` writes one sentence
+per counted object instead of the count, `says: "the object that moves to the right is the {name}"` one in a
+question's words, where `{times}` is how often its words changed ("1 time", "2 times"):
+
+    counts: {colour changes: {color: [red, green, ...], changes: true, says: "the {name} changes color {times}"}}
+    -> " the red cross changes color 2 times."
 """
 
 from __future__ import annotations
@@ -23,8 +28,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
-from vlm.connectors.tracks import (Detection, Track, changed_tracks, counted_tracks, object_tracks, track_name,
-                                  varied_tracks)
+from vlm.connectors.tracks import (Detection, Track, change_count, changed_tracks, counted_tracks, object_tracks,
+                                  track_name, varied_tracks)
 
 MAX_COUNT = 9  # a sentence says 0-9 (more is written as 9)
 MAX_NAMES = 4  # and names at most this many objects, the longest seen first
@@ -44,12 +49,23 @@ class CountRule:
                        # (in two frames each)
     several: bool = False  # counted when two or more of the words show, each in at least two frames (e.g. " moves
                            # left" and " moves right": it bounces)
-    says: str = ""  # instead of the count, one sentence per counted object from this template with {name}
+    changes: bool = False  # counted when the words change among `words` (smoothed; other words skipped between)
+    says: str = ""  # instead of the count, one sentence per counted object from this template with {name} (and
+                    # {times}: how often its words changed)
 
     @property
     def template(self) -> str:
         """The sentence written per counted object ("{name} appears"), or "" when the rule writes a count."""
         return self.says or (f"{{name}} {self.verb}" if self.verb else "")
+
+    def times(self, track: Track) -> int:
+        """How often a track's words of the rule's attribute change among its words."""
+        return change_count(track, self.attribute, self.words) if self.attribute >= 0 else 0
+
+    def sentence(self, track: Track) -> str:
+        """The template said of one counted object."""
+        n = min(MAX_COUNT, self.times(track))
+        return " " + self.template.replace("{name}", track_name(track)).replace("{times}", f"{n} time{'s' * (n != 1)}") + "."
 
     def pick(self, tracks: Sequence[Track], last: int) -> list[Track]:
         """The objects this rule counts among a clip's `object_tracks` (its last frame: `last`), longest seen first."""
@@ -57,6 +73,8 @@ class CountRule:
             return changed_tracks(tracks, self.attribute, self.words, self.becomes)
         if self.several:
             return varied_tracks(tracks, self.attribute, self.words)
+        if self.changes:
+            return sorted((tr for tr in tracks if self.times(tr)), key=lambda tr: -len(tr.frames))
         if self.words:
             return counted_tracks(tracks, self.attribute, self.words, every=self.every)
         found = [tr for tr in tracks if (tr.frames[0] > 0 or not self.appears)
@@ -66,24 +84,27 @@ class CountRule:
 
 def count_rules(counts: Mapping[str, Mapping[str, Any]], vocab: Mapping[str, Sequence[str]]) -> list[CountRule]:
     """The `counts` setting, checked: phrase -> {attribute: [words], every: bool} or {attribute: [words], becomes:
-    word} or {attribute: [words], several: true} or {appears: true} or {disappears: true}, each with the options
+    word} or {attribute: [words], several: true} or {attribute: [words], changes: true} or {appears: true} or
+    {disappears: true}, each with the options
     names: bool, verb: str or says: "... {name} ...". `vocab`: the
     object then motion attributes' words, in the order of a detection's words."""
     rules = []
-    options = ("every", "names", "appears", "disappears", "verb", "becomes", "several", "says")
+    options = ("every", "names", "appears", "disappears", "verb", "becomes", "several", "changes", "says")
     for phrase, rule in counts.items():
         rule = rule if isinstance(rule, Mapping) else {}
         named = [k for k in rule if k not in options]
         extent = bool(rule.get("appears") or rule.get("disappears"))
-        how = [k for k in ("every", "becomes", "several") if rule.get(k)]  # of an attribute's words, at most one
+        how = [k for k in ("every", "becomes", "several", "changes") if rule.get(k)]  # of an attribute's words, at most one
         if len(named) != (0 if extent else 1) or len(how) > (0 if extent else 1) or (rule.get("verb") and rule.get("says")):
-            raise ValueError(f"word_slots: counts[{phrase!r}] is one {{attribute: [words]}} (options: every, several or "
-                             "becomes; names, verb or says) or {appears: true} or {disappears: true} (options: names, "
+            raise ValueError(f"word_slots: counts[{phrase!r}] is one {{attribute: [words]}} (options: every, several, "
+                             "becomes or changes; names, verb or says) or {appears: true} or {disappears: true} (options: names, "
                              "verb or says), e.g. {action: [moves left, moves right], names: true}")
         if rule.get("says") and "{name}" not in str(rule["says"]):
             raise ValueError(f"word_slots: counts[{phrase!r}] says {rule['says']!r}: the template names the object "
                              "with {name}")
-        flags = {k: bool(rule.get(k, False)) for k in ("every", "names", "appears", "disappears", "several")}
+        if "{times}" in str(rule.get("says", "")) and not rule.get("changes"):
+            raise ValueError(f"word_slots: counts[{phrase!r}] says {{times}}, which a rule with changes: true counts")
+        flags = {k: bool(rule.get(k, False)) for k in ("every", "names", "appears", "disappears", "several", "changes")}
         flags |= {k: str(rule.get(k, "")) for k in ("verb", "becomes", "says")}
         if extent:
             rules.append(CountRule(str(phrase), **flags))
@@ -110,7 +131,7 @@ def count_text(rules: Sequence[CountRule], frames: Sequence[Sequence[Detection]]
     for r in rules:
         tracks = r.pick(objects, len(frames) - 1)
         if r.template:
-            said += [" " + r.template.replace("{name}", track_name(tr)) + "." for tr in tracks[:MAX_NAMES]]
+            said += [r.sentence(tr) for tr in tracks[:MAX_NAMES]]
             continue
         names = [track_name(tr) for tr in tracks[:MAX_NAMES]] if r.names else []
         said.append(count_sentence(r.phrase, min(MAX_COUNT, len(tracks)), names))
@@ -120,5 +141,8 @@ def count_text(rules: Sequence[CountRule], frames: Sequence[Sequence[Detection]]
 def count_width(rules: Sequence[CountRule], tokens: Callable[[str], int], name_tokens: int) -> int:
     """The tokens the sentences may take: each with the longest number and, if it names, `MAX_NAMES` names of
     `name_tokens` tokens and a comma each. `tokens(text)`: the LLM tokenizer's count."""
-    return sum(MAX_NAMES * (name_tokens + tokens(" " + r.template.replace("{name}", "") + ".")) if r.template else
+    def longest(template: str) -> str:
+        return " " + template.replace("{name}", "").replace("{times}", f"{MAX_COUNT} times") + "."
+
+    return sum(MAX_NAMES * (name_tokens + tokens(longest(r.template))) if r.template else
                tokens(count_sentence(r.phrase, MAX_COUNT)) + r.names * (1 + MAX_NAMES * (name_tokens + 1)) for r in rules)

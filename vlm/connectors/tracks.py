@@ -155,6 +155,14 @@ def track_words(track: Track, attribute: int) -> list[str]:
     return smooth([(d.identity + d.motion)[attribute] for d in track.detections])
 
 
+def change_count(track: Track, attribute: int, words: Sequence[str]) -> int:
+    """How often a track's words of `attribute`, smoothed over time, change among `words` (the frames showing other
+    words skipped): each colour change; " moves left", " still", " moves right": one bounce."""
+    wanted = set(words)
+    kept = [v for v in track_words(track, attribute) if v in wanted]
+    return sum(a != b for a, b in zip(kept, kept[1:]))
+
+
 def counted_tracks(tracks: Sequence[Track], attribute: int, words: Sequence[str], min_frames: int = 2,
                    every: bool = False) -> list[Track]:
     """The tracks whose words of `attribute` (its index in identity + motion), smoothed over time, are one of `words`
