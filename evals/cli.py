@@ -182,9 +182,7 @@ def _classify(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from evals.report import write_report
-    from evals.results import EvalResult
-
-    from evals.results import read_records
+    from evals.results import EvalResult, read_records
 
     results = [EvalResult.load(p) for p in args.results]
     if args.names:

@@ -84,7 +84,8 @@ def chart_for(result: EvalResult, path: str | os.PathLike) -> Path | None:
     if result.task_type == "mcq":
         acc = {t: v["accuracy"] for t, v in result.per_task.items()}
         chance = {t: v["chance"] for t, v in result.per_task.items()}
-        return bar_chart(acc, path, title=title, chance=chance, errors={t: v.get("stderr") for t, v in result.per_task.items()})
+        errors = {t: v.get("stderr") for t, v in result.per_task.items()}
+        return bar_chart(acc, path, title=title, chance=chance, errors=errors)
     if result.task_type == "classify":
         acc = {c: v["accuracy"] for c, v in result.per_task.items()}
         chance = {c: 100.0 / max(1, len(result.per_task)) for c in result.per_task}
@@ -147,7 +148,8 @@ def paired_difference(first: dict[str, dict[str, Any]], other: dict[str, dict[st
         return None
     by_task: dict[str, list[float]] = {}
     for u in shared:
-        by_task.setdefault(str(first[u].get("task", "")), []).append(100.0 * (bool(other[u]["correct"]) - bool(first[u]["correct"])))
+        gain = 100.0 * (bool(other[u]["correct"]) - bool(first[u]["correct"]))
+        by_task.setdefault(str(first[u].get("task", "")), []).append(gain)
 
     def mean_and_error(d: list[float]) -> tuple[float, float]:
         m = sum(d) / len(d)

@@ -65,7 +65,8 @@ class CountRule:
     def sentence(self, track: Track) -> str:
         """The template said of one counted object."""
         n = min(MAX_COUNT, self.times(track))
-        return " " + self.template.replace("{name}", track_name(track)).replace("{times}", f"{n} time{'s' * (n != 1)}") + "."
+        times = f"{n} time{'s' * (n != 1)}"
+        return " " + self.template.replace("{name}", track_name(track)).replace("{times}", times) + "."
 
     def pick(self, tracks: Sequence[Track], last: int) -> list[Track]:
         """The objects this rule counts among a clip's `object_tracks` (its last frame: `last`), longest seen first."""
