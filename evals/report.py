@@ -209,25 +209,24 @@ def write_report(results: Sequence[EvalResult], out_dir: str | os.PathLike, name
             log.warning("chart for %s failed: %s", r.task_type, e)
             charts.append(None)
     text = markdown(results, charts)
-    mcq = [r for r in results if r.task_type == "mcq" and r.per_task]
+    mcq = [i for i, r in enumerate(results) if r.task_type == "mcq" and r.per_task]
     if len(mcq) > 1:  # several runs on a benchmark: one chart that compares them task by task
         series: dict[str, dict[str, float | None]] = {}
         errors: dict[str, dict[str, float | None]] = {}
-        for i, r in enumerate(mcq):
-            label = _label(r, i)
-            label = label if label not in series else f"{label} ({i + 1})"
-            series[label] = {t: v["accuracy"] for t, v in r.per_task.items()}
-            errors[label] = {t: v.get("stderr") for t, v in r.per_task.items()}
-        chance = {t: v["chance"] for r in mcq for t, v in r.per_task.items()}
+        for k, i in enumerate(mcq):
+            label = _label(results[i], k)
+            label = label if label not in series else f"{label} ({k + 1})"
+            series[label] = {t: v["accuracy"] for t, v in results[i].per_task.items()}
+            errors[label] = {t: v.get("stderr") for t, v in results[i].per_task.items()}
+        chance = {t: v["chance"] for i in mcq for t, v in results[i].per_task.items()}
         try:
             png = compare_chart(series, out / f"{name}_per_task.png", title="per-task accuracy (whiskers: one standard error)",
                                 chance=chance, errors=errors)
             text = text.replace("\n", f"\n\n![per-task accuracy of each run]({png.name})\n", 1)
         except Exception as e:  # noqa: BLE001  (as above)
             log.warning("the comparison chart failed: %s", e)
-    if len(mcq) > 1 and answers:
-        kept = [(_label(r, i), a) for i, (r, a) in enumerate(zip(results, answers)) if r in mcq]
-        text += "\n" + "\n".join(paired_markdown([k for k, _ in kept], [a for _, a in kept]))
+        if answers:  # the table names the runs as the chart does
+            text += "\n" + "\n".join(paired_markdown(list(series), [answers[i] if i < len(answers) else None for i in mcq]))
     path = out / f"{name}.md"
     path.write_text(text, encoding="utf-8")
     return path
