@@ -56,10 +56,10 @@ def test_numbers_in_exponent_form_are_numbers():
     assert recipe.stages[1].parts["llm"].lr == 0.003 and recipe.output_dir == "1e3x"
 
 
-@pytest.mark.parametrize("name", RECIPES)
-def test_recipe_trains_with_tiny_overrides(name, data, tmp_path):
-    path = REPO / "recipes" / f"{name}.yaml"
-    recipe = load_recipe(path, check_files=False)  # the file as shipped (its data is not here)
+def tiny_overrides(name: str, data: dict, tmp_path: Path, per_stage: bool = True) -> list[str]:
+    """Overrides that shrink a shipped recipe to tiny parts, the tiny data and one step of batch 2 per stage;
+    `per_stage=False` leaves each stage's precision and DataLoader workers as the recipe sets them."""
+    recipe = load_recipe(REPO / "recipes" / f"{name}.yaml", check_files=False)  # the file as shipped
     overrides = [f"output_dir={tmp_path / 'run'}", f"model.llm={json.dumps(TINY_LLM)}", "model.num_frames=4",
                  f"vars.data={data['captions'].parent}", f"vars.captions={data['captions']}",
                  f"vars.instructions={data['instruct']}", f"vars.media={data['captions'].parent}", "vars.frames=4"]
@@ -74,9 +74,17 @@ def test_recipe_trains_with_tiny_overrides(name, data, tmp_path):
             tiny_file = (data["instruct"] if i == len(recipe.stages) - 1
                          else data["regions"] if recipe.stages[i].objective == "slots" else data["captions"])
             overrides.append(f"stages.{i}.data.mixture={json.dumps([{'path': str(tiny_file)}])}")
-        overrides += [f"stages.{i}.max_steps=1", f"stages.{i}.batch_size=2", f"stages.{i}.precision=fp32",
-                      f"stages.{i}.deepspeed=null", f"stages.{i}.data.num_workers=0"]
-    tiny = load_recipe(path, overrides)
+        overrides += [f"stages.{i}.max_steps=1", f"stages.{i}.batch_size=2", f"stages.{i}.deepspeed=null"]
+        if per_stage:
+            overrides += [f"stages.{i}.precision=fp32", f"stages.{i}.data.num_workers=0"]
+    return overrides
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipe_trains_with_tiny_overrides(name, data, tmp_path):
+    path = REPO / "recipes" / f"{name}.yaml"
+    recipe = load_recipe(path, check_files=False)  # the file as shipped (its data is not here)
+    tiny = load_recipe(path, tiny_overrides(name, data, tmp_path))
     assert [s.name for s in tiny.stages] == [s.name for s in recipe.stages]
     for shipped, small in zip(recipe.stages, tiny.stages):  # what the recipe says per part is kept
         assert {p: s.mode for p, s in shipped.parts.items()} == {p: s.mode for p, s in small.parts.items()}
@@ -89,6 +97,19 @@ def test_recipe_trains_with_tiny_overrides(name, data, tmp_path):
         assert stage_json["total_steps"] == 1
         if stage.save == "connector":
             assert (tmp_path / "run" / f"{i + 1}-{stage.name}" / "connector" / "connector.json").is_file()
+
+
+@pytest.mark.slow
+def test_long_recipe_gpu_command_trains_in_bf16_with_workers(data, tmp_path):
+    """The GPU command in recipes/synth_long.yaml's header (`--set vars.precision=bf16 --set vars.workers=N`)
+    reaches every stage, and its settings train on the CPU too: autocast in bf16, clips from DataLoader workers."""
+    overrides = tiny_overrides("synth_long", data, tmp_path, per_stage=False) + ["vars.precision=bf16", "vars.workers=2"]
+    recipe = load_recipe(REPO / "recipes" / "synth_long.yaml", overrides)
+    assert [(s.precision, s.data.num_workers) for s in recipe.stages] == [("bf16", 2), ("bf16", 2)]
+    model = VideoLLM.from_pretrained(run_recipe(recipe))
+    assert model.modes["connector"] == "frozen" and model.modes["llm"] == "lora"
+    for i, stage in enumerate(recipe.stages):
+        assert json.loads((tmp_path / "run" / f"{i + 1}-{stage.name}" / "stage.json").read_text())["total_steps"] == 1
 
 
 def test_long_video_recipe_continues_a_saved_model_under_a_token_budget(data, tiny_model_dir, tmp_path):
