@@ -102,7 +102,7 @@ def test_recipe_trains_with_tiny_overrides(name, data, tmp_path):
 @pytest.mark.slow
 def test_long_recipe_gpu_command_trains_in_bf16_with_workers(data, tmp_path):
     """The GPU command in recipes/synth_long.yaml's header (`--set vars.precision=bf16 --set vars.workers=N`)
-    reaches every stage, and its settings train on the CPU too: autocast in bf16, clips from DataLoader workers."""
+    reaches every stage, and its settings train on the CPU too: autocast in bf16, batches from DataLoader workers."""
     overrides = tiny_overrides("synth_long", data, tmp_path, per_stage=False) + ["vars.precision=bf16", "vars.workers=2"]
     recipe = load_recipe(REPO / "recipes" / "synth_long.yaml", overrides)
     assert [(s.precision, s.data.num_workers) for s in recipe.stages] == [("bf16", 2), ("bf16", 2)]
