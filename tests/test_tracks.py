@@ -199,8 +199,11 @@ def test_a_built_model_switches_to_the_tracks_layout_and_keeps_it_when_saved(tmp
     from vlm.model import VideoLLM
 
     model = tiny_slots_model()
-    with pytest.raises(ValueError, match=r"\['slots'\] change the weights"):
-        model.apply_settings({"connector": {"slots": 3}})
+    with pytest.raises(ValueError, match=r"\['hidden'\] change the weights"):
+        model.apply_settings({"connector": {"hidden": 64}})  # the heads' width
+    before = model.num_visual_tokens(2)
+    model.apply_settings({"connector": {"slots": model.connector.slots + 1}})  # objects named per frame: no weights
+    assert model.num_visual_tokens(2) > before
     with pytest.raises(ValueError, match="text_tokens"):
         model.apply_settings({"connector": {"text_tokens": 6}})  # still the frames layout
     model.apply_settings({"connector": {"layout": "tracks", "text_tokens": 6, "threshold": 0.7}})

@@ -87,7 +87,6 @@ class WordSlots(Connector):
         if position is not None and (len(position) != 2 or not all(position)):
             raise ValueError("word_slots: 'position' is [row words, column words] (or null)")
         self.position = [list(p) for p in position] if position is not None else []
-        self.slots = int(slots)
         # every word once, by group: scene attributes, object attributes, motion attributes, then rows and columns
         self.groups = [*self.scene_vocab.values(), *self.object_vocab.values(), *self.motion_vocab.values(),
                        *self.position]
@@ -96,7 +95,7 @@ class WordSlots(Connector):
         self.silent = [str(w) for w in silent]
         if not set(self.silent) <= set(self.words):
             raise ValueError(f"word_slots: silent words {sorted(set(self.silent) - set(self.words))} are not in its vocabulary")
-        self.configure(layout=layout, text_tokens=text_tokens, threshold=threshold, counts=counts or {},
+        self.configure(slots=slots, layout=layout, text_tokens=text_tokens, threshold=threshold, counts=counts or {},
                        events=events or {}, switch_cost=switch_cost, peaks=peaks)
         self.head = SlotHead(in_dim, sum(len(g) for g in self.object_vocab.values()),
                              sum(len(g) for g in self.scene_vocab.values()), hidden, scene_grid)
@@ -108,8 +107,11 @@ class WordSlots(Connector):
         self._tokenizer: list[Any] = []
         self.truncated = 0  # clips whose text (tracks, counts) was cut to the token budget
 
-    settings = ("layout", "text_tokens", "threshold", "peaks", "counts", "events", "switch_cost")
+    settings = ("slots", "layout", "text_tokens", "threshold", "peaks", "counts", "events", "switch_cost")
     def configure(self, **values: Any) -> None:
+        self.slots = int(values.get("slots", getattr(self, "slots", 3)))
+        if self.slots < 1:
+            raise ValueError(f"word_slots: slots ({self.slots}) is how many objects a frame names at most, >= 1")
         layout = values.get("layout", getattr(self, "layout", "frames"))
         text_tokens = values.get("text_tokens", getattr(self, "text_tokens", None) if layout != "frames" else None)
         if layout not in ("frames", "tracks", "story"):

@@ -1,0 +1,117 @@
+"""Can a word-slot connector follow a covered object through a shuffle? Perfect detections against its heads.
+
+    python scripts/shuffle_tracking.py --recipe recipes/synth_long.yaml --data demo_data/synth_long --frames 8 16
+    python scripts/shuffle_tracking.py --model runs/synth_long/1-slots/final --data demo_data/synth_long --frames 8 16
+
+For every shuffle clip of DATA (a ball covered by one of four identical boxes that then swap places in pairs,
+`vlm data synth`), the detections of each sampled frame are linked into tracks as the story layout links them
+(`vlm.connectors.tracks.link`). The ball's cover is the box track within one cell of the ball's last detection, in
+that frame or the next (the nearest; ties: fewer rows and columns apart); the answer the tracks give is that box's
+place among the boxes of the last frame, left to right. The script reports how often that is the clip's true end
+position, for the annotations' detections (`vlm.connectors.truth`, what perfect heads would name: `--recipe`, no
+training needed) or the heads' (`--model`), at each frame count, each with the connector's one-name-per-object
+rule on and off (`merge_duplicates`: a detection within one cell of one with the same words is dropped), and how
+many boxes are named in the frames where all four rest. The numbers are in docs/GROUNDING.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from vlm.connectors.tracks import Detection, Track, link, merge_duplicates  # noqa: E402
+from vlm.connectors.truth import true_detected  # noqa: E402
+from vlm.data.regions import nearest_frames  # noqa: E402
+from vlm.model import VideoLLM  # noqa: E402
+from vlm.towers.base import VisualFeatures  # noqa: E402
+from vlm.train.recipe import load_recipe  # noqa: E402
+from vlm.video import read_clip  # noqa: E402
+
+
+def cover(tracks: list[Track], ball: Detection, frame: int) -> Track | None:
+    """The box track within one cell of the ball's last detection (at `frame`), in that frame or the next."""
+    near = []
+    for i, tr in enumerate(tracks):
+        for k in (frame, frame + 1):
+            if k in tr.frames:
+                c = tr.detections[tr.frames.index(k)].cell
+                dy, dx = abs(c[0] - ball.cell[0]), abs(c[1] - ball.cell[1])
+                near.append((max(dy, dx), dy + dx, i))
+    close = sorted(n for n in near if n[0] <= 1)
+    return tracks[close[0][2]] if close else None
+
+
+def end_position(frames: list[list[Detection]], box: str, merge: bool) -> int | None:
+    """The place, left to right among the boxes of the last frame, of the ball's cover (None: not followed)."""
+    boxes = [[d for d in f if d.identity[-1] == box] for f in frames]
+    balls = [(k, d) for k, f in enumerate(frames) for d in f if d.identity[-1] != box]
+    if not balls:
+        return None
+    tracks = link([merge_duplicates(f) if merge else f for f in boxes])
+    found = cover(tracks, balls[-1][1], balls[-1][0])
+    last = sorted((tr for tr in tracks if tr.frames[-1] == len(frames) - 1), key=lambda tr: tr.detections[-1].cell[1])
+    return next((i + 1 for i, tr in enumerate(last) if tr is found), None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--recipe", help="a recipe with a word_slots connector: the annotations' detections")
+    which.add_argument("--model", help="a saved VideoLLM with a word_slots connector: its heads' detections")
+    p.add_argument("--data", required=True, help="a `vlm data synth` folder")
+    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--frames", type=int, nargs="+", default=[8])
+    p.add_argument("--slots", type=int, default=5, help="objects named per frame (the four boxes and the ball: 5)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a connector setting for the heads, e.g. peaks=false")
+    args = p.parse_args(argv)
+    data = Path(args.data)
+    model = VideoLLM.from_pretrained(args.model, device="cpu") if args.model else \
+        VideoLLM.from_config(load_recipe(args.recipe, [], check_files=False).model_config())
+    settings = {k: yaml.safe_load(v) for k, _, v in (s.partition("=") for s in args.set)}
+    model.apply_settings({"connector": {"slots": args.slots, **settings}})
+    meta = {m["id"]: m for m in map(json.loads, (data / "meta.jsonl").read_text().splitlines())}
+    records = [r for r in json.loads((data / f"regions_{args.split}.json").read_text())
+               if "shuffle" in meta.get(Path(r["video"]).stem, {})]
+    if not records:
+        raise SystemExit(f"{data}: no shuffle clips in regions_{args.split}.json")
+    out = {}
+    for frames in args.frames:
+        right = {True: 0, False: 0}
+        rest = {"frames": 0, "all_four_named": 0}
+        for r in records:
+            shuffle = meta[Path(r["video"]).stem]["shuffle"]
+            clip = read_clip(data / r["video"], frames, "uniform")
+            stamps = torch.tensor(clip.timestamps, dtype=torch.float)[None]
+            if args.model:
+                pixels, stamps = model.processor.preprocess_clip(clip)
+                with torch.no_grad():
+                    feats = model.connector.reduced(model.tower_features(pixels[None], stamps[None]))
+                seen = model.connector.detections(feats)[0]
+            else:
+                grid = model.tower.grid_for(frames, *model.tower.preprocessor.hw)
+                feats = VisualFeatures(torch.zeros(1, frames, grid[1] * grid[2], 1), grid, timestamps=stamps)
+                seen = model.connector.detections(feats, true_detected(model.connector, [r["regions"]], stamps, grid))[0]
+            for merge in right:
+                right[merge] += end_position(seen[1], "box", merge) == shuffle["end_position"]
+            for f, a in zip(seen[1], nearest_frames(r["regions"], clip.timestamps)):
+                if all(o["action"] == "still" for o in a["objects"] if o["shape"] == "box") and \
+                        sum(o["shape"] == "box" for o in a["objects"]) == 4:
+                    rest["frames"] += 1
+                    rest["all_four_named"] += sum(d.identity[-1] == "box" for d in f) == 4
+        out[frames] = {"clips": len(records), "end_right": right[True], "end_right_without_merge": right[False],
+                       **{f"rest_{k}": v for k, v in rest.items()}}
+        print(json.dumps({"frames": frames, **out[frames]}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
