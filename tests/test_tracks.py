@@ -202,6 +202,9 @@ def test_a_built_model_switches_to_the_tracks_layout_and_keeps_it_when_saved(tmp
     with pytest.raises(ValueError, match=r"\['hidden'\] change the weights"):
         model.apply_settings({"connector": {"hidden": 64}})  # the heads' width
     before = model.num_visual_tokens(2)
+    with pytest.raises(ValueError, match=r"slots \(0\)"):
+        model.apply_settings({"connector": {"slots": 0}})
+    assert model.num_visual_tokens(2) == before  # the refused setting left the model as it was
     model.apply_settings({"connector": {"slots": model.connector.slots + 1}})  # objects named per frame: no weights
     assert model.num_visual_tokens(2) > before
     with pytest.raises(ValueError, match="text_tokens"):

@@ -109,9 +109,9 @@ class WordSlots(Connector):
 
     settings = ("slots", "layout", "text_tokens", "threshold", "peaks", "counts", "events", "switch_cost")
     def configure(self, **values: Any) -> None:
-        self.slots = int(values.get("slots", getattr(self, "slots", 3)))
-        if self.slots < 1:
-            raise ValueError(f"word_slots: slots ({self.slots}) is how many objects a frame names at most, >= 1")
+        slots = int(values.get("slots", getattr(self, "slots", 3)))
+        if slots < 1:
+            raise ValueError(f"word_slots: slots ({slots}) is how many objects a frame names at most, >= 1")
         layout = values.get("layout", getattr(self, "layout", "frames"))
         text_tokens = values.get("text_tokens", getattr(self, "text_tokens", None) if layout != "frames" else None)
         if layout not in ("frames", "tracks", "story"):
@@ -121,7 +121,7 @@ class WordSlots(Connector):
         if text_tokens is not None and (layout == "frames" or int(text_tokens) < 1):
             raise ValueError(f"word_slots: text_tokens ({text_tokens}) is a positive token count for layouts 'tracks' "
                              "and 'story'")
-        self.layout = layout
+        self.slots, self.layout = slots, layout
         self.text_tokens = None if text_tokens is None else int(text_tokens)
         self.threshold = float(values.get("threshold", getattr(self, "threshold", 0.5)))
         self.peaks = bool(values.get("peaks", getattr(self, "peaks", False)))
