@@ -138,7 +138,7 @@ def test_long_slots_recipe_switches_saved_word_slots_to_a_fixed_tracks_slot(data
                  f"stages.0.data.mixture={json.dumps([{'path': str(data['instruct'])}])}", "stages.0.max_steps=1",
                  "stages.0.batch_size=2", "stages.0.data.num_workers=0", "stages.0.parts.llm.lora.layers=[-1]"]
     with pytest.raises(RecipeError, match=r"model.connector may only change the word_slots connector's settings"):
-        load_recipe(REPO / "recipes" / "long_slots.yaml", overrides + ["model.connector.slots=4"])
+        load_recipe(REPO / "recipes" / "long_slots.yaml", overrides + ["model.connector.hidden=64"])  # the heads' width
     recipe = load_recipe(REPO / "recipes" / "long_slots.yaml", overrides)
     model = VideoLLM.from_pretrained(run_recipe(recipe))
     assert model.config.connector["layout"] == "tracks" and model.connector.text_tokens == 12
