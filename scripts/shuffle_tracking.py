@@ -83,14 +83,12 @@ def main(argv: list[str] | None = None) -> int:
                if "shuffle" in meta.get(Path(r["video"]).stem, {})]
     if not records:
         raise SystemExit(f"{data}: no shuffle clips in regions_{args.split}.json")
-    out = {}
     for frames in args.frames:
         right = {True: 0, False: 0}
         rest = {"frames": 0, "all_four_named": 0}
         for r in records:
             shuffle = meta[Path(r["video"]).stem]["shuffle"]
             clip = read_clip(data / r["video"], frames, "uniform")
-            stamps = torch.tensor(clip.timestamps, dtype=torch.float)[None]
             if args.model:
                 pixels, stamps = model.processor.preprocess_clip(clip)
                 with torch.no_grad():
@@ -98,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                 seen = model.connector.detections(feats)[0]
             else:
                 grid = model.tower.grid_for(frames, *model.tower.preprocessor.hw)
+                stamps = torch.tensor(clip.timestamps, dtype=torch.float)[None]
                 feats = VisualFeatures(torch.zeros(1, frames, grid[1] * grid[2], 1), grid, timestamps=stamps)
                 seen = model.connector.detections(feats, true_detected(model.connector, [r["regions"]], stamps, grid))[0]
             for merge in right:
@@ -107,9 +106,9 @@ def main(argv: list[str] | None = None) -> int:
                         sum(o["shape"] == "box" for o in a["objects"]) == 4:
                     rest["frames"] += 1
                     rest["all_four_named"] += sum(d.identity[-1] == "box" for d in f) == 4
-        out[frames] = {"clips": len(records), "end_right": right[True], "end_right_without_merge": right[False],
-                       **{f"rest_{k}": v for k, v in rest.items()}}
-        print(json.dumps({"frames": frames, **out[frames]}), flush=True)
+        print(json.dumps({"frames": frames, "clips": len(records), "end_right": right[True],
+                          "end_right_without_merge": right[False], **{f"rest_{k}": v for k, v in rest.items()}}),
+              flush=True)
     return 0
 
 
