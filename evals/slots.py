@@ -53,6 +53,8 @@ def slot_metrics(counts: dict[str, int]) -> dict[str, float]:
         if key.endswith("_correct"):
             name = key[: -len("_correct")]
             out[f"{name}_accuracy"] = 100.0 * counts[key] / max(1, counts[f"{name}_total"])
+    if counts.get("centre_error_total"):
+        out["centre_error_cells"] = counts["centre_error_milli"] / 1000 / counts["centre_error_total"]
     if counts.get("clips"):
         out["event_precision"] = 100.0 * counts["events_right"] / max(1, counts["events_said"])
         out["event_recall"] = 100.0 * counts["events_right"] / max(1, counts["events_true"])
@@ -70,10 +72,13 @@ def slot_counts(connector: Any, feats: Any, regions: list[Any]) -> dict[str, int
     time, `event_counts`. `connector`: a `word_slots` connector; `feats`: the tower's, before the reducers."""
     feats = connector.reduced(feats)
     target = connector.slot_targets(feats, regions)
-    found, objects, scenes = connector.split_logits(feats)
+    found, objects, scenes, offsets = connector.split_logits(feats, with_offsets=True)
     pred, real = found.sigmoid() > connector.threshold, target["found"] > 0
     counts = {"objects_true_positive": int((pred & real).sum()), "objects_false_positive": int((pred & ~real).sum()),
               "objects_missed": int((~pred & real).sum())}
+    if offsets is not None:  # how far (cells, x 1000) the predicted centre lies from the true one, at the true cells
+        miss = (offsets[real].float() - target["offset"][real]).norm(dim=-1)
+        counts |= {"centre_error_milli": int(1000 * miss.sum()), "centre_error_total": int(real.sum())}
     for name, logits, y in zip(connector.object_vocab, objects, target["objects"]):
         counts[f"{name}_correct"] = int((logits.argmax(-1)[real] == y[real]).sum())
         counts[f"{name}_total"] = int(real.sum())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -75,6 +77,9 @@ def test_link_follows_objects_by_place_then_by_words():
 def test_merge_duplicates_keeps_one_of_a_large_objects_neighbouring_cells():
     dets = [det(2, 2), det(2, 3), det(2, 3, "blue"), det(4, 4)]
     assert [d.cell for d in merge_duplicates(dets)] == [(2, 2), (2, 3), (4, 4)]
+    # two look-alikes a detector with centre offsets named apart stay two
+    distinct = [replace(d, distinct=True) for d in dets]
+    assert [d.cell for d in merge_duplicates(distinct)] == [(2, 2), (2, 3), (2, 3), (4, 4)]
 
 
 def count_tracks(frames, attribute, words, min_frames=2):

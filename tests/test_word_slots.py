@@ -218,7 +218,8 @@ def fixed_heads(monkeypatch, conn, centres: dict[int, float], color_of: dict[int
         found[0, :, cell] = logit
     for cell, color in color_of.items():
         colors[0, :, cell, color] = 1
-    monkeypatch.setattr(conn, "split_logits", lambda f: (found, [colors, shapes], [tones]))
+    monkeypatch.setattr(conn, "split_logits",
+                        lambda f, with_offsets=False: (found, [colors, shapes], [tones], None)[:3 + with_offsets])
     monkeypatch.setattr(conn, "motion_logits", lambda f, b, t, c: [torch.eye(3)[torch.zeros(len(c), dtype=torch.long)]])
 
 
@@ -316,6 +317,81 @@ def test_slots_objective_needs_a_slot_connector(tmp_path):
     raw["stages"][0]["parts"]["llm"] = {"mode": "full", "lr": 1e-4}
     with pytest.raises(RecipeError, match="objective 'slots' trains the connector only"):
         parse_recipe(raw)
+
+
+def test_centre_targets_point_each_cell_around_an_object_to_its_nearest_centre():
+    from vlm.connectors.slot_heads import centre_targets
+
+    # a 4 x 4 grid: one object at row 1.25, column 1.5 (cell 5), one at row 1.5, column 3.0 (its cell: column 3)
+    targets = centre_targets([(1.5 / 4, 1.25 / 4), (3.0 / 4, 1.5 / 4)], 4, 4)
+    assert targets[5] == pytest.approx((-0.25, 0.0))  # its own cell: where in the cell the centre is
+    assert targets[0] == pytest.approx((0.75, 1.0))  # a corner of its neighbourhood
+    assert targets[6] == pytest.approx((0.0, 0.5))  # in both neighbourhoods: 1.03 cells from the first, 0.5 from
+    assert targets[7] == pytest.approx((0.0, -0.5))  # the second, so it points to the second
+    assert 3 * 4 + 0 not in targets and 15 not in targets and len(targets) == 9 + 3
+
+
+def test_centre_offsets_name_two_look_alikes_in_neighbouring_cells_twice(monkeypatch):
+    """`peaks` names an object that lights two cells once, and so also two objects in neighbouring cells; with the
+    centre offsets the two cells of one object point to one centre, and two objects' cells to two."""
+    from vlm.connectors.slot_heads import distinct_peaks
+
+    logits = torch.full((1, 4, 4), -5.0)
+    logits[0, 1, 1], logits[0, 1, 2] = 3.0, 2.0
+    def lit_peaks(offsets, radius=0.75) -> list[list[int]]:
+        return (distinct_peaks(logits, offsets, radius) & (logits > 0))[0].nonzero().tolist()
+    assert lit_peaks(None) == [[1, 1]]
+    one = torch.zeros(1, 4, 4, 2)
+    one[0, 1, 1], one[0, 1, 2] = torch.tensor([0.0, 0.4]), torch.tensor([0.0, -0.5])  # both: column 1.4
+    two = torch.zeros(1, 4, 4, 2)
+    two[0, 1, 1], two[0, 1, 2] = torch.tensor([0.0, -0.3]), torch.tensor([0.0, 0.3])  # columns 0.7 and 2.3
+    assert lit_peaks(one) == [[1, 1]]
+    assert lit_peaks(two) == [[1, 1], [1, 2]]
+    assert lit_peaks(two, radius=2.0) == [[1, 1]]  # the radius decides
+
+    conn = tiny_slots_model(centre_offsets=True, peaks=True).connector  # two slots, a 4 x 4 grid
+    assert "centre_radius" in conn.settings
+    fixed_heads(monkeypatch, conn, {5: 3.0, 6: 2.0}, {5: 0, 6: 0})
+    found, objects, scenes = conn.split_logits(None)[:3]
+    offsets = torch.zeros(1, 2, 16, 2)
+    offsets[0, :, 5], offsets[0, :, 6] = two[0, 1, 1], two[0, 1, 2]
+    monkeypatch.setattr(conn, "split_logits", lambda f, with_offsets=False: (found, objects, scenes, offsets))
+    feats = VisualFeatures(tokens=torch.zeros(1, 2, 16, 32), grid=(2, 4, 4), timestamps=torch.tensor([[0.0, 0.5]]))
+    _, cells, keep, _ = conn.detect(feats)
+    assert cells[0, 0][keep[0, 0]].tolist() == [5, 6]
+    conn.configure(centre_radius=2.0)
+    _, cells, keep, _ = conn.detect(feats)
+    assert cells[0, 0][keep[0, 0]].tolist() == [5]
+
+
+def test_the_centre_offsets_are_learned_from_the_annotations():
+    """The offset head trains on the cells around each annotated centre; without it the head keeps its shape (a
+    model trained before loads as it was)."""
+    torch.manual_seed(0)
+    plain = tiny_slots_model().connector
+    conn = tiny_slots_model(centre_offsets=True).connector
+    assert conn.head.cell[-1].out_features == plain.head.cell[-1].out_features + 2
+    feats = VisualFeatures(tokens=torch.randn(1, 2, 16, 32), grid=(2, 4, 4), timestamps=torch.tensor([[0.0, 0.5]]))
+    red = {"color": "red", "shape": "square", "action": "still"}
+    regions = [[{"t": t, "scene": {"tone": "gray"}, "objects": [{"center": [0.3, 0.6], **red}]} for t in (0.0, 0.5)]]
+    target = conn.slot_targets(feats, regions)
+    assert int(target["near"].sum()) == 2 * 9 and target["offset"][0, 0, 9].tolist() == pytest.approx([-0.1, -0.3])
+    opt = torch.optim.Adam(conn.head.parameters(), lr=3e-3)
+
+    def offset_error() -> float:
+        offsets = conn.split_logits(feats, with_offsets=True)[3].detach()
+        return float((offsets[target["near"]] - target["offset"][target["near"]]).abs().mean())
+    before = offset_error()
+    for _ in range(60):
+        loss = conn.slot_loss(feats, regions)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert offset_error() < before / 3
+    from evals.slots import slot_counts, slot_metrics
+
+    metrics = slot_metrics(slot_counts(conn, feats, regions))  # at the true centres only
+    assert 0 < metrics["centre_error_cells"] < before
 
 
 def test_a_pooling_budget_drops_frames_for_word_slots_instead_of_blurring_their_grid():

@@ -10,22 +10,27 @@ from torch.nn import functional as F
 
 class SlotHead(nn.Module):
     """Per cell: an object-centre logit and per-attribute logits (from the cell and its difference to the frame
-    mean); per frame: per-scene-attribute logits (from the frame's mean and spread over cells and, with
+    mean), then with `offsets` the (row, column) offset in cells from the cell's middle to the centre of the nearest
+    object (CenterNet's offset, read here to tell one object lighting two cells from two objects in neighbouring
+    cells); per frame: per-scene-attribute logits (from the frame's mean and spread over cells and, with
     `scene_grid` g > 1, the means of its g x g regions: where in the frame a tone is, e.g. which end of a
     gradient is which)."""
 
-    def __init__(self, in_dim: int, object_classes: int, scene_classes: int, hidden: int = 256, scene_grid: int = 1):
+    def __init__(self, in_dim: int, object_classes: int, scene_classes: int, hidden: int = 256, scene_grid: int = 1,
+                 offsets: bool = False):
         super().__init__()
         self.norm = nn.LayerNorm(in_dim)
+        self.offsets = bool(offsets)
         self.cell = nn.Sequential(nn.Linear(2 * in_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
-                                  nn.Linear(hidden, 1 + object_classes))
+                                  nn.Linear(hidden, 1 + object_classes + 2 * self.offsets))
         self.scene_grid = int(scene_grid)
         regions = self.scene_grid ** 2 if self.scene_grid > 1 else 0
         self.scene = nn.Sequential(nn.Linear((2 + regions) * in_dim, hidden), nn.GELU(),
                                    nn.Linear(hidden, max(1, scene_classes)))
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, T, N, C] on a (T, h, w) grid -> cell logits [B, T, N, 1 + object classes], scene logits [B, T, S]."""
+        """x [B, T, N, C] on a (T, h, w) grid -> cell outputs [B, T, N, 1 + object classes (+ 2 offsets)], scene
+        logits [B, T, S]."""
         x = self.norm(x.to(self.norm.weight.dtype))
         frame = x.mean(2, keepdim=True)
         scene = [frame[:, :, 0], x.std(2)]
@@ -60,3 +65,40 @@ class MotionHead(nn.Module):
         prev = x[b[:, None], (t - 1).clamp(min=0)[:, None], around]  # [M, 9, C]
         nxt = x[b[:, None], (t + 1).clamp(max=last)[:, None], around]
         return self.net(torch.cat([x[b, t, c], prev.flatten(1), nxt.flatten(1)], -1))
+
+
+def centre_targets(centres: list[tuple[float, float]], h: int, w: int) -> dict[int, tuple[float, float]]:
+    """The offset targets of one frame: for each cell in the 3x3 neighbourhood of an object's cell, the (row,
+    column) offset in cells from the cell's middle to that object's centre ([x, y] in [0, 1]), the nearest object
+    where two neighbourhoods meet."""
+    best: dict[int, tuple[float, float, float]] = {}
+    for x, y in centres:
+        gy, gx = y * h, x * w
+        r0, c0 = min(h - 1, max(0, int(gy))), min(w - 1, max(0, int(gx)))
+        for r in range(max(0, r0 - 1), min(h, r0 + 2)):
+            for c in range(max(0, c0 - 1), min(w, c0 + 2)):
+                dy, dx = gy - (r + 0.5), gx - (c + 0.5)
+                d = dy * dy + dx * dx
+                if r * w + c not in best or d < best[r * w + c][0]:
+                    best[r * w + c] = (d, dy, dx)
+    return {cell: (dy, dx) for cell, (_, dy, dx) in best.items()}
+
+
+def distinct_peaks(logits: torch.Tensor, offsets: torch.Tensor | None, radius: float) -> torch.Tensor:
+    """Which cells of centre-logit maps [M, h, w] are peaks: the highest of their 3x3 neighbourhood, or with
+    centre offsets [M, h, w, 2] (cells) any cell whose predicted centre lies `radius` cells or more from that of
+    every higher cell of its neighbourhood (two objects in neighbouring cells are two peaks, one object lighting
+    two cells is one). -> [M, h, w] bool."""
+    if offsets is None:
+        maps = logits[:, None]
+        return (F.max_pool2d(maps, 3, 1, 1) == maps)[:, 0]
+    m, h, w = logits.shape
+    rows = torch.arange(h, device=logits.device, dtype=offsets.dtype)[:, None].expand(h, w)
+    cols = torch.arange(w, device=logits.device, dtype=offsets.dtype)[None, :].expand(h, w)
+    centres = offsets + torch.stack([rows, cols], -1)  # [M, h, w, 2], in cells
+    around = F.unfold(F.pad(logits[:, None], (1, 1, 1, 1), value=float("-inf")), 3)  # [M, 9, h * w]
+    far = F.pad(centres.permute(0, 3, 1, 2), (1, 1, 1, 1), value=1e4)
+    near = F.unfold(far, 3).reshape(m, 2, 9, h * w)  # each neighbour's predicted centre
+    gap = (near - centres.permute(0, 3, 1, 2).reshape(m, 2, 1, h * w)).norm(dim=1)  # [M, 9, h * w]
+    higher = around > logits.reshape(m, 1, h * w)
+    return ~(higher & (gap < radius)).any(1).reshape(m, h, w)

@@ -25,6 +25,7 @@ class Detection:
     identity: tuple[str, ...]  # the object attributes' words (colour, shape, ...): what says which object it is
     motion: tuple[str, ...] = ()  # the motion attributes' words (what it is doing)
     scores: tuple[Mapping[str, float], ...] = ()  # per attribute of identity + motion, each word's log-probability
+    distinct: bool = False  # its detector already named each object once (centre offsets): never merged as a repeat
 
 
 @dataclass
@@ -39,10 +40,10 @@ Seen = tuple[list[tuple[str, ...]], list[list[Detection]], list[float]]
 
 def merge_duplicates(dets: Sequence[Detection]) -> list[Detection]:
     """One frame's detections without the repeats a large object makes: a detection next to (within one cell of)
-    an earlier one with the same identity words is dropped."""
+    an earlier one with the same identity words is dropped, unless its detector marked it `distinct`."""
     kept: list[Detection] = []
     for d in dets:
-        if not any(k.identity == d.identity and max(abs(k.cell[0] - d.cell[0]), abs(k.cell[1] - d.cell[1])) <= 1
+        if d.distinct or not any(k.identity == d.identity and max(abs(k.cell[0] - d.cell[0]), abs(k.cell[1] - d.cell[1])) <= 1
                    for k in kept):
             kept.append(d)
     return kept

@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from vlm.connectors.base import Connector, VisualTokens, register_connector
-from vlm.connectors.slot_heads import MotionHead, SlotHead
+from vlm.connectors.slot_heads import MotionHead, SlotHead, centre_targets, distinct_peaks
 from vlm.connectors.counts import count_rules, count_text, count_width
 from vlm.connectors.events import event_rules, event_texts, event_width, settings as event_settings
 from vlm.connectors.story import story
@@ -51,7 +51,10 @@ class WordSlots(Connector):
     threshold: the centre probability above which a cell holds an object; peaks: a cell holds one only where its
     centre logit is also the highest of its 3x3 neighbourhood (peak picking, as CenterNet reads its heatmap: an
     object whose centre lies near a cell border lights two cells and is named once; two objects in adjacent cells
-    are then named once too, which is rarer); hidden: the heads' width;
+    are then named once too, which is rarer); centre_offsets: the centre head also says where in its cell (and the
+    cells around it) an object's centre lies (CenterNet's offset), and `peaks` then keeps a cell beside a higher one
+    when their predicted centres lie `centre_radius` cells or more apart: two look-alikes in neighbouring cells are
+    named twice; hidden: the heads' width;
     scene_grid: the scene head also reads the means of the frame's g x g regions (g > 1; e.g. 2 tells a gradient's
     two tones apart by where they are);
     layout: "frames" (each frame's words in turn), "tracks" (one sentence per object over time) or "story" (every
@@ -77,7 +80,7 @@ class WordSlots(Connector):
                  layout: str = "frames", text_tokens: int | None = None, scene_grid: int = 1,
                  counts: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
                  events: Mapping[str, Any] | None = None, switch_cost: float = 0.0,
-                 peaks: bool = False):
+                 peaks: bool = False, centre_offsets: bool = False, centre_radius: float = 0.75):
         super().__init__(in_dim, out_dim, reducers)
         self.scene_vocab = {k: list(v) for k, v in (scene or {}).items()}
         self.object_vocab = {k: list(v) for k, v in (objects or {}).items()}
@@ -96,9 +99,9 @@ class WordSlots(Connector):
         if not set(self.silent) <= set(self.words):
             raise ValueError(f"word_slots: silent words {sorted(set(self.silent) - set(self.words))} are not in its vocabulary")
         self.configure(slots=slots, layout=layout, text_tokens=text_tokens, threshold=threshold, counts=counts or {},
-                       events=events or {}, switch_cost=switch_cost, peaks=peaks)
+                       events=events or {}, switch_cost=switch_cost, peaks=peaks, centre_radius=centre_radius)
         self.head = SlotHead(in_dim, sum(len(g) for g in self.object_vocab.values()),
-                             sum(len(g) for g in self.scene_vocab.values()), hidden, scene_grid)
+                             sum(len(g) for g in self.scene_vocab.values()), hidden, scene_grid, centre_offsets)
         if self.motion_vocab:
             self.motion_head = MotionHead(in_dim, sum(len(g) for g in self.motion_vocab.values()), hidden)
         self.register_buffer("word_tokens", torch.zeros(len(self.words), 1, dtype=torch.long), persistent=False)
@@ -107,7 +110,8 @@ class WordSlots(Connector):
         self._tokenizer: list[Any] = []
         self.truncated = 0  # clips whose text (tracks, counts) was cut to the token budget
 
-    settings = ("slots", "layout", "text_tokens", "threshold", "peaks", "counts", "events", "switch_cost")
+    settings = ("slots", "layout", "text_tokens", "threshold", "peaks", "centre_radius", "counts", "events",
+                "switch_cost")
     def configure(self, **values: Any) -> None:
         slots = int(values.get("slots", getattr(self, "slots", 3)))
         if slots < 1:
@@ -125,6 +129,7 @@ class WordSlots(Connector):
         self.text_tokens = None if text_tokens is None else int(text_tokens)
         self.threshold = float(values.get("threshold", getattr(self, "threshold", 0.5)))
         self.peaks = bool(values.get("peaks", getattr(self, "peaks", False)))
+        self.centre_radius = float(values.get("centre_radius", getattr(self, "centre_radius", 0.75)))
         self.switch_cost = float(values.get("switch_cost", getattr(self, "switch_cost", 0.0)))
         if self.switch_cost < 0:
             raise ValueError(f"word_slots: switch_cost ({self.switch_cost}) is the nats a change of word costs, >= 0")
@@ -196,14 +201,19 @@ class WordSlots(Connector):
         each one's object then motion attributes' words [B, T, k, A] (word indices into `self.words`). `scores`:
         also the log-probabilities behind the words, per scene attribute [B, T, V] and per object then motion
         attribute [B, T, k, V]."""
-        found, object_logits, scene_logits = self.split_logits(feats)
+        offsets = None
+        if self.head.offsets:
+            found, object_logits, scene_logits, offsets = self.split_logits(feats, with_offsets=True)
+        else:
+            found, object_logits, scene_logits = self.split_logits(feats)
         b, t, n = found.shape
         scene = torch.stack([logits.argmax(-1) + self.offsets[g] for g, logits in enumerate(scene_logits)], -1) \
             if scene_logits else found.new_zeros(b, t, 0, dtype=torch.long)
         prob = found.sigmoid()
-        if self.peaks:  # only the highest cell of each 3x3 neighbourhood
-            maps = found.reshape(b * t, 1, feats.grid[1], feats.grid[2])
-            prob = prob * (F.max_pool2d(maps, 3, 1, 1) == maps).reshape(b, t, n)
+        if self.peaks:  # only the highest cell of each 3x3 neighbourhood (or each predicted centre's)
+            h, w = feats.grid[1], feats.grid[2]
+            near = None if offsets is None else offsets.reshape(b * t, h, w, 2).float()
+            prob = prob * distinct_peaks(found.reshape(b * t, h, w), near, self.centre_radius).reshape(b, t, n)
         prob, cells = prob.topk(min(self.slots, n), -1)  # [B, T, k]
         keep = prob > self.threshold
         order = torch.where(keep, cells, cells + n).argsort(-1)  # kept ones first, in reading order
@@ -259,11 +269,12 @@ class WordSlots(Connector):
         scene_lp, object_lp = ([x.cpu().tolist() for x in detected[4]], [x.cpu().tolist() for x in detected[5]]) \
             if decode else ([], [])  # nested lists: indexed per detection, no small tensor ops
         scene_words = [list(g) for g in self.scene_vocab.values()]
+        distinct = self.peaks and self.head.offsets  # one detection per predicted centre: no repeats to merge
         def object_scores(i: int, j: int, s: int) -> tuple[dict[str, float], ...]:  # per attribute, word -> log p
             return tuple(dict(zip(ws, lp[i][j][s])) for lp, ws in zip(object_lp, groups))
         seen = [([tuple(self.words[x] for x in row.tolist()) for row in scene[i]],
                  [[Detection((int(c) // w, int(c) % w), tuple(self.words[x] for x in a[:ni].tolist()),
-                             tuple(self.words[x] for x in a[ni:].tolist()), object_scores(i, j, s))
+                             tuple(self.words[x] for x in a[ni:].tolist()), object_scores(i, j, s), distinct)
                    for s, (c, kept, a) in enumerate(zip(cells[i, j], keep[i, j], attrs[i, j])) if kept]
                   for j in range(cells.shape[1])],
                  times[i].tolist()) for i in range(cells.shape[0])]
@@ -389,7 +400,8 @@ class WordSlots(Connector):
     def slot_targets(self, feats: VisualFeatures, regions: Sequence[Sequence[dict[str, Any]]]) -> dict[str, torch.Tensor]:
         """Each clip's annotations at its frames' timestamps, on the features' grid: "found" [B, T, N] (1 where a
         cell holds an object's centre), "objects" [A, B, T, N] (each object then motion attribute's word index
-        there, -100 elsewhere), "scene" [S, B, T] (each scene attribute's word index)."""
+        there, -100 elsewhere), "scene" [S, B, T] (each scene attribute's word index); with centre offsets also
+        "offset" [B, T, N, 2] and "near" [B, T, N] (the cells it is defined at: `centre_targets`)."""
         if feats.timestamps is None:
             raise ValueError("word_slots: annotations are matched to frames by timestamp, and these features have none")
         b, t, n = feats.tokens.shape[:3]
@@ -398,8 +410,12 @@ class WordSlots(Connector):
         attributes = self.object_vocab | self.motion_vocab
         objects = torch.full((len(attributes), b, t, n), -100, dtype=torch.long)
         scene = torch.zeros(len(self.scene_vocab), b, t, dtype=torch.long)
+        offset, near = torch.zeros(b, t, n, 2), torch.zeros(b, t, n, dtype=torch.bool)
         for i, clip in enumerate(regions):
             for j, frame in enumerate(nearest_frames(clip, feats.timestamps[i].tolist())):
+                if self.head.offsets:
+                    for c, d in centre_targets([o["center"] for o in frame.get("objects", [])], h, w).items():
+                        offset[i, j, c], near[i, j, c] = torch.tensor(d), True
                 for a, (attr, vocab) in enumerate(self.scene_vocab.items()):
                     scene[a, i, j] = vocab.index(frame["scene"][attr])
                 for obj in frame.get("objects", []):
@@ -408,15 +424,19 @@ class WordSlots(Connector):
                     for a, (attr, vocab) in enumerate(attributes.items()):
                         objects[a, i, j, c] = vocab.index(obj[attr])
         dev = feats.tokens.device
-        return {"found": found.to(dev), "objects": objects.to(dev), "scene": scene.to(dev)}
+        return {"found": found.to(dev), "objects": objects.to(dev), "scene": scene.to(dev), "offset": offset.to(dev),
+                "near": near.to(dev)}
 
-    def split_logits(self, feats: VisualFeatures) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    def split_logits(self, feats: VisualFeatures, with_offsets: bool = False) -> tuple[Any, ...]:
         """The heads' outputs: centre logits [B, T, N], per object attribute [B, T, N, V_a], per scene attribute
-        [B, T, V_s]."""
+        [B, T, V_s], and `with_offsets` the centre offsets [B, T, N, 2] (cells; None without them)."""
         cell, scene = self.head(feats.tokens, feats.grid)
-        objects = list(cell[..., 1:].split([len(v) for v in self.object_vocab.values()], -1))
+        sizes = [len(v) for v in self.object_vocab.values()]
+        objects = list(cell[..., 1:1 + sum(sizes)].split(sizes, -1))
         scenes = list(scene.split([len(v) for v in self.scene_vocab.values()], -1)) if self.scene_vocab else []
-        return cell[..., 0], objects, scenes
+        if not with_offsets:
+            return cell[..., 0], objects, scenes
+        return cell[..., 0], objects, scenes, cell[..., -2:] if self.head.offsets else None
 
     def motion_logits(self, feats: VisualFeatures, b: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> list[torch.Tensor]:
         """Per motion attribute, its logits [M, V] at clip b, frame t, cell c of each of M queries."""
@@ -430,7 +450,7 @@ class WordSlots(Connector):
         reducers."""
         feats = self.reduced(feats)
         target = self.slot_targets(feats, regions)
-        found, objects, scenes = self.split_logits(feats)
+        found, objects, scenes, offsets = self.split_logits(feats, with_offsets=True)
         loss = F.binary_cross_entropy_with_logits(found.float(), target["found"],
                                                   pos_weight=torch.tensor(10.0, device=found.device))
         for logits, y in zip(objects, target["objects"]):
@@ -438,6 +458,8 @@ class WordSlots(Connector):
                 loss = loss + F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
         for logits, y in zip(scenes, target["scene"]):
             loss = loss + F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+        if offsets is not None and bool(target["near"].any()):
+            loss = loss + F.smooth_l1_loss(offsets[target["near"]].float(), target["offset"][target["near"]])
         if self.motion_vocab and bool(target["found"].any()):  # only where objects are: a few cells per frame
             b, t, c = target["found"].nonzero(as_tuple=True)
             for logits, y in zip(self.motion_logits(feats, b, t, c), target["objects"][len(self.object_vocab):]):
