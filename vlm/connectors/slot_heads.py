@@ -3,9 +3,13 @@ the frame shows (the scene), and how an object moves, read from the frames aroun
 
 from __future__ import annotations
 
+from typing import Any, Mapping, Sequence
+
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from vlm.data.regions import cell_of, nearest_frames
 
 
 class SlotHead(nn.Module):
@@ -102,3 +106,32 @@ def distinct_peaks(logits: torch.Tensor, offsets: torch.Tensor | None, radius: f
     gap = (near - centres.permute(0, 3, 1, 2).reshape(m, 2, 1, h * w)).norm(dim=1)  # [M, 9, h * w]
     higher = around > logits.reshape(m, 1, h * w)
     return ~(higher & (gap < radius)).any(1).reshape(m, h, w)
+
+
+def slot_targets(regions: Sequence[Sequence[dict[str, Any]]], timestamps: Sequence[Sequence[float]],
+                 grid: tuple[int, int, int], scene_vocab: Mapping[str, Sequence[str]],
+                 attributes: Mapping[str, Sequence[str]], offsets: bool = False) -> dict[str, torch.Tensor]:
+    """Each clip's annotations at its frames' timestamps, on a (T, h, w) grid: "found" [B, T, N] (1 where a cell
+    holds an object's centre), "objects" [A, B, T, N] (each object then motion attribute's word index there, -100
+    elsewhere), "scene" [S, B, T] (each scene attribute's word index), and with `offsets` "offset" [B, T, N, 2]
+    and "near" [B, T, N] (the cells it is defined at: `centre_targets`)."""
+    b, t, h, w = len(regions), len(timestamps[0]), grid[1], grid[2]
+    n = h * w
+    found = torch.zeros(b, t, n)
+    objects = torch.full((len(attributes), b, t, n), -100, dtype=torch.long)
+    scene = torch.zeros(len(scene_vocab), b, t, dtype=torch.long)
+    offset, near = torch.zeros(b, t, n, 2), torch.zeros(b, t, n, dtype=torch.bool)
+    for i, clip in enumerate(regions):
+        for j, frame in enumerate(nearest_frames(clip, timestamps[i])):
+            if offsets:
+                for c, d in centre_targets([o["center"] for o in frame.get("objects", [])], h, w).items():
+                    offset[i, j, c], near[i, j, c] = torch.tensor(d), True
+            for a, (attr, vocab) in enumerate(scene_vocab.items()):
+                scene[a, i, j] = list(vocab).index(frame["scene"][attr])
+            for obj in frame.get("objects", []):
+                c = cell_of(obj["center"], h, w)
+                found[i, j, c] = 1
+                for a, (attr, vocab) in enumerate(attributes.items()):
+                    objects[a, i, j, c] = list(vocab).index(obj[attr])
+    out = {"found": found, "objects": objects, "scene": scene}
+    return out | ({"offset": offset, "near": near} if offsets else {})

@@ -27,12 +27,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from vlm.connectors.base import Connector, VisualTokens, register_connector
-from vlm.connectors.slot_heads import MotionHead, SlotHead, centre_targets, distinct_peaks
+from vlm.connectors.slot_heads import MotionHead, SlotHead, distinct_peaks, slot_targets
 from vlm.connectors.counts import count_rules, count_text, count_width
 from vlm.connectors.events import event_rules, event_texts, event_width, settings as event_settings
 from vlm.connectors.story import story
 from vlm.connectors.tracks import Detection, Seen, describe, settle
-from vlm.data.regions import cell_of, nearest_frames, region_problems
+from vlm.data.regions import region_problems
 from vlm.towers.base import VisualFeatures
 
 log = logging.getLogger(__name__)
@@ -398,34 +398,12 @@ class WordSlots(Connector):
         return feats
 
     def slot_targets(self, feats: VisualFeatures, regions: Sequence[Sequence[dict[str, Any]]]) -> dict[str, torch.Tensor]:
-        """Each clip's annotations at its frames' timestamps, on the features' grid: "found" [B, T, N] (1 where a
-        cell holds an object's centre), "objects" [A, B, T, N] (each object then motion attribute's word index
-        there, -100 elsewhere), "scene" [S, B, T] (each scene attribute's word index); with centre offsets also
-        "offset" [B, T, N, 2] and "near" [B, T, N] (the cells it is defined at: `centre_targets`)."""
+        """Each clip's annotations at its frames' timestamps, on the features' grid (`slot_heads.slot_targets`)."""
         if feats.timestamps is None:
             raise ValueError("word_slots: annotations are matched to frames by timestamp, and these features have none")
-        b, t, n = feats.tokens.shape[:3]
-        h, w = feats.grid[1], feats.grid[2]
-        found = torch.zeros(b, t, n)
-        attributes = self.object_vocab | self.motion_vocab
-        objects = torch.full((len(attributes), b, t, n), -100, dtype=torch.long)
-        scene = torch.zeros(len(self.scene_vocab), b, t, dtype=torch.long)
-        offset, near = torch.zeros(b, t, n, 2), torch.zeros(b, t, n, dtype=torch.bool)
-        for i, clip in enumerate(regions):
-            for j, frame in enumerate(nearest_frames(clip, feats.timestamps[i].tolist())):
-                if self.head.offsets:
-                    for c, d in centre_targets([o["center"] for o in frame.get("objects", [])], h, w).items():
-                        offset[i, j, c], near[i, j, c] = torch.tensor(d), True
-                for a, (attr, vocab) in enumerate(self.scene_vocab.items()):
-                    scene[a, i, j] = vocab.index(frame["scene"][attr])
-                for obj in frame.get("objects", []):
-                    c = cell_of(obj["center"], h, w)
-                    found[i, j, c] = 1
-                    for a, (attr, vocab) in enumerate(attributes.items()):
-                        objects[a, i, j, c] = vocab.index(obj[attr])
-        dev = feats.tokens.device
-        return {"found": found.to(dev), "objects": objects.to(dev), "scene": scene.to(dev), "offset": offset.to(dev),
-                "near": near.to(dev)}
+        target = slot_targets(regions, feats.timestamps.tolist(), feats.grid, self.scene_vocab,
+                              self.object_vocab | self.motion_vocab, self.head.offsets)
+        return {k: v.to(feats.tokens.device) for k, v in target.items()}
 
     def split_logits(self, feats: VisualFeatures, with_offsets: bool = False) -> tuple[Any, ...]:
         """The heads' outputs: centre logits [B, T, N], per object attribute [B, T, N, V_a], per scene attribute
