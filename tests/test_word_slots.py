@@ -362,6 +362,9 @@ def test_centre_offsets_name_two_look_alikes_in_neighbouring_cells_twice(monkeyp
     conn.configure(centre_radius=2.0)
     _, cells, keep, _ = conn.detect(feats)
     assert cells[0, 0][keep[0, 0]].tolist() == [5]
+    with pytest.raises(ValueError, match=r"centre_radius \(-1.0\) is a distance in cells"):
+        conn.configure(centre_radius=-1, slots=1)
+    assert (conn.centre_radius, conn.slots) == (2.0, 2)  # refused: nothing changed
 
 
 def test_the_centre_offsets_are_learned_from_the_annotations():

@@ -43,8 +43,8 @@ def merge_duplicates(dets: Sequence[Detection]) -> list[Detection]:
     an earlier one with the same identity words is dropped, unless its detector marked it `distinct`."""
     kept: list[Detection] = []
     for d in dets:
-        if d.distinct or not any(k.identity == d.identity and max(abs(k.cell[0] - d.cell[0]), abs(k.cell[1] - d.cell[1])) <= 1
-                   for k in kept):
+        if d.distinct or not any(k.identity == d.identity and max(abs(k.cell[0] - d.cell[0]),
+                                                                  abs(k.cell[1] - d.cell[1])) <= 1 for k in kept):
             kept.append(d)
     return kept
 

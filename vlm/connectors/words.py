@@ -116,6 +116,9 @@ class WordSlots(Connector):
         slots = int(values.get("slots", getattr(self, "slots", 3)))
         if slots < 1:
             raise ValueError(f"word_slots: slots ({slots}) is how many objects a frame names at most, >= 1")
+        radius = float(values.get("centre_radius", getattr(self, "centre_radius", 0.75)))
+        if radius < 0:
+            raise ValueError(f"word_slots: centre_radius ({radius}) is a distance in cells, >= 0")
         layout = values.get("layout", getattr(self, "layout", "frames"))
         text_tokens = values.get("text_tokens", getattr(self, "text_tokens", None) if layout != "frames" else None)
         if layout not in ("frames", "tracks", "story"):
@@ -129,7 +132,7 @@ class WordSlots(Connector):
         self.text_tokens = None if text_tokens is None else int(text_tokens)
         self.threshold = float(values.get("threshold", getattr(self, "threshold", 0.5)))
         self.peaks = bool(values.get("peaks", getattr(self, "peaks", False)))
-        self.centre_radius = float(values.get("centre_radius", getattr(self, "centre_radius", 0.75)))
+        self.centre_radius = radius
         self.switch_cost = float(values.get("switch_cost", getattr(self, "switch_cost", 0.0)))
         if self.switch_cost < 0:
             raise ValueError(f"word_slots: switch_cost ({self.switch_cost}) is the nats a change of word costs, >= 0")
