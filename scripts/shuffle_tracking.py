@@ -61,6 +61,36 @@ def end_position(frames: list[list[Detection]], box: str, merge: bool) -> int | 
     return next((i + 1 for i, tr in enumerate(last) if tr is found), None)
 
 
+def draw(clip, frames: list[list[Detection]], grid: tuple[int, int, int], truth: int, answer: int | None,
+         title: str, out: Path) -> None:
+    """The clip's frames with each named object's cell outlined (boxes red, the ball blue), as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    h, w = grid[1], grid[2]
+    rows = (len(frames) + 7) // 8
+    fig, axes = plt.subplots(rows, 8, figsize=(14.4, 2.1 * rows + 0.3), squeeze=False)
+    for ax in axes.flat[len(frames):]:
+        ax.axis("off")
+    for ax, image, t, dets in zip(axes.flat, clip.frames, clip.timestamps, frames):
+        ax.imshow(image)
+        ch, cw = image.shape[0] / h, image.shape[1] / w
+        for d in dets:
+            box = d.identity[-1] == "box"
+            ax.add_patch(plt.Rectangle((d.cell[1] * cw, d.cell[0] * ch), cw, ch, fill=False, lw=1.5,
+                                       color="red" if box else "deepskyblue"))
+        ax.set_title(f"t={float(t):.2f}s: {sum(d.identity[-1] == 'box' for d in dets)} boxes", fontsize=7)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"{title}: the ball ends under box {answer or '?'} from the left (truth: {truth})", fontsize=10)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     which = p.add_mutually_exclusive_group(required=True)
@@ -72,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slots", type=int, default=5, help="objects named per frame (the four boxes and the ball: 5)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a connector setting for the heads, e.g. peaks=false")
+    p.add_argument("--strip", type=Path, help="a PNG of the first clip at the first frame count, what is named where")
     args = p.parse_args(argv)
     data = Path(args.data)
     model = VideoLLM.from_pretrained(args.model, device="cpu") if args.model else \
@@ -101,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
                 seen = model.connector.detections(feats, true_detected(model.connector, [r["regions"]], stamps, grid))[0]
             for merge in right:
                 right[merge] += end_position(seen[1], "box", merge) == shuffle["end_position"]
+            if args.strip and r is records[0] and frames == args.frames[0]:
+                draw(clip, seen[1], feats.grid, shuffle["end_position"], end_position(seen[1], "box", False),
+                     args.model or f"{args.recipe} (perfect detections)", args.strip)
             for f, a in zip(seen[1], nearest_frames(r["regions"], clip.timestamps)):
                 if all(o["action"] == "still" for o in a["objects"] if o["shape"] == "box") and \
                         sum(o["shape"] == "box" for o in a["objects"]) == 4:

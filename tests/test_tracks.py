@@ -407,7 +407,9 @@ def test_shuffle_tracking_reports_perfect_detections_on_a_generated_world(tmp_pa
     generate(tmp_path / "w", 24, 0, frames=16, size=128, eval_fraction=0.5, workers=1, progress=False)
     main = _shuffle_tracking().main
     recipe = str(Path(__file__).resolve().parents[1] / "recipes" / "synth_long.yaml")
-    assert main(["--recipe", recipe, "--data", str(tmp_path / "w"), "--frames", "8", "16"]) == 0
+    strip = tmp_path / "strip.png"
+    assert main(["--recipe", recipe, "--data", str(tmp_path / "w"), "--frames", "8", "16", "--strip", str(strip)]) == 0
+    assert strip.read_bytes()[:4] == b"\x89PNG"
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert [r["frames"] for r in rows] == [8, 16] and rows[0]["clips"] >= 1
     # all four resting boxes named when the detections are the annotations; every frame at least as well followed
