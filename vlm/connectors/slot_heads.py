@@ -78,7 +78,7 @@ def centre_targets(centres: list[tuple[float, float]], h: int, w: int) -> dict[i
     best: dict[int, tuple[float, float, float]] = {}
     for x, y in centres:
         gy, gx = y * h, x * w
-        r0, c0 = min(h - 1, max(0, int(gy))), min(w - 1, max(0, int(gx)))
+        r0, c0 = divmod(cell_of((x, y), h, w), w)
         for r in range(max(0, r0 - 1), min(h, r0 + 2)):
             for c in range(max(0, c0 - 1), min(w, c0 + 2)):
                 dy, dx = gy - (r + 0.5), gx - (c + 0.5)
@@ -127,11 +127,11 @@ def slot_targets(regions: Sequence[Sequence[dict[str, Any]]], timestamps: Sequen
                 for c, d in centre_targets([o["center"] for o in frame.get("objects", [])], h, w).items():
                     offset[i, j, c], near[i, j, c] = torch.tensor(d), True
             for a, (attr, vocab) in enumerate(scene_vocab.items()):
-                scene[a, i, j] = list(vocab).index(frame["scene"][attr])
+                scene[a, i, j] = vocab.index(frame["scene"][attr])
             for obj in frame.get("objects", []):
                 c = cell_of(obj["center"], h, w)
                 found[i, j, c] = 1
                 for a, (attr, vocab) in enumerate(attributes.items()):
-                    objects[a, i, j, c] = list(vocab).index(obj[attr])
+                    objects[a, i, j, c] = vocab.index(obj[attr])
     out = {"found": found, "objects": objects, "scene": scene}
     return out | ({"offset": offset, "near": near} if offsets else {})
