@@ -11,13 +11,17 @@ place among the boxes of the last frame, left to right. The script reports how o
 position, for the annotations' detections (`vlm.connectors.truth`, what perfect heads would name: `--recipe`, no
 training needed) or the heads' (`--model`), at each frame count, each with the connector's one-name-per-object
 rule on and off (`merge_duplicates`: a detection within one cell of one with the same words is dropped), and how
-many boxes are named in the frames where all four rest. The numbers are in docs/GROUNDING.md.
+many boxes are named in the frames where all four rest. With `--covered under`, it also writes each clip's story
+with the connector's `covered` events (the story layout follows a hidden object) and counts the clips whose last
+sentence names the right box (" At the end, the blue ball is under the second red box from the left."): what stage 2
+would read. The numbers are in docs/GROUNDING.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -27,6 +31,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from vlm.connectors.story import ORDINALS  # noqa: E402
 from vlm.connectors.tracks import Detection, Track, link, merge_duplicates  # noqa: E402
 from vlm.connectors.truth import true_detected  # noqa: E402
 from vlm.data.regions import nearest_frames  # noqa: E402
@@ -59,6 +64,12 @@ def end_position(frames: list[list[Detection]], box: str, merge: bool) -> int | 
     found = cover(tracks, balls[-1][1], balls[-1][0])
     last = sorted((tr for tr in tracks if tr.frames[-1] == len(frames) - 1), key=lambda tr: tr.detections[-1].cell[1])
     return next((i + 1 for i, tr in enumerate(last) if tr is found), None)
+
+
+def told_position(story: str, preposition: str) -> int | None:
+    """The place the story's last sentence gives the hidden object, 1 = first from the left (None: not told)."""
+    said = re.search(rf"At the end, the .+? is {re.escape(preposition)} the (\w+) .+? from the left\.", story)
+    return ORDINALS.index(said[1]) + 1 if said and said[1] in ORDINALS else None
 
 
 def draw(clip, frames: list[list[Detection]], grid: tuple[int, int, int], truth: int, answer: int | None,
@@ -102,12 +113,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slots", type=int, default=5, help="objects named per frame (the four boxes and the ball: 5)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a connector setting for the heads, e.g. peaks=false")
+    p.add_argument("--covered", metavar="PREPOSITION", help="also score the story's end sentence, e.g. under")
     p.add_argument("--strip", type=Path, help="a PNG of the first clip at the first frame count, what is named where")
     args = p.parse_args(argv)
     data = Path(args.data)
     model = VideoLLM.from_pretrained(args.model, device="cpu") if args.model else \
         VideoLLM.from_config(load_recipe(args.recipe, [], check_files=False).model_config())
     settings = {k: yaml.safe_load(v) for k, _, v in (s.partition("=") for s in args.set)}
+    if args.covered:
+        events = {**(model.config.connector.get("events") or {}), "covered": args.covered}
+        settings = {"layout": "story", "events": events, **settings}
     model.apply_settings({"connector": {"slots": args.slots, **settings}})
     meta = {m["id"]: m for m in map(json.loads, (data / "meta.jsonl").read_text().splitlines())}
     records = [r for r in json.loads((data / f"regions_{args.split}.json").read_text())
@@ -115,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     if not records:
         raise SystemExit(f"{data}: no shuffle clips in regions_{args.split}.json")
     for frames in args.frames:
-        right = {True: 0, False: 0}
+        right, told = {True: 0, False: 0}, 0
         rest = {"frames": 0, "all_four_named": 0}
         for r in records:
             shuffle = meta[Path(r["video"]).stem]["shuffle"]
@@ -132,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
                 seen = model.connector.detections(feats, true_detected(model.connector, [r["regions"]], stamps, grid))[0]
             for merge in right:
                 right[merge] += end_position(seen[1], "box", merge) == shuffle["end_position"]
+            if args.covered:
+                told += told_position(model.connector.text(seen, feats.grid), args.covered) == shuffle["end_position"]
             if args.strip and r is records[0] and frames == args.frames[0]:
                 draw(clip, seen[1], feats.grid, shuffle["end_position"], end_position(seen[1], "box", False),
                      args.model or f"{args.recipe} (perfect detections)", args.strip)
@@ -141,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
                     rest["frames"] += 1
                     rest["all_four_named"] += sum(d.identity[-1] == "box" for d in f) == 4
         print(json.dumps({"frames": frames, "clips": len(records), "end_right": right[True],
-                          "end_right_without_merge": right[False], **{f"rest_{k}": v for k, v in rest.items()}}),
+                          "end_right_without_merge": right[False], **({"story_right": told} if args.covered else {}),
+                          **{f"rest_{k}": v for k, v in rest.items()}}),
               flush=True)
     return 0
 

@@ -369,6 +369,27 @@ def test_story_tells_every_change_in_time_order_as_a_timed_caption():
                                       " At 1.3 seconds, the blue circle disappears.")
 
 
+def test_story_with_covered_follows_a_hidden_object_and_says_where_it_is_at_the_end():
+    from vlm.connectors.story import story, timeline
+    S, box = ("still",), ("red", "box")
+    # the blue ball at (5, 2) goes under the box above it, which swaps places with the other box along arcs
+    left = [(4, 2), (4, 2), (3, 3), (2, 4), (3, 5), (4, 6)]
+    right = [(4, 6), (4, 6), (5, 5), (6, 4), (5, 3), (4, 2)]
+    frames = [[Detection(left[k], box, S), Detection(right[k], box, S)]
+              + ([Detection((5, 2), ("blue", "ball"), S)] if k < 2 else []) for k in range(6)]
+    times = [0.1 + 0.3 * k for k in range(6)]
+    tail = " The blue ball: still. At 0.7 seconds, the blue ball disappears"
+    assert story([], frames, times, (), {"covered": "under"}).endswith(
+        tail + " under the red box. At the end, the blue ball is under the second red box from the left.")
+    assert story([], frames, times).endswith(tail + ".")  # without the setting: gone, as before
+    assert timeline([], frames, times, (), {"covered": "under"})[3][-1].kind == "covered"
+    # one box: no place among others is needed; an object that leaves far from any other is not hidden
+    one = [[Detection(left[k], box, S)] + ([Detection((5, 2), ("blue", "ball"), S)] if k < 2 else []) for k in range(6)]
+    assert story([], one, times, (), {"covered": "under"}).endswith(" At the end, the blue ball is under the red box.")
+    far = [[Detection((0, 7), box, S)] + ([Detection((5, 2), ("blue", "ball"), S)] if k < 2 else []) for k in range(6)]
+    assert story([], far, times, (), {"covered": "under"}).endswith(" the blue ball disappears.")
+
+
 def _shuffle_tracking():
     import sys
     from pathlib import Path

@@ -205,6 +205,9 @@ def test_event_sentences_follow_the_words_of_the_frame_that_shows_the_change(mon
         conn.configure(layout="tracks")
     with pytest.raises(ValueError, match="events hold"):
         conn.configure(events={"hold": 0})
+    with pytest.raises(ValueError, match="'covered' .* layout 'story' only"):  # refused, nothing changed
+        conn.configure(events={**starts, "covered": "under"}, slots=5)
+    assert conn.event_extent == {} and conn.slots != 5 and conn.events
 
 
 def fixed_heads(monkeypatch, conn, centres: dict[int, float], color_of: dict[int, int]):

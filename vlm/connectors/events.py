@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping, Sequence
 from vlm.connectors.tracks import Detection, Track, object_tracks, track_name, track_words
 
 MAX_EVENTS = 3  # sentences written per frame at most (the longest-seen objects' first)
-EXTENT = ("appears", "disappears")  # the keys of the setting that are not attributes
+EXTENT = ("appears", "disappears", "covered")  # the keys of the setting that are not attributes
 
 
 @dataclass(frozen=True)

@@ -14,14 +14,20 @@ rules (`vlm.connectors.events`: "still > grows" -> "starts growing"); one no rul
 (" At 1.2 seconds, the red circle: moves right."); appearing and disappearing use the `events` extent verbs
 (default "appears" / "disappears"). Each track's words are smoothed over time first, as in the tracks layout; no
 position words: a caption names an object by its words.
+
+Object permanence (the `events` extent `covered`, a preposition such as "under"): an object whose track ends in the
+cell of another object that stays to the end is hidden by it, not gone, and moves with it. Its disappearance is
+told with the other object (" At 0.6 seconds, the blue ball disappears under the red box.") and the story ends with
+where it is (" At the end, the blue ball is under the second red box from the left."): an object that shares its
+name with others there at the end is named by its place among them, left to right.
 """
 
 from __future__ import annotations
 
-from typing import Mapping, NamedTuple, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 from vlm.connectors.events import EventRule
-from vlm.connectors.tracks import Detection, _columns, changes, link, merge_duplicates
+from vlm.connectors.tracks import Detection, Track, _columns, changes, link, merge_duplicates
 
 
 class Event(NamedTuple):
@@ -48,6 +54,43 @@ def _state(row: tuple[str, ...], identity: int) -> str:
     return ", ".join(row[identity:])
 
 
+ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth")
+
+
+def hiders(tracks: Sequence[Track], frames: int) -> dict[int, Track]:
+    """Tracks that end before the clip's last frame in the cell of (within one cell of) a track that lasts to it,
+    by index in `tracks`: the object that hides each (the nearest, in the frame or the next; ties: the fewer cells
+    apart in rows and columns together, then the longest seen)."""
+    out = {}
+    for i, tr in enumerate(tracks):
+        end, cell = tr.frames[-1], tr.detections[-1].cell
+        if end >= frames - 1:
+            continue
+        near = []
+        for other in tracks:
+            if other is tr or other.frames[-1] != frames - 1:
+                continue
+            for k in (end, end + 1):
+                if k in other.frames:
+                    c = other.detections[other.frames.index(k)].cell
+                    dy, dx = abs(c[0] - cell[0]), abs(c[1] - cell[1])
+                    near.append((max(dy, dx), dy + dx, -len(other.frames), tracks.index(other), other))
+        close = sorted((n for n in near if n[0] <= 1), key=lambda n: n[:4])
+        if close:
+            out[i] = close[0][4]
+    return out
+
+
+def place(track: Track, tracks: Sequence[Track], name: Callable[[Track], str], frames: int) -> str:
+    """How a story names `track` at the clip's end: "the red box", or among others of its name there then, "the
+    second red box from the left" (left to right by column, then top to bottom)."""
+    same = sorted((t for t in tracks if t.frames[-1] == frames - 1 and name(t) == name(track)),
+                  key=lambda t: (t.detections[-1].cell[1], t.detections[-1].cell[0]))
+    if len(same) < 2 or len(same) > len(ORDINALS):
+        return f"the {name(track)}"
+    return f"the {ORDINALS[same.index(track)]} {name(track)} from the left"
+
+
 def timeline(scene: Sequence[tuple[str, ...]], frames: Sequence[Sequence[Detection]], times: Sequence[float],
              rules: Sequence[EventRule] = (), extent: Mapping[str, str] | None = None, max_tracks: int = 6
              ) -> tuple[list[str], list[str], str, list[Event]]:
@@ -62,9 +105,12 @@ def timeline(scene: Sequence[tuple[str, ...]], frames: Sequence[Sequence[Detecti
     scenes = _columns(scene) if scene and scene[0] else []
     events = [Event(k, f"the background becomes {' '.join(scenes[k])}", "background") for k, _ in changes(scenes)[1:]]
     opening, states = [], []
-    for tr in tracks:
-        rows = _columns([d.identity + d.motion for d in tr.detections])
-        n = len(tr.detections[0].identity)
+    words = {id(tr): _columns([d.identity + d.motion for d in tr.detections]) for tr in tracks}
+    n = len(tracks[0].detections[0].identity) if tracks else 0
+    last_name = lambda tr: _name(words[id(tr)][-1], n)  # noqa: E731
+    hidden = hiders(tracks, len(times)) if "covered" in extent else {}
+    for i, tr in enumerate(tracks):
+        rows = words[id(tr)]
         first = f"{_name(rows[0], n)}" + (f": {_state(rows[0], n)}" if len(rows[0]) > n else "")
         if tr.frames[0] == 0:
             opening.append(_article(_name(rows[0], n)))
@@ -81,8 +127,12 @@ def timeline(scene: Sequence[tuple[str, ...]], frames: Sequence[Sequence[Detecti
                                     rule.template(before, after)) if rule
                               else Event(tr.frames[k], f"the {_name(rows[k - 1], n)}: {after}", "other"))
         if tr.frames[-1] < len(times) - 1:
-            events.append(Event(tr.frames[-1] + 1, f"the {_name(rows[-1], n)} {extent.get('disappears', 'disappears')}",
-                                "disappears"))
+            under = f" {extent['covered']} the {last_name(hidden[i])}" if i in hidden else ""
+            events.append(Event(tr.frames[-1] + 1, f"the {_name(rows[-1], n)} {extent.get('disappears', 'disappears')}"
+                                + under, "disappears"))
+    for i, by in hidden.items():  # where each hidden object is at the end, after every change
+        events.append(Event(len(times), f"the {last_name(tracks[i])} is {extent['covered']} "
+                            f"{place(by, tracks, last_name, len(times))}", "covered"))
     background = f"a {' '.join(w for w in scenes[0])} background" if scenes else "the background"
     return opening, [s for s in states if s], background, sorted(events, key=lambda e: e.frame)
 
@@ -97,5 +147,6 @@ def story(scene: Sequence[tuple[str, ...]], frames: Sequence[Sequence[Detection]
              else f"The video starts with {background} and no objects."]
     parts[0] = parts[0][0].upper() + parts[0][1:]
     parts += states
-    parts += [f"At {times[e.frame]:.1f} seconds, {e.text}." for e in events]
+    parts += [(f"At {times[e.frame]:.1f} seconds, " if e.frame < len(times) else "At the end, ") + f"{e.text}."
+              for e in events]
     return " " + " ".join(parts)

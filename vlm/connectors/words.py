@@ -128,21 +128,23 @@ class WordSlots(Connector):
         if text_tokens is not None and (layout == "frames" or int(text_tokens) < 1):
             raise ValueError(f"word_slots: text_tokens ({text_tokens}) is a positive token count for layouts 'tracks' "
                              "and 'story'")
-        self.slots, self.layout = slots, layout
+        switch_cost = float(values.get("switch_cost", getattr(self, "switch_cost", 0.0)))
+        if switch_cost < 0:
+            raise ValueError(f"word_slots: switch_cost ({switch_cost}) is the nats a change of word costs, >= 0")
+        counts = count_rules(values["counts"] or {}, self.object_vocab | self.motion_vocab) if "counts" in values \
+            else getattr(self, "counts", [])
+        rules, hold, extent = event_settings(values["events"]) if "events" in values else \
+            (None, getattr(self, "event_hold", 2), getattr(self, "event_extent", {}))
+        events = getattr(self, "events", []) if rules is None else event_rules(rules, self.object_vocab | self.motion_vocab)
+        if layout == "tracks" and (events or extent):
+            raise ValueError("word_slots: 'events' apply to layout 'frames' (the tracks layout writes each change)")
+        if layout != "story" and "covered" in extent:
+            raise ValueError("word_slots: events 'covered' (where a hidden object is) is told by layout 'story' only")
+        self.slots, self.layout, self.centre_radius, self.switch_cost = slots, layout, radius, switch_cost
         self.text_tokens = None if text_tokens is None else int(text_tokens)
         self.threshold = float(values.get("threshold", getattr(self, "threshold", 0.5)))
         self.peaks = bool(values.get("peaks", getattr(self, "peaks", False)))
-        self.centre_radius = radius
-        self.switch_cost = float(values.get("switch_cost", getattr(self, "switch_cost", 0.0)))
-        if self.switch_cost < 0:
-            raise ValueError(f"word_slots: switch_cost ({self.switch_cost}) is the nats a change of word costs, >= 0")
-        if "counts" in values:
-            self.counts = count_rules(values["counts"] or {}, self.object_vocab | self.motion_vocab)
-        if "events" in values:
-            rules, self.event_hold, self.event_extent = event_settings(values["events"])
-            self.events = event_rules(rules, self.object_vocab | self.motion_vocab)
-        if self.layout == "tracks" and (getattr(self, "events", None) or getattr(self, "event_extent", None)):
-            raise ValueError("word_slots: 'events' apply to layout 'frames' (the tracks layout writes each change)")
+        self.counts, self.events, self.event_hold, self.event_extent = counts, events, hold, extent
         self._sentence_widths: dict[str, int] = {}  # count_width / event_width, computed once per setting
 
     # ---------------------------------------------------------------- assembly
