@@ -388,6 +388,12 @@ def test_story_with_covered_follows_a_hidden_object_and_says_where_it_is_at_the_
     assert story([], one, times, (), {"covered": "under"}).endswith(" At the end, the blue ball is under the red box.")
     far = [[Detection((0, 7), box, S)] + ([Detection((5, 2), ("blue", "ball"), S)] if k < 2 else []) for k in range(6)]
     assert story([], far, times, (), {"covered": "under"}).endswith(" the blue ball disappears.")
+    # a look-alike beside it is a second reading of the heads, and an object seen again was not hidden: gone, as before
+    twin = [[Detection(left[k], box, S, distinct=True)] + ([Detection((5, 2), box, S, distinct=True)] if k < 2 else [])
+            for k in range(6)]  # two readings the centre offsets keep apart
+    assert story([], twin, times, (), {"covered": "under"}).endswith(" the red box disappears.")
+    back = [f + ([Detection((0, 0), ("blue", "ball"), S)] if k >= 4 else []) for k, f in enumerate(one)]
+    assert " under" not in story([], back, times, (), {"covered": "under"})
 
 
 def _shuffle_tracking():

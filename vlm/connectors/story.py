@@ -58,17 +58,21 @@ ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "
 
 
 def hiders(tracks: Sequence[Track], frames: int) -> dict[int, Track]:
-    """Tracks that end before the clip's last frame in the cell of (within one cell of) a track that lasts to it,
-    by index in `tracks`: the object that hides each (the nearest, in the frame or the next; ties: the fewer cells
-    apart in rows and columns together, then the longest seen)."""
+    """Tracks that end before the clip's last frame in the cell of (within one cell of) a track of
+    another name that lasts to it, and whose object is not seen again later (a look-alike beside it, or the object
+    seen again, is a head's second reading, not a hider), by index in `tracks`: the object that hides each (the
+    nearest, in the frame or the next; ties: the fewer cells apart in rows and columns together, then the longest
+    seen)."""
     out = {}
     for i, tr in enumerate(tracks):
         end, cell = tr.frames[-1], tr.detections[-1].cell
-        if end >= frames - 1:
+        if end >= frames - 1 or any(o.frames[0] > end and o.detections[0].identity == tr.detections[-1].identity
+                                    for o in tracks):  # seen again later: not hidden at the end
             continue
         near = []
         for other in tracks:
-            if other is tr or other.frames[-1] != frames - 1:
+            same = other.detections[-1].identity == tr.detections[-1].identity
+            if other is tr or same or other.frames[-1] != frames - 1:
                 continue
             for k in (end, end + 1):
                 if k in other.frames:
