@@ -16,7 +16,8 @@ rules (`vlm.connectors.events`: "still > grows" -> "starts growing"); one no rul
 position words: a caption names an object by its words.
 
 Object permanence (the `events` extent `covered`, a preposition such as "under"): an object whose track ends in the
-cell of another object that stays to the end is hidden by it, not gone, and moves with it. Its disappearance is
+cell of an object of another name that stays to the end, and that is not seen again, is hidden by it, not gone, and
+moves with it. Its disappearance is
 told with the other object (" At 0.6 seconds, the blue ball disappears under the red box.") and the story ends with
 where it is (" At the end, the blue ball is under the second red box from the left."): an object that shares its
 name with others there at the end is named by its place among them, left to right.
@@ -70,7 +71,7 @@ def hiders(tracks: Sequence[Track], frames: int) -> dict[int, Track]:
                                     for o in tracks):  # seen again later: not hidden at the end
             continue
         near = []
-        for other in tracks:
+        for j, other in enumerate(tracks):
             same = other.detections[-1].identity == tr.detections[-1].identity
             if other is tr or same or other.frames[-1] != frames - 1:
                 continue
@@ -78,7 +79,7 @@ def hiders(tracks: Sequence[Track], frames: int) -> dict[int, Track]:
                 if k in other.frames:
                     c = other.detections[other.frames.index(k)].cell
                     dy, dx = abs(c[0] - cell[0]), abs(c[1] - cell[1])
-                    near.append((max(dy, dx), dy + dx, -len(other.frames), tracks.index(other), other))
+                    near.append((max(dy, dx), dy + dx, -len(other.frames), j, other))
         close = sorted((n for n in near if n[0] <= 1), key=lambda n: n[:4])
         if close:
             out[i] = close[0][4]
