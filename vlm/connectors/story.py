@@ -15,12 +15,12 @@ rules (`vlm.connectors.events`: "still > grows" -> "starts growing"); one no rul
 (default "appears" / "disappears"). Each track's words are smoothed over time first, as in the tracks layout; no
 position words: a caption names an object by its words.
 
-Object permanence (the `events` extent `covered`, a preposition such as "under"): an object whose track ends in the
-cell of an object of another name that stays to the end, and that is not seen again, is hidden by it, not gone, and
-moves with it. Its disappearance is
-told with the other object (" At 0.6 seconds, the blue ball disappears under the red box.") and the story ends with
-where it is (" At the end, the blue ball is under the second red box from the left."): an object that shares its
-name with others there at the end is named by its place among them, left to right.
+Object permanence (the `events` extent `covered`, a preposition such as "under"): an object whose track ends in or
+beside the cell of an object of another name that stays to the end, and that is not seen again, is hidden by it, not
+gone, and moves with it. Its disappearance is told with the other object (" At 0.6 seconds, the blue ball
+disappears under the red box.") and the story ends with where it is (" At the end, the blue ball is under the second
+red box from the left."): an object that shares its name with others there at the end is named by its place among
+them, left to right.
 """
 
 from __future__ import annotations
@@ -80,9 +80,9 @@ def hiders(tracks: Sequence[Track], frames: int) -> dict[int, Track]:
                     c = other.detections[other.frames.index(k)].cell
                     dy, dx = abs(c[0] - cell[0]), abs(c[1] - cell[1])
                     near.append((max(dy, dx), dy + dx, -len(other.frames), j, other))
-        close = sorted((n for n in near if n[0] <= 1), key=lambda n: n[:4])
-        if close:
-            out[i] = close[0][4]
+        nearest = min((n for n in near if n[0] <= 1), key=lambda n: n[:4], default=None)
+        if nearest:
+            out[i] = nearest[4]
     return out
 
 
