@@ -14,7 +14,9 @@ rule on and off (`merge_duplicates`: a detection within one cell of one with the
 many boxes are named in the frames where all four rest. With `--covered under`, it also writes each clip's story
 with the connector's `covered` events (the story layout follows a hidden object) and counts the clips whose last
 sentence names the right box (" At the end, the blue ball is under the second red box from the left."): what stage 2
-would read. The numbers are in docs/GROUNDING.md.
+would read. With `--swaps`, it counts the clips where the connector's swap count (`counts` rule `{swaps: true}`,
+`vlm.connectors.tracks.swap_counts`) is the true number of swaps, and the split's other clips where it says a swap
+happened (none did). The numbers are in docs/GROUNDING.md.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from vlm.connectors.story import ORDINALS  # noqa: E402
-from vlm.connectors.tracks import Detection, Track, link, merge_duplicates  # noqa: E402
+from vlm.connectors.tracks import Detection, Track, link, merge_duplicates, swap_counts  # noqa: E402
 from vlm.connectors.truth import true_detected  # noqa: E402
 from vlm.data.regions import nearest_frames  # noqa: E402
 from vlm.model import VideoLLM  # noqa: E402
@@ -114,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a connector setting for the heads, e.g. peaks=false")
     p.add_argument("--covered", metavar="PREPOSITION", help="also score the story's end sentence, e.g. under")
+    p.add_argument("--swaps", action="store_true", help="also score the swap count, and read the split's other clips "
+                   "for swaps said where none happened")
     p.add_argument("--strip", type=Path, help="a PNG of the first clip at the first frame count, what is named where")
     args = p.parse_args(argv)
     data = Path(args.data)
@@ -125,41 +129,48 @@ def main(argv: list[str] | None = None) -> int:
         settings = {"layout": "story", "events": events, **settings}
     model.apply_settings({"connector": {"slots": args.slots, **settings}})
     meta = {m["id"]: m for m in map(json.loads, (data / "meta.jsonl").read_text().splitlines())}
-    records = [r for r in json.loads((data / f"regions_{args.split}.json").read_text())
-               if "shuffle" in meta.get(Path(r["video"]).stem, {})]
+    split = json.loads((data / f"regions_{args.split}.json").read_text())
+    records = [r for r in split if "shuffle" in meta.get(Path(r["video"]).stem, {})]
+    others = [r for r in split if "shuffle" not in meta.get(Path(r["video"]).stem, {})] if args.swaps else []
     if not records:
         raise SystemExit(f"{data}: no shuffle clips in regions_{args.split}.json")
+    def read(r: dict, frames: int):  # the clip, what the heads (or perfect ones) saw, and the features' grid
+        clip = read_clip(data / r["video"], frames, "uniform")
+        if args.model:
+            pixels, stamps = model.processor.preprocess_clip(clip)
+            with torch.no_grad():
+                feats = model.connector.reduced(model.tower_features(pixels[None], stamps[None]))
+            return clip, model.connector.detections(feats)[0], feats.grid
+        grid = model.tower.grid_for(frames, *model.tower.preprocessor.hw)
+        stamps = torch.tensor(clip.timestamps, dtype=torch.float)[None]
+        feats = VisualFeatures(torch.zeros(1, frames, grid[1] * grid[2], 1), grid, timestamps=stamps)
+        return clip, model.connector.detections(feats, true_detected(model.connector, [r["regions"]], stamps, grid))[0], grid
+
     for frames in args.frames:
-        right, told = {True: 0, False: 0}, 0
+        right, told, swaps = {True: 0, False: 0}, 0, {"right": 0, "said_in_other_clips": 0}
         rest = {"frames": 0, "all_four_named": 0}
         for r in records:
             shuffle = meta[Path(r["video"]).stem]["shuffle"]
-            clip = read_clip(data / r["video"], frames, "uniform")
-            if args.model:
-                pixels, stamps = model.processor.preprocess_clip(clip)
-                with torch.no_grad():
-                    feats = model.connector.reduced(model.tower_features(pixels[None], stamps[None]))
-                seen = model.connector.detections(feats)[0]
-            else:
-                grid = model.tower.grid_for(frames, *model.tower.preprocessor.hw)
-                stamps = torch.tensor(clip.timestamps, dtype=torch.float)[None]
-                feats = VisualFeatures(torch.zeros(1, frames, grid[1] * grid[2], 1), grid, timestamps=stamps)
-                seen = model.connector.detections(feats, true_detected(model.connector, [r["regions"]], stamps, grid))[0]
+            clip, seen, grid = read(r, frames)
+            swaps["right"] += sum(swap_counts(seen[1]).values()) == len(shuffle["swaps"])
             for merge in right:
                 right[merge] += end_position(seen[1], "box", merge) == shuffle["end_position"]
             if args.covered:
-                told += told_position(model.connector.text(seen, feats.grid), args.covered) == shuffle["end_position"]
+                told += told_position(model.connector.text(seen, grid), args.covered) == shuffle["end_position"]
             if args.strip and r is records[0] and frames == args.frames[0]:
-                draw(clip, seen[1], feats.grid, shuffle["end_position"], end_position(seen[1], "box", False),
+                draw(clip, seen[1], grid, shuffle["end_position"], end_position(seen[1], "box", False),
                      args.model or f"{args.recipe} (perfect detections)", args.strip)
             for f, a in zip(seen[1], nearest_frames(r["regions"], clip.timestamps)):
                 if all(o["action"] == "still" for o in a["objects"] if o["shape"] == "box") and \
                         sum(o["shape"] == "box" for o in a["objects"]) == 4:
                     rest["frames"] += 1
                     rest["all_four_named"] += sum(d.identity[-1] == "box" for d in f) == 4
+        for r in others:
+            swaps["said_in_other_clips"] += any(swap_counts(read(r, frames)[1][1]).values())
         print(json.dumps({"frames": frames, "clips": len(records), "end_right": right[True],
                           "end_right_without_merge": right[False], **({"story_right": told} if args.covered else {}),
-                          **{f"rest_{k}": v for k, v in rest.items()}}),
+                          **{f"rest_{k}": v for k, v in rest.items()},
+                          **({f"swaps_{k}": v for k, v in swaps.items()} | {"other_clips": len(others)} if args.swaps else {})}),
               flush=True)
     return 0
 

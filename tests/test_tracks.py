@@ -300,7 +300,7 @@ def test_a_changes_rule_says_how_often_each_objects_words_change():
                                          " changing: 1.")
     one = [[Detection((0, 3), ("red" if k < 4 else "blue", "circle"), (S,))] for k in range(8)]
     assert count_text(rules[:1], one) == " the red circle changes color 1 time."
-    with pytest.raises(ValueError, match=r"says \{times\}, which a rule with changes: true counts"):
+    with pytest.raises(ValueError, match=r"says \{times\}, which a rule with changes: true or swaps: true counts"):
         count_rules({"x": {"color": ["red"], "says": "the {name} changes {times}"}}, vocab)
     with pytest.raises(ValueError, match=r"is one \{attribute"):
         count_rules({"x": {"color": ["red"], "changes": True, "every": True}}, vocab)
@@ -435,13 +435,47 @@ def test_shuffle_tracking_reports_perfect_detections_on_a_generated_world(tmp_pa
     main = _shuffle_tracking().main
     recipe = str(Path(__file__).resolve().parents[1] / "recipes" / "synth_long.yaml")
     strip = tmp_path / "strip.png"
-    assert main(["--recipe", recipe, "--data", str(tmp_path / "w"), "--frames", "8", "16", "--strip", str(strip)]) == 0
+    assert main(["--recipe", recipe, "--data", str(tmp_path / "w"), "--frames", "8", "16", "--strip", str(strip),
+                 "--swaps"]) == 0
     assert strip.read_bytes()[:4] == b"\x89PNG"
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert [r["frames"] for r in rows] == [8, 16] and rows[0]["clips"] >= 1
     # all four resting boxes named when the detections are the annotations; every frame at least as well followed
     assert all(r["rest_all_four_named"] == r["rest_frames"] > 0 for r in rows)
     assert rows[1]["end_right_without_merge"] >= rows[0]["end_right_without_merge"]
+    # every frame read: each swap is seen to end, and no swap is said in a clip without one
+    assert rows[1]["swaps_right"] == rows[1]["clips"] and rows[1]["swaps_said_in_other_clips"] == 0 < rows[1]["other_clips"]
     with pytest.raises(SystemExit, match="no shuffle clips"):
         (tmp_path / "w" / "regions_test.json").write_text("[]")
         main(["--recipe", recipe, "--data", str(tmp_path / "w")])
+
+
+def test_swaps_count_the_times_look_alike_objects_leave_their_places_and_fill_them_again():
+    from vlm.connectors.counts import count_rules, count_text
+    from vlm.connectors.tracks import swap_counts
+    vocab = {"color": ["red", "blue"], "shape": ["box", "circle"], "action": ["still"]}
+    rest = [(4, 1), (4, 3), (4, 4), (4, 6)]
+    boxes = [
+        [(2, 6), (4, 1), (4, 3), (4, 4)],  # one box held up before the clip first rests: not a swap
+        rest,
+        [(3, 2), (5, 2), (4, 4), (4, 6)],  # the first two trade places (crossing: one above, one below)
+        rest,
+        [(3, 5), (5, 5), (4, 1), (4, 3)],  # the last two
+        [(4, 1), (3, 4), (4, 6)],  # still moving, one box unseen
+        rest,
+        [(3, 6), (4, 1), (4, 3), (4, 4)],  # one box lifted and put back: one place empty, not a swap
+        rest,
+        [(4, 1), (4, 3)],  # two boxes unseen for a frame, none elsewhere: not a swap
+        rest,
+    ]
+    frames = [[det(*c, shape="box") for c in cells] + [det(5, 1, "blue", "circle")] for cells in boxes]
+    assert swap_counts(frames) == {("red", "box"): 2}
+    assert swap_counts(frames[:4]) == {("red", "box"): 1}  # cut after the first swap
+    rules = count_rules({"swaps": {"swaps": True, "names": True},
+                         "boxes": {"swaps": True, "says": "the {name}es swap places {times}"}}, vocab)
+    assert count_text(rules, frames) == " swaps: 2: red box. the red boxes swap places 2 times."
+    still = [[det(4, 1, shape="box"), det(4, 6, shape="box")]] * 4  # look-alikes that never move
+    assert count_text(rules, still) == " swaps: 0."
+    for bad in ({"swaps": True, "verb": "swap"}, {"swaps": True, "appears": True}, {"swaps": True, "action": ["still"]}):
+        with pytest.raises(ValueError, match=r"or \{swaps: true\} \(options: names or says\)"):
+            count_rules({"swaps": bad}, vocab)

@@ -21,6 +21,10 @@ question's words, where `{times}` is how often its words changed ("1 time", "2 t
 
     counts: {colour changes: {color: [red, green, ...], changes: true, says: "the {name} changes color {times}"}}
     -> " the red cross changes color 2 times."
+
+`{swaps: true}` counts how often look-alike objects trade places (a shell game: `tracks.swap_counts`), per name
+of two or more objects at the clip's end; with `says`, one sentence per name whose objects swapped, `{times}` the
+swaps ("the {name}es swap places {times}" -> " the red boxes swap places 2 times.").
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 from vlm.connectors.tracks import (Detection, Track, change_count, changed_tracks, counted_tracks, object_tracks,
-                                  track_name, varied_tracks)
+                                  swap_counts, track_name, varied_tracks)
 
 MAX_COUNT = 9  # a sentence says 0-9 (more is written as 9)
 MAX_NAMES = 4  # and names at most this many objects, the longest seen first
@@ -52,6 +56,7 @@ class CountRule:
     changes: bool = False  # counted when the words change among `words` (smoothed; other words skipped between)
     says: str = ""  # instead of the count, one sentence per counted object from this template with {name} (and
                     # {times}: how often its words changed)
+    swaps: bool = False  # (without words) counts the times look-alike objects trade places, per name
 
     @property
     def template(self) -> str:
@@ -62,11 +67,10 @@ class CountRule:
         """How often a track's words of the rule's attribute change among its words."""
         return change_count(track, self.attribute, self.words) if self.attribute >= 0 else 0
 
-    def sentence(self, track: Track) -> str:
-        """The template said of one counted object."""
-        n = min(MAX_COUNT, self.times(track))
-        times = f"{n} time{'s' * (n != 1)}"
-        return " " + self.template.replace("{name}", track_name(track)).replace("{times}", times) + "."
+    def sentence(self, name: str, times: int = 0) -> str:
+        """The template said of one counted object (or, for swaps, one name), `times` its count."""
+        n = min(MAX_COUNT, times)
+        return " " + self.template.replace("{name}", name).replace("{times}", f"{n} time{'s' * (n != 1)}") + "."
 
     def pick(self, tracks: Sequence[Track], last: int) -> list[Track]:
         """The objects this rule counts among a clip's `object_tracks` (its last frame: `last`), longest seen first."""
@@ -86,26 +90,31 @@ class CountRule:
 def count_rules(counts: Mapping[str, Mapping[str, Any]], vocab: Mapping[str, Sequence[str]]) -> list[CountRule]:
     """The `counts` setting, checked: phrase -> {attribute: [words], every: bool} or {attribute: [words], becomes:
     word} or {attribute: [words], several: true} or {attribute: [words], changes: true} or {appears: true} or
-    {disappears: true}, each with the options
-    names: bool, verb: str or says: "... {name} ...". `vocab`: the
-    object then motion attributes' words, in the order of a detection's words."""
+    {disappears: true}, each with the options names: bool, verb: str or says: "... {name} ...", or {swaps: true}
+    (options: names or says). `vocab`: the object then motion attributes' words, in the order of a detection's
+    words."""
     rules = []
-    options = ("every", "names", "appears", "disappears", "verb", "becomes", "several", "changes", "says")
+    options = ("every", "names", "appears", "disappears", "verb", "becomes", "several", "changes", "says", "swaps")
     for phrase, rule in counts.items():
         rule = rule if isinstance(rule, Mapping) else {}
         named = [k for k in rule if k not in options]
-        extent = bool(rule.get("appears") or rule.get("disappears"))
+        extent = bool(rule.get("appears") or rule.get("disappears") or rule.get("swaps"))
         how = [k for k in ("every", "becomes", "several", "changes") if rule.get(k)]  # of an attribute's words, at most one
-        if len(named) != (0 if extent else 1) or len(how) > (0 if extent else 1) or (rule.get("verb") and rule.get("says")):
+        swaps_with = rule.get("swaps") and (rule.get("appears") or rule.get("disappears") or rule.get("verb"))
+        if len(named) != (0 if extent else 1) or len(how) > (0 if extent else 1) or (rule.get("verb") and rule.get("says")) \
+                or swaps_with:
             raise ValueError(f"word_slots: counts[{phrase!r}] is one {{attribute: [words]}} (options: every, several, "
                              "becomes or changes; names, verb or says) or {appears: true} or {disappears: true} (options: names, "
-                             "verb or says), e.g. {action: [moves left, moves right], names: true}")
+                             "verb or says) or {swaps: true} (options: names or says), e.g. {action: [moves left, moves "
+                             "right], names: true}")
         if rule.get("says") and "{name}" not in str(rule["says"]):
             raise ValueError(f"word_slots: counts[{phrase!r}] says {rule['says']!r}: the template names the object "
                              "with {name}")
-        if "{times}" in str(rule.get("says", "")) and not rule.get("changes"):
-            raise ValueError(f"word_slots: counts[{phrase!r}] says {{times}}, which a rule with changes: true counts")
-        flags = {k: bool(rule.get(k, False)) for k in ("every", "names", "appears", "disappears", "several", "changes")}
+        if "{times}" in str(rule.get("says", "")) and not (rule.get("changes") or rule.get("swaps")):
+            raise ValueError(f"word_slots: counts[{phrase!r}] says {{times}}, which a rule with changes: true or "
+                             "swaps: true counts")
+        flags = {k: bool(rule.get(k, False))
+                 for k in ("every", "names", "appears", "disappears", "several", "changes", "swaps")}
         flags |= {k: str(rule.get(k, "")) for k in ("verb", "becomes", "says")}
         if extent:
             rules.append(CountRule(str(phrase), **flags))
@@ -130,9 +139,17 @@ def count_text(rules: Sequence[CountRule], frames: Sequence[Sequence[Detection]]
     """One clip's sentences, in the rules' order, from its detections per frame."""
     said, objects = [], object_tracks(frames) if rules else []
     for r in rules:
+        if r.swaps:
+            swapped = [(" ".join(name), n) for name, n in swap_counts(frames).items() if n]
+            if r.template:
+                said += [r.sentence(name, n) for name, n in swapped[:MAX_NAMES]]
+            else:
+                names = [name for name, _ in swapped[:MAX_NAMES]] if r.names else []
+                said.append(count_sentence(r.phrase, min(MAX_COUNT, sum(n for _, n in swapped)), names))
+            continue
         tracks = r.pick(objects, len(frames) - 1)
         if r.template:
-            said += [r.sentence(tr) for tr in tracks[:MAX_NAMES]]
+            said += [r.sentence(track_name(tr), r.times(tr)) for tr in tracks[:MAX_NAMES]]
             continue
         names = [track_name(tr) for tr in tracks[:MAX_NAMES]] if r.names else []
         said.append(count_sentence(r.phrase, min(MAX_COUNT, len(tracks)), names))

@@ -201,6 +201,31 @@ def changed_tracks(tracks: Sequence[Track], attribute: int, words: Sequence[str]
     return sorted(out, key=lambda tr: -len(tr.frames))
 
 
+def swap_counts(frames: Sequence[Sequence[Detection]], min_moved: int = 2) -> dict[tuple[str, ...], int]:
+    """How often look-alike objects trade places, per identity shown by two or more detections in the last frame
+    (e.g. four red boxes shuffled): the times they leave their resting cells (those of the last frame) and all come
+    back to them, counted when at some frame between `min_moved` of those cells are empty and an object of that
+    identity is seen elsewhere. Needs no tracks, so two identical objects that cross cannot be mixed up; a clip
+    must rest between two swaps for them to count as two (back-to-back swaps at a low frame rate count once), and
+    the clip's start, before the objects first rest, is not counted."""
+    ends: dict[tuple[str, ...], set[tuple[int, int]]] = {}
+    for d in frames[-1] if frames else ():
+        ends.setdefault(d.identity, set()).add(d.cell)
+    out = {}
+    for name, rest in ends.items():
+        if len(rest) < 2:
+            continue
+        count, rested, moved = 0, False, False
+        for dets in frames:
+            here = {d.cell for d in dets if d.identity == name}
+            if here == rest:
+                count, rested, moved = count + (rested and moved), True, False
+            else:
+                moved = moved or (len(rest - here) >= min_moved and bool(here - rest))
+        out[name] = count
+    return out
+
+
 def track_name(track: Track) -> str:
     """A track's identity words as a caption names the object ("white diamond"): each word the one it shows most."""
     rows = [d.identity for d in track.detections]
