@@ -6,6 +6,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from vlm.data.dataset import BatchPlan, SourceSpec, load_mixture, subsample
@@ -160,3 +161,22 @@ def test_max_samples_keeps_every_source_in_mixture_order(tmp_path):
     assert [it.sample.id for it in subsample(items, 20, seed=3)] == names  # seeded
     assert [it.sample.id for it in subsample(items, 20, seed=4)] != names
     assert subsample(items, 80) == items and subsample(items, 500) == items
+
+
+def test_a_wider_window_puts_samples_of_similar_length_together():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(20, 400, size=400).tolist()
+
+    def padding(plan: BatchPlan) -> float:
+        batches = plan.epoch(0)
+        used = sorted(i for b in batches for i in b)
+        assert used == list(range(400))  # every sample once, whatever the window
+        return 1 - sum(lengths[i] for i in used) / sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
+    plain, llava, wide = (padding(BatchPlan(lengths, 8, group_by_length=g, window=w)) for g, w in
+                          ((False, 1), (True, 1), (True, 25)))
+    assert plain > 0.3 and llava == pytest.approx(plain, abs=0.1) and wide < 0.05, (plain, llava, wide)
+    wide_plan = BatchPlan(lengths, 8, window=25)
+    assert wide_plan.epoch(0) != wide_plan.epoch(1)  # windows are drawn anew each epoch
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        BatchPlan(lengths, 8, window=0)

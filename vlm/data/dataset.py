@@ -153,7 +153,7 @@ class ConversationDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, items: Sequence[MixtureItem | RowItem],
-                 load_visual: Callable[[Path, ConversationSample], dict[str, Any]], encode: Callable[[dict[str, Any]], dict[str, Any]], visual_tokens: int = 0, max_retries: int = 16):
+                 load_visual: Callable[[Path, ConversationSample], dict[str, Any]], encode: Callable[[dict[str, Any]], dict[str, Any]], visual_tokens: int | Sequence[int] = 0, max_retries: int = 16):
         self.items = list(items)
         self.load_visual = load_visual
         self.encode = encode
@@ -164,9 +164,11 @@ class ConversationDataset(torch.utils.data.Dataset):
         return len(self.items)
 
     def length(self, i: int) -> int:
-        """Approximate token length (4 characters per token + visual tokens), signed: negative for text-only."""
+        """Approximate token length (4 characters per token + visual tokens, one count for all items or one per
+        item), signed: negative for text-only."""
         item = self.items[i]
-        return item.text_tokens + self.visual_tokens if item.has_media else -item.text_tokens
+        visual = self.visual_tokens if isinstance(self.visual_tokens, int) else self.visual_tokens[i]
+        return item.text_tokens + visual if item.has_media else -item.text_tokens
 
     def _one(self, i: int) -> dict[str, Any]:
         item = self.items[i]
@@ -210,7 +212,11 @@ SHUFFLES = ("numpy", "torch", "torch_stream")
 
 class BatchPlan:
     """Deterministic batches of indices for one process: shuffled per (seed, epoch), optionally grouped by
-    modality and length (LLaVA's `group_by_modality_length`), split across processes, resumable at any batch.
+    modality and length, split across processes, resumable at any batch. Grouping sorts each window of `window`
+    global batches by length and cuts it into global batches, whose order is then shuffled: window 1 is LLaVA's
+    `group_by_modality_length` (one global batch is sorted, to give each process similar lengths; one process gains
+    nothing from it), a larger window puts samples of similar length in the same batch, so less of it is padding
+    (HF Trainer's length-grouped sampler sorts windows of 50 batches).
     The incomplete last global batch is dropped unless it is the epoch's only one (then each process gets an even
     share). `lengths`: each sample's signed length (`ConversationDataset.length`), or the sample count.
     `shuffle` keeps each trainer's order, so its runs reproduce: "numpy" (VLM stages: seeded by [seed, epoch]; the
@@ -219,7 +225,7 @@ class BatchPlan:
     """
 
     def __init__(self, lengths: Sequence[int] | int, batch_size: int, world_size: int = 1, rank: int = 0,
-                 seed: int = 0, group_by_length: bool = True, shuffle: str = "numpy"):
+                 seed: int = 0, group_by_length: bool = True, shuffle: str = "numpy", window: int = 1):
         self.lengths = np.zeros(lengths, dtype=np.int64) if isinstance(lengths, int) else np.asarray(lengths)
         self.batch_size = batch_size
         self.world_size = world_size
@@ -227,20 +233,28 @@ class BatchPlan:
         self.seed = seed
         self.group_by_length = group_by_length
         self.shuffle = shuffle
+        self.window = window
         self.global_batch = batch_size * world_size
         if shuffle not in SHUFFLES or (group_by_length and shuffle != "numpy"):
             raise ValueError(f"shuffle must be one of {SHUFFLES} (grouping by length needs 'numpy'), got {shuffle!r}")
         if len(self.lengths) < world_size:
             raise ValueError(f"{len(self.lengths)} samples cannot give each of {world_size} processes one")
+        if window < 1:
+            raise ValueError(f"window must be >= 1 global batch, got {window}")
 
     def __len__(self) -> int:
         """Batches per epoch for each process."""
         return max(1, len(self.lengths) // self.global_batch)
 
     def _megabatches(self, idx: np.ndarray, rng: np.random.Generator) -> list[list[int]]:
+        """idx shuffled, cut into windows, each sorted longest first and cut into global batches (the last short)."""
         idx = idx[rng.permutation(len(idx))]
-        megas = [idx[k:k + self.global_batch] for k in range(0, len(idx), self.global_batch)]
-        return [sorted(m.tolist(), key=lambda i: -abs(int(self.lengths[i]))) for m in megas]
+        size = self.global_batch * self.window
+        megas = []
+        for k in range(0, len(idx), size):
+            w = sorted(idx[k:k + size].tolist(), key=lambda i: -abs(int(self.lengths[i])))
+            megas += [w[j:j + self.global_batch] for j in range(0, len(w), self.global_batch)]
+        return megas
 
     def _order(self, epoch: int) -> list[int]:
         n = len(self.lengths)

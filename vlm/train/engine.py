@@ -231,8 +231,28 @@ def stage_data(recipe: Recipe, index: int, model: VideoLLM, rank: int = 0, world
     visual = VisualLoader(model, stage.data.frames, stage.data.sampling, cache)
     dataset = ConversationDataset(items, visual, model.processor.encode_sample, tokens)
     plan = BatchPlan([dataset.length(i) for i in range(len(dataset))], stage.batch_size, world_size, rank, seed,
-                     stage.group_by_length)
+                     stage.group_by_length, window=stage.group_window)
     return StageData(items, bad_records, visual, dataset, plan)
+
+
+def written_lengths(model: VideoLLM, data: StageData, show: bool = True) -> list[int]:
+    """Each item's visual token count as the stage's frozen connector writes it from the cached features: a word
+    connector's story is as long as its clip has changes to tell. An item whose clip cannot be read keeps the
+    stage's estimate (the stage skips and reports it when it is drawn)."""
+    counts = []
+    with torch.no_grad():
+        for it in tqdm(data.items, desc="visual lengths", unit="clip", disable=not show):
+            n = data.dataset.visual_tokens
+            if it.sample.media:
+                try:
+                    v = data.visual(resolve_media(it.media_root, it.sample.media, it.sample.location), it.sample)
+                except (VideoDecodeError, OSError, ValueError):
+                    counts.append(n)
+                    continue
+                out = model.encode_visual([], [v["timestamps"]], features=[v["features"]], grids=[v["grid"]])
+                n = out.embeds.shape[1] if out.mask is None else int(out.mask.sum())
+            counts.append(n)
+    return counts
 
 
 def with_regions(items: list[MixtureItem], model: VideoLLM) -> tuple[list[MixtureItem], list[str]]:
@@ -261,6 +281,13 @@ def setup_stage(recipe: Recipe, index: int, init_from: Path | None, stage_dir: P
     data = stage_data(recipe, index, model, accelerator.process_index, accelerator.num_processes)
     if data.visual.cache is not None:
         data.cache_stats = precompute_features(model, data.items, data.visual, accelerator)
+        # a frozen connector's own lengths, where grouping changes which samples share a batch (one process sorting
+        # one global batch at a time does not)
+        regroups = stage.group_window > 1 or accelerator.num_processes > 1
+        if stage.group_by_length and regroups and stage.parts["connector"].mode == "frozen":
+            data.dataset.visual_tokens = written_lengths(model, data, accelerator.is_local_main_process)
+            data.plan = BatchPlan([data.dataset.length(i) for i in range(len(data.dataset))], stage.batch_size,
+                                  data.plan.world_size, data.plan.rank, data.plan.seed, window=stage.group_window)
     run = setup(stage, stage.schedule, accelerator, deepspeed, model, make_optimizer(model, stage), data.dataset,
                 Collate(model), data.plan, stage_dir, stage.data.num_workers, resume)
     return run, data

@@ -57,6 +57,7 @@ class StageSpec(LoopSpec):
     deepspeed: str | None = None  # path to a DeepSpeed JSON config (recipes/deepspeed/zero2.json, ...)
     gradient_checkpointing: bool = False
     group_by_length: bool = True  # LLaVA's modality-length grouping
+    group_window: int = 1  # global batches sorted together by length (1: LLaVA's; 50: most padding gone, see BatchPlan)
     feature_cache: bool = True  # when the tower is frozen: encode each clip once, train from the cache
     save: str = "model"  # model (a full VideoLLM folder) | connector (a connector-only save too)
     # lm: next-token loss on assistant tokens; words: align each clip's visual tokens with the LLM's input embeddings
@@ -298,6 +299,8 @@ def validate(recipe: Recipe, check_files: bool = True) -> None:
             raise RecipeError(f"{where}.data.sampling '{st.data.sampling}': choose from {sorted(POLICIES)}")
         if st.data.frames < 1:
             raise RecipeError(f"{where}.data.frames must be >= 1")
+        if st.group_window < 1:
+            raise RecipeError(f"{where}.group_window must be >= 1 global batch")
         if not st.data.mixture:
             raise RecipeError(f"{where}.data.mixture is empty")
         for j, m in enumerate(st.data.mixture):
