@@ -9,7 +9,7 @@ import torch
 
 from tests.test_word_slots import nearest_words, tiny_slots_model
 from vlm.connectors.tracks import (Detection, counted_tracks, describe, link, merge_duplicates, object_tracks, settle,
-                                  smooth, track_name, viterbi)
+                                  smooth, track_name, viterbi, without_repeat_tracks)
 from vlm.towers.base import VisualFeatures
 
 TIMES = [0.1, 0.4, 0.6, 0.9, 1.1, 1.4]
@@ -80,6 +80,23 @@ def test_merge_duplicates_keeps_one_of_a_large_objects_neighbouring_cells():
     # two look-alikes a detector with centre offsets named apart stay two
     distinct = [replace(d, distinct=True) for d in dets]
     assert [d.cell for d in merge_duplicates(distinct)] == [(2, 2), (2, 3), (2, 3), (4, 4)]
+
+
+def test_a_track_seen_only_beside_a_longer_one_with_the_same_words_is_a_repeat():
+    def moving(col):  # a blue diamond moving right, named apart from its neighbour by the centre offsets
+        return replace(det(1, col, "blue", "diamond", "moves right"), distinct=True)
+
+    frames = [[moving(t)] for t in range(6)]
+    frames[2].append(moving(3))  # its second reading, one cell ahead, for two frames
+    frames[3].append(moving(4))
+    frames[1].append(replace(det(4, 4, "blue", "diamond"), distinct=True))  # another blue diamond, far off
+    frames[2].append(replace(det(4, 4, "blue", "diamond"), distinct=True))
+    boxes = [replace(det(3, c, "red", "box"), distinct=True) for c in (0, 1)]  # look-alikes resting side by side
+    frames = [f + boxes for f in frames]
+    kept = without_repeat_tracks(frames)
+    assert [len(f) for f in kept] == [3, 4, 4, 3, 3, 3]  # the repeat's two detections gone, nothing else
+    assert [sum(d.cell[0] == 1 for d in f) for f in kept] == [1] * 6  # one moving diamond in every frame
+    assert len(object_tracks(frames)) == 5 and len(object_tracks(kept)) == 4
 
 
 def count_tracks(frames, attribute, words, min_frames=2):
@@ -214,11 +231,14 @@ def test_a_built_model_switches_to_the_tracks_layout_and_keeps_it_when_saved(tmp
     assert model.num_visual_tokens(2) > before
     with pytest.raises(ValueError, match="text_tokens"):
         model.apply_settings({"connector": {"text_tokens": 6}})  # still the frames layout
-    model.apply_settings({"connector": {"layout": "tracks", "text_tokens": 6, "threshold": 0.7}})
+    with pytest.raises(ValueError, match="repeats is 'frames' or 'tracks'"):
+        model.apply_settings({"connector": {"repeats": "clips"}})
+    model.apply_settings({"connector": {"layout": "tracks", "text_tokens": 6, "threshold": 0.7, "repeats": "tracks"}})
     assert model.num_visual_tokens(12) == 6 and model.connector.threshold == 0.7
     model.save_pretrained(tmp_path / "m")
     again = VideoLLM.from_pretrained(tmp_path / "m")
-    assert (again.connector.layout, again.connector.text_tokens, again.connector.threshold) == ("tracks", 6, 0.7)
+    assert (again.connector.layout, again.connector.text_tokens, again.connector.threshold, again.connector.repeats) \
+        == ("tracks", 6, 0.7, "tracks")
     again.apply_settings({"connector": {"layout": "frames"}})
     assert again.connector.text_tokens is None and again.num_visual_tokens(2) == 2 * again.connector.project_grid((1, 4, 4))[1]
 
@@ -394,6 +414,8 @@ def test_story_with_covered_follows_a_hidden_object_and_says_where_it_is_at_the_
     assert story([], twin, times, (), {"covered": "under"}).endswith(" the red box disappears.")
     back = [f + ([Detection((0, 0), ("blue", "ball"), S)] if k >= 4 else []) for k, f in enumerate(one)]
     assert " under" not in story([], back, times, (), {"covered": "under"})
+    from vlm.connectors.events import settings
+    assert settings({"covered": None})[2] == {} and settings({"covered": "under"})[2] == {"covered": "under"}  # null: off
 
 
 def _shuffle_tracking():

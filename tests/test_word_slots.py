@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -270,10 +271,11 @@ def test_peaks_name_an_object_that_lights_two_cells_once(monkeypatch):
     assert "peaks" in conn.settings  # a setting: a saved model can switch it on
 
 
-def test_slots_objective_trains_the_heads_then_the_llm_reads_them(tmp_path):
+def test_slots_objective_trains_the_heads_then_the_llm_reads_them(tmp_path, capsys):
     from evals.slots import evaluate_slots
     from vlm.model import VideoLLM
-    from vlm.train.engine import run_recipe
+    from vlm.data.conversation import resolve_media
+    from vlm.train.engine import run_recipe, setup_stage
     from vlm.train.recipe import parse_recipe
 
     data = make_tiny_data(tmp_path / "data", n=8)
@@ -306,6 +308,31 @@ def test_slots_objective_trains_the_heads_then_the_llm_reads_them(tmp_path):
     a = stage1.connector(stage1.tower_features(clip, ts))
     b = model.connector(model.tower_features(clip, ts))
     assert torch.equal(a.mask, b.mask) and torch.equal(a.embeds[a.mask], b.embeds[b.mask])
+    # a stage that reads the frozen heads groups its batches by the length of the story they write
+    raw["model"]["connector"].update(layout="story", text_tokens=400)  # settings: the same heads tell each clip
+    raw["model"]["max_length"] = 1024
+    recipe = parse_recipe(raw)
+    recipe.stages[1].group_window = 2
+    _, data = setup_stage(recipe, 1, tmp_path / "run" / "1-slots" / "final", tmp_path / "regroup", resume=False)
+    written = data.dataset.visual_tokens
+    assert isinstance(written, list) and len(written) == len(data.items), written
+    assert max(written) < 400  # the stories told (16 tokens here), not the budget the stage would otherwise assume
+    stage1.connector.configure(layout="story", text_tokens=400)
+    for it, n in zip(data.items, written):
+        v = data.visual(resolve_media(it.media_root, it.sample.media, it.sample.location), it.sample)
+        out = stage1.encode_visual([], [v["timestamps"]], features=[v["features"]], grids=[v["grid"]])
+        assert n == int(out.mask.sum())
+    assert data.plan.window == 2 and list(data.plan.lengths) == [data.dataset.length(i) for i in range(len(written))]
+    # the padding benchmark builds the same stage and counts its batches' padding for each order
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import bench_padding
+
+    (tmp_path / "recipe.yaml").write_text(json.dumps(raw))
+    bench_padding.main(["--recipe", str(tmp_path / "recipe.yaml"), "--stage", "2", "--init",
+                        str(tmp_path / "run" / "1-slots" / "final"), "--window", "2", "--time", "1", "--no-docs"])
+    table = capsys.readouterr().out
+    rows = [r for r in table.splitlines() if r.startswith(("| random", "| LLaVA", "| window"))]
+    assert len(rows) == 6 and "| window 2, written lengths | 1 |" in table, table
 
 
 def test_slots_objective_needs_a_slot_connector(tmp_path):

@@ -122,12 +122,12 @@ def event_width(rules: Sequence[EventRule], extent: Mapping[str, str], tokens: C
 
 def settings(events: Any) -> tuple[Mapping[str, Mapping[str, str]], int, dict[str, str]]:
     """The `events` setting split: the attributes' rules, `hold` (default 2) and the extent verbs (`appears`,
-    `disappears`), the optional keys beside the attributes."""
+    `disappears`, `covered`; null: not told), the optional keys beside the attributes."""
     events = dict(events or {})
     hold = int(events.pop("hold", 2))
     if hold < 1:
         raise ValueError(f"word_slots: events hold ({hold}) is the frames a word must hold on each side, >= 1")
-    extent = {k: str(events.pop(k)).strip() for k in EXTENT if k in events}
+    extent = {k: str(v).strip() for k in EXTENT if (v := events.pop(k, None)) is not None}
     if not all(extent.values()):
         raise ValueError(f"word_slots: events {sorted(k for k, v in extent.items() if not v)} need a verb "
                          "(e.g. appears: appears)")

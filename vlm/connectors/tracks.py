@@ -49,6 +49,26 @@ def merge_duplicates(dets: Sequence[Detection]) -> list[Detection]:
     return kept
 
 
+def without_repeat_tracks(frames: Sequence[Sequence[Detection]]) -> list[list[Detection]]:
+    """Each frame's detections without those of a repeat track: one seen only beside a longer track of the same
+    identity words (within one cell of it in every frame it is seen). It is a second reading of that object, as
+    `merge_duplicates` drops one in a single frame: a moving or large object lights a neighbouring cell that the
+    centre offsets keep as `distinct`, for a frame or a few ("a blue diamond appears ... the blue diamond
+    disappears"). Look-alikes that rest side by side all clip long are kept: neither track is the shorter."""
+    frames = [merge_duplicates(f) for f in frames]
+    tracks = link(frames)
+    seen: dict[int, list[tuple[int, Detection]]] = {}  # frame -> (track length, detection)
+    for tr in tracks:
+        for t, d in zip(tr.frames, tr.detections):
+            seen.setdefault(t, []).append((len(tr.frames), d))
+    dropped = {id(d) for tr in tracks
+               if all(any(n > len(tr.frames) and o.identity == d.identity
+                          and max(abs(o.cell[0] - d.cell[0]), abs(o.cell[1] - d.cell[1])) <= 1 for n, o in seen[t])
+                      for t, d in zip(tr.frames, tr.detections))
+               for d in tr.detections}
+    return [[d for d in f if id(d) not in dropped] for f in frames]
+
+
 def link(frames: Sequence[Sequence[Detection]], max_jump: int = 3, max_gap: int = 2) -> list[Track]:
     """Tracks from each frame's detections: greedily, the pairs (track, detection) of lowest cost first, where the
     cost is the cells' Chebyshev distance plus 2 per differing identity word; a track takes a detection that

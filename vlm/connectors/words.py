@@ -31,7 +31,7 @@ from vlm.connectors.slot_heads import MotionHead, SlotHead, distinct_peaks, slot
 from vlm.connectors.counts import count_rules, count_text, count_width
 from vlm.connectors.events import event_rules, event_texts, event_width, settings as event_settings
 from vlm.connectors.story import story
-from vlm.connectors.tracks import Detection, Seen, describe, settle
+from vlm.connectors.tracks import Detection, Seen, describe, settle, without_repeat_tracks
 from vlm.data.regions import region_problems
 from vlm.towers.base import VisualFeatures
 
@@ -68,6 +68,9 @@ class WordSlots(Connector):
     {"<word> > <word>": what the change is called}, e.g. {"action": {"moves left > moves right": "bounces off the left
     wall"}} writes " red star bounces off the left wall." there (`hold`, `{to}`, appears / disappears:
     `vlm.connectors.events`): the frame's time stamp then says when, the sentences' order what came first;
+    repeats: "frames" (a detection beside one with the same words in the same frame is a repeat, unless the centre
+    offsets named both) or "tracks" (also a track seen only beside a longer one with the same words, every frame
+    it is seen: `vlm.connectors.tracks.without_repeat_tracks`), for the layouts that link tracks, counts and events;
     switch_cost: > 0 decodes each object's words over its track, and the scene's over the clip, as the sequence of
     highest log-probability when a change of word costs that many nats (`vlm.connectors.tracks.settle`), where 0
     takes each frame's likeliest word, then the majority of three frames; for the layouts that link tracks, and
@@ -80,7 +83,8 @@ class WordSlots(Connector):
                  layout: str = "frames", text_tokens: int | None = None, scene_grid: int = 1,
                  counts: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
                  events: Mapping[str, Any] | None = None, switch_cost: float = 0.0,
-                 peaks: bool = False, centre_offsets: bool = False, centre_radius: float = 0.75):
+                 peaks: bool = False, centre_offsets: bool = False, centre_radius: float = 0.75,
+                 repeats: str = "frames"):
         super().__init__(in_dim, out_dim, reducers)
         self.scene_vocab = {k: list(v) for k, v in (scene or {}).items()}
         self.object_vocab = {k: list(v) for k, v in (objects or {}).items()}
@@ -99,7 +103,8 @@ class WordSlots(Connector):
         if not set(self.silent) <= set(self.words):
             raise ValueError(f"word_slots: silent words {sorted(set(self.silent) - set(self.words))} are not in its vocabulary")
         self.configure(slots=slots, layout=layout, text_tokens=text_tokens, threshold=threshold, counts=counts or {},
-                       events=events or {}, switch_cost=switch_cost, peaks=peaks, centre_radius=centre_radius)
+                       events=events or {}, switch_cost=switch_cost, peaks=peaks, centre_radius=centre_radius,
+                       repeats=repeats)
         self.head = SlotHead(in_dim, sum(len(g) for g in self.object_vocab.values()),
                              sum(len(g) for g in self.scene_vocab.values()), hidden, scene_grid, centre_offsets)
         if self.motion_vocab:
@@ -111,7 +116,7 @@ class WordSlots(Connector):
         self.truncated = 0  # clips whose text (tracks, counts) was cut to the token budget
 
     settings = ("slots", "layout", "text_tokens", "threshold", "peaks", "centre_radius", "counts", "events",
-                "switch_cost")
+                "switch_cost", "repeats")
     def configure(self, **values: Any) -> None:
         slots = int(values.get("slots", getattr(self, "slots", 3)))
         if slots < 1:
@@ -140,7 +145,12 @@ class WordSlots(Connector):
             raise ValueError("word_slots: 'events' apply to layout 'frames' (the tracks layout writes each change)")
         if layout != "story" and "covered" in extent:
             raise ValueError("word_slots: events 'covered' (where a hidden object is) is told by layout 'story' only")
+        repeats = values.get("repeats", getattr(self, "repeats", "frames"))
+        if repeats not in ("frames", "tracks"):
+            raise ValueError(f"word_slots: repeats is 'frames' or 'tracks' (where a second reading of an object is "
+                             f"found), not {repeats!r}")
         self.slots, self.layout, self.centre_radius, self.switch_cost = slots, layout, radius, switch_cost
+        self.repeats = repeats
         self.text_tokens = None if text_tokens is None else int(text_tokens)
         self.threshold = float(values.get("threshold", getattr(self, "threshold", 0.5)))
         self.peaks = bool(values.get("peaks", getattr(self, "peaks", False)))
@@ -283,11 +293,13 @@ class WordSlots(Connector):
                    for s, (c, kept, a) in enumerate(zip(cells[i, j], keep[i, j], attrs[i, j])) if kept]
                   for j in range(cells.shape[1])],
                  times[i].tolist()) for i in range(cells.shape[0])]
-        if not decode:
-            return seen
-        return [settle(clip, [tuple(dict(zip(ws, lp[i][j])) for lp, ws in zip(scene_lp, scene_words))
-                              for j in range(cells.shape[1])], self.switch_cost)
-                for i, clip in enumerate(seen)]
+        if decode:
+            seen = [settle(clip, [tuple(dict(zip(ws, lp[i][j])) for lp, ws in zip(scene_lp, scene_words))
+                                  for j in range(cells.shape[1])], self.switch_cost)
+                    for i, clip in enumerate(seen)]
+        if self.repeats == "tracks":
+            seen = [(scenes, without_repeat_tracks(frames), times) for scenes, frames, times in seen]
+        return seen
 
     def text(self, seen: Seen, grid: tuple[int, int, int]) -> str:
         """The tracks text of one clip's `detections` on a feature grid (T, h, w)."""
