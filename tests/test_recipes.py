@@ -49,6 +49,25 @@ def test_pretraining_and_classification_recipes_parse_with_overrides():
         load_pretrain_recipe(REPO / "recipes" / "videomae_pretrain.yaml", ["train.lr_group=1"])
 
 
+def test_long_recipe_header_gives_the_8_frame_recipe_it_replaced():
+    """The overrides in recipes/synth_long.yaml's header turn the shipped 16-frame recipe back into the 8-frame one."""
+    import re
+
+    from vlm.connectors.events import settings
+
+    path = REPO / "recipes" / "synth_long.yaml"
+    header = path.read_text().split("name: synth_long")[0]
+    block = header.split("The 8-frame recipe it replaces")[1].split("# What it scored")[0]
+    overrides = re.findall(r"--set (\S+)", block)
+    assert len(overrides) == 6
+    shipped, eight = load_recipe(path, check_files=False), load_recipe(path, overrides, check_files=False)
+    assert [s.data.frames for s in shipped.stages] == [16, 16] and [s.data.frames for s in eight.stages] == [8, 8]
+    conn = eight.model["connector"]
+    assert (conn["slots"], conn["switch_cost"], conn["centre_offsets"], eight.model["max_length"]) == (3, 2.0, False, 2048)
+    assert "covered" in settings(shipped.model["connector"]["events"])[2]
+    assert settings(conn["events"])[2] == {}  # covered: null, the story says nothing of hidden objects
+
+
 def test_numbers_in_exponent_form_are_numbers():
     """PyYAML (YAML 1.1) reads 3e-3 as a string; recipes and --set read it as the number it means."""
     recipe = load_recipe(REPO / "recipes" / "quickstart.yaml", ["stages.1.parts.llm.lr=3e-3", "output_dir=1e3x"],
