@@ -15,8 +15,9 @@ many boxes are named in the frames where all four rest. With `--covered under`, 
 with the connector's `covered` events (the story layout follows a hidden object) and counts the clips whose last
 sentence names the right box (" At the end, the blue ball is under the second red box from the left."): what stage 2
 would read. With `--swaps`, it counts the clips where the connector's swap count (`counts` rule `{swaps: true}`,
-`vlm.connectors.tracks.swap_counts`) is the true number of swaps, and the split's other clips where it says a swap
-happened (none did). The numbers are in docs/GROUNDING.md.
+`vlm.connectors.tracks.swap_counts`) is the true number of swaps, those where every swap's places are told in order
+(`swap_events`, what the story's `swaps` sentences say), and the split's other clips where it says a swap happened
+(none did). The numbers are in docs/GROUNDING.md.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from vlm.connectors.story import ORDINALS  # noqa: E402
-from vlm.connectors.tracks import Detection, Track, link, merge_duplicates, swap_counts  # noqa: E402
+from vlm.connectors.tracks import Detection, Track, link, merge_duplicates, swap_counts, swap_events  # noqa: E402
 from vlm.connectors.truth import true_detected  # noqa: E402
 from vlm.data.regions import nearest_frames  # noqa: E402
 from vlm.model import VideoLLM  # noqa: E402
@@ -147,12 +148,13 @@ def main(argv: list[str] | None = None) -> int:
         return clip, model.connector.detections(feats, true_detected(model.connector, [r["regions"]], stamps, grid))[0], grid
 
     for frames in args.frames:
-        right, told, swaps = {True: 0, False: 0}, 0, {"right": 0, "said_in_other_clips": 0}
+        right, told, swaps = {True: 0, False: 0}, 0, {"right": 0, "places_right": 0, "said_in_other_clips": 0}
         rest = {"frames": 0, "all_four_named": 0}
         for r in records:
             shuffle = meta[Path(r["video"]).stem]["shuffle"]
             clip, seen, grid = read(r, frames)
             swaps["right"] += sum(swap_counts(seen[1]).values()) == len(shuffle["swaps"])
+            swaps["places_right"] += [list(p) for _, _, p in swap_events(seen[1])] == shuffle["swaps"]
             for merge in right:
                 right[merge] += end_position(seen[1], "box", merge) == shuffle["end_position"]
             if args.covered:

@@ -466,7 +466,8 @@ def test_shuffle_tracking_reports_perfect_detections_on_a_generated_world(tmp_pa
     assert all(r["rest_all_four_named"] == r["rest_frames"] > 0 for r in rows)
     assert rows[1]["end_right_without_merge"] >= rows[0]["end_right_without_merge"]
     # every frame read: each swap is seen to end, and no swap is said in a clip without one
-    assert rows[1]["swaps_right"] == rows[1]["clips"] and rows[1]["swaps_said_in_other_clips"] == 0 < rows[1]["other_clips"]
+    assert rows[1]["swaps_right"] == rows[1]["swaps_places_right"] == rows[1]["clips"]  # how many, and which places
+    assert rows[1]["swaps_said_in_other_clips"] == 0 < rows[1]["other_clips"]
     with pytest.raises(SystemExit, match="no shuffle clips"):
         (tmp_path / "w" / "regions_test.json").write_text("[]")
         main(["--recipe", recipe, "--data", str(tmp_path / "w")])
@@ -474,7 +475,9 @@ def test_shuffle_tracking_reports_perfect_detections_on_a_generated_world(tmp_pa
 
 def test_swaps_count_the_times_look_alike_objects_leave_their_places_and_fill_them_again():
     from vlm.connectors.counts import count_rules, count_text
-    from vlm.connectors.tracks import swap_counts
+    from vlm.connectors.events import settings
+    from vlm.connectors.story import story
+    from vlm.connectors.tracks import swap_counts, swap_events
     vocab = {"color": ["red", "blue"], "shape": ["box", "circle"], "action": ["still"]}
     rest = [(4, 1), (4, 3), (4, 4), (4, 6)]
     boxes = [
@@ -493,6 +496,14 @@ def test_swaps_count_the_times_look_alike_objects_leave_their_places_and_fill_th
     frames = [[det(*c, shape="box") for c in cells] + [det(5, 1, "blue", "circle")] for cells in boxes]
     assert swap_counts(frames) == {("red", "box"): 2}
     assert swap_counts(frames[:4]) == {("red", "box"): 1}  # cut after the first swap
+    assert swap_events(frames) == [(2, ("red", "box"), (1, 2)), (4, ("red", "box"), (3, 4))]  # places left to right
+    times = [0.1 * k for k in range(len(frames))]
+    told = story([], frames, times, (), {"swaps": "the {places} {name}es swap places"})
+    assert " At 0.2 seconds, the first and second red boxes swap places. At 0.4 seconds, the third and fourth red boxes" \
+        " swap places." in told, told
+    assert "swap" not in story([], frames, times, (), {})
+    with pytest.raises(ValueError, match=r"swaps is a sentence with \{places\}"):
+        settings({"swaps": "the boxes swap places"})
     rules = count_rules({"swaps": {"swaps": True, "names": True},
                          "boxes": {"swaps": True, "says": "the {name}es swap places {times}"}}, vocab)
     assert count_text(rules, frames) == " swaps: 2: red box. the red boxes swap places 2 times."

@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping, Sequence
 from vlm.connectors.tracks import Detection, Track, object_tracks, track_name, track_words
 
 MAX_EVENTS = 3  # sentences written per frame at most (the longest-seen objects' first)
-EXTENT = ("appears", "disappears", "covered")  # the keys of the setting that are not attributes
+EXTENT = ("appears", "disappears", "covered", "swaps")  # the keys of the setting that are not attributes
 
 
 @dataclass(frozen=True)
@@ -122,12 +122,16 @@ def event_width(rules: Sequence[EventRule], extent: Mapping[str, str], tokens: C
 
 def settings(events: Any) -> tuple[Mapping[str, Mapping[str, str]], int, dict[str, str]]:
     """The `events` setting split: the attributes' rules, `hold` (default 2) and the extent verbs (`appears`,
-    `disappears`, `covered`; null: not told), the optional keys beside the attributes."""
+    `disappears`, `covered`, and `swaps`, a sentence with {places} and {name}; null: not told), the optional keys
+    beside the attributes."""
     events = dict(events or {})
     hold = int(events.pop("hold", 2))
     if hold < 1:
         raise ValueError(f"word_slots: events hold ({hold}) is the frames a word must hold on each side, >= 1")
     extent = {k: str(v).strip() for k in EXTENT if (v := events.pop(k, None)) is not None}
+    if "swaps" in extent and "{places}" not in extent["swaps"]:
+        raise ValueError("word_slots: events swaps is a sentence with {places} (and {name}), e.g. "
+                         "'the {places} {name}es swap places'")
     if not all(extent.values()):
         raise ValueError(f"word_slots: events {sorted(k for k, v in extent.items() if not v)} need a verb "
                          "(e.g. appears: appears)")

@@ -21,6 +21,11 @@ gone, and moves with it. Its disappearance is told with the other object (" At 0
 disappears under the red box.") and the story ends with where it is (" At the end, the blue ball is under the second
 red box from the left."): an object that shares its name with others there at the end is named by its place among
 them, left to right.
+
+Look-alike objects that trade places (the `events` extent `swaps`, a sentence with {places} and {name}, e.g. "the
+{places} {name}es swap places"): each time some of the objects that share a name at the end leave their resting
+places and all come back (`vlm.connectors.tracks.swap_events`), " At 0.8 seconds, the first and third red boxes swap
+places.", the places counted left to right.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from __future__ import annotations
 from typing import Callable, Mapping, NamedTuple, Sequence
 
 from vlm.connectors.events import EventRule
-from vlm.connectors.tracks import Detection, Track, _columns, changes, link, merge_duplicates
+from vlm.connectors.tracks import Detection, Track, _columns, changes, link, merge_duplicates, swap_events
 
 
 class Event(NamedTuple):
@@ -135,6 +140,10 @@ def timeline(scene: Sequence[tuple[str, ...]], frames: Sequence[Sequence[Detecti
             under = f" {extent['covered']} the {last_name(hidden[i])}" if i in hidden else ""
             events.append(Event(tr.frames[-1] + 1, f"the {_name(rows[-1], n)} {extent.get('disappears', 'disappears')}"
                                 + under, "disappears"))
+    if "swaps" in extent:  # look-alikes that trade places, named by the places they leave, left to right
+        for frame, name, places in swap_events(frames):
+            said = " and ".join(ORDINALS[p - 1] for p in places if p <= len(ORDINALS))
+            events.append(Event(frame, extent["swaps"].format(places=said, name=" ".join(name)), "swaps"))
     for i, by in hidden.items():  # where each hidden object is at the end, after every change
         events.append(Event(len(times), f"the {last_name(tracks[i])} is {extent['covered']} "
                             f"{place(by, tracks, last_name, len(times))}", "covered"))

@@ -221,28 +221,48 @@ def changed_tracks(tracks: Sequence[Track], attribute: int, words: Sequence[str]
     return sorted(out, key=lambda tr: -len(tr.frames))
 
 
-def swap_counts(frames: Sequence[Sequence[Detection]], min_moved: int = 2) -> dict[tuple[str, ...], int]:
-    """How often look-alike objects trade places, per identity shown by two or more detections in the last frame
-    (e.g. four red boxes shuffled): the times they leave their resting cells (those of the last frame) and all come
-    back to them, counted when at some frame between `min_moved` of those cells are empty and an object of that
-    identity is seen elsewhere. Needs no tracks, so two identical objects that cross cannot be mixed up; a clip
-    must rest between two swaps for them to count as two (back-to-back swaps at a low frame rate count once), and
-    the clip's start, before the objects first rest, is not counted."""
+def swap_events(frames: Sequence[Sequence[Detection]], min_moved: int = 2
+                ) -> list[tuple[int, tuple[str, ...], tuple[int, ...]]]:
+    """Each time look-alike objects trade places, per identity shown by two or more detections in the last frame
+    (e.g. four red boxes shuffled): (the first frame of the move, the identity, the places they left: 1-based, left
+    to right among their resting cells, those of the last frame, read in the frames that show every object when
+    there are such), in time order. A move is counted from the frames
+    between two in which they rest in exactly those cells, when at some frame `min_moved` of the cells are empty and
+    an object of that identity is seen elsewhere. Needs no tracks, so two identical objects that cross cannot be
+    mixed up; a clip must rest between two swaps for them to be two (back-to-back swaps at a low frame rate are one,
+    leaving up to four places), and the clip's start, before the objects first rest, is not counted."""
     ends: dict[tuple[str, ...], set[tuple[int, int]]] = {}
     for d in frames[-1] if frames else ():
         ends.setdefault(d.identity, set()).add(d.cell)
-    out = {}
+    out = []
     for name, rest in ends.items():
         if len(rest) < 2:
             continue
-        count, rested, moved = 0, False, False
-        for dets in frames:
+        order = sorted(rest, key=lambda c: (c[1], c[0]))
+        rested, start, left, seen_all = False, None, set(), set()
+        for t, dets in enumerate(frames):
             here = {d.cell for d in dets if d.identity == name}
             if here == rest:
-                count, rested, moved = count + (rested and moved), True, False
-            else:
-                moved = moved or (len(rest - here) >= min_moved and bool(here - rest))
-        out[name] = count
+                if rested and start is not None:  # the places left in frames that show every object, if any
+                    out.append((start, name, tuple(sorted(order.index(c) + 1 for c in seen_all or left))))
+                rested, start, left, seen_all = True, None, set(), set()
+            elif rested and len(rest - here) >= min_moved and here - rest:
+                start = t if start is None else start
+                left |= rest - here
+                if len(here) >= len(rest):
+                    seen_all |= rest - here
+    return sorted(out)
+
+
+def swap_counts(frames: Sequence[Sequence[Detection]], min_moved: int = 2) -> dict[tuple[str, ...], int]:
+    """How often look-alike objects trade places (`swap_events`), per identity shown by two or more detections in
+    the last frame."""
+    cells: dict[tuple[str, ...], set[tuple[int, int]]] = {}
+    for d in frames[-1] if frames else ():
+        cells.setdefault(d.identity, set()).add(d.cell)
+    out = {name: 0 for name, c in cells.items() if len(c) >= 2}
+    for _, name, _ in swap_events(frames, min_moved):
+        out[name] += 1
     return out
 
 

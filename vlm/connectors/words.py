@@ -143,8 +143,9 @@ class WordSlots(Connector):
         events = getattr(self, "events", []) if rules is None else event_rules(rules, self.object_vocab | self.motion_vocab)
         if layout == "tracks" and (events or extent):
             raise ValueError("word_slots: 'events' apply to layout 'frames' (the tracks layout writes each change)")
-        if layout != "story" and "covered" in extent:
-            raise ValueError("word_slots: events 'covered' (where a hidden object is) is told by layout 'story' only")
+        if layout != "story" and {"covered", "swaps"} & set(extent):
+            raise ValueError("word_slots: events 'covered' (where a hidden object is) and 'swaps' are told by layout "
+                             "'story' only")
         repeats = values.get("repeats", getattr(self, "repeats", "frames"))
         if repeats not in ("frames", "tracks"):
             raise ValueError(f"word_slots: repeats is 'frames' or 'tracks' (where a second reading of an object is "
