@@ -97,6 +97,8 @@ def test_a_track_seen_only_beside_a_longer_one_with_the_same_words_is_a_repeat()
     assert [len(f) for f in kept] == [3, 4, 4, 3, 3, 3]  # the repeat's two detections gone, nothing else
     assert [sum(d.cell[0] == 1 for d in f) for f in kept] == [1] * 6  # one moving diamond in every frame
     assert len(object_tracks(frames)) == 5 and len(object_tracks(kept)) == 4
+    frames[2].append(replace(det(3, 2, "red", "box"), distinct=True))  # beside a box: boxes are several at the end
+    assert [len(f) for f in without_repeat_tracks(frames)] == [3, 4, 5, 3, 3, 3]
 
 
 def count_tracks(frames, attribute, words, min_frames=2):

@@ -54,9 +54,12 @@ def without_repeat_tracks(frames: Sequence[Sequence[Detection]]) -> list[list[De
     identity words (within one cell of it in every frame it is seen). It is a second reading of that object, as
     `merge_duplicates` drops one in a single frame: a moving or large object lights a neighbouring cell that the
     centre offsets keep as `distinct`, for a frame or a few ("a blue diamond appears ... the blue diamond
-    disappears"). Look-alikes that rest side by side all clip long are kept: neither track is the shorter."""
+    disappears"). Words that several objects show in the last frame are left alone: look-alikes side by side (a
+    shuffle's boxes, whose tracks break as they cross) are objects, not repeats."""
     frames = [merge_duplicates(f) for f in frames]
     tracks = link(frames)
+    shared = {i for i, n in Counter(d.identity for d in (frames[-1] if frames else ())).items() if n >= 2}
+    tracks = [tr for tr in tracks if tr.detections[0].identity not in shared]  # several there at the end: not repeats
     seen: dict[int, list[tuple[int, Detection]]] = {}  # frame -> (track length, detection)
     for tr in tracks:
         for t, d in zip(tr.frames, tr.detections):
