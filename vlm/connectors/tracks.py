@@ -58,7 +58,7 @@ def without_repeat_tracks(frames: Sequence[Sequence[Detection]]) -> list[list[De
     shuffle's boxes, whose tracks break as they cross) are objects, not repeats."""
     frames = [merge_duplicates(f) for f in frames]
     tracks = link(frames)
-    shared = {i for i, n in Counter(d.identity for d in (frames[-1] if frames else ())).items() if n >= 2}
+    shared = resting_places(frames)
     tracks = [tr for tr in tracks if tr.detections[0].identity not in shared]  # several there at the end: not repeats
     seen: dict[int, list[tuple[int, Detection]]] = {}  # frame -> (track length, detection)
     for tr in tracks:
@@ -224,23 +224,25 @@ def changed_tracks(tracks: Sequence[Track], attribute: int, words: Sequence[str]
     return sorted(out, key=lambda tr: -len(tr.frames))
 
 
+def resting_places(frames: Sequence[Sequence[Detection]]) -> dict[tuple[str, ...], set[tuple[int, int]]]:
+    """The identities that two or more objects show in the last frame (look-alikes), each with their cells there."""
+    cells: dict[tuple[str, ...], set[tuple[int, int]]] = {}
+    for d in frames[-1] if frames else ():
+        cells.setdefault(d.identity, set()).add(d.cell)
+    return {name: c for name, c in cells.items() if len(c) >= 2}
+
+
 def swap_events(frames: Sequence[Sequence[Detection]], min_moved: int = 2
                 ) -> list[tuple[int, tuple[str, ...], tuple[int, ...]]]:
-    """Each time look-alike objects trade places, per identity shown by two or more detections in the last frame
-    (e.g. four red boxes shuffled): (the first frame of the move, the identity, the places they left: 1-based, left
-    to right among their resting cells, those of the last frame, read in the frames that show every object when
-    there are such), in time order. A move is counted from the frames
+    """Each time look-alike objects trade places (`resting_places`: e.g. four red boxes shuffled): the first frame
+    of the move, the identity, and the places they left (1-based, left to right among their resting cells, read in
+    the frames that show every object when there are such), in time order. A move is counted from the frames
     between two in which they rest in exactly those cells, when at some frame `min_moved` of the cells are empty and
     an object of that identity is seen elsewhere. Needs no tracks, so two identical objects that cross cannot be
     mixed up; a clip must rest between two swaps for them to be two (back-to-back swaps at a low frame rate are one,
     leaving up to four places), and the clip's start, before the objects first rest, is not counted."""
-    ends: dict[tuple[str, ...], set[tuple[int, int]]] = {}
-    for d in frames[-1] if frames else ():
-        ends.setdefault(d.identity, set()).add(d.cell)
     out = []
-    for name, rest in ends.items():
-        if len(rest) < 2:
-            continue
+    for name, rest in resting_places(frames).items():
         order = sorted(rest, key=lambda c: (c[1], c[0]))
         rested, start, left, seen_all = False, None, set(), set()
         for t, dets in enumerate(frames):
@@ -258,12 +260,8 @@ def swap_events(frames: Sequence[Sequence[Detection]], min_moved: int = 2
 
 
 def swap_counts(frames: Sequence[Sequence[Detection]], min_moved: int = 2) -> dict[tuple[str, ...], int]:
-    """How often look-alike objects trade places (`swap_events`), per identity shown by two or more detections in
-    the last frame."""
-    cells: dict[tuple[str, ...], set[tuple[int, int]]] = {}
-    for d in frames[-1] if frames else ():
-        cells.setdefault(d.identity, set()).add(d.cell)
-    out = {name: 0 for name, c in cells.items() if len(c) >= 2}
+    """How often look-alike objects trade places (`swap_events`), per identity of `resting_places`."""
+    out = dict.fromkeys(resting_places(frames), 0)
     for _, name, _ in swap_events(frames, min_moved):
         out[name] += 1
     return out
