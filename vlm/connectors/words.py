@@ -2,19 +2,12 @@
 
 Per frame, small heads on the tower's grid decide which cells hold an object's centre and, for each, one word per
 object attribute (colour, shape, ...), and one word per scene attribute (the background's tone, ...). The frame's
-tokens are then literally the words a caption would use, one embedding per token, in a fixed order:
-
-    <scene words> then, per detected object in reading order (at most `slots`): <attribute words> <row> <column>
-
-with the row and column words (" top"/" middle"/" bottom", " left"/" center"/" right") from the object's cell.
-Empty slots and the padding of short words are pruned (the mask), so the LLM reads only what is there. The heads
-are trained with the stage objective "slots" from per-frame annotations carried by the data records
-(`vlm.data.regions`), before the LLM is tuned on them with the connector frozen: the LLM never has to learn a new
-embedding space, only to read words (docs/GROUNDING.md has the measurements that led here).
-
-`layout: tracks` links the detections over frames and writes one sentence per object with the times its words
-change (" gray. red circle, top right: still; from 0.6 s grows; from 1.6 s still.", `vlm.connectors.tracks`);
-`layout: story` tells the same tracks as a timed caption (`vlm.connectors.story`).
+tokens are the words a caption would use, one embedding per token: <scene words>, then per object in reading order
+(at most `slots`) <attribute words> <row> <column> (" top" ... " right", from its cell). Empty slots and the padding
+of short words are pruned (the mask). The heads learn with the stage objective "slots" from per-frame annotations
+(`vlm.data.regions`), before the LLM is tuned on them with the connector frozen: the LLM only has to read words.
+`layout: tracks` links the detections over frames into one sentence per object with the times its words change
+(`vlm.connectors.tracks`); `layout: story` tells the same tracks as a timed caption (`vlm.connectors.story`).
 """
 
 from __future__ import annotations
@@ -68,9 +61,8 @@ class WordSlots(Connector):
     {"<word> > <word>": what the change is called}, e.g. {"action": {"moves left > moves right": "bounces off the left
     wall"}} writes " red star bounces off the left wall." there (`hold`, `{to}`, appears / disappears:
     `vlm.connectors.events`): the frame's time stamp then says when, the sentences' order what came first;
-    repeats: "frames" (a detection beside one with the same words in the same frame is a repeat, unless the centre
-    offsets named both) or "tracks" (also a track seen only beside a longer one with the same words, every frame
-    it is seen: `vlm.connectors.tracks.without_repeat_tracks`), for the layouts that link tracks, counts and events;
+    repeats: "frames" (a detection beside one of the same words in its frame is a repeat, unless the offsets named
+    both) or "tracks" (also a track seen only beside a longer one of its words: `tracks.without_repeat_tracks`);
     switch_cost: > 0 decodes each object's words over its track, and the scene's over the clip, as the sequence of
     highest log-probability when a change of word costs that many nats (`vlm.connectors.tracks.settle`), where 0
     takes each frame's likeliest word, then the majority of three frames; for the layouts that link tracks, and
@@ -83,8 +75,7 @@ class WordSlots(Connector):
                  layout: str = "frames", text_tokens: int | None = None, scene_grid: int = 1,
                  counts: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
                  events: Mapping[str, Any] | None = None, switch_cost: float = 0.0,
-                 peaks: bool = False, centre_offsets: bool = False, centre_radius: float = 0.75,
-                 repeats: str = "frames"):
+                 peaks: bool = False, centre_offsets: bool = False, centre_radius: float = 0.75, repeats: str = "frames"):
         super().__init__(in_dim, out_dim, reducers)
         self.scene_vocab = {k: list(v) for k, v in (scene or {}).items()}
         self.object_vocab = {k: list(v) for k, v in (objects or {}).items()}
@@ -103,8 +94,7 @@ class WordSlots(Connector):
         if not set(self.silent) <= set(self.words):
             raise ValueError(f"word_slots: silent words {sorted(set(self.silent) - set(self.words))} are not in its vocabulary")
         self.configure(slots=slots, layout=layout, text_tokens=text_tokens, threshold=threshold, counts=counts or {},
-                       events=events or {}, switch_cost=switch_cost, peaks=peaks, centre_radius=centre_radius,
-                       repeats=repeats)
+                       events=events or {}, switch_cost=switch_cost, peaks=peaks, centre_radius=centre_radius, repeats=repeats)
         self.head = SlotHead(in_dim, sum(len(g) for g in self.object_vocab.values()),
                              sum(len(g) for g in self.scene_vocab.values()), hidden, scene_grid, centre_offsets)
         if self.motion_vocab:
@@ -144,14 +134,11 @@ class WordSlots(Connector):
         if layout == "tracks" and (events or extent):
             raise ValueError("word_slots: 'events' apply to layout 'frames' (the tracks layout writes each change)")
         if layout != "story" and {"covered", "swaps"} & set(extent):
-            raise ValueError("word_slots: events 'covered' (where a hidden object is) and 'swaps' are told by layout "
-                             "'story' only")
+            raise ValueError("word_slots: events 'covered' (where a hidden object is) and 'swaps': layout 'story' only")
         repeats = values.get("repeats", getattr(self, "repeats", "frames"))
         if repeats not in ("frames", "tracks"):
-            raise ValueError(f"word_slots: repeats is 'frames' or 'tracks' (where a second reading of an object is "
-                             f"found), not {repeats!r}")
-        self.slots, self.layout, self.centre_radius, self.switch_cost = slots, layout, radius, switch_cost
-        self.repeats = repeats
+            raise ValueError(f"word_slots: repeats is 'frames' or 'tracks' (where second readings are), not {repeats!r}")
+        self.slots, self.layout, self.centre_radius, self.switch_cost, self.repeats = slots, layout, radius, switch_cost, repeats
         self.text_tokens = None if text_tokens is None else int(text_tokens)
         self.threshold = float(values.get("threshold", getattr(self, "threshold", 0.5)))
         self.peaks = bool(values.get("peaks", getattr(self, "peaks", False)))
