@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from tests.test_word_slots import nearest_words, tiny_slots_model
-from vlm.connectors.tracks import (Detection, counted_tracks, describe, link, merge_duplicates, object_tracks, settle,
-                                  smooth, track_name, viterbi, without_repeat_tracks)
+from vlm.connectors.tracks import (Detection, counted_tracks, describe, link, merge_duplicates, object_tracks, ramp,
+                                  ramp_rule, settle, size_ramps, smooth, track_name, viterbi, without_repeat_tracks)
 from vlm.towers.base import VisualFeatures
 
 TIMES = [0.1, 0.4, 0.6, 0.9, 1.1, 1.4]
@@ -99,6 +99,61 @@ def test_a_track_seen_only_beside_a_longer_one_with_the_same_words_is_a_repeat()
     assert len(object_tracks(frames)) == 5 and len(object_tracks(kept)) == 4
     frames[2].append(replace(det(3, 2, "red", "box"), distinct=True))  # beside a box: boxes are several at the end
     assert [len(f) for f in without_repeat_tracks(frames)] == [3, 4, 5, 3, 3, 3]
+
+
+def test_ramp_finds_where_a_level_starts_and_stops_changing():
+    assert ramp([-10, -10, -10, -5, 0, 5, 10, 10]) == (2, 6, 20.0)
+    s, e, change = ramp([3, 3.5, 2.5, 3, 1, -1, -3, -5, -7, -7.5, -6.5, -7])  # noisy levels, a fall of 10
+    assert (s, e) == (3, 8) and change == pytest.approx(-10, abs=0.5)
+
+
+def test_size_ramps_say_growing_from_the_size_scores_where_the_motion_head_missed_it():
+    def sized(col, margin, action="still", color="red"):  # margin: log p(large) - log p(small)
+        return Detection((1, col), (color, "star"), (action, "small" if margin < 0 else "large"),
+                         ({}, {}, {}, {"small": 0.0, "large": float(margin)}))
+
+    margins = [-10, -10, -10, -5, 0, 5, 10, 10]
+    heads = ["still", "still", "still", "still", "grows", "still", "still", "grows"]  # a slow change, seen once
+    frames = [[sized(2, m, a), sized(6, 5 - m / 10, "shrinks" if k == 3 else "still", "blue")]
+              for k, (m, a) in enumerate(zip(margins, heads))]
+    out = size_ramps(frames, 3, 2, ("still", "grows", "shrinks"), min_change=15)
+    assert [f[0].motion[0] for f in out] == ["still", "still", "grows", "grows", "grows", "grows", "grows", "still"]
+    assert [f[1].motion[0] for f in out] == ["still"] * 8  # a change of 2 nats: the head's one "shrinks" is a slip
+    assert [f[0].motion[1] for f in out] == [f[0].motion[1] for f in frames]  # the size words as read
+    down = [[replace(sized(2, -m), motion=("moves left" if k == 0 else "still", "small"))]
+            for k, m in enumerate(margins)]
+    assert [f[0].motion[0] for f in size_ramps(down, 3, 2, ("still", "grows", "shrinks"), 15)] == \
+        ["moves left", "still", "shrinks", "shrinks", "shrinks", "shrinks", "shrinks", "still"]  # motions kept
+    assert [f[0].motion[0] for f in size_ramps(frames, 3, 2, ("still", "grows", "shrinks"), 25)] == ["still"] * 8
+    vocab = {"color": ["red"], "shape": ["star"], "action": ["still", "grows", "shrinks"], "size": ["small", "large"]}
+    rule = {"read": "size", "write": "action", "words": ["still", "grows", "shrinks"], "min_change": 15}
+    assert ramp_rule(rule, vocab, 2) == (3, 2, ("still", "grows", "shrinks"), 15.0) and ramp_rule(None, vocab, 2) is None
+    for bad, message in (({**rule, "write": "color"}, "writes a motion attribute"), ({"read": "size"}, "ramps takes"),
+                         ({**rule, "words": ["still", "grows"]}, r"\[rest, up, down\]")):
+        with pytest.raises(ValueError, match=message):
+            ramp_rule(bad, vocab, 2)
+
+
+def test_a_built_model_reads_size_ramps_from_its_heads_scores(tmp_path):
+    from vlm.model import VideoLLM
+
+    motion = {"action": ["still", "grows", "shrinks"], "size": ["small", "large"]}
+    model = tiny_slots_model(motion=motion, slots=3)
+    feats = VisualFeatures(tokens=torch.randn(2, 8, 16, 32), grid=(8, 4, 4),
+                           timestamps=torch.arange(8.0)[None].expand(2, -1) / 4)
+    resized = {"grows", "shrinks"}
+    with pytest.raises(ValueError, match="ramps words"):
+        model.apply_settings({"connector": {"ramps": {"read": "size", "write": "action", "words": ["still", "grows",
+                                                                                                 "bounces"], "min_change": 1}}})
+    rule = {"read": "size", "write": "action", "words": ["still", "grows", "shrinks"], "min_change": 1e9}
+    model.apply_settings({"connector": {"ramps": rule}})
+    assert not any(d.motion[0] in resized for seen in model.connector.detections(feats) for f in seen[1] for d in f)
+    model.apply_settings({"connector": {"ramps": {**rule, "min_change": 0.0}}})
+    for _, frames, _ in model.connector.detections(feats):
+        for track in link(frames):  # one way per track: its ramp's
+            assert len({d.motion[0] for d in track.detections} & resized) <= 1
+    model.save_pretrained(tmp_path / "m")
+    assert VideoLLM.from_pretrained(tmp_path / "m").connector.ramps == (3, 2, ("still", "grows", "shrinks"), 0.0)
 
 
 def count_tracks(frames, attribute, words, min_frames=2):
@@ -384,6 +439,14 @@ def test_story_tells_every_change_in_time_order_as_a_timed_caption():
     from vlm.connectors.story import timeline
     assert [e.kind for e in timeline(scene, frames, times, rules, {"appears": "fades in"})[3]] == [
         "appears", "starts moving to the left", "background", "turns {to}", "bounces off the left wall", "other"]
+    # with `stops`, a change into the rest word is dated by the last frame of the word before: where it last moved
+    stopping = [[Detection((1, 5), ("red", "circle"), (L if 1 <= k <= 3 else S,))] for k in range(6)]
+    stop_rules = event_rules({"action": {"still > moves left": "starts moving to the left",
+                                         "moves left > still": "stops moving"}}, vocab)
+    assert story([], stopping, times, stop_rules).endswith(" At 1.3 seconds, the red circle stops moving.")
+    assert story([], stopping, times, stop_rules, {"stops": "still"}) == (
+        " A red circle is on the background. The red circle: still."
+        " At 0.4 seconds, the red circle starts moving to the left. At 1.0 seconds, the red circle stops moving.")
     # an object gone before the end disappears; with none at the start the scene says so
     late = [[Detection((3, 3), ("blue", "circle"), (S,))] if 2 <= k <= 3 else [] for k in range(6)]
     assert story([], late, times) == (" The video starts with the background and no objects."

@@ -208,6 +208,8 @@ def test_event_sentences_follow_the_words_of_the_frame_that_shows_the_change(mon
         conn.configure(events={"hold": 0})
     with pytest.raises(ValueError, match="'covered' .* layout 'story' only"):  # refused, nothing changed
         conn.configure(events={**starts, "covered": "under"}, slots=5)
+    with pytest.raises(ValueError, match="'stops': layout"):
+        conn.configure(events={**starts, "stops": "still"})
     assert conn.event_extent == {} and conn.slots != 5 and conn.events
 
 

@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping, Sequence
 from vlm.connectors.tracks import Detection, Track, object_tracks, track_name, track_words
 
 MAX_EVENTS = 3  # sentences written per frame at most (the longest-seen objects' first)
-EXTENT = ("appears", "disappears", "covered", "swaps")  # the keys of the setting that are not attributes
+EXTENT = ("appears", "disappears", "covered", "swaps", "stops")  # the keys of the setting that are not attributes
 
 
 @dataclass(frozen=True)
@@ -116,14 +116,14 @@ def event_width(rules: Sequence[EventRule], extent: Mapping[str, str], tokens: C
     """The tokens a frame's event sentences may take: `MAX_EVENTS` of a name of `name_tokens` tokens and the longest
     predicate. `tokens(text)`: the LLM tokenizer's count."""
     said = [s.replace("{from}", w).replace("{to}", w) for r in rules for *_, s in r.changes for w in r.words]
-    longest = max((tokens(f" {s}.") for s in [*said, *extent.values()]), default=0)
+    longest = max((tokens(f" {s}.") for k, s in [*(("", s) for s in said), *extent.items()] if k != "stops"), default=0)
     return MAX_EVENTS * (name_tokens + longest) if longest else 0
 
 
 def settings(events: Any) -> tuple[Mapping[str, Mapping[str, str]], int, dict[str, str]]:
     """The `events` setting split: the attributes' rules, `hold` (default 2) and the extent verbs (`appears`,
-    `disappears`, `covered`, and `swaps`, a sentence with {places} and {name}; null: not told), the optional keys
-    beside the attributes."""
+    `disappears`, `covered`, `swaps`, a sentence with {places} and {name}, and `stops`, a rest word whose changes
+    are dated by the word before; null: not told), the optional keys beside the attributes."""
     events = dict(events or {})
     hold = int(events.pop("hold", 2))
     if hold < 1:

@@ -26,6 +26,10 @@ Look-alike objects that trade places (the `events` extent `swaps`, a sentence wi
 {places} {name}es swap places"): each time some of the objects that share a name at the end leave their resting
 places and all come back (`vlm.connectors.tracks.swap_events`), " At 0.8 seconds, the first and third red boxes swap
 places.", the places counted left to right.
+
+A change into the `events` extent word `stops` (a rest word, e.g. "still") is dated by the last frame of the word
+before it: the heads read a motion from the frames on both sides, so an object that moves until frame k reads
+"moves" there and "still" from the next; it stopped at k.
 """
 
 from __future__ import annotations
@@ -133,9 +137,10 @@ def timeline(scene: Sequence[tuple[str, ...]], frames: Sequence[Sequence[Detecti
                 if before == after:
                     continue
                 rule = next((r for r in rules if r.attribute == a and r.template(before, after)), None)
-                events.append(Event(tr.frames[k], f"the {_name(rows[k - 1], n)} {rule.predicate(before, after)}",
+                at = tr.frames[k - 1] if after == extent.get("stops") else tr.frames[k]  # it stops where it last moved
+                events.append(Event(at, f"the {_name(rows[k - 1], n)} {rule.predicate(before, after)}",
                                     rule.template(before, after)) if rule
-                              else Event(tr.frames[k], f"the {_name(rows[k - 1], n)}: {after}", "other"))
+                              else Event(at, f"the {_name(rows[k - 1], n)}: {after}", "other"))
         if tr.frames[-1] < len(times) - 1:
             under = f" {extent['covered']} the {last_name(hidden[i])}" if i in hidden else ""
             events.append(Event(tr.frames[-1] + 1, f"the {_name(rows[-1], n)} {extent.get('disappears', 'disappears')}"

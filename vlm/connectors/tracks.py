@@ -174,6 +174,70 @@ def settle(seen: Seen, scene_scores: Sequence[Sequence[Mapping[str, float]]], sw
     return scenes, [[decoded.get(id(d), d) for d in f] for f in frames], times
 
 
+def ramp(values: Sequence[float]) -> tuple[int, int, float]:
+    """The least-squares fit of a level, then a straight ramp from index s to index e, then a level, to `values`:
+    (s, e, the change from the first level to the last)."""
+    n, best = len(values), (float("inf"), 0, 0, 0.0)
+    mean = sum(values) / n
+    for s in range(n - 1):
+        for e in range(s + 1, n):
+            xs = [min(max((k - s) / (e - s), 0.0), 1.0) for k in range(n)]
+            mx = sum(xs) / n
+            var = sum((x - mx) ** 2 for x in xs)
+            slope = sum((x - mx) * (v - mean) for x, v in zip(xs, values)) / var
+            sse = sum((mean + slope * (x - mx) - v) ** 2 for x, v in zip(xs, values))
+            best = min(best, (sse, s, e, slope))
+    return best[1], best[2], best[3]
+
+
+def ramp_rule(setting: Mapping[str, object] | None, vocab: Mapping[str, Sequence[str]], identity: int
+              ) -> tuple[int, int, tuple[str, str, str], float] | None:
+    """`size_ramps`' arguments from a connector setting {read: size attribute, write: motion attribute, words: [rest,
+    up, down], min_change: nats} (null: off), checked against the attributes' words (`vocab`: the `identity` object
+    attributes, then the motion attributes)."""
+    if not setting:
+        return None
+    names, keys = list(vocab), {"read", "write", "words", "min_change"}
+    if set(setting) != keys:
+        raise ValueError(f"word_slots: ramps takes {sorted(keys)}, not {sorted(setting)}")
+    read, write, words = setting["read"], setting["write"], tuple(setting["words"])  # type: ignore[arg-type]
+    if read not in names or len(vocab[read]) < 2 or write not in names[identity:]:
+        raise ValueError(f"word_slots: ramps reads a size attribute of two or more words and writes a motion "
+                         f"attribute, among {names}; not {read!r} and {write!r}")
+    if len(words) != 3 or not set(words) <= set(vocab[write]):
+        raise ValueError(f"word_slots: ramps words are [rest, up, down] among {write!r}'s {list(vocab[write])}")
+    return names.index(read), names.index(write), words, float(setting["min_change"])  # type: ignore[arg-type]
+
+
+def size_ramps(frames: Sequence[Sequence[Detection]], size: int, motion: int, words: Sequence[str],
+               min_change: float, min_frames: int = 4) -> list[list[Detection]]:
+    """Each track's growing and shrinking read from its size scores, not from the motion head, which sees one frame
+    on each side and misses most slow changes: the margin of the `size` attribute's last word over its first (e.g.
+    log p(large) - log p(small)), frame by frame, is fitted with a level, a ramp and a level (`ramp`); where it
+    changes by `min_change` nats or more, the `motion` attribute's words = (rest, up, down), e.g. ("still",
+    "grows", "shrinks"), say up (or down) from the ramp's first frame to its last where they said one of the three,
+    and rest elsewhere where they said up or down; a track with a smaller change (or fewer than `min_frames`
+    frames, or no scores) says rest where it said up or down. `size` and `motion`: attribute indices into identity
+    + motion words, as in `track_words`; `motion` one of the motion words."""
+    rest, up, down = words
+    frames = [merge_duplicates(f) for f in frames]
+    said: dict[int, Detection] = {}
+    for track in link(frames):
+        dets = track.detections
+        change, s, e = 0.0, 0, -1
+        if len(dets) >= min_frames and all(d.scores for d in dets):
+            first, *_, last = dets[0].scores[size]
+            s, e, change = ramp([d.scores[size][last] - d.scores[size][first] for d in dets])
+        way = (up if change > 0 else down) if abs(change) >= min_change else rest
+        for k, d in enumerate(dets):
+            m = motion - len(d.identity)
+            word = d.motion[m]
+            if word in (rest, up, down) and (word != rest or way != rest):
+                word = way if s <= k <= e else rest
+            said[id(d)] = replace(d, motion=d.motion[:m] + (word,) + d.motion[m + 1:])
+    return [[said.get(id(d), d) for d in f] for f in frames]
+
+
 def track_words(track: Track, attribute: int) -> list[str]:
     """A track's words of one attribute (its index in identity + motion), frame by frame, smoothed over time."""
     return smooth([(d.identity + d.motion)[attribute] for d in track.detections])

@@ -24,7 +24,7 @@ from vlm.connectors.slot_heads import MotionHead, SlotHead, distinct_peaks, slot
 from vlm.connectors.counts import count_rules, count_text, count_width
 from vlm.connectors.events import event_rules, event_texts, event_width, settings as event_settings
 from vlm.connectors.story import story
-from vlm.connectors.tracks import Detection, Seen, describe, settle, without_repeat_tracks
+from vlm.connectors.tracks import Detection, Seen, describe, ramp_rule, settle, size_ramps, without_repeat_tracks
 from vlm.data.regions import region_problems
 from vlm.towers.base import VisualFeatures
 
@@ -63,6 +63,8 @@ class WordSlots(Connector):
     `vlm.connectors.events`): the frame's time stamp then says when, the sentences' order what came first;
     repeats: "frames" (a detection beside one of the same words in its frame is a repeat, unless the offsets named
     both) or "tracks" (also a track seen only beside a longer one of its words: `tracks.without_repeat_tracks`);
+    ramps: growing and shrinking read from each track's size scores, e.g. {read: size, write: action, words: [still,
+    grows, shrinks], min_change: 12} (nats; `tracks.size_ramps`);
     switch_cost: > 0 decodes each object's words over its track, and the scene's over the clip, as the sequence of
     highest log-probability when a change of word costs that many nats (`vlm.connectors.tracks.settle`), where 0
     takes each frame's likeliest word, then the majority of three frames; for the layouts that link tracks, and
@@ -75,7 +77,8 @@ class WordSlots(Connector):
                  layout: str = "frames", text_tokens: int | None = None, scene_grid: int = 1,
                  counts: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
                  events: Mapping[str, Any] | None = None, switch_cost: float = 0.0,
-                 peaks: bool = False, centre_offsets: bool = False, centre_radius: float = 0.75, repeats: str = "frames"):
+                 peaks: bool = False, centre_offsets: bool = False, centre_radius: float = 0.75, repeats: str = "frames",
+                 ramps: Mapping[str, Any] | None = None):
         super().__init__(in_dim, out_dim, reducers)
         self.scene_vocab = {k: list(v) for k, v in (scene or {}).items()}
         self.object_vocab = {k: list(v) for k, v in (objects or {}).items()}
@@ -94,7 +97,8 @@ class WordSlots(Connector):
         if not set(self.silent) <= set(self.words):
             raise ValueError(f"word_slots: silent words {sorted(set(self.silent) - set(self.words))} are not in its vocabulary")
         self.configure(slots=slots, layout=layout, text_tokens=text_tokens, threshold=threshold, counts=counts or {},
-                       events=events or {}, switch_cost=switch_cost, peaks=peaks, centre_radius=centre_radius, repeats=repeats)
+                       events=events or {}, switch_cost=switch_cost, peaks=peaks, centre_radius=centre_radius, repeats=repeats,
+                       ramps=ramps)
         self.head = SlotHead(in_dim, sum(len(g) for g in self.object_vocab.values()),
                              sum(len(g) for g in self.scene_vocab.values()), hidden, scene_grid, centre_offsets)
         if self.motion_vocab:
@@ -106,7 +110,7 @@ class WordSlots(Connector):
         self.truncated = 0  # clips whose text (tracks, counts) was cut to the token budget
 
     settings = ("slots", "layout", "text_tokens", "threshold", "peaks", "centre_radius", "counts", "events",
-                "switch_cost", "repeats")
+                "switch_cost", "repeats", "ramps")
     def configure(self, **values: Any) -> None:
         slots = int(values.get("slots", getattr(self, "slots", 3)))
         if slots < 1:
@@ -133,12 +137,15 @@ class WordSlots(Connector):
         events = getattr(self, "events", []) if rules is None else event_rules(rules, self.object_vocab | self.motion_vocab)
         if layout == "tracks" and (events or extent):
             raise ValueError("word_slots: 'events' apply to layout 'frames' (the tracks layout writes each change)")
-        if layout != "story" and {"covered", "swaps"} & set(extent):
-            raise ValueError("word_slots: events 'covered' (where a hidden object is) and 'swaps': layout 'story' only")
+        if layout != "story" and {"covered", "swaps", "stops"} & set(extent):
+            raise ValueError("word_slots: events 'covered' (where a hidden object is), 'swaps' and 'stops': layout "
+                             "'story' only")
         repeats = values.get("repeats", getattr(self, "repeats", "frames"))
         if repeats not in ("frames", "tracks"):
             raise ValueError(f"word_slots: repeats is 'frames' or 'tracks' (where second readings are), not {repeats!r}")
         self.slots, self.layout, self.centre_radius, self.switch_cost, self.repeats = slots, layout, radius, switch_cost, repeats
+        self.ramps = ramp_rule(values["ramps"], self.object_vocab | self.motion_vocab, len(self.object_vocab)) \
+            if "ramps" in values else getattr(self, "ramps", None)
         self.text_tokens = None if text_tokens is None else int(text_tokens)
         self.threshold = float(values.get("threshold", getattr(self, "threshold", 0.5)))
         self.peaks = bool(values.get("peaks", getattr(self, "peaks", False)))
@@ -164,23 +171,14 @@ class WordSlots(Connector):
     def _tokens(self, text: str) -> int:
         return len(self._tokenizer[0](text, add_special_tokens=False)["input_ids"])
 
-    def _name_tokens(self) -> int:
-        """The most tokens an object's name (its object attributes' words) takes."""
-        return sum(self.widths[len(self.scene_vocab):][:len(self.object_vocab)])
-
-    def count_width(self) -> int:
-        """The tokens the count sentences may take (`vlm.connectors.counts.count_width`; tokenized once per
-        setting and tokenizer, not per batch)."""
-        if "counts" not in self._sentence_widths:
-            self._sentence_widths["counts"] = count_width(self.counts, self._tokens, self._name_tokens())
-        return self._sentence_widths["counts"]
-
-    def event_width(self) -> int:
-        """The tokens a frame's event sentences may take (`vlm.connectors.events.event_width`; once, as above)."""
-        if "events" not in self._sentence_widths:
-            self._sentence_widths["events"] = event_width(self.events, self.event_extent, self._tokens,
-                                                          self._name_tokens())
-        return self._sentence_widths["events"]
+    def sentence_width(self, kind: str) -> int:
+        """The tokens the count sentences ("counts") or a frame's event sentences ("events") may take
+        (`counts.count_width`, `events.event_width`; tokenized once per setting and tokenizer, not per batch)."""
+        if kind not in self._sentence_widths:
+            name = sum(self.widths[len(self.scene_vocab):][:len(self.object_vocab)])  # the longest object name
+            self._sentence_widths[kind] = count_width(self.counts, self._tokens, name) if kind == "counts" else \
+                event_width(self.events, self.event_extent, self._tokens, name)
+        return self._sentence_widths[kind]
 
     def positions(self) -> list[int]:
         """The group of each word position of a frame: scene attributes, then per slot object and motion attributes,
@@ -192,7 +190,7 @@ class WordSlots(Connector):
     def project_grid(self, grid: tuple[int, int, int]) -> tuple[int, int]:
         if not self.widths:
             raise RuntimeError("word_slots: attach_llm(embeddings, tokenizer) first (VideoLLM does it at assembly)")
-        per_frame = sum(self.widths[g] for g in self.positions()) + self.count_width() + self.event_width()
+        per_frame = sum(self.widths[g] for g in self.positions()) + self.sentence_width("counts") + self.sentence_width("events")
         if self.layout == "frames":
             return grid[0], per_frame
         return 1, self.text_tokens or grid[0] * per_frame
@@ -261,8 +259,8 @@ class WordSlots(Connector):
         frames' times in seconds), the input of `vlm.connectors.tracks.describe`. `feats`: after the reducers;
         `detected`: `detect(feats)` (or `detect(feats, scores=True)`) when already computed. With `switch_cost` > 0
         and the heads' scores at hand, each track's words and the scene's are decoded over time (`settle`)."""
-        detected = detected if detected is not None else self.detect(feats, scores=self.switch_cost > 0)
-        decode = self.switch_cost > 0 and len(detected) > 4
+        detected = detected if detected is not None else self.detect(feats, scores=self.switch_cost > 0 or bool(self.ramps))
+        decode = (self.switch_cost > 0 or bool(self.ramps)) and len(detected) > 4
         scene, cells, keep, attrs = (x.cpu() for x in detected[:4])
         w = feats.grid[2]
         ni = len(self.object_vocab)
@@ -281,12 +279,14 @@ class WordSlots(Connector):
                    for s, (c, kept, a) in enumerate(zip(cells[i, j], keep[i, j], attrs[i, j])) if kept]
                   for j in range(cells.shape[1])],
                  times[i].tolist()) for i in range(cells.shape[0])]
-        if decode:
+        if decode and self.switch_cost > 0:
             seen = [settle(clip, [tuple(dict(zip(ws, lp[i][j])) for lp, ws in zip(scene_lp, scene_words))
                                   for j in range(cells.shape[1])], self.switch_cost)
                     for i, clip in enumerate(seen)]
         if self.repeats == "tracks":
             seen = [(scenes, without_repeat_tracks(frames), times) for scenes, frames, times in seen]
+        if self.ramps and decode:
+            seen = [(scenes, size_ramps(frames, *self.ramps), times) for scenes, frames, times in seen]
         return seen
 
     def text(self, seen: Seen, grid: tuple[int, int, int]) -> str:
@@ -351,7 +351,7 @@ class WordSlots(Connector):
         b, t = words.shape[:2]
         seen = self.detections(feats, detected) if self.counts or self.events or self.event_extent else []
         if self.events or self.event_extent:  # each frame's event sentences after its words
-            said = torch.full((b, t, self.event_width()), -1, dtype=torch.long)
+            said = torch.full((b, t, self.sentence_width("events")), -1, dtype=torch.long)
             for i, (_, frames, _) in enumerate(seen):
                 for j, text in enumerate(event_texts(self.events, frames, self.event_hold, self.event_extent)):
                     row = self.text_ids(text, said.shape[2])
@@ -359,7 +359,7 @@ class WordSlots(Connector):
             ids.append(said.to(words.device))
             mask.append(ids[-1] >= 0)
         if self.counts:
-            said = torch.full((b, self.count_width()), -1, dtype=torch.long)
+            said = torch.full((b, self.sentence_width("counts")), -1, dtype=torch.long)
             for i, (_, frames, _) in enumerate(seen):
                 row = self.text_ids(count_text(self.counts, frames), said.shape[1])
                 said[i, :len(row)] = row
