@@ -143,8 +143,9 @@ def test_a_built_model_reads_size_ramps_from_its_heads_scores(tmp_path):
                            timestamps=torch.arange(8.0)[None].expand(2, -1) / 4)
     resized = {"grows", "shrinks"}
     with pytest.raises(ValueError, match="ramps words"):
-        model.apply_settings({"connector": {"ramps": {"read": "size", "write": "action", "words": ["still", "grows",
-                                                                                                 "bounces"], "min_change": 1}}})
+        model.apply_settings({"connector": {"slots": 5, "ramps": {"read": "size", "write": "action", "min_change": 1,
+                                                                  "words": ["still", "grows", "bounces"]}}})
+    assert model.connector.slots == 3 and model.connector.ramps is None  # refused whole
     rule = {"read": "size", "write": "action", "words": ["still", "grows", "shrinks"], "min_change": 1e9}
     model.apply_settings({"connector": {"ramps": rule}})
     assert not any(d.motion[0] in resized for seen in model.connector.detections(feats) for f in seen[1] for d in f)

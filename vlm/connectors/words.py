@@ -6,9 +6,8 @@ tokens are the words a caption would use, one embedding per token: <scene words>
 (at most `slots`) <attribute words> <row> <column> (" top" ... " right", from its cell). Empty slots and the padding
 of short words are pruned (the mask). The heads learn with the stage objective "slots" from per-frame annotations
 (`vlm.data.regions`), before the LLM is tuned on them with the connector frozen: the LLM only has to read words.
-`layout: tracks` links the detections over frames into one sentence per object with the times its words change
-(`vlm.connectors.tracks`); `layout: story` tells the same tracks as a timed caption (`vlm.connectors.story`).
-"""
+`layout: tracks` links the detections into one sentence per object (`vlm.connectors.tracks`), `story` into a timed
+caption (`vlm.connectors.story`)."""
 
 from __future__ import annotations
 
@@ -63,8 +62,8 @@ class WordSlots(Connector):
     `vlm.connectors.events`): the frame's time stamp then says when, the sentences' order what came first;
     repeats: "frames" (a detection beside one of the same words in its frame is a repeat, unless the offsets named
     both) or "tracks" (also a track seen only beside a longer one of its words: `tracks.without_repeat_tracks`);
-    ramps: growing and shrinking read from each track's size scores, e.g. {read: size, write: action, words: [still,
-    grows, shrinks], min_change: 12} (nats; `tracks.size_ramps`);
+    ramps: growing and shrinking read from each track's size scores (layouts that link tracks; `tracks.size_ramps`),
+    e.g. {read: size, write: action, words: [still, grows, shrinks], min_change: 15 (nats)};
     switch_cost: > 0 decodes each object's words over its track, and the scene's over the clip, as the sequence of
     highest log-probability when a change of word costs that many nats (`vlm.connectors.tracks.settle`), where 0
     takes each frame's likeliest word, then the majority of three frames; for the layouts that link tracks, and
@@ -97,8 +96,8 @@ class WordSlots(Connector):
         if not set(self.silent) <= set(self.words):
             raise ValueError(f"word_slots: silent words {sorted(set(self.silent) - set(self.words))} are not in its vocabulary")
         self.configure(slots=slots, layout=layout, text_tokens=text_tokens, threshold=threshold, counts=counts or {},
-                       events=events or {}, switch_cost=switch_cost, peaks=peaks, centre_radius=centre_radius, repeats=repeats,
-                       ramps=ramps)
+                       events=events or {}, switch_cost=switch_cost, peaks=peaks, centre_radius=centre_radius,
+                       repeats=repeats, ramps=ramps)
         self.head = SlotHead(in_dim, sum(len(g) for g in self.object_vocab.values()),
                              sum(len(g) for g in self.scene_vocab.values()), hidden, scene_grid, centre_offsets)
         if self.motion_vocab:
@@ -143,9 +142,10 @@ class WordSlots(Connector):
         repeats = values.get("repeats", getattr(self, "repeats", "frames"))
         if repeats not in ("frames", "tracks"):
             raise ValueError(f"word_slots: repeats is 'frames' or 'tracks' (where second readings are), not {repeats!r}")
-        self.slots, self.layout, self.centre_radius, self.switch_cost, self.repeats = slots, layout, radius, switch_cost, repeats
-        self.ramps = ramp_rule(values["ramps"], self.object_vocab | self.motion_vocab, len(self.object_vocab)) \
+        ramps = ramp_rule(values["ramps"], self.object_vocab | self.motion_vocab, len(self.object_vocab)) \
             if "ramps" in values else getattr(self, "ramps", None)
+        self.slots, self.layout, self.centre_radius, self.switch_cost = slots, layout, radius, switch_cost
+        self.repeats, self.ramps = repeats, ramps
         self.text_tokens = None if text_tokens is None else int(text_tokens)
         self.threshold = float(values.get("threshold", getattr(self, "threshold", 0.5)))
         self.peaks = bool(values.get("peaks", getattr(self, "peaks", False)))
