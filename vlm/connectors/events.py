@@ -116,7 +116,8 @@ def event_width(rules: Sequence[EventRule], extent: Mapping[str, str], tokens: C
     """The tokens a frame's event sentences may take: `MAX_EVENTS` of a name of `name_tokens` tokens and the longest
     predicate. `tokens(text)`: the LLM tokenizer's count."""
     said = [s.replace("{from}", w).replace("{to}", w) for r in rules for *_, s in r.changes for w in r.words]
-    longest = max((tokens(f" {s}.") for k, s in [*(("", s) for s in said), *extent.items()] if k != "stops"), default=0)
+    told = [s for k, s in extent.items() if k != "stops"]  # `stops` is a word that dates changes, never written
+    longest = max((tokens(f" {s}.") for s in [*said, *told]), default=0)
     return MAX_EVENTS * (name_tokens + longest) if longest else 0
 
 

@@ -137,8 +137,7 @@ class WordSlots(Connector):
         if layout == "tracks" and (events or extent):
             raise ValueError("word_slots: 'events' apply to layout 'frames' (the tracks layout writes each change)")
         if layout != "story" and {"covered", "swaps", "stops"} & set(extent):
-            raise ValueError("word_slots: events 'covered' (where a hidden object is), 'swaps' and 'stops': layout "
-                             "'story' only")
+            raise ValueError("word_slots: events 'covered' (a hidden object), 'swaps' and 'stops': layout 'story' only")
         repeats = values.get("repeats", getattr(self, "repeats", "frames"))
         if repeats not in ("frames", "tracks"):
             raise ValueError(f"word_slots: repeats is 'frames' or 'tracks' (where second readings are), not {repeats!r}")
@@ -168,16 +167,14 @@ class WordSlots(Connector):
         self._tokenizer = [tokenizer]
         self._sentence_widths = {}
 
-    def _tokens(self, text: str) -> int:
-        return len(self._tokenizer[0](text, add_special_tokens=False)["input_ids"])
-
     def sentence_width(self, kind: str) -> int:
         """The tokens the count sentences ("counts") or a frame's event sentences ("events") may take
         (`counts.count_width`, `events.event_width`; tokenized once per setting and tokenizer, not per batch)."""
         if kind not in self._sentence_widths:
             name = sum(self.widths[len(self.scene_vocab):][:len(self.object_vocab)])  # the longest object name
-            self._sentence_widths[kind] = count_width(self.counts, self._tokens, name) if kind == "counts" else \
-                event_width(self.events, self.event_extent, self._tokens, name)
+            tokens = lambda text: len(self._tokenizer[0](text, add_special_tokens=False)["input_ids"])  # noqa: E731
+            self._sentence_widths[kind] = count_width(self.counts, tokens, name) if kind == "counts" else \
+                event_width(self.events, self.event_extent, tokens, name)
         return self._sentence_widths[kind]
 
     def positions(self) -> list[int]:
@@ -258,9 +255,11 @@ class WordSlots(Connector):
         """Per clip, what the heads saw in each frame: (the scene's words per frame, the detections per frame, the
         frames' times in seconds), the input of `vlm.connectors.tracks.describe`. `feats`: after the reducers;
         `detected`: `detect(feats)` (or `detect(feats, scores=True)`) when already computed. With `switch_cost` > 0
-        and the heads' scores at hand, each track's words and the scene's are decoded over time (`settle`)."""
-        detected = detected if detected is not None else self.detect(feats, scores=self.switch_cost > 0 or bool(self.ramps))
-        decode = (self.switch_cost > 0 or bool(self.ramps)) and len(detected) > 4
+        and the heads' scores at hand, each track's words and the scene's are decoded over time (`settle`); with
+        `ramps`, growing and shrinking are read from the size scores (`size_ramps`)."""
+        wanted = self.switch_cost > 0 or bool(self.ramps)  # the heads' scores
+        detected = detected if detected is not None else self.detect(feats, scores=wanted)
+        scored = wanted and len(detected) > 4
         scene, cells, keep, attrs = (x.cpu() for x in detected[:4])
         w = feats.grid[2]
         ni = len(self.object_vocab)
@@ -268,7 +267,7 @@ class WordSlots(Connector):
             torch.arange(cells.shape[1], dtype=torch.float)[None].expand(cells.shape[0], -1)
         groups = [list(g) for g in [*self.object_vocab.values(), *self.motion_vocab.values()]]
         scene_lp, object_lp = ([x.cpu().tolist() for x in detected[4]], [x.cpu().tolist() for x in detected[5]]) \
-            if decode else ([], [])  # nested lists: indexed per detection, no small tensor ops
+            if scored else ([], [])  # nested lists: indexed per detection, no small tensor ops
         scene_words = [list(g) for g in self.scene_vocab.values()]
         distinct = self.peaks and self.head.offsets  # one detection per predicted centre: no repeats to merge
         def object_scores(i: int, j: int, s: int) -> tuple[dict[str, float], ...]:  # per attribute, word -> log p
@@ -279,13 +278,13 @@ class WordSlots(Connector):
                    for s, (c, kept, a) in enumerate(zip(cells[i, j], keep[i, j], attrs[i, j])) if kept]
                   for j in range(cells.shape[1])],
                  times[i].tolist()) for i in range(cells.shape[0])]
-        if decode and self.switch_cost > 0:
+        if scored and self.switch_cost > 0:
             seen = [settle(clip, [tuple(dict(zip(ws, lp[i][j])) for lp, ws in zip(scene_lp, scene_words))
                                   for j in range(cells.shape[1])], self.switch_cost)
                     for i, clip in enumerate(seen)]
         if self.repeats == "tracks":
             seen = [(scenes, without_repeat_tracks(frames), times) for scenes, frames, times in seen]
-        if self.ramps and decode:
+        if self.ramps and scored:
             seen = [(scenes, size_ramps(frames, *self.ramps), times) for scenes, frames, times in seen]
         return seen
 
