@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vlm.data.dataset import BatchPlan  # noqa: E402
 from vlm.llm.template import VISUAL_TOKEN  # noqa: E402
+from vlm.objectives import reads_text  # noqa: E402
 from vlm.train.engine import setup_stage, written_lengths  # noqa: E402
 from vlm.train.recipe import load_recipe  # noqa: E402
 
@@ -96,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     recipe = load_recipe(args.recipe, args.set)
     index = args.stage - 1
     stage = recipe.stages[index]
+    if not reads_text(stage.objective):
+        raise SystemExit(f"stage {args.stage} (objective {stage.objective!r}) does not run the LLM: no padding to count")
     stage.group_by_length, stage.group_window = True, args.window
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()

@@ -337,6 +337,58 @@ def test_slots_objective_trains_the_heads_then_the_llm_reads_them(tmp_path, caps
     assert len(rows) == 6 and "| window 2, written lengths | 1 |" in table, table
 
 
+def test_a_slots_stage_reads_its_clips_without_tokenizing_their_text(tmp_path, capsys):
+    """The heads never read the conversation: the stage's samples carry no ids (no chat template, no padding of a
+    clip-long slot on every step), and the loss is the one the same clips give with their text encoded."""
+    from vlm.data.dataset import ConversationDataset
+    from vlm.objectives import reads_text
+    from vlm.train.engine import setup_stage
+    from vlm.train.recipe import parse_recipe
+
+    assert not reads_text("slots") and reads_text("lm") and reads_text("words")
+    data = make_tiny_data(tmp_path / "data", n=8, bad=False)
+    raw = tiny_recipe(data, tmp_path / "run")
+    raw["model"]["connector"] = {"name": "word_slots", **copy.deepcopy(VOCAB), "slots": 2}
+    raw["stages"][0].update({"name": "slots", "objective": "slots", "batch_size": 4,
+                             "parts": {"connector": {"mode": "full", "lr": 3e-3}}})
+    raw["stages"][0]["data"]["mixture"] = [{"path": str(data["regions"])}]
+    run, stage = setup_stage(parse_recipe(raw), 0, None, tmp_path / "stage", resume=False)
+    indices = stage.plan.epoch(0)[0]
+    samples = [stage.dataset[i] for i in indices]
+    assert not any("input_ids" in s or "labels" in s for s in samples) and all("regions" in s for s in samples)
+    batch, _ = run.collate(samples)
+    assert batch.input_ids.shape == batch.labels.shape == (len(indices), 0) and len(batch.regions) == len(indices)
+    model = run.accelerator.unwrap_model(run.model).eval()
+    texts = ConversationDataset(stage.dataset.items, stage.visual, model.processor.encode_sample)
+    with_text, _ = run.collate([texts[i] for i in indices])
+    assert with_text.input_ids.shape[1] > 0
+    with torch.no_grad():
+        assert torch.equal(model(batch, objective="slots").loss, model(with_text, objective="slots").loss)
+    # the benchmark times the stage each way on the same batches, and checks that every way gives the same loss
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import bench_slots_stage
+
+    (tmp_path / "recipe.yaml").write_text(json.dumps(raw))
+    bench_slots_stage.main(["--recipe", str(tmp_path / "recipe.yaml"), "--steps", "2", "--no-docs"])
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith(("| before", "| text left", "| shipped"))]
+    assert len(rows) == 3 and rows[-1].endswith("| 1.00x |"), rows
+
+
+def test_slot_targets_keep_the_last_object_named_in_a_cell():
+    from vlm.connectors.slot_heads import slot_targets
+
+    red, blue = ({"color": c, "shape": "square", "action": "still"} for c in ("red", "blue"))
+    frames = [{"t": 0.0, "scene": {"tone": "dark teal"}, "objects": [{"center": [0.1, 0.1], **red},
+                                                                  {"center": [0.15, 0.2], **blue}]},
+              {"t": 0.5, "scene": {"tone": "gray"}, "objects": [{"center": [0.9, 0.9], **red}]}]
+    attributes = VOCAB["objects"] | VOCAB["motion"]
+    target = slot_targets([frames, frames], [[0.0, 0.5], [0.5, 0.0]], (2, 2, 2), VOCAB["scene"], attributes)
+    assert target["found"].tolist() == [[[1, 0, 0, 0], [0, 0, 0, 1]], [[0, 0, 0, 1], [1, 0, 0, 0]]]
+    colors = target["objects"][0]
+    assert colors[0, 0, 0] == list(COLORS).index("blue") and colors[0, 1, 3] == list(COLORS).index("red")
+    assert int((colors >= 0).sum()) == 4 and target["scene"].tolist() == [[[1, 0], [0, 1]]]
+
+
 def test_slots_objective_needs_a_slot_connector(tmp_path):
     from vlm.train.engine import run_recipe
     from vlm.train.recipe import RecipeError, parse_recipe

@@ -135,6 +135,15 @@ def slot_supervision(model: VideoLLM, batch: Batch, return_logits: bool = False)
     return CausalLMOutputWithPast(loss=loss_of(feats, batch.regions))
 
 
+slot_supervision.reads_text = False  # type: ignore[attr-defined]  # its samples are encoded without the chat template
+
+
+def reads_text(objective: str) -> bool:
+    """Whether a stage objective reads the conversation's tokens (the default); one that does not (`reads_text =
+    False` on the function) gets samples without them: no tokenizing and padding a clip's text on every step."""
+    return getattr(STAGE_OBJECTIVES.get(objective), "reads_text", True)
+
+
 # ---------------------------------------------------------------------------------------------- contrastive
 def _check(video: torch.Tensor, text: torch.Tensor, positives: torch.Tensor | None) -> torch.Tensor:
     if video.dim() != 2 or text.dim() != 2 or video.shape[1] != text.shape[1]:

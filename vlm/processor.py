@@ -146,9 +146,11 @@ class VideoLLMProcessor:
         return {"id": sample_id, "turns": list(turns), "media_type": media_type,
                 "pixel_values": pixel_values, "timestamps": timestamps}
 
-    def encode_sample(self, sample: dict[str, Any], *, generation: bool = False, prefill: str = "") -> dict[str, Any]:
+    def encode_sample(self, sample: dict[str, Any], *, generation: bool = False, prefill: str = "",
+                      text: bool = True) -> dict[str, Any]:
         """Tokenize one sample {"id", "turns", "media_type", "pixel_values" [T,3,H,W] | "features" [T',N,D] + "grid"
-        + "num_frames", "timestamps" [T]} into ids/labels around its visual slot. Raises TemplateMismatchError."""
+        + "num_frames", "timestamps" [T]} into ids/labels around its visual slot. Raises TemplateMismatchError.
+        text=False keeps only the visual part (and regions): for objectives that never read the conversation."""
         media_type = sample.get("media_type")
         out: dict[str, Any] = {"id": str(sample.get("id", "sample"))}
         slot: list[int] = []
@@ -166,9 +168,12 @@ class VideoLLMProcessor:
             out["timestamps"] = ts
             if "regions" in sample:  # dense annotations ride along for the "slots" objective (vlm.data.regions)
                 out["regions"] = sample["regions"]
-            slot = self.visual_slot(num_frames, ts.tolist())
-            if self.uses_instruction:
+            if text:
+                slot = self.visual_slot(num_frames, ts.tolist())
+            if text and self.uses_instruction:
                 out["instruction_ids"] = self.instruction_ids(sample["turns"], media_type)
+        if not text:
+            return out
         if generation:
             out["input_ids"] = self.template.encode_prompt(sample["turns"], media_type, slot, prefill, out["id"])
         else:
@@ -179,13 +184,13 @@ class VideoLLMProcessor:
     def collate(self, encoded: Sequence[dict[str, Any]], *, generation: bool = False) -> Batch:
         """Pad encoded samples into a Batch (left padding for generation)."""
         pad_id = self.tokenizer.pad_token_id
-        ids = [e["input_ids"] for e in encoded]
+        ids = [e.get("input_ids", []) for e in encoded]  # none where the samples were encoded without text
         media = [e for e in encoded if "timestamps" in e]
         instr = [e["instruction_ids"] for e in media if "instruction_ids" in e]
         batch = Batch(
             input_ids=pad_sequences(ids, pad_id, left=generation),
             attention_mask=pad_sequences([[1] * len(x) for x in ids], 0, left=generation),
-            labels=None if generation else pad_sequences([e["labels"] for e in encoded], IGNORE_INDEX),
+            labels=None if generation else pad_sequences([e.get("labels", []) for e in encoded], IGNORE_INDEX),
             pixel_values=[e["pixel_values"] for e in media if "pixel_values" in e],
             timestamps=[e["timestamps"] for e in media],
             features=[e["features"] for e in media if "features" in e],

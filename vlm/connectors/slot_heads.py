@@ -121,17 +121,27 @@ def slot_targets(regions: Sequence[Sequence[dict[str, Any]]], timestamps: Sequen
     objects = torch.full((len(attributes), b, t, n), -100, dtype=torch.long)
     scene = torch.zeros(len(scene_vocab), b, t, dtype=torch.long)
     offset, near = torch.zeros(b, t, n, 2), torch.zeros(b, t, n, dtype=torch.bool)
+    # indices gathered in lists and written at once: element-wise tensor writes cost more than the rest of a step
+    words: dict[tuple[int, int, int], list[int]] = {}  # (clip, frame, cell) -> its object's words (the last one's)
+    scene_words, near_at, near_d = [], [], []
     for i, clip in enumerate(regions):
         for j, frame in enumerate(nearest_frames(clip, timestamps[i])):
             if offsets:
                 for c, d in centre_targets([o["center"] for o in frame.get("objects", [])], h, w).items():
-                    offset[i, j, c], near[i, j, c] = torch.tensor(d), True
-            for a, (attr, vocab) in enumerate(scene_vocab.items()):
-                scene[a, i, j] = vocab.index(frame["scene"][attr])
+                    near_at.append((i, j, c))
+                    near_d.append(d)
+            scene_words.append([vocab.index(frame["scene"][attr]) for attr, vocab in scene_vocab.items()])
             for obj in frame.get("objects", []):
-                c = cell_of(obj["center"], h, w)
-                found[i, j, c] = 1
-                for a, (attr, vocab) in enumerate(attributes.items()):
-                    objects[a, i, j, c] = vocab.index(obj[attr])
+                words[(i, j, cell_of(obj["center"], h, w))] = [vocab.index(obj[attr]) for attr, vocab in attributes.items()]
+    if scene_vocab:
+        scene[:] = torch.tensor(scene_words, dtype=torch.long).t().reshape(len(scene_vocab), b, t)
+    if words:
+        i, j, c = torch.tensor(list(words)).unbind(1)
+        found[i, j, c] = 1
+        if attributes:
+            objects[:, i, j, c] = torch.tensor(list(words.values()), dtype=torch.long).t()
+    if near_at:
+        i, j, c = torch.tensor(near_at).unbind(1)
+        offset[i, j, c], near[i, j, c] = torch.tensor(near_d, dtype=offset.dtype), True
     out = {"found": found, "objects": objects, "scene": scene}
     return out | ({"offset": offset, "near": near} if offsets else {})

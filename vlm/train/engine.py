@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import logging
@@ -23,6 +24,7 @@ from vlm.data.conversation import resolve_media
 from vlm.data.dataset import BatchPlan, ConversationDataset, MixtureItem, load_mixture, subsample
 from vlm.data.stream import is_streamed, streamed_data
 from vlm.model import PARTS, SETTINGS, VideoLLM
+from vlm.objectives import reads_text
 from vlm.train.feature_cache import FeatureCache, clip_key, tower_fingerprint
 from vlm.train.loop import Run, build_accelerator, setup, train
 from vlm.train.metrics import plot_loss_curves
@@ -213,9 +215,11 @@ def stage_data(recipe: Recipe, index: int, model: VideoLLM, rank: int = 0, world
     stage = recipe.stages[index]
     seed = recipe.seed + index
     tokens = model.num_visual_tokens(stage.data.frames)
+    encode = model.processor.encode_sample if reads_text(stage.objective) else \
+        functools.partial(model.processor.encode_sample, text=False)
     if is_streamed(stage.data.mixture):  # read while training runs: no feature cache, no grouping by length
         visual = VisualLoader(model, stage.data.frames, stage.data.sampling)
-        dataset, plan = streamed_data(stage.data.mixture, visual, model.processor.encode_sample, stage.batch_size,
+        dataset, plan = streamed_data(stage.data.mixture, visual, encode, stage.batch_size,
                                       world_size, rank, seed, tokens)
         return StageData([], [], visual, dataset, plan)
     items, bad_records = load_mixture(stage.data.mixture, seed)
@@ -229,7 +233,7 @@ def stage_data(recipe: Recipe, index: int, model: VideoLLM, rank: int = 0, world
         fp = tower_fingerprint(model.config.tower, model.tower.preprocessor.to_dict(), model.tower)
         cache = FeatureCache(cache_dir or Path(recipe.output_dir) / "feature_cache", fp, rank=rank)
     visual = VisualLoader(model, stage.data.frames, stage.data.sampling, cache)
-    dataset = ConversationDataset(items, visual, model.processor.encode_sample, tokens)
+    dataset = ConversationDataset(items, visual, encode, tokens)
     plan = BatchPlan([dataset.length(i) for i in range(len(dataset))], stage.batch_size, world_size, rank, seed,
                      stage.group_by_length, window=stage.group_window)
     return StageData(items, bad_records, visual, dataset, plan)
