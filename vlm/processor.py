@@ -170,8 +170,8 @@ class VideoLLMProcessor:
                 out["regions"] = sample["regions"]
             if text:
                 slot = self.visual_slot(num_frames, ts.tolist())
-            if text and self.uses_instruction:
-                out["instruction_ids"] = self.instruction_ids(sample["turns"], media_type)
+                if self.uses_instruction:
+                    out["instruction_ids"] = self.instruction_ids(sample["turns"], media_type)
         if not text:
             return out
         if generation:
