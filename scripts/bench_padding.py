@@ -1,4 +1,5 @@
-"""How much of a stage's LLM work is padding, batch order by batch order, and what grouping by length saves.
+"""How much of a stage's LLM work is padding, batch order by batch order, and what grouping by length and
+padding-free batches save.
 
     python scripts/bench_padding.py --recipe recipes/synth_long.yaml --stage 2 --init runs/synth_long/1-slots/final \
         [--set KEY=VALUE ...] [--window 50] [--epochs 3] [--time 3] [--no-docs]
@@ -13,11 +14,13 @@ over its batches of batch size x longest sample. Four orders of the same epochs,
 - LLaVA: LLaVA's modality-length grouping (one global batch sorted, `group_window: 1`), by the stage's estimate
   of each length (4 characters a token + the visual budget);
 - window: `--window` global batches sorted together (`group_window`), by the same estimate;
-- window, written: the same, by the written visual lengths (what `vlm train` uses for a frozen connector).
+- window, written: the same, by the written visual lengths (what `vlm train` uses for a frozen connector);
+- random, padding-free: the random batches, their real positions packed into one row (`padding_free: true`).
 
 Reports each order's padding share and LLM tokens per epoch against random order. `--time K` also runs K batches
-of the random and the written-window order forward and backward (no optimizer step), one warm-up first, and
-reports seconds per step and per thousand LLM tokens, and the epoch time each order's tokens predict.
+of the random and the written-window order forward and backward (no optimizer step), one warm-up first, the random
+ones padded and padding-free in turn, and reports seconds per step and per thousand LLM tokens, the epoch time each
+order's tokens predict, and the padding-free speed-up with the largest difference of the two ways' losses.
 """
 
 from __future__ import annotations
@@ -65,21 +68,27 @@ def epoch_cost(plan: BatchPlan, lengths: list[int], epochs: int) -> tuple[int, i
     return real, padded
 
 
-def time_batches(run, data, objective: str, batches: list[list[int]], lengths: list[int]) -> tuple[float, int]:
-    """Mean seconds per forward + backward over `batches` (after one warm-up) and their padded tokens."""
+def time_batches(run, data, objective: str, batches: list[list[int]], lengths: list[int],
+                 padding_free: tuple[bool, ...] = (False,)) -> dict[bool, tuple[float, int, list[float]]]:
+    """Per way (padded, padding-free), over `batches` (after one warm-up batch), each batch run each way in turn:
+    mean seconds per forward + backward, the LLM tokens read (padded, or the real ones alone) and the losses."""
     model = run.model
     model.train()
-    times, tokens = [], 0
+    out: dict[bool, tuple[list[float], int, list[float]]] = {pf: ([], 0, []) for pf in padding_free}
     for k, b in enumerate([batches[0]] + batches):
         batch, _ = run.collate([data.dataset[i] for i in b])
-        t0 = time.perf_counter()
-        loss = model(batch.to(run.accelerator.device), objective=objective).loss
-        run.accelerator.backward(loss)
-        run.optimizer.zero_grad(set_to_none=True)
-        if k:
-            times.append(time.perf_counter() - t0)
-            tokens += len(b) * max(lengths[i] for i in b)
-    return statistics.mean(times), tokens
+        for pf in padding_free:
+            t0 = time.perf_counter()
+            loss = model(batch.to(run.accelerator.device), objective=objective, padding_free=pf).loss
+            run.accelerator.backward(loss)
+            run.optimizer.zero_grad(set_to_none=True)
+            if k:
+                times, tokens, losses = out[pf]
+                times.append(time.perf_counter() - t0)
+                losses.append(loss.item())
+                read = sum(lengths[i] for i in b) if pf else len(b) * max(lengths[i] for i in b)
+                out[pf] = (times, tokens + read, losses)
+    return {pf: (statistics.mean(times), tokens, losses) for pf, (times, tokens, losses) in out.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,13 +128,16 @@ def main(argv: list[str] | None = None) -> int:
                  f"window {args.window}, estimated lengths": BatchPlan(estimate, bs, seed=seed, window=args.window),
                  f"window {args.window}, written lengths": BatchPlan(by_written, bs, seed=seed, window=args.window)}
         costs = {name: epoch_cost(plan, lengths, args.epochs) for name, plan in plans.items()}
+        costs["random, padding-free"] = (costs["random"][0], costs["random"][0])  # any order: only real tokens
         timed = {}
         if args.time:
             rng = np.random.default_rng(0)
             for name in ("random", f"window {args.window}, written lengths"):
                 batches = plans[name].epoch(0)
                 pick = [batches[i] for i in sorted(rng.choice(len(batches), min(args.time, len(batches)), replace=False))]
-                timed[name] = time_batches(run, data, stage.objective, pick, lengths)
+                ways = (False, True) if name == "random" else (False,)
+                for pf, result in time_batches(run, data, stage.objective, pick, lengths, ways).items():
+                    timed[f"{name}, padding-free" if pf else name] = result
     random_padded = costs["random"][1]
     lines = [f"`python scripts/bench_padding.py --recipe {args.recipe} --stage {args.stage}"
              + (f" --init {args.init}" if args.init else "") + "".join(f" --set {s}" for s in args.set)
@@ -141,10 +153,14 @@ def main(argv: list[str] | None = None) -> int:
                      f"{padded / random_padded:.2f}x |")
     if timed:
         lines += ["", "| timed order | batches | s per step | s per 1,000 LLM tokens | epoch predicted |", "|---|---|---|---|---|"]
-        for name, (sec, tokens) in timed.items():
+        for name, (sec, tokens, _) in timed.items():
             per_k = sec * args.time / tokens * 1000
             epoch_min = per_k * costs[name][1] / args.epochs / 1000 / 60
             lines.append(f"| {name} | {args.time} | {sec:.1f} | {per_k:.3f} | {epoch_min:.1f} min |")
+        padded, packed = timed["random"], timed["random, padding-free"]
+        worst = max(abs(a - b) / abs(a) for a, b in zip(padded[2], packed[2]))
+        lines += ["", f"The same random batches, padded and padding-free in turn: {padded[0] / packed[0]:.2f}x "
+                  f"faster padding-free; largest relative difference of their losses {worst:.1e}."]
     body = "\n".join(lines)
     print(body)
     if not args.no_docs:

@@ -334,7 +334,9 @@ def test_slots_objective_trains_the_heads_then_the_llm_reads_them(tmp_path, caps
                         str(tmp_path / "run" / "1-slots" / "final"), "--window", "2", "--time", "1", "--no-docs"])
     table = capsys.readouterr().out
     rows = [r for r in table.splitlines() if r.startswith(("| random", "| LLaVA", "| window"))]
-    assert len(rows) == 6 and "| window 2, written lengths | 1 |" in table, table
+    assert len(rows) == 8 and "| window 2, written lengths | 1 |" in table, table
+    assert "| random, padding-free | 0.0% |" in table and "| random, padding-free | 1 |" in table, table
+    assert "faster padding-free; largest relative difference of their losses" in table, table
 
 
 def test_a_slots_stage_reads_its_clips_without_tokenizing_their_text(tmp_path, capsys):

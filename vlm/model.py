@@ -303,11 +303,12 @@ class VideoLLM(ScoringMixin, nn.Module):
                         logits_to_keep=logits_to_keep, position_ids=position_ids).logits
 
     # ---------------------------------------------------------------- forward
-    def forward(self, batch: Batch, return_logits: bool = False, objective: str = "lm") -> Any:
+    def forward(self, batch: Batch, return_logits: bool = False, objective: str = "lm", padding_free: bool = False) -> Any:
         """The stage objective `objective` (registered in `vlm.objectives`) on a batch: "lm", the causal-LM output
-        (`.loss` on assistant tokens when the batch has labels, `.logits` without them or with `return_logits`);
+        (`.loss` on assistant tokens when the batch has labels, `.logits` without them or with `return_logits`;
+        `padding_free`: the loss from the batch's real positions packed into one row, `vlm.llm.packing`);
         "words" and "slots", connector losses as `.loss` (no LLM forward; `vlm.objectives`)."""
-        return STAGE_OBJECTIVES.get(objective)(self, batch, return_logits)
+        return STAGE_OBJECTIVES.get(objective)(self, batch, return_logits, padding_free)
 
     @torch.no_grad()
     def generate(self, batch: Batch, max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0,

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from vlm.llm.packing import pack, packed_attention
 from vlm.llm.template import IGNORE_INDEX, VISUAL_TOKEN
 from vlm.registry import Registry
 from vlm.towers.base import VisualFeatures
@@ -43,7 +44,8 @@ if TYPE_CHECKING:
 class StageObjective(Protocol):
     """A stage objective: the model and a batch in, a causal-LM output whose `.loss` the stage minimises."""
 
-    def __call__(self, model: VideoLLM, batch: Batch, return_logits: bool = False) -> CausalLMOutputWithPast: ...
+    def __call__(self, model: VideoLLM, batch: Batch, return_logits: bool = False,
+                 padding_free: bool = False) -> CausalLMOutputWithPast: ...
 
 
 STAGE_OBJECTIVES: Registry[StageObjective] = Registry("stage objective")
@@ -51,12 +53,14 @@ register_stage_objective = STAGE_OBJECTIVES.register
 
 
 @register_stage_objective("lm")
-def causal_lm(model: VideoLLM, batch: Batch, return_logits: bool = False) -> CausalLMOutputWithPast:
+def causal_lm(model: VideoLLM, batch: Batch, return_logits: bool = False,
+              padding_free: bool = False) -> CausalLMOutputWithPast:
     """Causal-LM output: `.loss` (mean over assistant tokens) when the batch has labels, `.logits` when it has
     none or `return_logits` is set.
 
     For training, the LM head runs only at positions that predict an assistant token: the vocabulary
     projection (49k x D for SmolLM2) at every position is most of the head's cost and memory otherwise.
+    `padding_free`: the batch's real positions run as one packed row, without its padding (`vlm.llm.packing`).
     """
     embeds, attention, labels = model.embed(batch)
     llm = model.llm
@@ -66,10 +70,16 @@ def causal_lm(model: VideoLLM, batch: Batch, return_logits: bool = False) -> Cau
               and not getattr(llm.config, "final_logit_softcapping", None))
     if not sparse:
         return llm(inputs_embeds=embeds, attention_mask=attention, labels=labels, use_cache=False)
-    hidden = decoder(inputs_embeds=embeds, attention_mask=attention, use_cache=False).last_hidden_state  # [B, S, D]
-    targets = labels[:, 1:]  # position i predicts token i + 1
-    picked = targets != IGNORE_INDEX  # [B, S-1]
-    logits = head(hidden[:, :-1][picked]).float()  # [n, V]
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # [B, S]: position i predicts token i + 1
+    if padding_free and embeds.shape[0] > 1 and not bool(attention.all()):
+        embeds, positions, targets, cu, longest = pack(embeds, attention, targets)
+        with packed_attention(llm):
+            hidden = decoder(inputs_embeds=embeds, position_ids=positions, use_cache=False, cu_seq_lens_q=cu,
+                             cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest).last_hidden_state
+    else:
+        hidden = decoder(inputs_embeds=embeds, attention_mask=attention, use_cache=False).last_hidden_state
+    picked = targets != IGNORE_INDEX  # [B, S] (one row of the batch's real positions when packed)
+    logits = head(hidden[picked]).float()  # [n, V]
     loss = F.cross_entropy(logits, targets[picked])
     return CausalLMOutputWithPast(loss=loss)
 
@@ -110,13 +120,15 @@ def word_alignment_loss(model: VideoLLM, batch: Batch, temperature: float = 0.05
 
 
 @register_stage_objective("words")
-def word_alignment(model: VideoLLM, batch: Batch, return_logits: bool = False) -> CausalLMOutputWithPast:
+def word_alignment(model: VideoLLM, batch: Batch, return_logits: bool = False,
+                   padding_free: bool = False) -> CausalLMOutputWithPast:
     """`word_alignment_loss` as the output's `.loss`: trains the connector without running the LLM."""
     return CausalLMOutputWithPast(loss=word_alignment_loss(model, batch))
 
 
 @register_stage_objective("slots")
-def slot_supervision(model: VideoLLM, batch: Batch, return_logits: bool = False) -> CausalLMOutputWithPast:
+def slot_supervision(model: VideoLLM, batch: Batch, return_logits: bool = False,
+                     padding_free: bool = False) -> CausalLMOutputWithPast:
     """The connector's `slot_loss` (a `word_slots` connector) on the batch's clips against the per-frame
     annotations their records carry (`vlm.data.regions`), as the output's `.loss`; the LLM is not run."""
     loss_of = getattr(model.connector, "slot_loss", None)

@@ -24,6 +24,7 @@ from vlm.data.conversation import resolve_media
 from vlm.data.dataset import BatchPlan, ConversationDataset, MixtureItem, load_mixture, subsample
 from vlm.data.stream import is_streamed, streamed_data
 from vlm.model import PARTS, SETTINGS, VideoLLM
+from vlm.llm.packing import supports_packing
 from vlm.objectives import reads_text
 from vlm.train.feature_cache import FeatureCache, clip_key, tower_fingerprint
 from vlm.train.loop import Run, build_accelerator, setup, train
@@ -282,6 +283,8 @@ def setup_stage(recipe: Recipe, index: int, init_from: Path | None, stage_dir: P
     stage = recipe.stages[index]
     model = stage_model(recipe, index, init_from)
     accelerator, deepspeed = build_accelerator(stage, stage.deepspeed)
+    if stage.padding_free and (why := supports_packing(model.llm)):
+        raise ValueError(f"stage {stage.name}: padding_free is not available here: {why}")
     data = stage_data(recipe, index, model, accelerator.process_index, accelerator.num_processes)
     if data.visual.cache is not None:
         data.cache_stats = precompute_features(model, data.items, data.visual, accelerator)
@@ -309,13 +312,14 @@ def train_stage(recipe: Recipe, index: int, init_from: Path | None, stage_dir: P
         (stage_dir / "stage.json").write_text(json.dumps({
             "recipe": recipe.source, "stage": index, "name": stage.name, "init_from": str(init_from) if init_from else None,
             "total_steps": run.total_steps, "batches_per_epoch": len(data.plan), "processes": accelerator.num_processes,
-            "deepspeed": stage.deepspeed, "feature_cache": data.cache_stats, "malformed_records": len(data.bad_records),
+            "deepspeed": stage.deepspeed, "padding_free": stage.padding_free, "feature_cache": data.cache_stats, "malformed_records": len(data.bad_records),
             "visual_tokens": model.num_visual_tokens(stage.data.frames),
             "trainable": {p: sum(x.numel() for x in ps) for p, ps in model.parameter_groups().items()},
         }, indent=2))
 
     def step(net: torch.nn.Module, batch: Any, epoch: int, batch_index: int) -> dict[str, torch.Tensor]:
-        return {"loss": net(batch.to(accelerator.device), objective=stage.objective).loss}
+        return {"loss": net(batch.to(accelerator.device), objective=stage.objective,
+                            padding_free=stage.padding_free).loss}
 
     train(run, step, f"stage {index + 1}/{len(recipe.stages)} {stage.name}", tags={"stage": stage.name})
     state = accelerator.get_state_dict(run.model) if run.deepspeed else None  # gathers ZeRO-3 partitions

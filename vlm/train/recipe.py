@@ -58,6 +58,9 @@ class StageSpec(LoopSpec):
     gradient_checkpointing: bool = False
     group_by_length: bool = True  # LLaVA's modality-length grouping
     group_window: int = 1  # global batches sorted together by length (1: LLaVA's; 50: most padding gone, see BatchPlan)
+    # objective lm: the LLM reads each batch's real positions packed into one row, without padding; the same batches
+    # and loss (vlm.llm.packing)
+    padding_free: bool = False
     feature_cache: bool = True  # when the tower is frozen: encode each clip once, train from the cache
     save: str = "model"  # model (a full VideoLLM folder) | connector (a connector-only save too)
     # lm: next-token loss on assistant tokens; words: align each clip's visual tokens with the LLM's input embeddings
@@ -293,6 +296,8 @@ def validate(recipe: Recipe, check_files: bool = True) -> None:
             raise RecipeError(f"{where}.objective '{st.objective}': choose from {STAGE_OBJECTIVES.names()}")
         if st.objective != "lm" and any(ps.mode != "frozen" for p, ps in st.parts.items() if p != "connector"):
             raise RecipeError(f"{where}: objective '{st.objective}' trains the connector only; freeze the other parts")
+        if st.padding_free and st.objective != "lm":
+            raise RecipeError(f"{where}.padding_free: objective '{st.objective}' runs no LLM; only 'lm' packs batches")
         if st.save not in ("model", "connector"):
             raise RecipeError(f"{where}.save '{st.save}': choose model or connector")
         if st.data.sampling not in POLICIES:
