@@ -13,7 +13,7 @@ from tests.conftest import TINY_LLM, TINY_TOWERS
 from tests.test_model import CONVERSATION, config, sample
 from tests.train_helpers import make_tiny_data, tiny_recipe
 from vlm.data.conversation import Turn
-from vlm.llm.packing import pack, segment_attention, supports_packing
+from vlm.llm.packing import SEGMENTS, enable_packing, pack, segment_attention, supports_packing
 from vlm.model import VideoLLM
 from vlm.train.recipe import RecipeError, parse_recipe
 
@@ -31,8 +31,11 @@ def test_segment_attention_is_causal_attention_inside_each_sample():
     out, _ = segment_attention(module, q, k, v, None, scaling=0.3, cu_seq_lens_q=torch.tensor([0, 5, 6, 15]))
     assert out.shape == (1, n, 4, 8)
     torch.testing.assert_close(out, expected.transpose(1, 2))
-    with pytest.raises(ValueError, match="cu_seq_lens_q"):
-        segment_attention(module, q, k, v, None)
+    module.is_causal, module.num_key_value_groups = True, 2
+    plain, _ = segment_attention(module, q, k, v, None, scaling=0.3)  # without spans: transformers' SDPA attention
+    expected = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True,
+                                              scale=0.3)
+    torch.testing.assert_close(plain, expected.transpose(1, 2))
 
 
 def test_pack_keeps_real_positions_with_their_own_position_ids():
@@ -64,15 +67,17 @@ def test_padding_free_loss_and_gradients_equal_the_padded_batch():
     assert len(set(attention.sum(1).tolist())) == 4  # four lengths: padding to pack away
     params = [p for p in model.parameters() if p.requires_grad]
     results = []
-    for padding_free in (False, True):
+    for padding_free in (False, True, False):
         model.zero_grad()
         loss = model(batch, padding_free=padding_free).loss
         loss.backward()
         results.append((loss.detach(), [p.grad.clone() for p in params]))
-    assert model.llm.config._attn_implementation == "sdpa"
+    assert model.llm.config._attn_implementation == SEGMENTS  # switched by the packed forward, for good
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
     for a, b in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert torch.equal(results[0][0], results[2][0])  # a padded batch after the switch: SDPA as before, bit for bit
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[2][1]))
 
 
 def test_padding_free_is_refused_where_it_cannot_hold():
@@ -81,6 +86,8 @@ def test_padding_free_is_refused_where_it_cannot_hold():
     model = VideoLLM.from_config({"tower": copy.deepcopy(TINY_TOWERS["clip"]), "connector": {"name": "mlp"},
                                   "llm": llm, "num_frames": 4})
     assert "sliding-window" in supports_packing(model.llm)
+    with pytest.raises(ValueError, match="padding-free batches are not available: .* sliding-window"):
+        enable_packing(model.llm)
     raw = tiny_recipe({"captions": "c.json", "instruct": "i.json"}, "out", padding_free=True)
     raw["stages"][0]["objective"] = "words"
     with pytest.raises(RecipeError, match="padding_free: objective 'words' runs no LLM"):
@@ -89,7 +96,8 @@ def test_padding_free_is_refused_where_it_cannot_hold():
 
 def test_a_padding_free_stage_trains_to_the_same_weights(tmp_path, monkeypatch):
     """The engine passes the stage's `padding_free` to the objective: three steps of LoRA + connector from the same
-    start end at the same weights as the padded run, and the stage's record says how it ran."""
+    start end at the same weights as the padded run, with gradient checkpointing too (it recomputes each layer in
+    the backward pass, which must attend as the forward did), and the stage's record says how it ran."""
     import vlm.objectives
     from vlm.train.engine import train_stage
 
@@ -98,17 +106,22 @@ def test_a_padding_free_stage_trains_to_the_same_weights(tmp_path, monkeypatch):
 
     data = make_tiny_data(tmp_path / "data", n=6, bad=False)
     finals = {}
-    for padding_free in (False, True):
-        raw = tiny_recipe(data, tmp_path / f"run_{padding_free}", padding_free=padding_free)
+    for padding_free, checkpointing in ((False, False), (True, False), (True, True)):
+        raw = tiny_recipe(data, tmp_path / f"run_{padding_free}", padding_free=padding_free,
+                          gradient_checkpointing=checkpointing)
         raw["stages"][1]["data"]["mixture"] = [{"path": str(data["captions"])}, {"path": str(data["instruct"])}]
         raw["stages"][1]["batch_size"] = 3
         raw["stages"][1]["parts"]["llm"]["lora"]["dropout"] = 0.0  # nothing random between the two runs
         recipe = parse_recipe(raw)
         torch.manual_seed(0)
-        finals[padding_free] = train_stage(recipe, 1, None, tmp_path / f"stage_{padding_free}")
-        assert len(packed) == (3 if padding_free else 0), packed  # every batch mixes captions and short answers
-        assert json.loads((tmp_path / f"stage_{padding_free}" / "stage.json").read_text())["padding_free"] is padding_free
-    a, b = (VideoLLM.from_pretrained(finals[pf]).state_dict() for pf in (False, True))
-    assert a.keys() == b.keys() and any("lora" in k for k in a)
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+        stage_dir = tmp_path / f"stage_{padding_free}_{checkpointing}"
+        finals[padding_free, checkpointing] = train_stage(recipe, 1, None, stage_dir)
+        assert len(packed) == 3 * padding_free, packed  # every batch mixes captions and short answers
+        packed.clear()
+        assert json.loads((stage_dir / "stage.json").read_text())["padding_free"] is padding_free
+    weights = [VideoLLM.from_pretrained(final).state_dict() for final in finals.values()]
+    assert any("lora" in k for k in weights[0])
+    for other in weights[1:]:
+        assert other.keys() == weights[0].keys()
+        for key in other:
+            torch.testing.assert_close(other[key], weights[0][key], rtol=1e-4, atol=1e-5)

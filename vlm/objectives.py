@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from vlm.llm.packing import pack, packed_attention
+from vlm.llm.packing import enable_packing, pack
 from vlm.llm.template import IGNORE_INDEX, VISUAL_TOKEN
 from vlm.registry import Registry
 from vlm.towers.base import VisualFeatures
@@ -72,10 +72,10 @@ def causal_lm(model: VideoLLM, batch: Batch, return_logits: bool = False,
         return llm(inputs_embeds=embeds, attention_mask=attention, labels=labels, use_cache=False)
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # [B, S]: position i predicts token i + 1
     if padding_free and embeds.shape[0] > 1 and not bool(attention.all()):
+        enable_packing(llm)
         embeds, positions, targets, cu, longest = pack(embeds, attention, targets)
-        with packed_attention(llm):
-            hidden = decoder(inputs_embeds=embeds, position_ids=positions, use_cache=False, cu_seq_lens_q=cu,
-                             cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest).last_hidden_state
+        hidden = decoder(inputs_embeds=embeds, position_ids=positions, use_cache=False, cu_seq_lens_q=cu,
+                         cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest).last_hidden_state
     else:
         hidden = decoder(inputs_embeds=embeds, attention_mask=attention, use_cache=False).last_hidden_state
     picked = targets != IGNORE_INDEX  # [B, S] (one row of the batch's real positions when packed)

@@ -7,31 +7,38 @@ position ids (rotary embeddings see 0, 1, ... per sample), and attention runs pe
 sample's span (`cu_seq_lens`, the cumulative lengths flash-attention's variable-length kernels take). The loss is
 the same function of the same weights; only the order of floating-point sums differs.
 
-Attention: an LLM on `flash_attention_2/3/4` reads the spans itself (transformers' variable-length path); on `sdpa`
-or `eager` it runs `segment_attention` for the packed forward: PyTorch's SDPA, causal, once per sample.
+Attention: an LLM on `flash_attention_2/3/4` reads the spans itself (transformers' variable-length path); one on
+`sdpa` switches to `segment_attention`, which is transformers' SDPA attention unless it is given the spans, and then
+PyTorch's SDPA, causal, once per sample. The switch is for good, not for the one forward: gradient checkpointing
+recomputes a layer during the backward pass and must see the attention its forward saw.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-SEGMENTS = "vlm_segments"
+SEGMENTS = "vlm_sdpa_segments"
 _NATIVE = ("flash_attention_2", "flash_attention_3", "flash_attention_4")
 
 
 def segment_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                      cu_seq_lens_q: torch.Tensor | None = None, **kwargs: object) -> tuple[torch.Tensor, None]:
-    """Causal attention inside each packed sample: query [1, H, N, d], key/value [1, H_kv, N, d], the samples'
-    spans `cu_seq_lens_q` [n + 1] (0, end of the first, ..., N). Returns [1, N, H, d] as transformers expects."""
-    if cu_seq_lens_q is None or query.shape[0] != 1:
-        raise ValueError("segment attention runs packed forwards only: one row and its cu_seq_lens_q")
+                      cu_seq_lens_q: torch.Tensor | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers' SDPA attention, except in a packed forward: given the samples' spans `cu_seq_lens_q` [n + 1]
+    (0, end of the first, ..., N) of query [1, H, N, d] and key/value [1, H_kv, N, d], causal attention within each
+    span. Returns [1, N, H, d] as transformers expects."""
+    if cu_seq_lens_q is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    if query.shape[0] != 1:
+        raise ValueError(f"a packed forward has one row, got {query.shape[0]}")
     bounds = cu_seq_lens_q.tolist()
     gqa = query.shape[1] != key.shape[1]
     out = torch.cat([F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b],
@@ -41,6 +48,7 @@ def segment_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
 
 
 AttentionInterface.register(SEGMENTS, segment_attention)
+AttentionMaskInterface.register(SEGMENTS, sdpa_mask)  # padded forwards get SDPA's own masks
 
 
 def supports_packing(llm: nn.Module) -> str | None:
@@ -50,24 +58,20 @@ def supports_packing(llm: nn.Module) -> str | None:
         return f"{type(llm).__name__} uses sliding-window attention"
     if getattr(config, "final_logit_softcapping", None) or getattr(config, "attn_logit_softcapping", None):
         return f"{type(llm).__name__} soft-caps its attention or logits"
-    if config._attn_implementation not in ("sdpa", "eager", *_NATIVE):
-        return f"attention implementation {config._attn_implementation!r}"
+    if config._attn_implementation not in ("sdpa", SEGMENTS, *_NATIVE):
+        return f"attention implementation {config._attn_implementation!r} (load the LLM with sdpa or flash attention)"
     return None
 
 
-@contextlib.contextmanager
-def packed_attention(llm: nn.Module) -> Iterator[None]:
-    """Within the block, `llm` attends per packed sample (see the module docstring); restored after."""
-    config = llm.config
-    before = config._attn_implementation
-    if before in _NATIVE:
-        yield
-        return
-    config._attn_implementation = SEGMENTS
-    try:
-        yield
-    finally:
-        config._attn_implementation = before
+def enable_packing(llm: nn.Module) -> None:
+    """Let `llm` run packed forwards: an `sdpa` LLM switches to `segment_attention` for good (the same SDPA for every
+    forward without spans, so gradient checkpointing's recomputation and evaluation see what they saw before); flash
+    attention reads the spans itself. Raises ValueError with the reason where packing cannot hold."""
+    why = supports_packing(llm)
+    if why:
+        raise ValueError(f"padding-free batches are not available: {why}")
+    if llm.config._attn_implementation == "sdpa":
+        llm.config._attn_implementation = SEGMENTS
 
 
 def pack(embeds: torch.Tensor, attention: torch.Tensor, targets: torch.Tensor

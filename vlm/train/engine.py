@@ -24,7 +24,7 @@ from vlm.data.conversation import resolve_media
 from vlm.data.dataset import BatchPlan, ConversationDataset, MixtureItem, load_mixture, subsample
 from vlm.data.stream import is_streamed, streamed_data
 from vlm.model import PARTS, SETTINGS, VideoLLM
-from vlm.llm.packing import supports_packing
+from vlm.llm.packing import enable_packing
 from vlm.objectives import reads_text
 from vlm.train.feature_cache import FeatureCache, clip_key, tower_fingerprint
 from vlm.train.loop import Run, build_accelerator, setup, train
@@ -283,8 +283,8 @@ def setup_stage(recipe: Recipe, index: int, init_from: Path | None, stage_dir: P
     stage = recipe.stages[index]
     model = stage_model(recipe, index, init_from)
     accelerator, deepspeed = build_accelerator(stage, stage.deepspeed)
-    if stage.padding_free and (why := supports_packing(model.llm)):
-        raise ValueError(f"stage {stage.name}: padding_free is not available here: {why}")
+    if stage.padding_free:
+        enable_packing(model.llm)  # before the first step: a stage that cannot pack fails here, with the reason
     data = stage_data(recipe, index, model, accelerator.process_index, accelerator.num_processes)
     if data.visual.cache is not None:
         data.cache_stats = precompute_features(model, data.items, data.visual, accelerator)
