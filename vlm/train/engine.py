@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 from vlm.data.conversation import resolve_media
 from vlm.data.dataset import BatchPlan, ConversationDataset, MixtureItem, load_mixture, subsample
 from vlm.data.stream import is_streamed, streamed_data
-from vlm.model import PARTS, SETTINGS, VideoLLM
 from vlm.llm.packing import enable_packing
+from vlm.model import PARTS, SETTINGS, VideoLLM
 from vlm.objectives import reads_text
 from vlm.train.feature_cache import FeatureCache, clip_key, tower_fingerprint
 from vlm.train.loop import Run, build_accelerator, setup, train
@@ -312,7 +312,8 @@ def train_stage(recipe: Recipe, index: int, init_from: Path | None, stage_dir: P
         (stage_dir / "stage.json").write_text(json.dumps({
             "recipe": recipe.source, "stage": index, "name": stage.name, "init_from": str(init_from) if init_from else None,
             "total_steps": run.total_steps, "batches_per_epoch": len(data.plan), "processes": accelerator.num_processes,
-            "deepspeed": stage.deepspeed, "padding_free": stage.padding_free, "feature_cache": data.cache_stats, "malformed_records": len(data.bad_records),
+            "deepspeed": stage.deepspeed, "padding_free": stage.padding_free, "feature_cache": data.cache_stats,
+            "malformed_records": len(data.bad_records),
             "visual_tokens": model.num_visual_tokens(stage.data.frames),
             "trainable": {p: sum(x.numel() for x in ps) for p, ps in model.parameter_groups().items()},
         }, indent=2))
