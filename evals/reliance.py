@@ -59,6 +59,18 @@ def _summary(own: list[float], swapped: list[list[float]]) -> dict[str, Any]:
             "own_preferred_percent": 100.0 * sum(pairs) / len(pairs)}
 
 
+def _losses(model: Any, samples: list[dict[str, Any]], share_prefix: bool) -> list[Any]:
+    """Each sample's answer loss (samples of one clip), or the TemplateMismatchError that skips it."""
+    try:
+        if share_prefix:
+            return list(model.answer_losses(model.processor.build_batch(samples)))
+        return [float(model(model.processor.build_batch([s])).loss) for s in samples]
+    except TemplateMismatchError as e:
+        if len(samples) == 1:
+            return [e]
+        return [r for s in samples for r in _losses(model, [s], share_prefix)]
+
+
 def _sample_clip(s: Any, root: Path, num_frames: int, sampling: str) -> Clip:
     path = resolve_media(root, s.media, s.location)
     return read_clip(path, num_frames, sampling, s.extra.get("start"), s.extra.get("end"))
@@ -68,10 +80,12 @@ def _sample_clip(s: Any, root: Path, num_frames: int, sampling: str) -> Clip:
 def visual_reliance(model: Any, data: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
                     media_root: str | os.PathLike | None = None, limit: int = 64, num_frames: int | None = None,
                     sampling: str = "uniform", seed: int = 0, model_name: str | None = None,
-                    workers: int = 2, partners: int = 1) -> EvalResult:
+                    workers: int = 2, partners: int = 1, share_prefix: bool = True) -> EvalResult:
     """Own-video vs other videos' answer loss on up to `limit` video samples of `data` (a deterministic shuffle
     by `seed`), each against the clips of the next `partners` samples with another video. `model` needs a
-    `processor` (`make_sample`, `build_batch`) and a forward returning `.loss` (VideoLLM has them).
+    `processor` (`make_sample`, `build_batch`) and `answer_losses(batch)` (VideoLLM has them): a clip's samples
+    are scored together, the start they share (system prompt and video) computed once. `share_prefix=False`
+    scores each (sample, clip) pair in a forward of its own (`model(batch).loss`; the reference).
     Malformed records, clips that fail to decode and samples whose chat template does not match the tokenizer
     are skipped, counted and named (counts.skipped_reasons). `workers` processes decode clips ahead (0: here)."""
     t0 = time.time()
@@ -101,37 +115,49 @@ def visual_reliance(model: Any, data: str | os.PathLike, out_dir: str | os.PathL
     name = model_name or type(model).__name__
     plog = None if out_dir is None else PredictionLog(
         Path(out_dir) / "predictions.jsonl", {"model": name, "num_frames": frames, "sampling": sampling})
-
-    def loss(i: int, clip_index: int) -> float:
-        sample = model.processor.make_sample(kept[i].turns, clips[clip_index], sample_id=kept[i].id)
-        return float(model(model.processor.build_batch([sample])).loss)
-
+    done: dict[int, dict[str, Any]] = {}  # sample -> its record
+    plan: dict[int, list[int]] = {}  # sample -> the clips it is scored with: its own, then its partners'
+    for i, s in enumerate(kept):
+        rec = None if plog is None else plog.records.get(s.id)
+        if rec is not None and rec.get("partner_ids") == [kept[j].id for j in others[i][:partners]]:
+            done[i] = rec  # scored before against the same partners
+        else:
+            plan[i] = [i] + others[i][:partners]
+    users: dict[int, list[int]] = {}  # clip -> the samples scored with it
+    for i, cs in plan.items():
+        for c in cs:
+            users.setdefault(c, []).append(i)
     was_training = getattr(model, "training", False)
     if was_training:
         model.eval()  # no dropout: the losses of a sample must differ only by the clip
-    scored, own, swapped = [], [], []  # a template mismatch is a property of the text: it skips the sample
+    got: dict[tuple[int, int], float] = {}
+    failed: dict[int, str] = {}  # a template mismatch is a property of the text: it skips the sample
     try:
-        for i, s in enumerate(kept):
-            mine = others[i][:partners]
-            ids = [kept[j].id for j in mine]
-            rec = None if plog is None else plog.records.get(s.id)
-            if rec is None or rec.get("partner_ids") != ids:  # not scored yet, or against other partners
-                try:
-                    rec = {"uid": s.id, "own": loss(i, i), "swapped": [loss(i, j) for j in mine], "partner_ids": ids}
-                except TemplateMismatchError as e:
-                    log.warning("visual reliance: skipped %s: %s", s.location, e)
-                    bad.append(f"{s.location}: {e}")
+        for c in sorted(users):  # one clip's samples together: with share_prefix its start runs once
+            rows = [i for i in users[c] if i not in failed]
+            if not rows:
+                continue
+            samples = [model.processor.make_sample(kept[i].turns, clips[c], sample_id=kept[i].id) for i in rows]
+            for i, r in zip(rows, _losses(model, samples, share_prefix)):
+                if isinstance(r, TemplateMismatchError):
+                    log.warning("visual reliance: skipped %s: %s", kept[i].location, r)
+                    failed[i] = f"{kept[i].location}: {r}"
                     continue
-                if plog is not None:
-                    plog.write(rec)
-            scored.append(s)
-            own.append(rec["own"])
-            swapped.append(rec["swapped"])
+                got[(i, c)] = r
+                if all((i, j) in got for j in plan[i]):  # the sample's last clip: log it now
+                    done[i] = {"uid": kept[i].id, "own": got[(i, i)], "swapped": [got[(i, j)] for j in plan[i][1:]],
+                               "partner_ids": [kept[j].id for j in plan[i][1:]]}
+                    if plog is not None:
+                        plog.write(done[i])
     finally:
         if plog is not None:
             plog.close()
         if was_training:
             model.train()
+    bad += [failed[i] for i in sorted(failed)]
+    scored = [s for i, s in enumerate(kept) if i in done]
+    own = [done[i]["own"] for i in sorted(done)]
+    swapped = [done[i]["swapped"] for i in sorted(done)]
     if not scored:
         raise ValueError(f"{data}: no sample could be scored ({len(bad)} skipped; first: {bad[0] if bad else '-'})")
     kinds: dict[str, list[int]] = {}

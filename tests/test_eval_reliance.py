@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -36,11 +37,15 @@ class FakeModel:
         return {"id": sample_id, "clip_mean": round(float(clip.frames.astype("float64").mean()), 4)}
 
     def build_batch(self, samples):
-        return samples[0]
+        return list(samples)
 
-    def __call__(self, sample):
+    def answer_losses(self, batch):
         assert not torch.is_grad_enabled(), "the model is asked without autograd"
-        return SimpleNamespace(loss=torch.tensor(self.rule(sample["id"], sample["clip_mean"])))
+        return [self.rule(sample["id"], sample["clip_mean"]) for sample in batch]
+
+    def __call__(self, batch):  # share_prefix=False: one sample a forward
+        assert len(batch) == 1
+        return SimpleNamespace(loss=torch.tensor(self.answer_losses(batch)[0]))
 
 
 @pytest.fixture(scope="module")
@@ -106,10 +111,12 @@ def test_tiny_videollm_runs_and_loss_depends_on_the_clip(data):
     torch.manual_seed(0)
     model = VideoLLM.from_config({"tower": TINY_TOWERS["clip"] | {"image_size": 32}, "connector": {"name": "mlp"},
                                   "llm": TINY_LLM, "num_frames": 4}).eval()
-    result = visual_reliance(model, files["instruct"], limit=4)
+    result = visual_reliance(model, files["instruct"], limit=4, partners=2)
     m = result.metrics
     assert m["samples"] == 4 and all(torch.isfinite(torch.tensor([m["loss_own"], m["loss_swapped"]])))
     assert m["gap"] != 0.0  # a random connector passes the frames through: swapping them changes the loss
+    alone = visual_reliance(model, files["instruct"], limit=4, partners=2, share_prefix=False).metrics
+    assert m == pytest.approx(alone, rel=1e-4)  # each clip's shared start computed once: the same numbers
 
 
 def test_cli_reliance_writes_results_report_and_chart(data, tmp_path):
@@ -207,8 +214,8 @@ def test_swapped_clip_is_always_another_videos_and_gaps_are_exact(shared_videos)
     assert model.training is True and result.settings["num_frames"] == 2
     assert all(n == 2 and not training for _, _, n, training in calls)
     assert sorted(sid for sid, *_ in calls) == sorted(list(own) * 2)
-    for sid in own:
-        (_, own_clip, *_), (_, swapped_clip, *_) = [c for c in calls if c[0] == sid]
+    for sid in own:  # scored with its own clip and one other (a clip's samples are scored together, in clip order)
+        own_clip, swapped_clip = sorted((c[1] for c in calls if c[0] == sid), key=lambda m: m != means[sid])
         assert own_clip == means[sid]
         assert swapped_clip in {means[s] for s, v in video_of.items() if v != video_of[sid]}, (sid, swapped_clip)
     # gaps (swapped - own): s1 1.5, s2 -1.0, s3 0.0, s4 0.5, s5 1.5
@@ -244,7 +251,7 @@ def test_swap_partner_is_the_next_sample_of_another_video_in_the_seeded_shuffle(
     visual_reliance(model, data, limit=5, num_frames=2, seed=seed)
     for i, sid in enumerate(order):
         partner = next(order[k % 5] for k in range(i + 1, i + 5) if video_of[order[k % 5]] != video_of[sid])
-        assert [mean for s, mean in seen if s == sid] == [means[sid], means[partner]]
+        assert sorted(mean for s, mean in seen if s == sid) == sorted([means[sid], means[partner]])
 
 
 def test_several_partners_are_the_next_samples_of_other_videos_and_pairs_are_counted(data):
@@ -269,7 +276,7 @@ def test_several_partners_are_the_next_samples_of_other_videos_and_pairs_are_cou
     random.Random(5).shuffle(order)  # malformed records are left out before the shuffle, undecodable clips after it
     order = [s for s in order if s in loss]
     expect = [(sid, c) for i, sid in enumerate(order) for c in [sid] + [order[(i + k) % 4] for k in (1, 2, 3)]]
-    assert seen == expect
+    assert sorted(seen) == sorted(expect)  # every pair once (scored clip by clip)
     # every sample meets every other clip once: a sample prefers its own clip to those with a higher loss
     pairs = sum(loss[o] > loss[s] for s in loss for o in loss if o != s)
     m = result.metrics
@@ -329,3 +336,23 @@ def test_kinds_from_ids_and_a_two_sample_kind_stderr(tmp_path):
     assert sample["samples"] == 2 and sample["gap"] == pytest.approx(0.375)
     assert sample["gap_stderr"] == pytest.approx(math.sqrt(2 * 0.125 ** 2 / 1 / 2))
     assert result.per_task["boX"]["samples"] == 1 and result.per_task["boX"]["gap"] == pytest.approx(-1.0)
+
+
+def test_bench_reliance_times_both_ways_and_they_agree(data, tmp_path, capsys):
+    import sys
+
+    from vlm.model import VideoLLM
+
+    root, files = data
+    torch.manual_seed(0)
+    VideoLLM.from_config({"tower": TINY_TOWERS["clip"] | {"image_size": 32}, "connector": {"name": "mlp"},
+                          "llm": TINY_LLM, "num_frames": 4}).save_pretrained(tmp_path / "model")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from bench_reliance import main
+
+    assert main(["--model", str(tmp_path / "model"), "--data", str(files["instruct"]), "--limit", "3",
+                 "--partners", "2", "--repeats", "1", "--no-docs"]) == 0
+    out = capsys.readouterr().out
+    assert "| one forward per (sample, clip) pair" in out and "3 held-out samples" in out and "(9 pairs)" in out
+    shares = [float(x) for x in out.split("Own clip preferred in ")[1].split(" of pairs")[0].replace("%", "").split(" / ")]
+    assert shares[0] == shares[1]

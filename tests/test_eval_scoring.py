@@ -569,3 +569,69 @@ def test_pruned_visual_tokens_in_prompts_of_one_length_score_and_generate_as_alo
     assert all(np.allclose(a, b, atol=1e-4, rtol=0) for a, b in zip(slots.score_options(scoring), alone))
     asking = [GenerationRequest(uid=f"g{k}", clip=c, turns=turns, max_new_tokens=5) for k, c in enumerate(clips)]
     assert slots.generate_answers(asking) == [slots.generate_answers([r])[0] for r in asking]
+
+
+def _answer_sample(model, question: str, answers: list[str], frames: Clip | None, video_first: bool = True):
+    turns = []
+    for k, a in enumerate(answers):
+        text = question * (k + 1)
+        if k == 0 and frames is not None:
+            text = "<video>\n" + text if video_first else text + "\n<video>"
+        turns += [Turn("user", text), Turn("assistant", a)]
+    return model.processor.make_sample(turns, frames, sample_id=question)
+
+
+@pytest.mark.parametrize("connector", ["mlp", "diff_prune+mlp"])
+def test_answer_losses_equal_each_samples_own_loss(connector):
+    """One clip's conversations of different lengths (the start they share runs once), a conversation about
+    another clip, a text-only one, and one without answer tokens (nan): each loss is the sample's own
+    causal-LM loss, as its forward alone gives it; a pruning connector drops positions first."""
+    from tests.test_model import config
+
+    torch.manual_seed(0)
+    model = VideoLLM.from_config(config("clip", connector)).eval()
+    for layer in model.llm.model.layers:  # sharp attention: a position off by one changes the losses
+        layer.self_attn.q_proj.weight.data *= 20
+        layer.self_attn.k_proj.weight.data *= 20
+    still = Clip(np.repeat(moving_square((30, 200, 30), frames=4)[:1], 4, axis=0), np.arange(4) * 0.5, np.arange(4),
+                 "synthetic", 2.0, 4)  # a static clip: the pruning connector keeps its first frame only
+    one = [_answer_sample(model, "Which way?", ["right", "Then up, fast."], clip()),
+           _answer_sample(model, "What colour?", ["red"], clip()),
+           _answer_sample(model, "And now?", ["a red square", "it stops", "gone"], clip())]
+    with torch.no_grad():
+        alone_one = [float(model(model.processor.build_batch([s])).loss) for s in one]
+        assert model.answer_losses(model.processor.build_batch(one)) == pytest.approx(alone_one, rel=1e-5)
+        mixed = one[:1] + [_answer_sample(model, "Which way?", ["left"], still),
+                           _answer_sample(model, "Say hi.", ["hi"], None),
+                           _answer_sample(model, "Where is it?", ["top left", "gone"], clip(), video_first=False)]
+        alone = [float(model(model.processor.build_batch([s])).loss) for s in mixed]
+        assert model.answer_losses(model.processor.build_batch(mixed)) == pytest.approx(alone, rel=1e-5)
+        batch = model.processor.build_batch(one)
+        batch.labels[1] = -100  # no answer token in the second sample
+        losses = model.answer_losses(batch)
+        assert math.isnan(losses[1]) and [losses[0], losses[2]] == pytest.approx([alone_one[0], alone_one[2]], rel=1e-5)
+
+
+def test_answer_losses_run_the_shared_start_once(monkeypatch):
+    """Conversations about one clip: one prefill of the start the video-first ones share, then each rest after it,
+    cut after its last answer token (the cache back at the shared start every time); a question asked before the
+    video starts a group of its own."""
+    from tests.test_model import config
+
+    torch.manual_seed(0)
+    model = VideoLLM.from_config(config("clip", "mlp")).eval()
+    samples = [_answer_sample(model, q, ["yes"], clip()) for q in ("Is it red?", "Does it move?", "Is it square?")]
+    samples.insert(1, _answer_sample(model, "Is it big?", ["no"], clip(), video_first=False))
+    calls = []
+    extend = model.extend
+    monkeypatch.setattr(model, "extend", lambda cache, x, *a, **k: calls.append((cache.get_seq_length(), x.shape[:2]))
+                        or extend(cache, x, *a, **k))
+    with torch.no_grad():
+        embeds, attention, labels = model.embed(model.processor.build_batch(samples))
+        model.answer_losses(model.processor.build_batch(samples))
+    first = [int((labels[b] >= 0).nonzero()[0]) for b in range(4)]
+    last = [int((labels[b] >= 0).nonzero()[-1]) for b in range(4)]
+    shared = int((embeds[0] != embeds[2]).any(-1).nonzero()[0])  # where the video-first questions begin to differ
+    assert 0 < shared < first[0]
+    assert calls == [(0, (1, shared))] + [(shared, (1, last[b] - shared)) for b in (0, 2, 3)] + [
+        (0, (1, first[1])), (first[1], (1, last[1] - first[1]))]

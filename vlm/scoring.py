@@ -105,6 +105,54 @@ class ScoringMixin:
                 out[i] = scores
         return out
 
+    # ------------------------------------------------------------------ answer losses
+    @torch.no_grad()
+    def answer_losses(self, batch: Any) -> list[float]:
+        """Per sample of a training batch (labels on the answers), the mean loss of its answer tokens: what the
+        causal-LM objective gives for the sample alone (nan without answer tokens). The start the samples share
+        before their first answer (one clip's questions share the system prompt and the video) runs once into a
+        KV cache; every sample's rest extends it (up to its last answer token), and the LM head runs only where
+        an answer token is predicted."""
+        embeds, attention, labels = self.embed(batch)  # type: ignore[attr-defined]  # [B, S, D], [B, S], [B, S]
+        real = attention.bool()
+        return self._answer_losses([(embeds[b][real[b]], labels[b][real[b]]) for b in range(embeds.shape[0])])
+
+    def _answer_losses(self, rows: list[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
+        """`answer_losses` of rows (embeddings [S_i, D], labels [S_i]) without padding. A row joins the first group
+        whose start it shares at least half of, before its first answer (a question asked before the video starts
+        a group of its own); each group's start is computed once."""
+        firsts = [int(lab.ge(0).nonzero()[0]) if bool(lab.ge(0).any()) else len(lab) for _, lab in rows]
+        groups: list[list[int]] = []
+        starts: list[int] = []  # per group, the length of the start its rows share
+        for r, (e, _) in enumerate(rows):
+            for g, members in enumerate(groups):
+                m = min(starts[g], firsts[r])
+                same = (e[:m] == rows[members[0]][0][:m]).all(-1)
+                common = m if bool(same.all()) else int((~same).nonzero()[0])
+                if common > 0 and 2 * common >= starts[g]:
+                    members.append(r)
+                    starts[g] = common
+                    break
+            else:
+                groups.append([r])
+                starts.append(max(firsts[r], 1))  # token 0 is never predicted
+        losses = [math.nan] * len(rows)
+        for members, k in zip(groups, starts):
+            last, cache = self.prefill(rows[members[0]][0][None, :k])  # type: ignore[attr-defined]  # [1, 1, V]
+            for r in members:  # one at a time after the cached start: no padding
+                e, t = rows[r][0], rows[r][1][k:]
+                at = t.ge(0).nonzero()[:, 0]  # token k + j is predicted by the rest's position j - 1 (j = 0: `last`)
+                if not len(at):
+                    continue
+                pred = [last[0]] if int(at[0]) == 0 else []
+                later = at[at > 0] - 1
+                if len(later):
+                    n = int(later[-1]) + 1  # the rest up to the last position that predicts an answer token
+                    pred.append(self.extend(cache, e[None, k : k + n], logits_to_keep=later)[0])  # type: ignore[attr-defined]
+                    cache.crop(-n)  # back to the shared start
+                losses[r] = float(F.cross_entropy(torch.cat(pred).float(), t[at]))
+        return losses
+
     def _continuation_ids(self, conts: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded continuation ids [R, L] and their mask [R, L]."""
         width = max(1, max(len(c) for c in conts))
