@@ -139,11 +139,14 @@ def test_several_requests_each_get_their_own_prompt_prefill_and_order(model, sha
         assert np.allclose(got, reference_scores(model, req), atol=1e-4, rtol=0), req.uid
 
 
-@pytest.mark.parametrize("share_prefix", [True, False])
-def test_a_batch_of_questions_scores_like_one_question_at_a_time(model, share_prefix, monkeypatch):
+@pytest.mark.parametrize("way", ["tree", "cache", "recompute"])
+def test_a_batch_of_questions_scores_like_one_question_at_a_time(model, way, monkeypatch):
     """Questions of different prompt lengths, clips and option counts (one without a clip), scored together: within
-    1e-4 of scoring each alone, in two forwards per prefill (one prefix forward, one over every option), and a
-    batch_size splits them."""
+    1e-4 of scoring each alone; the tree in one forward per prompt (they share no start), the KV cache in two
+    forwards per prefill (one prefix forward, one over every option), and a batch_size splits them."""
+    share_prefix = way != "recompute"
+    if way == "cache":  # what an LLM without custom attention masks (flash attention) gets
+        monkeypatch.setattr(model, "_score_tree", model._score_with_cache)
     long_item = MCQItem("t", 2, Path("v.mp4"), "Which way does the square move, and how far does it get before "
                         "the clip ends? Think about it.", ["left", "right", "up"], "up", 2)
     reqs = [ScoringRequest(uid=f"q{n}", clip=c, turns=mvbench_turns(it), prefill="Best option:(", continuations=o)
@@ -157,19 +160,21 @@ def test_a_batch_of_questions_scores_like_one_question_at_a_time(model, share_pr
     real = model.llm.forward
     monkeypatch.setattr(model.llm, "forward", lambda *a, **k: forwards.append(k["inputs_embeds"].shape) or real(*a, **k))
     together = model.score_options(reqs, share_prefix=share_prefix)
-    assert [f[0] for f in forwards] == ([4, 12] if share_prefix else [12])  # 4 prompts; 4 + 3 + 3 + 2 options
+    assert [f[0] for f in forwards] == {"tree": [1] * 4, "cache": [4, 12], "recompute": [12]}[way]  # 4 + 3 + 3 + 2 options
     for got, ref in zip(together, alone):
         assert np.allclose(got, ref, atol=1e-4, rtol=0), (got, ref)
     forwards.clear()
     split = model.score_options(reqs, share_prefix=share_prefix, batch_size=3)
-    assert [f[0] for f in forwards] == ([3, 10, 1, 2] if share_prefix else [10, 2])
+    assert [f[0] for f in forwards] == {"tree": [1] * 4, "cache": [3, 10, 1, 2], "recompute": [10, 2]}[way]
     assert all(np.allclose(a, b, atol=1e-4, rtol=0) for a, b in zip(split, alone))
 
 
-def test_questions_about_one_clip_compute_its_video_once(model, monkeypatch):
+@pytest.mark.parametrize("way", ["tree", "cache"])
+def test_questions_about_one_clip_compute_its_video_once(model, way, monkeypatch):
     """Three questions about one clip and one about another, scored together: the start the three share (system
-    prompt and video) runs once, then the rest of all four prompts, then every option; each score within 1e-4 of
-    the question scored alone."""
+    prompt and video) runs once; the tree puts it, the three rests and their options in one row, and the other
+    question in a row of its own; the KV cache runs the starts, then the rest of all four prompts, then every
+    option. Each score within 1e-4 of the question scored alone."""
     other = MCQItem("t", 1, Path("v.mp4"), "What colour is the square in the first frame of the video?",
                     ["red", "blue"], "red", 0)
     third = MCQItem("t", 2, Path("v.mp4"), "Does it stop?", ["yes", "no"], "no", 1)
@@ -187,10 +192,17 @@ def test_questions_about_one_clip_compute_its_video_once(model, monkeypatch):
     real = model.llm.forward
     monkeypatch.setattr(model.llm, "forward", lambda *a, **k: forwards.append(tuple(k["inputs_embeds"].shape[:2]))
                         or real(*a, **k))
+    if way == "cache":
+        monkeypatch.setattr(model, "_score_tree", model._score_with_cache)
     together = model.score_options(reqs)
-    assert [f[0] for f in forwards] == [2, 4, 9]  # two groups, four prompts, 3 + 2 + 2 + 2 options
-    assert forwards[0][1] == max(shared, embeds[2].shape[0])  # the clip's shared start, the other prompt whole
-    assert forwards[1][1] == max(e.shape[0] for e in (embeds[0], embeds[1], embeds[3])) - shared  # the rests
+    if way == "tree":
+        tokens = [sum(len(c) for c in prompt_embeds(model, r)[0]) for r in reqs]  # option tokens per question
+        one_clip = shared + sum(embeds[i].shape[0] - shared + tokens[i] for i in (0, 1, 3))
+        assert forwards == [(1, one_clip), (1, embeds[2].shape[0] + tokens[2])]
+    else:
+        assert [f[0] for f in forwards] == [2, 4, 9]  # two groups, four prompts, 3 + 2 + 2 + 2 options
+        assert forwards[0][1] == max(shared, embeds[2].shape[0])  # the clip's shared start, the other prompt whole
+        assert forwards[1][1] == max(e.shape[0] for e in (embeds[0], embeds[1], embeds[3])) - shared  # the rests
     for got, ref in zip(together, alone):
         assert np.allclose(got, ref, atol=1e-4, rtol=0), (got, ref)
 
@@ -207,8 +219,9 @@ def test_options_get_no_special_tokens_even_from_a_tokenizer_that_adds_bos(model
 
 
 def test_shared_prefix_runs_the_prompt_once_and_only_the_options_after_it(model, monkeypatch):
-    """share_prefix=True: one prompt forward keeping only the last logits, then one forward over the K option
-    tokens after the cached prompt; share_prefix=False: one forward over K full sequences."""
+    """share_prefix=True: the tree, one forward of the prompt and its options keeping the logits that score a token;
+    with a KV cache, one prompt forward keeping only the last logits, then one forward over the K option tokens
+    after the cached prompt; share_prefix=False: one forward over K full sequences."""
     calls: list[dict] = []
     real = model.llm.forward
 
@@ -221,9 +234,15 @@ def test_shared_prefix_runs_the_prompt_once_and_only_the_options_after_it(model,
     monkeypatch.setattr(model.llm, "forward", spy)
     conts = ["A) left", "B) right turn, then a long way up the hill", "C"]  # 3, 12 and 1 tokens
     req = ScoringRequest(uid="q", clip=clip(), turns=mvbench_turns(ITEM), prefill="Best option:(", continuations=conts)
+    model.score_options([req])  # the tree: the prompt and its options in one row, logits where a token is scored
+    s = prompt_embeds(model, req)[1].shape[1]
+    (tree,) = calls
+    d = tree["inputs_embeds"][2]
+    assert tree == {"inputs_embeds": (1, s + 16, d), "logits_to_keep": (1 + 2 + 11,), "use_cache": False, "past": 0}
+    calls.clear()
+    monkeypatch.setattr(model, "_score_tree", model._score_with_cache)  # an LLM without custom masks
     model.score_options([req])
     (prefix, rest) = calls
-    s, d = prefix["inputs_embeds"][1], prefix["inputs_embeds"][2]
     assert prefix == {"inputs_embeds": (1, s, d), "logits_to_keep": 1, "use_cache": True, "past": 0}
     assert rest == {"inputs_embeds": (3, 12, d), "logits_to_keep": 0, "use_cache": True, "past": s}
     calls.clear()
@@ -250,8 +269,8 @@ def test_a_single_option_and_an_image_request_with_a_system_turn(model, share_pr
         assert np.allclose(got, reference_scores(model, req, media), atol=1e-4, rtol=0), req.uid
 
 
-@pytest.mark.parametrize("share_prefix", [True, False])
-def test_masked_prompt_positions_are_not_attended(model, share_prefix):
+@pytest.mark.parametrize("way", ["_score_tree", "_score_with_cache", "_score_recompute"])
+def test_masked_prompt_positions_are_not_attended(model, way):
     """A left-padded prompt (as a generation batch pads it) scores like the prompt alone: neither the prompt forward
     nor the options may attend to the masked positions. RoPE positions are relative, so the shift does not matter."""
     req = ScoringRequest(uid="q", clip=clip(), turns=mvbench_turns(ITEM), prefill="Best option:(",
@@ -261,7 +280,7 @@ def test_masked_prompt_positions_are_not_attended(model, share_prefix):
     junk = torch.Generator().manual_seed(0)
     padded = torch.cat([20 * torch.randn(1, 3, embeds.shape[2], generator=junk), embeds], dim=1)
     mask = torch.cat([torch.zeros(1, 3, dtype=attention.dtype), attention], dim=1)
-    score = model._score_with_cache if share_prefix else model._score_recompute
+    score = getattr(model, way)
     with torch.no_grad():
         assert np.allclose(score(padded, mask, [conts])[0], ref, atol=1e-4, rtol=0)
         seen = score(padded, torch.ones_like(mask), [conts])[0]  # the junk, attended, changes every score
@@ -635,3 +654,20 @@ def test_answer_losses_run_the_shared_start_once(monkeypatch):
     assert 0 < shared < first[0]
     assert calls == [(0, (1, shared))] + [(shared, (1, last[b] - shared)) for b in (0, 2, 3)] + [
         (0, (1, first[1])), (first[1], (1, last[1] - first[1]))]
+
+
+def test_bench_scoring_times_both_ways_and_they_agree(tmp_path, capsys):
+    import sys
+
+    torch.manual_seed(0)
+    VideoLLM.from_config({"tower": copy.deepcopy(TINY_TOWERS["clip"]), "connector": {"name": "mlp"},
+                          "llm": copy.deepcopy(TINY_LLM), "num_frames": 4}).save_pretrained(tmp_path / "model")
+    bench = make_bench(tmp_path / "bench", missing_video=False)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from bench_scoring import main
+
+    assert main(["--model", str(tmp_path / "model"), "--bench", str(bench), "--repeats", "1", "--no-docs"]) == 0
+    out = capsys.readouterr().out
+    assert "| **one row per clip's questions, a prefix-tree mask** |" in out
+    n = int(out.split("the same answer to ")[1].split(" of ")[0])
+    assert out.split("the same answer to ")[1].startswith(f"{n} of {n} questions") and n > 0

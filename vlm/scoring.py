@@ -8,9 +8,12 @@ dataclasses live in `evals.interface`, which `vlm` never imports); a request nee
     + continuations: list[str]                          (score_options)
 
 Option scoring shares the prompt: the start that a batch's prompts share (one clip's video, asked several
-questions) is computed once, the rest of each prompt extends its KV cache, each prompt's row is repeated once per
-continuation, and only the continuation tokens extend it, all options of all prompts in one forward.
-`share_prefix=False` recomputes every continuation from scratch (the reference the tests compare against).
+questions) is computed once. With an LLM that takes a custom attention mask (sdpa, eager), that start, the rest of
+each prompt and every continuation run as one row under a prefix-tree mask (`_score_tree`); otherwise the rest of
+each prompt extends a KV cache, each prompt's row is repeated once per continuation, and only the continuation
+tokens extend it (`_score_with_cache`). `share_prefix=False` recomputes every continuation from scratch (the
+reference the tests compare against). `answer_losses` gives each sample's answer loss, the start a clip's samples
+share computed once (visual reliance).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from transformers import StoppingCriteria, StoppingCriteriaList
+
+from vlm.llm.packing import SEGMENTS
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +101,12 @@ class ScoringMixin:
         """
         out: list[list[float]] = [[] for _ in requests]
         tokenizer = self.processor.tokenizer  # type: ignore[attr-defined]
-        score = self._score_with_cache if share_prefix else self._score_recompute
+        score = self._score_recompute
+        if share_prefix:
+            config = self.llm.config  # type: ignore[attr-defined]
+            tree = (config._attn_implementation in ("sdpa", "eager", SEGMENTS) and not getattr(config, "sliding_window", None)
+                    and not getattr(config, "attn_logit_softcapping", None))
+            score = self._score_tree if tree else self._score_with_cache  # custom masks: sdpa and eager only
         for prefill, chunk in self._batches(requests, batch_size):
             embeds, attention, _ = self.embed(self._request_batch(requests, chunk, prefill))  # type: ignore[attr-defined]  # [B, S, D]
             conts = [[tokenizer(c, add_special_tokens=False)["input_ids"] for c in requests[i].continuations]
@@ -272,6 +282,64 @@ class ScoringMixin:
         logits = self.extend(cache, cont_embeds, full_mask, logits_to_keep=0, position_ids=cont_pos)  # type: ignore[attr-defined]
         rest_logp = F.log_softmax(logits.float(), dim=-1)  # [R, L, V]; position j predicts token j + 1
         return self._gather(first_logp, rest_logp, conts)
+
+    def _score_tree(self, embeds: torch.Tensor, attention: torch.Tensor,
+                    conts: list[list[list[int]]]) -> list[list[float]]:
+        """Prompts [B, S, D] (left-padded, `attention` [B, S]) and per prompt its options' token ids, in one forward
+        per group of prompts that share a start (`_prefix_plan`: a clip's questions share its video). The row holds
+        the start, each prompt's rest and each of its options; a mask lets every part attend only to its ancestors
+        (start <- prompt's rest <- option) and causally within itself, and positions go on from the parent, so each
+        option sees exactly its prompt, as alone. Nothing is recomputed and no KV cache is copied per option."""
+        b, s, d = embeds.shape
+        device = embeds.device
+        lengths, group_of, shared = self._prefix_plan(embeds, attention)
+        table = self.llm.get_input_embeddings()  # type: ignore[attr-defined]
+        scores: list[list[float]] = [[] for _ in range(b)]
+        for g, k in enumerate(shared):
+            members = [i for i in range(b) if group_of[i] == g]
+            lead = members[0]
+            parts = [embeds[lead, s - lengths[lead] : s - lengths[lead] + k]]
+            parent, seg, pos = [-1], [0] * k, list(range(k))  # per part its parent; per token its part and position
+            last: dict[int, int] = {}  # prompt -> where its last token sits in the row
+            starts: dict[tuple[int, int], int] = {}  # (prompt, option) -> where the option's first token sits
+            for i in members:
+                part, n = 0, lengths[i] - k
+                if n:
+                    part = len(parent)
+                    parent.append(0)
+                    parts.append(embeds[i, s - n :])
+                    seg += [part] * n
+                    pos += range(k, lengths[i])
+                last[i] = len(seg) - 1
+                for j, c in enumerate(conts[i]):
+                    if c:
+                        starts[(i, j)] = len(seg)
+                        parent.append(part)
+                        parts.append(table(torch.as_tensor(c, device=device)).to(embeds.dtype))
+                        seg += [len(parent) - 1] * len(c)
+                        pos += range(lengths[i], lengths[i] + len(c))
+            ancestors = torch.zeros(len(parent), len(parent), dtype=torch.bool, device=device)
+            for p, up in enumerate(parent):
+                if up >= 0:
+                    ancestors[p] = ancestors[up]
+                ancestors[p, p] = True
+            part_of = torch.tensor(seg, device=device)
+            idx = torch.arange(len(seg), device=device)
+            allowed = ancestors[part_of][:, part_of] & ((part_of[:, None] != part_of[None]) | (idx[None] <= idx[:, None]))
+            mask = torch.zeros(allowed.shape, dtype=embeds.dtype, device=device).masked_fill(
+                ~allowed, torch.finfo(embeds.dtype).min)
+            wanted = sorted({last[i] for i in members} | {at + m for (i, j), at in starts.items()
+                                                           for m in range(len(conts[i][j]) - 1)})
+            logits = self.llm(inputs_embeds=torch.cat(parts)[None], attention_mask=mask[None, None],  # type: ignore[attr-defined]
+                              position_ids=torch.tensor(pos, device=device)[None], use_cache=False,
+                              logits_to_keep=torch.tensor(wanted, device=device)).logits[0]
+            logp = F.log_softmax(logits.float(), dim=-1)  # [K, V]
+            row = {p: r for r, p in enumerate(wanted)}
+            for i in members:  # an option's first token after its prompt's last position, the rest after its own
+                scores[i] = [math.fsum([float(logp[row[last[i]], c[0]])] + [float(logp[row[starts[(i, j)] + m], c[m + 1]])
+                                                                        for m in range(len(c) - 1)]) if c else 0.0
+                             for j, c in enumerate(conts[i])]
+        return scores
 
     def _score_recompute(self, embeds: torch.Tensor, attention: torch.Tensor,
                          conts: list[list[list[int]]]) -> list[list[float]]:
