@@ -133,24 +133,12 @@ class ScoringMixin:
         return self._answer_losses([(embeds[b][real[b]], labels[b][real[b]]) for b in range(embeds.shape[0])])
 
     def _answer_losses(self, rows: list[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
-        """`answer_losses` of rows (embeddings [S_i, D], labels [S_i]) without padding. A row joins the first group
-        whose start it shares at least half of, before its first answer (a question asked before the video starts
-        a group of its own); each group's start is computed once."""
-        firsts = [int(lab.ge(0).nonzero()[0]) if bool(lab.ge(0).any()) else len(lab) for _, lab in rows]
-        groups: list[list[int]] = []
-        starts: list[int] = []  # per group, the length of the start its rows share
-        for r, (e, _) in enumerate(rows):
-            for g, members in enumerate(groups):
-                m = min(starts[g], firsts[r])
-                same = (e[:m] == rows[members[0]][0][:m]).all(-1)
-                common = m if bool(same.all()) else int((~same).nonzero()[0])
-                if common > 0 and 2 * common >= starts[g]:
-                    members.append(r)
-                    starts[g] = common
-                    break
-            else:
-                groups.append([r])
-                starts.append(max(firsts[r], 1))  # token 0 is never predicted
+        """`answer_losses` of rows (embeddings [S_i, D], labels [S_i]) without padding, grouped by the start they
+        share before their first answer (`_share_groups`; a question asked before the video starts a group of its
+        own); each group's start is computed once."""
+        caps = [max(int(lab.ge(0).nonzero()[0]) if bool(lab.ge(0).any()) else len(lab), 1) for _, lab in rows]
+        group_of, starts = self._share_groups([e for e, _ in rows], caps)  # token 0 is never predicted: caps >= 1
+        groups = [[r for r, g in enumerate(group_of) if g == k] for k in range(len(starts))]
         losses = [math.nan] * len(rows)
         for members, k in zip(groups, starts):
             last, cache = self.prefill(rows[members[0]][0][None, :k])  # type: ignore[attr-defined]  # [1, 1, V]
@@ -213,20 +201,28 @@ class ScoringMixin:
     def _prefix_plan(embeds: torch.Tensor, attention: torch.Tensor) -> tuple[list[int], list[int], list[int]]:
         """For left-padded prompts [B, S, D]: each row's real length, its group, and per group the length of the
         start all its rows share. A row joins the first group whose first row shares at least half of the shorter
-        prompt with it: one clip's questions share the system prompt and the video, most of each prompt. The
-        grouping only decides what is computed once; every score is the same either way."""
+        prompt with it (`_share_groups`). The grouping only decides what is computed once; every score is the same
+        either way."""
         lengths = [int(n) for n in attention.sum(1)]
         if any(not bool(attention[i, attention.shape[1] - n:].all()) for i, n in enumerate(lengths)):
             raise ValueError("score_options needs left-padded prompts (build them with build_batch(generation=True))")
         s = embeds.shape[1]
-        real = [embeds[b, s - n:] for b, n in enumerate(lengths)]
+        group_of, shared = ScoringMixin._share_groups([embeds[b, s - n:] for b, n in enumerate(lengths)], lengths)
+        return lengths, group_of, shared
+
+    @staticmethod
+    def _share_groups(rows: list[torch.Tensor], caps: list[int]) -> tuple[list[int], list[int]]:
+        """Rows (embeddings [n_i, D]) grouped by the start they share, looked for in each row's first caps[i]
+        positions: each row's group, and per group the length of the start all its rows share. A row joins the
+        first group whose first row shares at least half of the shorter span with it (one clip's questions share
+        the system prompt and the video); the grouping only decides what is computed once."""
         leaders: list[int] = []
         shared: list[int] = []
         group_of: list[int] = []
-        for b, n in enumerate(lengths):
+        for b, n in enumerate(caps):
             for g, first in enumerate(leaders):
-                m = min(n, lengths[first])
-                same = (real[b][:m] == real[first][:m]).all(-1)
+                m = min(n, caps[first])
+                same = (rows[b][:m] == rows[first][:m]).all(-1)
                 common = m if bool(same.all()) else int((~same).nonzero()[0])
                 if 2 * common >= m:
                     group_of.append(g)
@@ -236,7 +232,7 @@ class ScoringMixin:
                 group_of.append(len(leaders))
                 leaders.append(b)
                 shared.append(n)
-        return lengths, group_of, shared
+        return group_of, shared
 
     def _score_with_cache(self, embeds: torch.Tensor, attention: torch.Tensor,
                           conts: list[list[list[int]]]) -> list[list[float]]:
