@@ -671,3 +671,21 @@ def test_bench_scoring_times_both_ways_and_they_agree(tmp_path, capsys):
     assert "| **one row per clip's questions, a prefix-tree mask** |" in out
     n = int(out.split("the same answer to ")[1].split(" of ")[0])
     assert out.split("the same answer to ")[1].startswith(f"{n} of {n} questions") and n > 0
+
+
+def test_the_tree_is_used_only_where_the_llm_takes_a_custom_mask(model, monkeypatch):
+    """sdpa and eager take the prefix-tree mask; flash attention, an active sliding window or soft-capped attention
+    get the KV-cache path (a sliding window that is switched off, as Qwen2 configs carry it, does not count)."""
+    config = model.llm.config
+    assert model._takes_tree_mask()
+    monkeypatch.setattr(config, "sliding_window", 4096, raising=False)
+    monkeypatch.setattr(config, "use_sliding_window", False, raising=False)
+    assert model._takes_tree_mask()
+    monkeypatch.setattr(config, "use_sliding_window", True)
+    assert not model._takes_tree_mask()
+    monkeypatch.setattr(config, "sliding_window", None)
+    monkeypatch.setattr(config, "attn_logit_softcapping", 50.0, raising=False)
+    assert not model._takes_tree_mask()
+    monkeypatch.setattr(config, "attn_logit_softcapping", None)
+    monkeypatch.setattr(config, "_attn_implementation", "flash_attention_2")
+    assert not model._takes_tree_mask()

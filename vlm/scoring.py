@@ -116,7 +116,8 @@ class ScoringMixin:
         """Whether the LLM attends under a custom 4D mask as given (sdpa and eager; not flash attention, sliding
         windows or soft-capped attention)."""
         config = self.llm.config  # type: ignore[attr-defined]
-        return (config._attn_implementation in ("sdpa", "eager", SEGMENTS) and not getattr(config, "sliding_window", None)
+        windowed = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
+        return (config._attn_implementation in ("sdpa", "eager", SEGMENTS) and not windowed
                 and not getattr(config, "attn_logit_softcapping", None))
 
     # ------------------------------------------------------------------ answer losses
