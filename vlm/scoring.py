@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from vlm.llm.packing import SEGMENTS
+from vlm.llm.packing import SEGMENTS, attention_limit
 
 log = logging.getLogger(__name__)
 
@@ -115,10 +115,8 @@ class ScoringMixin:
     def _takes_tree_mask(self) -> bool:
         """Whether the LLM attends under a custom 4D mask as given (sdpa and eager; not flash attention, sliding
         windows or soft-capped attention)."""
-        config = self.llm.config  # type: ignore[attr-defined]
-        windowed = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
-        return (config._attn_implementation in ("sdpa", "eager", SEGMENTS) and not windowed
-                and not getattr(config, "attn_logit_softcapping", None))
+        llm = self.llm  # type: ignore[attr-defined]
+        return llm.config._attn_implementation in ("sdpa", "eager", SEGMENTS) and attention_limit(llm) is None
 
     # ------------------------------------------------------------------ answer losses
     @torch.no_grad()

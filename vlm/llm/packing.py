@@ -51,13 +51,24 @@ AttentionInterface.register(SEGMENTS, segment_attention)
 AttentionMaskInterface.register(SEGMENTS, sdpa_mask)  # padded forwards get SDPA's own masks
 
 
-def supports_packing(llm: nn.Module) -> str | None:
-    """None when `llm` can run packed forwards, else why not."""
+def attention_limit(llm: nn.Module) -> str | None:
+    """Why `llm`'s attention would not follow spans or a mask given from outside (a sliding window that is on, as
+    configs may carry one switched off; soft-capped attention), else None."""
     config = llm.config
     if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
         return f"{type(llm).__name__} uses sliding-window attention"
-    if getattr(config, "final_logit_softcapping", None) or getattr(config, "attn_logit_softcapping", None):
-        return f"{type(llm).__name__} soft-caps its attention or logits"
+    if getattr(config, "attn_logit_softcapping", None):
+        return f"{type(llm).__name__} soft-caps its attention"
+    return None
+
+
+def supports_packing(llm: nn.Module) -> str | None:
+    """None when `llm` can run packed forwards, else why not."""
+    config = llm.config
+    if why := attention_limit(llm):
+        return why
+    if getattr(config, "final_logit_softcapping", None):
+        return f"{type(llm).__name__} soft-caps its logits"
     if config._attn_implementation not in ("sdpa", SEGMENTS, *_NATIVE):
         return f"attention implementation {config._attn_implementation!r} (load the LLM with sdpa or flash attention)"
     return None
