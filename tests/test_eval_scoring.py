@@ -169,6 +169,22 @@ def test_a_batch_of_questions_scores_like_one_question_at_a_time(model, way, mon
     assert all(np.allclose(a, b, atol=1e-4, rtol=0) for a, b in zip(split, alone))
 
 
+@pytest.mark.parametrize("way", ["tree", "cache", "recompute"])
+def test_a_question_asked_twice_about_one_clip_scores_as_alone(model, way, monkeypatch):
+    """Two requests whose prompts are the same (the same question about the same clip, with other options: a
+    cloze prompt holds no options): the start they share is each one's whole prompt, and every option still
+    follows its own prompt's last position."""
+    if way == "cache":
+        monkeypatch.setattr(model, "_score_tree", model._score_with_cache)
+    reqs = [ScoringRequest(uid=f"q{n}", clip=clip(), turns=mvbench_turns(ITEM), prefill="Best option:(",
+                           continuations=o) for n, o in enumerate([["A) left", "B) right turn, then up", "C"],
+                                                                    ["D) down", "B"], ["A) left"]])]
+    alone = [model.score_options([r], share_prefix=way != "recompute")[0] for r in reqs]
+    together = model.score_options(reqs, share_prefix=way != "recompute")
+    for got, ref in zip(together, alone):
+        assert np.allclose(got, ref, atol=1e-4, rtol=0), (got, ref)
+
+
 @pytest.mark.parametrize("way", ["tree", "cache"])
 def test_questions_about_one_clip_compute_its_video_once(model, way, monkeypatch):
     """Three questions about one clip and one about another, scored together: the start the three share (system
@@ -689,3 +705,39 @@ def test_the_tree_is_used_only_where_the_llm_takes_a_custom_mask(model, monkeypa
     monkeypatch.setattr(config, "attn_logit_softcapping", None)
     monkeypatch.setattr(config, "_attn_implementation", "flash_attention_2")
     assert not model._takes_tree_mask()
+
+
+DEVICES = [("cpu", torch.float32)] + [
+    pytest.param("cuda", dtype, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))
+    for dtype in (torch.float32, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("device,dtype", DEVICES)
+def test_the_scoring_paths_agree_on_each_device(device, dtype, monkeypatch):
+    """On the device and in the dtype a user scores with (a GPU's default is bfloat16): the prefix tree, the KV
+    cache and the plain recompute give the same option scores and the same choices, and answer_losses gives each
+    sample's own loss. Tolerances follow the dtype: bfloat16 keeps 8 bits of mantissa."""
+    from tests.test_model import config
+
+    torch.manual_seed(0)
+    model = VideoLLM.from_config(config("clip", "mlp")).eval().to(device=device, dtype=dtype)
+    assert model._takes_tree_mask()  # sdpa on the CPU and on CUDA alike
+    reqs = [ScoringRequest(uid=f"q{n}", clip=c, turns=mvbench_turns(ITEM), prefill="Best option:(", continuations=o)
+            for n, (c, o) in enumerate([(clip(), ["A) left", "B) right turn, then up", "C", "D) down"]),
+                                        (clip(), ["A", "B) right", "C) up"]),
+                                        (clip(seed=1), ["A) left", "B) right"]),
+                                        (None, ["A) left", "B", ""])])]
+    tol = {torch.float32: 1e-3, torch.bfloat16: 0.25}[dtype]
+    with torch.no_grad():
+        tree = model.score_options(reqs)
+        recompute = model.score_options(reqs, share_prefix=False)
+        monkeypatch.setattr(model, "_score_tree", model._score_with_cache)
+        cache = model.score_options(reqs)
+        for a, b, c in zip(tree, cache, recompute):
+            assert np.allclose(a, c, atol=tol, rtol=0) and np.allclose(b, c, atol=tol, rtol=0), (a, b, c)
+        samples = [_answer_sample(model, "Which way?", ["right", "Then up."], clip()),
+                   _answer_sample(model, "What colour?", ["red"], clip()),
+                   _answer_sample(model, "Say hi.", ["hi"], None)]
+        alone = [float(model(model.processor.build_batch([s])).loss) for s in samples]
+        got = model.answer_losses(model.processor.build_batch(samples))
+    assert got == pytest.approx(alone, rel=tol / 10 if dtype == torch.float32 else 0.05)

@@ -330,7 +330,7 @@ class ScoringMixin:
                     parent.append(0)
                     first.append(k)
                     end += n
-                last[i] = end - 1
+                last[i] = end - 1 if n else k - 1  # a prompt that is all start (asked twice) ends with the start
                 for j, c in enumerate(conts[i]):
                     if c:
                         starts[(i, j)] = end
