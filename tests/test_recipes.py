@@ -49,18 +49,28 @@ def test_pretraining_and_classification_recipes_parse_with_overrides():
         load_pretrain_recipe(REPO / "recipes" / "videomae_pretrain.yaml", ["train.lr_group=1"])
 
 
-def test_long_recipe_header_gives_the_8_frame_recipe_it_replaced():
-    """The overrides in recipes/synth_long.yaml's header turn the shipped 16-frame recipe back into the 8-frame one."""
+def test_long_recipe_header_gives_the_recipes_it_replaced():
+    """The overrides in recipes/synth_long.yaml's header turn the shipped recipe back into the 16-frame one before
+    repeats, swaps and ramps, and with the next six into the 8-frame one before that."""
     import re
 
     from vlm.connectors.events import settings
+    from vlm.model import VideoLLM
 
     path = REPO / "recipes" / "synth_long.yaml"
     header = path.read_text().split("name: synth_long")[0]
-    block = header.split("The 8-frame recipe it replaces")[1].split("# What it scored")[0]
+    block = header.split("The recipe before repeats")[1].split("# What it scored")[0]
     overrides = re.findall(r"--set (\S+)", block)
-    assert len(overrides) == 6
-    shipped, eight = load_recipe(path, check_files=False), load_recipe(path, overrides, check_files=False)
+    assert len(overrides) == 4 + 6
+    shipped, before = load_recipe(path, check_files=False), load_recipe(path, overrides[:4], check_files=False)
+    conn = shipped.model["connector"]
+    assert (conn["repeats"], bool(conn["ramps"]), "swaps" in conn["counts"], "swaps" in conn["events"]) == \
+        ("tracks", True, True, True)
+    conn = before.model["connector"]
+    assert (conn["repeats"], conn["ramps"], conn["counts"]["swaps"], conn["events"]["swaps"]) == ("frames", None, None, None)
+    built = VideoLLM.from_config(before.model_config()).connector  # the nulls are valid settings: no such rule
+    assert not built.ramps and len(built.counts) == len(conn["counts"]) - 1 and "swaps" not in built.event_extent
+    eight = load_recipe(path, overrides, check_files=False)
     assert [s.data.frames for s in shipped.stages] == [16, 16] and [s.data.frames for s in eight.stages] == [8, 8]
     conn = eight.model["connector"]
     assert (conn["slots"], conn["switch_cost"], conn["centre_offsets"], eight.model["max_length"]) == (3, 2.0, False, 2048)

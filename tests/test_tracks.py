@@ -317,6 +317,8 @@ def test_count_text_says_how_many_and_which_objects_a_rule_counts():
     verbs = count_rules({"appearing": {"appears": True, "verb": "appears"}, "gone": {"disappears": True, "verb": "disappears"}},
                         vocab)  # a sentence per object, in the words an answer would use
     assert count_text(verbs, frames) == " white star appears. blue square disappears."
+    removed = count_rules({"appearing": {"appears": True, "verb": "appears"}, "gone": None}, vocab)  # null: no rule
+    assert count_text(removed, frames) == " white star appears."
     for bad in ({"appears": True, "every": True}, {"action": ["still"], "appears": True}, {"names": True},
                 {"appears": True, "becomes": "still"}, {"action": ["still"], "every": True, "becomes": "moves left"}):
         with pytest.raises(ValueError, match=r"is one \{attribute: \[words\]\} \(options: every, several, becomes or changes; names, verb or says\) or \{appears"):

@@ -96,6 +96,8 @@ def count_rules(counts: Mapping[str, Mapping[str, Any]], vocab: Mapping[str, Seq
     rules = []
     options = ("every", "names", "appears", "disappears", "verb", "becomes", "several", "changes", "says", "swaps")
     for phrase, rule in counts.items():
+        if rule is None:  # null: no such rule (a recipe's rule removed with --set counts.<phrase>=null)
+            continue
         rule = rule if isinstance(rule, Mapping) else {}
         named = [k for k in rule if k not in options]
         extent = bool(rule.get("appears") or rule.get("disappears") or rule.get("swaps"))
