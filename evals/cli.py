@@ -30,8 +30,46 @@ def _print_result(result: Any, out: str) -> None:
 def _load_model(path: str, args: argparse.Namespace) -> Any:
     from vlm.model import VideoLLM
 
-    return VideoLLM.from_pretrained(path, device=args.device, dtype=args.dtype, device_map=args.device_map,
-                                    merge_lora=True)
+    model = VideoLLM.from_pretrained(path, device=args.device, dtype=args.dtype, device_map=args.device_map,
+                                     merge_lora=True)
+    return with_settings(model, getattr(args, "set", None) or [])
+
+
+def with_settings(model: Any, assignments: list[str]) -> Any:
+    """`--set key.sub=value` (value read as YAML, as `vlm train --set` reads it) on a loaded model: only settings that
+    change no weights (`vlm.model.SETTINGS`: the connector's settings, the system prompt, ...), e.g. a sentence the
+    connector writes, scored without retraining: --set 'connector.counts.colour changes={color: [red, blue],
+    changes: true, says: "the {name} changes color {times}"}'. A mapping is changed key by key."""
+    import copy
+
+    from vlm.model import SETTINGS
+    from vlm.train.recipe import RecipeError, apply_override
+
+    raw = {key: copy.deepcopy(getattr(model.config, key)) for key in SETTINGS}
+    for assignment in assignments:
+        if assignment.partition("=")[0].strip().split(".")[0] not in SETTINGS:
+            raise RecipeError(f"--set {assignment}: only {', '.join(SETTINGS)} (and their keys) change no weights")
+        apply_override(raw, assignment)
+    changed = {}
+    for key, value in raw.items():
+        before = getattr(model.config, key)
+        if key == "connector":  # only its changed keys: the rest include what the weights were built with
+            value = {k: v for k, v in value.items() if v != before.get(k)}
+            if value:
+                changed[key] = value
+        elif value != before:
+            changed[key] = value
+    try:
+        model.apply_settings(changed)
+    except ValueError as e:
+        raise RecipeError(f"--set {' '.join(assignments)}: {e}") from None
+    return model
+
+
+def _settings_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="change a setting of the loaded model that changes no weights, e.g. "
+                        "connector.switch_cost=4 or system_prompt='Answer briefly.' (repeatable; see docs/EVALUATION.md)")
 
 
 def _placement_args(p: argparse.ArgumentParser) -> None:
@@ -75,7 +113,7 @@ def _mcq(args: argparse.Namespace) -> int:
     model = _load_model(args.model, args)
     result = evaluate_mcq(model, args.bench, args.out, profile=args.profile, tasks=args.tasks, num_frames=args.frames,
                           sampling=args.sampling, limit=args.limit, batch_size=args.batch_size,
-                          model_name=args.model_name or args.model, descriptions=args.descriptions,
+                          model_name=args.model_name or " ".join([args.model, *args.set]), descriptions=args.descriptions,
                           workers=args.workers, memory=_memory(args))
     _print_result(result, args.out)
     return 0
@@ -218,6 +256,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     _memory_args(p)
     _workers_arg(p)
     _placement_args(p)
+    _settings_arg(p)
     p.set_defaults(func=_mcq)
 
     p = sub.add_parser("openqa", help="open-ended video QA scored by a judge")
@@ -243,6 +282,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     _memory_args(p)
     _workers_arg(p)
     _placement_args(p)
+    _settings_arg(p)
     p.set_defaults(func=_openqa)
 
     for name, helptext in (("retrieval", "text-video retrieval with a dual encoder trained on frozen tower features"),
@@ -284,6 +324,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     _workers_arg(p)
     _placement_args(p)
+    _settings_arg(p)
     p.set_defaults(func=_reliance)
 
     p = sub.add_parser("slots", help="word-slot heads vs held-out per-frame annotations: are the words the LLM reads right?")
@@ -294,6 +335,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=None, help="at most this many clips")
     _workers_arg(p)
     _placement_args(p)
+    _settings_arg(p)
     p.set_defaults(func=_slots)
 
     p = sub.add_parser("probe", help="linear + MLP probes: is what the questions need in a tower's or connector's output?")

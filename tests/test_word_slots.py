@@ -611,3 +611,31 @@ def test_bench_decode_times_both_decodings_on_the_same_features(tmp_path, capsys
     report = json.loads(capsys.readouterr().out)
     assert report["clips"] == 3 and report["layout"] == "story" and report["ratio"] > 0
     assert 0 <= report["texts_that_differ"] <= 3
+
+
+def test_eval_set_changes_a_loaded_models_settings_key_by_key_and_refuses_weights(tmp_path, capsys):
+    """`vlm eval ... --set`: a setting of the loaded model (a connector's count rule, the system prompt) changed for
+    scoring without retraining; a mapping changed key by key; a key that shapes weights refused in one line."""
+    from evals.cli import with_settings
+    from vlm.cli import main
+    from vlm.train.recipe import RecipeError
+
+    model = tiny_slots_model(counts={"moving objects": {"action": ["moves left"]}})
+    with_settings(model, ["system_prompt=Answer briefly.", "connector.counts.still objects={action: [still]}",
+                          "time_stamps=false"])
+    assert model.config.system_prompt == model.processor.system_prompt == "Answer briefly."
+    assert list(model.config.connector["counts"]) == ["moving objects", "still objects"]  # the first rule kept
+    assert [r.phrase for r in model.connector.counts] == ["moving objects", "still objects"]
+    assert model.config.time_stamps is False
+    with_settings(model, ["connector.counts.moving objects=null"])  # null: the rule removed
+    assert [r.phrase for r in model.connector.counts] == ["still objects"]
+    for bad, says in (("connector.hidden=64", "change the weights"), ("llm.loader=x", "change no weights"),
+                      ("connector.counts.x={nope: 1}", "counts")):
+        with pytest.raises(RecipeError, match=says):
+            with_settings(model, [bad])
+    model.save_pretrained(tmp_path / "m")
+    (tmp_path / "bench" / "json").mkdir(parents=True)
+    assert main(["eval", "mcq", "--model", str(tmp_path / "m"), "--bench", str(tmp_path / "bench"),
+                 "--out", str(tmp_path / "o"), "--set", "connector.hidden=64"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "connector.hidden=64" in err[0] and "change the weights" in err[0]
