@@ -66,6 +66,11 @@ def with_settings(model: Any, assignments: list[str]) -> Any:
     return model
 
 
+def _model_name(args: argparse.Namespace) -> str:
+    """The name results record: --model-name, or the model folder with its --set settings."""
+    return getattr(args, "model_name", None) or " ".join([args.model, *args.set])
+
+
 def _settings_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="change a setting of the loaded model that changes no weights, e.g. "
@@ -113,7 +118,7 @@ def _mcq(args: argparse.Namespace) -> int:
     model = _load_model(args.model, args)
     result = evaluate_mcq(model, args.bench, args.out, profile=args.profile, tasks=args.tasks, num_frames=args.frames,
                           sampling=args.sampling, limit=args.limit, batch_size=args.batch_size,
-                          model_name=args.model_name or " ".join([args.model, *args.set]), descriptions=args.descriptions,
+                          model_name=_model_name(args), descriptions=args.descriptions,
                           workers=args.workers, memory=_memory(args))
     _print_result(result, args.out)
     return 0
@@ -130,7 +135,7 @@ def _reliance(args: argparse.Namespace) -> int:
 
     model = _load_model(args.model, args).eval()
     result = visual_reliance(model, args.data, args.out, media_root=args.media_root, limit=args.limit,
-                             num_frames=args.frames, seed=args.seed, model_name=args.model, workers=args.workers,
+                             num_frames=args.frames, seed=args.seed, model_name=_model_name(args), workers=args.workers,
                              partners=args.partners)
     write_report([result], args.out)
     _print_result(result, args.out)
@@ -143,7 +148,7 @@ def _slots(args: argparse.Namespace) -> int:
 
     model = _load_model(args.model, args).eval()
     result = evaluate_slots(model, args.data, args.out, media_root=args.media_root, limit=args.limit,
-                            model_name=args.model, workers=args.workers)
+                            model_name=_model_name(args), workers=args.workers)
     write_report([result], args.out)
     _print_result(result, args.out)
     return 0
@@ -180,7 +185,7 @@ def _openqa(args: argparse.Namespace) -> int:
         result = evaluate_openqa(_load_model(args.model, args), items, judge, args.out, dataset=Path(args.data).stem,
                                  num_frames=args.frames, sampling=args.sampling, batch_size=args.batch_size,
                                  max_new_tokens=args.max_new_tokens, limit=args.limit,
-                                 model_name=args.model_name or args.model, workers=args.workers, memory=_memory(args))
+                                 model_name=_model_name(args), workers=args.workers, memory=_memory(args))
     _print_result(result, args.out)
     return 0
 
