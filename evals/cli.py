@@ -50,17 +50,8 @@ def with_settings(model: Any, assignments: list[str]) -> Any:
         if assignment.partition("=")[0].strip().split(".")[0] not in SETTINGS:
             raise RecipeError(f"--set {assignment}: only {', '.join(SETTINGS)} (and their keys) change no weights")
         apply_override(raw, assignment)
-    changed = {}
-    for key, value in raw.items():
-        before = getattr(model.config, key)
-        if key == "connector":  # only its changed keys: the rest include what the weights were built with
-            value = {k: v for k, v in value.items() if v != before.get(k)}
-            if value:
-                changed[key] = value
-        elif value != before:
-            changed[key] = value
     try:
-        model.apply_settings(changed)
+        model.apply_settings(model.changed_settings(raw))
     except ValueError as e:
         raise RecipeError(f"--set {' '.join(assignments)}: {e}") from None
     return model

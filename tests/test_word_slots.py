@@ -639,3 +639,20 @@ def test_eval_set_changes_a_loaded_models_settings_key_by_key_and_refuses_weight
                  "--out", str(tmp_path / "o"), "--set", "connector.hidden=64"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "connector.hidden=64" in err[0] and "change the weights" in err[0]
+
+
+def test_a_stage_takes_the_recipes_changed_settings_and_never_its_weight_keys():
+    """A recipe edited after a stage finished: the next stage's model takes the settings that differ from the saved
+    config (the connector's key by key), not the keys that shape weights, and nothing when nothing differs."""
+    import copy
+    from types import SimpleNamespace
+
+    from vlm.train.engine import recipe_settings
+
+    model = tiny_slots_model()
+    block = copy.deepcopy({"connector": model.config.connector, "system_prompt": model.config.system_prompt})
+    assert recipe_settings(SimpleNamespace(init_from=None, model=block), model) == {}
+    block["connector"] |= {"switch_cost": 3.0, "hidden": 64}
+    block["system_prompt"] = "Be brief."
+    assert recipe_settings(SimpleNamespace(init_from=None, model=block), model) == \
+        {"system_prompt": "Be brief.", "connector": {"switch_cost": 3.0}}

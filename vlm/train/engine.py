@@ -24,7 +24,7 @@ from vlm.data.conversation import resolve_media
 from vlm.data.dataset import BatchPlan, ConversationDataset, MixtureItem, load_mixture, subsample
 from vlm.data.stream import is_streamed, streamed_data
 from vlm.llm.packing import enable_packing
-from vlm.model import PARTS, SETTINGS, VideoLLM
+from vlm.model import PARTS, VideoLLM
 from vlm.objectives import reads_text
 from vlm.train.feature_cache import FeatureCache, clip_key, tower_fingerprint
 from vlm.train.loop import Run, build_accelerator, setup, train
@@ -56,10 +56,8 @@ def recipe_settings(recipe: Recipe, model: VideoLLM) -> dict[str, Any]:
     stage is reused, the edit is not lost)."""
     if recipe.init_from is not None:
         return recipe.model
-    changed = {k: recipe.model[k] for k in SETTINGS
-               if k != "connector" and k in recipe.model and recipe.model[k] != getattr(model.config, k)}
-    connector = {k: v for k, v in recipe.model.get("connector", {}).items()
-                 if k in model.connector.settings and model.config.connector.get(k) != v}
+    changed = model.changed_settings(recipe.model)
+    connector = {k: v for k, v in changed.pop("connector", {}).items() if k in model.connector.settings}
     if connector:
         changed["connector"] = connector
     if changed:
