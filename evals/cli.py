@@ -40,9 +40,12 @@ def with_settings(model: Any, assignments: list[str]) -> Any:
     change no weights (`vlm.model.SETTINGS`: the connector's settings, the system prompt, ...), e.g. a sentence the
     connector writes, scored without retraining: --set 'connector.counts.colour changes={color: [red, blue],
     changes: true, says: "the {name} changes color {times}"}'. A mapping is changed key by key."""
+    if not assignments:
+        return model
     import copy
 
     from vlm.model import SETTINGS
+    from vlm.train.engine import changed_settings
     from vlm.train.recipe import RecipeError, apply_override
 
     raw = {key: copy.deepcopy(getattr(model.config, key)) for key in SETTINGS}
@@ -51,7 +54,7 @@ def with_settings(model: Any, assignments: list[str]) -> Any:
             raise RecipeError(f"--set {assignment}: only {', '.join(SETTINGS)} (and their keys) change no weights")
         apply_override(raw, assignment)
     try:
-        model.apply_settings(model.changed_settings(raw))
+        model.apply_settings(changed_settings(model, raw))
     except ValueError as e:
         raise RecipeError(f"--set {' '.join(assignments)}: {e}") from None
     return model

@@ -125,14 +125,6 @@ class VideoLLM(ScoringMixin, nn.Module):
             model.set_mode(part, "lora", settings)
         return model
 
-    def changed_settings(self, block: dict[str, Any]) -> dict[str, Any]:
-        """The settings (`SETTINGS`) in a model config mapping that differ from this model's: each top-level one given,
-        and the connector's keys one by one (any key that differs, a setting or not: `apply_settings` refuses the
-        ones that change the weights)."""
-        changed = {k: block[k] for k in SETTINGS if k != "connector" and k in block and block[k] != getattr(self.config, k)}
-        connector = {k: v for k, v in (block.get("connector") or {}).items() if self.config.connector.get(k) != v}
-        return changed | ({"connector": connector} if connector else {})
-
     def apply_settings(self, settings: dict[str, Any]) -> None:
         """Change config fields that change no weights (`SETTINGS`: the token budget, prompt length, system prompt,
         time stamps, the connector's `settings`) on a built model, its processor included."""

@@ -24,7 +24,7 @@ from vlm.data.conversation import resolve_media
 from vlm.data.dataset import BatchPlan, ConversationDataset, MixtureItem, load_mixture, subsample
 from vlm.data.stream import is_streamed, streamed_data
 from vlm.llm.packing import enable_packing
-from vlm.model import PARTS, VideoLLM
+from vlm.model import PARTS, SETTINGS, VideoLLM
 from vlm.objectives import reads_text
 from vlm.train.feature_cache import FeatureCache, clip_key, tower_fingerprint
 from vlm.train.loop import Run, build_accelerator, setup, train
@@ -49,6 +49,15 @@ def make_optimizer(model: VideoLLM, stage: StageSpec) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, betas=(0.9, 0.999))
 
 
+def changed_settings(model: VideoLLM, block: dict[str, Any]) -> dict[str, Any]:
+    """The settings (`vlm.model.SETTINGS`) in a model config mapping that differ from `model`'s: each top-level one
+    given, and the connector's keys one by one (any key that differs, a setting or not: `apply_settings` refuses the
+    ones that change the weights)."""
+    changed = {k: block[k] for k in SETTINGS if k != "connector" and k in block and block[k] != getattr(model.config, k)}
+    connector = {k: v for k, v in (block.get("connector") or {}).items() if model.config.connector.get(k) != v}
+    return changed | ({"connector": connector} if connector else {})
+
+
 def recipe_settings(recipe: Recipe, model: VideoLLM) -> dict[str, Any]:
     """The settings (config fields that change no weights) a stage's starting model takes from the recipe: all of
     the model block when the recipe starts from a saved model (`init_from`); otherwise those of the recipe's
@@ -56,7 +65,7 @@ def recipe_settings(recipe: Recipe, model: VideoLLM) -> dict[str, Any]:
     stage is reused, the edit is not lost)."""
     if recipe.init_from is not None:
         return recipe.model
-    changed = model.changed_settings(recipe.model)
+    changed = changed_settings(model, recipe.model)
     connector = {k: v for k, v in changed.pop("connector", {}).items() if k in model.connector.settings}
     if connector:
         changed["connector"] = connector
