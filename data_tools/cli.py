@@ -16,8 +16,15 @@ def _synth(args: argparse.Namespace) -> int:
         return 0
     from data_tools.synth import generate
 
+    extra = {}
+    for item in args.extra_questions or []:
+        key, _, n = item.partition("=")
+        if not n.isdigit():
+            raise SystemExit(f"--extra-questions takes TASK=N (e.g. action_window=2), got {item!r}")
+        extra[key] = int(n)
     summary = generate(args.out, args.num, args.seed, frames=args.frames, size=args.size, fps=args.fps or 8.0,
-                       eval_fraction=args.eval_fraction, workers=args.workers, data_format=args.format)
+                       eval_fraction=args.eval_fraction, workers=args.workers, data_format=args.format,
+                       extra_questions=extra)
     if args.oracle:
         from data_tools.synth.oracle import write_oracle
 
@@ -67,6 +74,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=["json", "hf"], default="json",
                    help="hf: also write the training and QA files as Hugging Face saved datasets (<name>.hf/ beside "
                         "each <name>.json; a recipe's mixture reads either)")
+    p.add_argument("--extra-questions", nargs="+", metavar="TASK=N",
+                   help="ask each training clip up to N more questions of a task (its key, e.g. action_window), each "
+                        "with another answer, in qa_train.json only; the benchmark is unchanged")
     p.add_argument("--long", action="store_true",
                    help="the long-video world instead: minutes of a still scene with a few needle events, and its "
                         "MVBench-layout benchmark (needle object and time, event count, order, last event)")

@@ -460,6 +460,35 @@ def test_cloze_qa_records_hold_the_benchmark_questions_with_option_text_answers(
         assert not any(a.startswith("(") for a in answers)
 
 
+def test_extra_questions_add_training_turns_and_change_nothing_else(out: Path, tmp_path: Path) -> None:
+    """extra_questions asks training clips more questions of a task, each with an answer the clip was not yet asked
+    for; the benchmark and every other file stay byte-identical, and unknown tasks or counts are refused."""
+    summary = generate(tmp_path, NUM, SEED, frames=FRAMES, size=SIZE, eval_fraction=EVAL, workers=1, progress=False,
+                       extra_questions={"action_window": 2})
+    assert summary["settings"]["extra_questions"] == {"action_window": 2}
+    files = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file() and p.name != "summary.json")
+    differ = [str(f) for f in files if not filecmp.cmp(out / f, tmp_path / f, shallow=False)]
+    assert differ == ["qa_train.json"]
+
+    def windows(folder: Path) -> dict[str, list[tuple[str, str]]]:
+        got: dict[str, list[tuple[str, str]]] = {}
+        for r in _load(folder / "qa_train.json"):
+            conv = r["conversations"]
+            for h, a in zip(conv[::2], conv[1::2]):
+                if " between " in h["value"]:
+                    got.setdefault(r["id"], []).append((h["value"].replace("<video>", "").strip(), a["value"]))
+        return got
+
+    before, after = windows(out), windows(tmp_path)
+    assert sum(map(len, after.values())) > sum(map(len, before.values()))
+    for rid, asked in after.items():
+        assert set(before.get(rid, [])) <= set(asked) and len(asked) <= 3, rid
+        assert len({a for _, a in asked}) == len(asked), rid  # every extra question has another answer
+    for bad in ({"no_such_task": 1}, {"action_window": -1}):
+        with pytest.raises(ValueError, match="extra_questions"):
+            generate(tmp_path / "bad", 1, extra_questions=bad)
+
+
 def test_text_oracle_twins(out: Path, tmp_path: Path) -> None:
     """write_oracle: every training file gets a text-only twin whose <video> is the clip's ground-truth
     description (timed events, duration); descriptions.json is keyed by clip id."""

@@ -25,7 +25,7 @@ from data_tools.synth.prompts import CAPTION_REQUESTS, MCQ_INSTRUCTIONS, format_
 from data_tools.synth.qa import open_questions
 from data_tools.synth.render import render_clip
 from data_tools.synth.scenarios import sample_clip
-from data_tools.synth.tasks import TASKS, AnswerPlacer, Question, clip_questions
+from data_tools.synth.tasks import TASKS, TASKS_BY_KEY, AnswerPlacer, Question, clip_questions
 from data_tools.synth.world import CLASSES, SIZES
 from vlm.video.encode import write_video
 
@@ -92,9 +92,29 @@ def _conversation_plan(clip: dict[str, Any], caption_text: str, qa: list[tuple[s
     return records
 
 
-def make_clip(job: tuple[int, int, int, int, float, float, str]) -> dict[str, Any]:
+def extra_questions(clip: dict[str, Any], questions: dict[str, Question], index: int, seed: int,
+                    extra: dict[str, int], tries: int = 8) -> dict[str, Question]:
+    """Up to `extra[task]` more questions of each task for a training clip, each with an answer that no question of
+    that task already asked of the clip has: {"<task>+<n>": Question}. They come from their own random stream
+    ([seed, index, 0xE47A, task, try]), so the clip and its first questions are the same with or without them."""
+    out: dict[str, Question] = {}
+    for key, limit in extra.items():
+        task, n = TASKS_BY_KEY[key], 0
+        asked = {questions[key].answer} if key in questions else set()
+        for t in range(tries):
+            if n == limit:
+                break
+            q = task.build(clip, np.random.default_rng([seed, index, 0xE47A, TASKS.index(task), t]))
+            if q is not None and q.answer not in asked:
+                asked.add(q.answer)
+                n += 1
+                out[f"{key}+{n}"] = q
+    return out
+
+
+def make_clip(job: tuple[int, int, int, int, float, float, str, dict[str, int]]) -> dict[str, Any]:
     """Sample, render, encode and describe clip `index`; returns its metadata and raw language material."""
-    index, seed, frames, size, fps, eval_fraction, out = job
+    index, seed, frames, size, fps, eval_fraction, out, extra = job
     rng = np.random.default_rng([seed, index])
     cid, split = clip_id(index), split_of(index, eval_fraction)
     video = f"{VIDEO_DIRS[split]}/{cid}.mp4"
@@ -109,12 +129,14 @@ def make_clip(job: tuple[int, int, int, int, float, float, str]) -> dict[str, An
     qa = open_questions(clip, rng)
     questions = clip_questions(clip, rng)
     plan = _conversation_plan(clip, main_caption, qa, questions, rng)
+    more = extra_questions(clip, questions, index, seed, extra) if split == "train" and extra else {}
     meta = {"id": cid, "index": index, "split": split, "video": video, **clip, "caption": main_caption}
     return {
         "index": index, "id": cid, "split": split, "video": video, "meta": meta,
         "caption_request": {"text": str(rng.choice(CAPTION_REQUESTS)), "video_first": bool(rng.random() < 0.7)},
         "caption": main_caption, "retrieval": retrieval, "plan": plan,
         "questions": {k: _question_dict(q) for k, q in questions.items()},
+        "extra_questions": {k: _question_dict(q) for k, q in more.items()},
     }
 
 
@@ -160,15 +182,16 @@ def _conversations(res: dict[str, Any], placer: AnswerPlacer, seed: int) -> list
 
 
 def _cloze_record(res: dict[str, Any], seed: int) -> dict[str, Any] | None:
-    """Every benchmark-style question of one clip as one multi-turn record, answered with the option text itself
-    (cloze form: no options, no letters), in a seeded order; None for a clip without questions."""
-    if not res["questions"]:
+    """Every benchmark-style question of one clip (and its extra ones) as one multi-turn record, answered with the
+    option text itself (cloze form: no options, no letters), in a seeded order; None for a clip without questions."""
+    questions = {**res["questions"], **res["extra_questions"]}
+    if not questions:
         return None
     rng = np.random.default_rng([seed, res["index"], 0xC102E])
-    keys = [str(k) for k in rng.permutation(sorted(res["questions"]))]
+    keys = [str(k) for k in rng.permutation(sorted(questions))]
     conv = []
     for t, key in enumerate(keys):
-        q = res["questions"][key]
+        q = questions[key]
         human = with_video(q["question"], bool(rng.random() < 0.7)) if t == 0 else q["question"]
         conv += [{"from": "human", "value": human}, {"from": "gpt", "value": q["answer"]}]
     return {"id": f"{res['id']}_cloze", "video": res["video"], "conversations": conv}
@@ -338,10 +361,12 @@ def _assemble(out: Path, results: list[dict[str, Any]], seed: int) -> dict[str, 
 
 
 def generate(out: str | Path, num: int, seed: int = 0, *, frames: int = 24, size: int = 128, fps: float = 8.0,
-             eval_fraction: float = 0.2, workers: int = 2, progress: bool = True, data_format: str = "json") -> dict:
+             eval_fraction: float = 0.2, workers: int = 2, progress: bool = True, data_format: str = "json",
+             extra_questions: dict[str, int] | None = None) -> dict:
     """Generate `num` synthetic clips and every data file under `out`; returns the summary (also DIR/summary.json).
     data_format "hf" also writes the training and QA files as saved datasets beside their JSON
-    (`data_tools.synth.hf_files`).
+    (`data_tools.synth.hf_files`). extra_questions {task key: n} asks each training clip up to n more questions of
+    that task with other answers, in its qa_train.json record only (the benchmark and every other file unchanged).
 
     Output is byte-identical for the same arguments whatever `workers` is (summary.json's timing aside).
     """
@@ -357,6 +382,10 @@ def generate(out: str | Path, num: int, seed: int = 0, *, frames: int = 24, size
         raise ValueError(f"eval_fraction must be in [0, 1], got {eval_fraction}")
     if data_format not in FORMATS:
         raise ValueError(f"data_format must be one of {FORMATS}, got {data_format!r}")
+    extra = dict(extra_questions or {})
+    unknown = sorted(set(extra) - set(TASKS_BY_KEY))
+    if unknown or any(not isinstance(n, int) or n < 0 for n in extra.values()):
+        raise ValueError(f"extra_questions must map task keys ({', '.join(TASKS_BY_KEY)}) to counts >= 0, got {extra}")
     out = Path(out)
     for d in VIDEO_DIRS.values():
         (out / d).mkdir(parents=True, exist_ok=True)
@@ -366,7 +395,8 @@ def generate(out: str | Path, num: int, seed: int = 0, *, frames: int = 24, size
         log.warning("%s holds %d videos that this run does not write (e.g. %s): left in place, not listed in any file",
                     out, len(stale), stale[0].relative_to(out))
     t0 = time.perf_counter()
-    jobs = [(i, int(seed), int(frames), int(size), float(fps), float(eval_fraction), str(out)) for i in range(num)]
+    jobs = [(i, int(seed), int(frames), int(size), float(fps), float(eval_fraction), str(out), extra)
+            for i in range(num)]
     results: list[dict[str, Any]] = []
     with tqdm(total=num, desc="synth clips", unit="clip", disable=not progress) as bar:
         if workers <= 1:
@@ -392,7 +422,7 @@ def generate(out: str | Path, num: int, seed: int = 0, *, frames: int = 24, size
     summary = {
         "format_version": FORMAT_VERSION, "seed": int(seed),
         "settings": {"num": num, "frames": frames, "size": size, "fps": fps, "eval_fraction": eval_fraction,
-                     "workers": workers},
+                     "workers": workers, **({"extra_questions": extra} if extra else {})},
         "clips": {"total": num, "train": sum(r["split"] == "train" for r in results),
                   "test": sum(r["split"] == "test" for r in results),
                   "video_dirs": {"train": VIDEO_DIRS["train"], "test": VIDEO_DIRS["test"]}},
