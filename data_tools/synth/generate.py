@@ -92,8 +92,8 @@ def _conversation_plan(clip: dict[str, Any], caption_text: str, qa: list[tuple[s
     return records
 
 
-def extra_questions(clip: dict[str, Any], questions: dict[str, Question], index: int, seed: int,
-                    extra: dict[str, int], tries: int = 8) -> dict[str, Question]:
+def more_questions(clip: dict[str, Any], questions: dict[str, Question], index: int, seed: int,
+                   extra: dict[str, int], tries: int = 8) -> dict[str, Question]:
     """Up to `extra[task]` more questions of each task for a training clip, each with an answer that no question of
     that task already asked of the clip has: {"<task>+<n>": Question}. They come from their own random stream
     ([seed, index, 0xE47A, task, try]), so the clip and its first questions are the same with or without them."""
@@ -129,7 +129,7 @@ def make_clip(job: tuple[int, int, int, int, float, float, str, dict[str, int]])
     qa = open_questions(clip, rng)
     questions = clip_questions(clip, rng)
     plan = _conversation_plan(clip, main_caption, qa, questions, rng)
-    more = extra_questions(clip, questions, index, seed, extra) if split == "train" and extra else {}
+    more = more_questions(clip, questions, index, seed, extra) if split == "train" and extra else {}
     meta = {"id": cid, "index": index, "split": split, "video": video, **clip, "caption": main_caption}
     return {
         "index": index, "id": cid, "split": split, "video": video, "meta": meta,
