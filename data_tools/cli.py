@@ -22,9 +22,12 @@ def _synth(args: argparse.Namespace) -> int:
         if not n.isdigit():
             raise SystemExit(f"--extra-questions takes TASK=N (e.g. action_window=2), got {item!r}")
         extra[key] = int(n)
-    summary = generate(args.out, args.num, args.seed, frames=args.frames, size=args.size, fps=args.fps or 8.0,
-                       eval_fraction=args.eval_fraction, workers=args.workers, data_format=args.format,
-                       extra_questions=extra)
+    try:
+        summary = generate(args.out, args.num, args.seed, frames=args.frames, size=args.size, fps=args.fps or 8.0,
+                           eval_fraction=args.eval_fraction, workers=args.workers, data_format=args.format,
+                           extra_questions=extra)
+    except ValueError as e:  # a setting out of range (a clip that fails raises RuntimeError naming it)
+        raise SystemExit(f"vlm data synth: {e}") from None
     if args.oracle:
         from data_tools.synth.oracle import write_oracle
 

@@ -487,6 +487,11 @@ def test_extra_questions_add_training_turns_and_change_nothing_else(out: Path, t
     for bad in ({"no_such_task": 1}, {"action_window": -1}):
         with pytest.raises(ValueError, match="extra_questions"):
             generate(tmp_path / "bad", 1, extra_questions=bad)
+    from vlm.cli import main
+
+    for bad in ("action_window", "no_such_task=1"):  # the command line says what is wrong in one line
+        with pytest.raises(SystemExit, match="extra.questions"):
+            main(["data", "synth", "--out", str(tmp_path / "bad"), "--num", "1", "--extra-questions", bad])
 
 
 def test_text_oracle_twins(out: Path, tmp_path: Path) -> None:
