@@ -8,6 +8,8 @@ import json
 
 def _synth(args: argparse.Namespace) -> int:
     if args.long:
+        if args.extra_questions:
+            raise SystemExit("vlm data synth: --extra-questions asks the short world's tasks, not --long's")
         from data_tools.synth.long_world import generate_long
 
         durations = tuple(float(d) for d in args.durations.split(","))

@@ -492,6 +492,8 @@ def test_extra_questions_add_training_turns_and_change_nothing_else(out: Path, t
     for bad in ("action_window", "no_such_task=1"):  # the command line says what is wrong in one line
         with pytest.raises(SystemExit, match="extra.questions"):
             main(["data", "synth", "--out", str(tmp_path / "bad"), "--num", "1", "--extra-questions", bad])
+    with pytest.raises(SystemExit, match="extra.questions"):  # not silently ignored by the long world
+        main(["data", "synth", "--out", str(tmp_path / "bad"), "--num", "1", "--long", "--extra-questions", "action_window=1"])
 
 
 def test_text_oracle_twins(out: Path, tmp_path: Path) -> None:
