@@ -24,7 +24,9 @@ words, or whose video cannot be read, are skipped, named and counted.
 of DATA per model. Heads read their own training clips better than new ones, so an LLM trained on the text of the
 clips its heads learned from meets noisier text at test time; heads trained on one half of the training clips
 writing the text of the other half (out of fold), and heads trained on all of them writing the test clips', give
-it text as noisy in training as in the test (docs/GROUNDING.md row 53).
+it text as noisy in training as in the test (docs/GROUNDING.md row 53). Where the models cover only some clips (the
+test clips' regions alone, to score a trained oracle on the heads' text), the twin of a file with other clips is
+not written, and the summary says so.
 """
 
 from __future__ import annotations
@@ -122,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                     by_video.update({r["video"]: t for (r, _), t in zip(batch, texts_of(model, batch, frames, heads))})
                     batch = []
     out = Path(args.out) if args.out else data / "oracle_words"
-    counts = write_described(data, out, {Path(v).stem: t for v, t in by_video.items()}, by_video)
+    described = {Path(v).stem: t for v, t in by_video.items()}
+    counts = write_described(data, out, described, by_video, partial=bool(args.heads))
     (out / "skipped.txt").write_text("".join(s + "\n" for s in skipped), encoding="utf-8")
     print(json.dumps({"written": counts, "skipped": len(skipped), "out": str(out),
                       "example": next(iter(by_video.values()), "")}, indent=2))

@@ -543,7 +543,7 @@ def test_the_truth_is_written_as_perfect_heads_would_write_it(monkeypatch):
     assert true_text(conn, [still], stamps, (2, 4, 4))[0].startswith(" A red square and a blue square are on a gray")
 
 
-def test_words_oracle_script_writes_descriptions_and_text_twins(tmp_path):
+def test_words_oracle_script_writes_descriptions_and_text_twins(tmp_path, capsys):
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
@@ -593,6 +593,14 @@ def test_words_oracle_script_writes_descriptions_and_text_twins(tmp_path):
     with torch.no_grad():
         feats = model.tower_features(pixels[None], stamps[None])
     assert set(seen) == {"v0", "v1", "v2", "v3"} and seen["v2"] == written_text(model.connector, feats)[0]
+    # the heads of some clips only (e.g. the test clips, to score an oracle on them): no twin of the other files
+    (tmp_path / "data" / "regions_c.json").write_text(json.dumps([r for r in records if r["video"] != good[0]["video"]]))
+    capsys.readouterr()
+    assert main(["--heads", f"{model_dir}=regions_c.json", "--data", str(tmp_path / "data"),
+                 "--out", str(tmp_path / "some")]) == 0
+    assert Path(good[0]["video"]).stem not in json.loads((tmp_path / "some" / "descriptions.json").read_text())
+    assert not (tmp_path / "some" / "qa_train.json").exists()
+    assert "not written: 1 of 2 records' clips not described" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="MODEL=REGIONS"):
         main(["--heads", str(model_dir), "--data", str(tmp_path / "data")])
 

@@ -83,24 +83,32 @@ def write_oracle(root: str | Path, style: str = "events", num_frames: int = 8) -
 
 
 def write_described(root: str | Path, out: str | Path, descriptions: dict[str, str],
-                    by_video: dict[str, str]) -> dict[str, int]:
+                    by_video: dict[str, str], partial: bool = False) -> dict[str, int | str]:
     """`out/descriptions.json` ({clip id or video stem: text}, for `vlm eval mcq --descriptions`) and a text-only
     twin of each of `root`'s `ORACLE_FILES` present, every record's video replaced by `by_video[its video path]`.
-    Returns the number of records written per file."""
+    Returns the number of records written per file. A record whose video has no description is an error, or with
+    `partial` (descriptions of some clips only, e.g. the test clips) its file's twin is not written and the count
+    says why."""
     root, out = Path(root), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "descriptions.json", descriptions)
-    counts = {"descriptions.json": len(descriptions)}
+    counts: dict[str, int | str] = {"descriptions.json": len(descriptions)}
     for name in ORACLE_FILES:
         if not (root / name).is_file():
             continue
-        records = []
+        records, missing = [], []
         for location, record in read_records(root / name):
             if isinstance(record, Exception):
                 raise record
             if record["video"] not in by_video:
-                raise ValueError(f"{location}: no description of {record['video']}")
+                if not partial:
+                    raise ValueError(f"{location}: no description of {record['video']}")
+                missing.append(location)
+                continue
             records.append(_text_only(record, by_video[record["video"]], location))
+        if missing:
+            counts[name] = f"not written: {len(missing)} of {len(records) + len(missing)} records' clips not described"
+            continue
         _write_json(out / name, records)
         counts[name] = len(records)
     return counts
