@@ -79,3 +79,10 @@ def model_id(model: object, default: str | None = None) -> str:
         if isinstance(value, str) and value:
             return value
     return type(model).__name__
+
+
+def sampling_of(model: object, sampling: str | None, fallback: str) -> str:
+    """The frame sampling policy to ask `model` with: `sampling` when given, else the one the model was trained
+    with (a VideoLLM's `config.sampling`: frames it never saw in training cost points, e.g. MVBench's
+    `segment_middle` on 16-frame clips repeats one frame and drops the last), else `fallback`."""
+    return sampling or getattr(getattr(model, "config", None), "sampling", None) or fallback

@@ -5,7 +5,8 @@
     result.metrics  # {"accuracy_mean_over_tasks": ..., "accuracy_over_questions": ..., "unparsable": ...}
 
 What it does: questions are grouped by clip (video + start/end window) across tasks, each clip is decoded once (16
-frames, MVBench's `segment_middle` sampling by default, frame folders 1-based as MVBench reads them), by
+frames, sampled as the model was trained (a VideoLLM's `config.sampling`; MVBench's `segment_middle` for a model
+without one, or when asked), frame folders 1-based as MVBench reads them), by
 DataLoader workers while the model answers earlier questions, and shared by its questions; the model is asked in
 batches through the `evals.interface` methods the profile needs, a clip's questions in one batch where they fit
 (`VideoLLM.score_options` then computes the video they share once); every prediction is appended to
@@ -29,7 +30,7 @@ from typing import Any, Iterator, Sequence
 
 from tqdm import tqdm
 
-from evals.interface import GenerationRequest, ScoringRequest, model_id
+from evals.interface import GenerationRequest, ScoringRequest, model_id, sampling_of
 from evals.profiles import MCQProfile, Parsed, get_profile, normalize_scores
 from evals.results import EvalResult, PredictionLog
 from evals.shard import Shard, current_shard, merge_logs, open_log
@@ -177,7 +178,7 @@ def evaluate_mcq(
     profile: str | MCQProfile = "mvbench",
     tasks: list[str] | None = None,
     num_frames: int = 16,
-    sampling: str = "segment_middle",
+    sampling: str | None = None,
     limit: int | None = None,
     batch_size: int = 8,
     model_name: str | None = None,
@@ -201,6 +202,7 @@ def evaluate_mcq(
     rank 0 writes the results (see `evals.shard`).
     """
     prof = get_profile(profile) if isinstance(profile, str) else profile
+    sampling = sampling_of(model, sampling, "segment_middle")
     texts = _load_descriptions(descriptions)
     if memory is not None and (set(memory) - {"max_groups", "fps", "chunk_frames"} or texts is not None
                                or not callable(getattr(model, "encode_visual", None))):

@@ -34,7 +34,7 @@ from typing import Any, Sequence
 
 from tqdm import tqdm
 
-from evals.interface import GenerationRequest, model_id
+from evals.interface import GenerationRequest, model_id, sampling_of
 from evals.judges import Judge, Verdict
 from evals.results import EvalResult, PredictionLog
 from vlm.data.conversation import DataFormatError, Turn
@@ -170,7 +170,7 @@ def evaluate_openqa(
     dataset: str = "",
     predictions: dict[str, str] | None = None,
     num_frames: int = 16,
-    sampling: str = "uniform",
+    sampling: str | None = None,
     batch_size: int = 4,
     max_new_tokens: int = 64,
     limit: int | None = None,
@@ -192,6 +192,7 @@ def evaluate_openqa(
     if model is not None and not callable(getattr(model, "generate_answers", None)):
         raise TypeError(f"{type(model).__name__} has no generate_answers(requests) (see evals/interface.py)")
     items = list(items)[:limit] if limit is not None else list(items)
+    sampling = sampling_of(model, sampling, "uniform")
     out = Path(out_dir)
     mid = model_id(model, model_name) if model is not None else (model_name or "predictions")
     plog = PredictionLog(out / "predictions.jsonl", identity={"model": mid})

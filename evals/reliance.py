@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from evals.interface import sampling_of
 from evals.results import EvalResult, PredictionLog
 from vlm.data.conversation import resolve_media
 from vlm.data.dataset import SourceSpec, load_mixture
@@ -79,7 +80,7 @@ def _sample_clip(s: Any, root: Path, num_frames: int, sampling: str) -> Clip:
 @torch.no_grad()
 def visual_reliance(model: Any, data: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
                     media_root: str | os.PathLike | None = None, limit: int = 64, num_frames: int | None = None,
-                    sampling: str = "uniform", seed: int = 0, model_name: str | None = None,
+                    sampling: str | None = None, seed: int = 0, model_name: str | None = None,
                     workers: int = 2, partners: int = 1, share_prefix: bool = True) -> EvalResult:
     """Own-video vs other videos' answer loss on up to `limit` video samples of `data` (a deterministic shuffle
     by `seed`), each against the clips of the next `partners` samples with another video. `model` needs a
@@ -96,6 +97,7 @@ def visual_reliance(model: Any, data: str | os.PathLike, out_dir: str | os.PathL
     samples = [it.sample for it in items if it.sample.media_type == "video"]
     random.Random(seed).shuffle(samples)
     frames = num_frames or getattr(getattr(model, "config", None), "num_frames", 16)
+    sampling = sampling_of(model, sampling, "uniform")  # the model's own policy, as its frames are
     kept, clips = [], []
     read = functools.partial(_sample_clip, root=root, num_frames=frames, sampling=sampling)
     for s, clip, e in prefetch_clips(samples, read, workers=workers, ahead=1):

@@ -182,6 +182,23 @@ def test_results_file_chart_and_report(bench, truth, tmp_path):
     assert "accuracy_mean_over_tasks" in report and "Moving Direction" in report
 
 
+def test_clips_are_sampled_as_the_model_was_trained_unless_asked(bench, truth, tmp_path):
+    from types import SimpleNamespace
+
+    from evals.mcq import decode_item_clip
+
+    items = {i.uid: i for task in load_mvbench(bench).values() for i in task}
+    for asked, policy in ((None, "uniform"), ("segment_middle", "segment_middle")):
+        model = ScriptedModel(lambda r: answer_as("mvbench", truth[r.uid]))
+        model.config = SimpleNamespace(sampling="uniform")  # a VideoLLM's config: the policy it was trained with
+        res = evaluate_mcq(model, bench, tmp_path / policy, profile="mvbench", sampling=asked, limit=2, progress=False)
+        assert res.settings["sampling"] == policy
+        uid, clip = next((u, c) for u, c in model.clips.items() if c is not None)
+        own, other = (decode_item_clip(items[uid], 16, p).indices for p in (policy, {"uniform": "segment_middle",
+                                                                                      "segment_middle": "uniform"}[policy]))
+        assert clip.indices.tolist() == own.tolist() != other.tolist()
+
+
 def test_report_compares_runs_task_by_task(bench, truth, tmp_path):
     """Two runs on one benchmark: the report draws them side by side per task and links the picture."""
     evaluate_mcq(ScriptedModel(lambda r: "B) x"), bench, tmp_path / "a", profile="mvbench", progress=False)

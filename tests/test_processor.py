@@ -53,6 +53,31 @@ def test_preprocess_clip_is_the_towers_preprocessing_with_timestamps():
     assert torch.equal(bare, pixels) and zeros.tolist() == [0.0] * 4
 
 
+def test_distinct_frames_reads_a_repeated_frame_once_in_evaluation_training_and_saved_models(tmp_path):
+    from vlm.train.engine import VisualLoader
+    from vlm.train.feature_cache import clip_key
+
+    frames = np.random.default_rng(3).integers(0, 255, (3, 40, 48, 3), dtype=np.uint8)
+    window = Clip(frames[[0, 0, 1, 1, 1, 2]], np.array([0, 0, 0.5, 0.5, 0.5, 1.0]), np.array([4, 4, 5, 5, 5, 6]),
+                  "synthetic", 2.0, 8)  # six samples of a three-frame window
+    once = window.distinct()
+    assert once.indices.tolist() == [4, 5, 6] and once.timestamps.tolist() == [0, 0.5, 1.0]
+    assert np.array_equal(once.frames, frames) and len(clip(0).distinct()) == 4  # no repeat: the clip as it was
+    model = tiny()
+    assert model.processor.preprocess_clip(window)[0].shape[0] == 6  # off by default: MVBench's repeats kept
+    model = tiny(distinct_frames=True)
+    pixels, stamps = model.processor.preprocess_clip(window)
+    assert torch.equal(pixels, model.tower.preprocessor(frames)) and stamps.tolist() == [0.0, 0.5, 1.0]
+    loader = VisualLoader(model, 6, "uniform")  # training decodes clips as the processor reads them
+    (video := tmp_path / "a.mp4").write_bytes(b"x")  # the feature cache keys a clip read once apart
+    assert loader.distinct and clip_key(video, 6, "uniform", 0.5, 1.0, True) != clip_key(video, 6, "uniform", 0.5, 1.0)
+    model.save_pretrained(tmp_path / "m")
+    assert VideoLLM.from_pretrained(tmp_path / "m").processor.distinct_frames
+    plain = tiny()
+    plain.apply_settings({"distinct_frames": True})  # a setting: no weights change
+    assert plain.config.distinct_frames and plain.processor.preprocess_clip(window)[0].shape[0] == 3
+
+
 def test_save_load_round_trip_alone_and_with_the_model(tmp_path):
     model = tiny(time_stamps=True, system_prompt="Answer briefly.", max_length=512)
     processor = model.processor

@@ -543,6 +543,36 @@ def test_the_truth_is_written_as_perfect_heads_would_write_it(monkeypatch):
     assert true_text(conn, [still], stamps, (2, 4, 4))[0].startswith(" A red square and a blue square are on a gray")
 
 
+def test_a_preface_makes_the_slot_the_text_oracle_prompt():
+    """With preface "Video description:", the LLM reads a clip's story exactly as the text oracle's prompt writes the
+    same story: the same input embeddings, attention and labels, token for token."""
+    import numpy as np
+
+    from vlm.data.conversation import Turn, describe_in_place
+    from vlm.video import Clip
+
+    with pytest.raises(ValueError, match="'preface' goes before the one text of layouts"):
+        tiny_slots_model(preface="Video description:")  # the frames layout writes one text per frame
+    with pytest.raises(ValueError, match="preface is text"):  # YAML's reading of an unquoted "Video description:"
+        tiny_slots_model(layout="story", preface={"Video description": None})
+    model = tiny_slots_model(layout="story", preface="Video description:", threshold=0.0, text_tokens=400)
+    proc, conn = model.processor, model.connector
+    frames = np.random.default_rng(0).integers(0, 255, (4, 32, 32, 3), dtype=np.uint8)
+    clip = Clip(frames, np.arange(4) * 0.5, np.arange(4), "synthetic", 2.0, 4)
+    ask = [Turn("user", "<video>\nWhich object moves?"), Turn("assistant", "the red square")]
+    embeds, attention, labels = model.embed(proc.build_batch([proc.make_sample(ask, clip)]))
+    pixels, times = proc.preprocess_clip(clip)
+    feats = model.tower_features(pixels[None], times[None])
+    told = conn.describe(conn.reduced(feats))[0]
+    assert len(told.split()) > 10 and conn.written(feats) == [f"Video description: {told.strip()}"]
+    oracle = [Turn("user", describe_in_place(ask[0].text, told)), ask[1]]
+    text_embeds, text_attention, text_labels = model.embed(proc.build_batch([proc.make_sample(oracle)]))
+    assert conn.truncated == 0 and torch.equal(embeds, text_embeds) and torch.equal(attention, text_attention)
+    assert torch.equal(labels, text_labels)
+    model.apply_settings({"connector": {"preface": None}})  # a setting: scored with or without, no retraining
+    assert conn.written(feats) == [told] and model.config.connector["preface"] is None
+
+
 def test_words_oracle_script_writes_descriptions_and_text_twins(tmp_path, capsys):
     import sys
 

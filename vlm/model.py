@@ -50,6 +50,7 @@ class VideoLLMConfig:
     num_frames: int = 16
     sampling: str = "uniform"
     time_stamps: bool = False  # "Time: 1.5s" before each temporal group of visual tokens
+    distinct_frames: bool = False  # a clip's repeated frames (a short window's samples) read once each
     max_length: int = 2048
     system_prompt: str | None = None
     lora: dict[str, dict[str, Any]] = field(default_factory=dict)  # part -> LoRA settings in use
@@ -70,7 +71,7 @@ class VideoLLMConfig:
 
 
 # config fields that change no weights; "connector": the connector's own `settings` (e.g. word slots' layout)
-SETTINGS = ("token_budget", "max_length", "system_prompt", "time_stamps", "connector")
+SETTINGS = ("token_budget", "max_length", "system_prompt", "time_stamps", "distinct_frames", "connector")
 
 
 def saved_config(folder: str | Path) -> tuple[VideoLLMConfig, dict[str, Any]]:
@@ -117,7 +118,8 @@ class VideoLLM(ScoringMixin, nn.Module):
         if processor is None:
             processor = VideoLLMProcessor(tokenizer, tower.preprocessor, system_prompt=config.system_prompt,
                                           max_length=config.max_length, time_stamps=config.time_stamps,
-                                          uses_instruction=bool(getattr(connector, "uses_instruction", False)))
+                                          uses_instruction=bool(getattr(connector, "uses_instruction", False)),
+                                          distinct_frames=config.distinct_frames)
         model = cls(config, tower, connector, llm, processor)
         for part, mode in model.modes.items():  # defaults: tower and LLM frozen, connector trained
             model.set_mode(part, mode)
@@ -179,9 +181,7 @@ class VideoLLM(ScoringMixin, nn.Module):
         return self
 
     def _default_lora(self, part: str) -> dict[str, Any]:
-        if part == "tower" and getattr(self.tower, "lora_targets", ()):
-            return {"targets": list(self.tower.lora_targets)}
-        return {}
+        return {"targets": list(self.tower.lora_targets)} if part == "tower" and getattr(self.tower, "lora_targets", ()) else {}
 
     # ---------------------------------------------------------------- video -> LLM
     @property

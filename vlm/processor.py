@@ -78,13 +78,14 @@ class VideoLLMProcessor:
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, preprocessor: VideoPreprocessor, *,
                  system_prompt: str | None = None, max_length: int = 2048, time_stamps: bool = False,
-                 uses_instruction: bool = False, visual_grid: VisualGrid | None = None):
+                 uses_instruction: bool = False, distinct_frames: bool = False, visual_grid: VisualGrid | None = None):
         self.tokenizer = tokenizer
         self.preprocessor = preprocessor
         self.template = ChatTemplate(tokenizer, system_prompt)
         self.max_length = max_length
         self.time_stamps = time_stamps  # "Time: 1.5s" before each temporal group of visual tokens
         self.uses_instruction = uses_instruction  # samples carry instruction_ids (instruction-aware connectors)
+        self.distinct_frames = distinct_frames  # a repeated frame of a clip is read once (`Clip.distinct`)
         self.visual_grid = visual_grid
 
     @property
@@ -97,8 +98,9 @@ class VideoLLMProcessor:
 
     # ---------------------------------------------------------------- media
     def preprocess_clip(self, clip: Clip | np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(pixel_values [T, 3, H, W], timestamps [T]) of a clip, with this processor's `VideoPreprocessor`."""
-        return self.preprocessor.clip(clip)
+        """(pixel_values [T, 3, H, W], timestamps [T]) of a clip, with this processor's `VideoPreprocessor`; with
+        `distinct_frames`, a decoded `Clip`'s repeated frames once each."""
+        return self.preprocessor.clip(clip.distinct() if self.distinct_frames and isinstance(clip, Clip) else clip)
 
     def visual_slot(self, num_frames: int, timestamps: Sequence[float] | None = None) -> list[int]:
         """Token ids that replace the placeholder: VISUAL_TOKEN runs, with "Time: x.xs" stamps if enabled."""
@@ -215,7 +217,8 @@ class VideoLLMProcessor:
         """The settings saved in processor_config.json (the tokenizer is saved beside it)."""
         return {"processor_class": type(self).__name__, "vlm_version": __version__,
                 "preprocessor": self.preprocessor.to_dict(), "system_prompt": self.system_prompt,
-                "max_length": self.max_length, "time_stamps": self.time_stamps, "uses_instruction": self.uses_instruction}
+                "max_length": self.max_length, "time_stamps": self.time_stamps, "uses_instruction": self.uses_instruction,
+                "distinct_frames": self.distinct_frames}
 
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write `processor_config.json` and the tokenizer (`tokenizer/`) into `folder`."""

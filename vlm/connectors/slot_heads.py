@@ -145,3 +145,27 @@ def slot_targets(regions: Sequence[Sequence[dict[str, Any]]], timestamps: Sequen
         offset[i, j, c], near[i, j, c] = torch.tensor(near_d, dtype=offset.dtype), True
     out = {"found": found, "objects": objects, "scene": scene}
     return out | ({"offset": offset, "near": near} if offsets else {})
+
+
+def slot_loss(connector: Any, feats: Any, regions: Sequence[Sequence[dict[str, Any]]]) -> torch.Tensor:
+    """A word-slot connector's heads against each clip's annotations (`connector.slot_targets`): binary
+    cross-entropy for object centres (positives weighted 10x: few cells hold one), cross-entropy for each object
+    attribute at the cells that hold an object and for each scene attribute per frame, smooth L1 for the centre
+    offsets, cross-entropy for each motion attribute where objects are. `feats`: after the connector's reducers."""
+    target = connector.slot_targets(feats, regions)
+    found, objects, scenes, offsets = connector.split_logits(feats, with_offsets=True)
+    loss = F.binary_cross_entropy_with_logits(found.float(), target["found"],
+                                              pos_weight=torch.tensor(10.0, device=found.device))
+    for logits, y in zip(objects, target["objects"]):
+        if bool((y >= 0).any()):
+            loss = loss + F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+    for logits, y in zip(scenes, target["scene"]):
+        loss = loss + F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+    if offsets is not None and bool(target["near"].any()):
+        loss = loss + F.smooth_l1_loss(offsets[target["near"]].float(), target["offset"][target["near"]])
+    if connector.motion_vocab and bool(target["found"].any()):  # only where objects are: a few cells per frame
+        b, t, c = target["found"].nonzero(as_tuple=True)
+        motion_targets = target["objects"][len(connector.object_vocab):]
+        for logits, y in zip(connector.motion_logits(feats, b, t, c), motion_targets):
+            loss = loss + F.cross_entropy(logits.float(), y[b, t, c])
+    return loss

@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from vlm.connectors.base import Connector, VisualTokens, register_connector
-from vlm.connectors.slot_heads import MotionHead, SlotHead, distinct_peaks, slot_targets
+from vlm.connectors.slot_heads import MotionHead, SlotHead, distinct_peaks, slot_loss, slot_targets
 from vlm.connectors.counts import count_rules, count_text, count_width
 from vlm.connectors.events import event_rules, event_texts, event_width, settings as event_settings
 from vlm.connectors.story import story
@@ -52,6 +52,8 @@ class WordSlots(Connector):
     layout: "frames" (each frame's words in turn), "tracks" (one sentence per object over time) or "story" (every
     change of every object in time order, as a timed caption: `vlm.connectors.story`), the last two in one slot of
     `text_tokens` (default: as many as the frames layout's; a fixed budget for long videos); same heads;
+    preface: words the LLM reads before that one text, e.g. "Video description:": then the prompt's tokens are
+    those of the text oracle's prompt (`vlm eval mcq --descriptions`) for the same story, token for token;
     counts: clip-level sentences written after the last frame, phrase -> {attribute: words, options}, e.g.
     {"moving objects": {"action": ["moves left", ...]}} writes " moving objects: 2." when two of the objects linked
     over frames show one of those words in at least two frames (the rules and their options, appearing, changing
@@ -77,7 +79,7 @@ class WordSlots(Connector):
                  counts: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
                  events: Mapping[str, Any] | None = None, switch_cost: float = 0.0,
                  peaks: bool = False, centre_offsets: bool = False, centre_radius: float = 0.75, repeats: str = "frames",
-                 ramps: Mapping[str, Any] | None = None):
+                 ramps: Mapping[str, Any] | None = None, preface: str | None = None):
         super().__init__(in_dim, out_dim, reducers)
         self.scene_vocab = {k: list(v) for k, v in (scene or {}).items()}
         self.object_vocab = {k: list(v) for k, v in (objects or {}).items()}
@@ -97,7 +99,7 @@ class WordSlots(Connector):
             raise ValueError(f"word_slots: silent words {sorted(set(self.silent) - set(self.words))} are not in its vocabulary")
         self.configure(slots=slots, layout=layout, text_tokens=text_tokens, threshold=threshold, counts=counts or {},
                        events=events or {}, switch_cost=switch_cost, peaks=peaks, centre_radius=centre_radius,
-                       repeats=repeats, ramps=ramps)
+                       repeats=repeats, ramps=ramps, preface=preface)
         self.head = SlotHead(in_dim, sum(len(g) for g in self.object_vocab.values()),
                              sum(len(g) for g in self.scene_vocab.values()), hidden, scene_grid, centre_offsets)
         if self.motion_vocab:
@@ -109,7 +111,7 @@ class WordSlots(Connector):
         self.truncated = 0  # clips whose text (tracks, counts) was cut to the token budget
 
     settings = ("slots", "layout", "text_tokens", "threshold", "peaks", "centre_radius", "counts", "events",
-                "switch_cost", "repeats", "ramps")
+                "switch_cost", "repeats", "ramps", "preface")
     def configure(self, **values: Any) -> None:
         slots = int(values.get("slots", getattr(self, "slots", 3)))
         if slots < 1:
@@ -138,13 +140,18 @@ class WordSlots(Connector):
             raise ValueError("word_slots: 'events' apply to layout 'frames' (the tracks layout writes each change)")
         if layout != "story" and {"covered", "swaps", "stops"} & set(extent):
             raise ValueError("word_slots: events 'covered' (a hidden object), 'swaps' and 'stops': layout 'story' only")
+        preface = values.get("preface", getattr(self, "preface", None))
+        if preface is not None and not isinstance(preface, str):
+            raise ValueError(f"word_slots: preface is text (quote it in YAML: \"Video description:\"), not {preface!r}")
+        if preface is not None and layout == "frames":
+            raise ValueError("word_slots: a 'preface' goes before the one text of layouts 'tracks' and 'story'")
         repeats = values.get("repeats", getattr(self, "repeats", "frames"))
         if repeats not in ("frames", "tracks"):
             raise ValueError(f"word_slots: repeats is 'frames' or 'tracks' (where second readings are), not {repeats!r}")
         ramps = ramp_rule(values["ramps"], self.object_vocab | self.motion_vocab, len(self.object_vocab)) \
             if "ramps" in values else getattr(self, "ramps", None)
         self.slots, self.layout, self.centre_radius, self.switch_cost = slots, layout, radius, switch_cost
-        self.repeats, self.ramps = repeats, ramps
+        self.repeats, self.ramps, self.preface = repeats, ramps, preface
         self.text_tokens = None if text_tokens is None else int(text_tokens)
         self.threshold = float(values.get("threshold", getattr(self, "threshold", 0.5)))
         self.peaks = bool(values.get("peaks", getattr(self, "peaks", False)))
@@ -308,6 +315,10 @@ class WordSlots(Connector):
         object with the times its words change. `feats`: after the reducers, with timestamps."""
         return [self.text(seen, feats.grid) for seen in self.detections(feats)]
 
+    def prefaced(self, text: str) -> str:
+        """A clip's text as the LLM reads it: after the `preface` (e.g. "Video description:"), if one is set."""
+        return text if not self.preface else f"{self.preface} {text.strip()}"
+
     def text_ids(self, text: str, budget: int) -> torch.Tensor:
         """A text's token ids, cut to `budget` (counted in `truncated`)."""
         row = self._tokenizer[0](text, add_special_tokens=False)["input_ids"]
@@ -374,7 +385,7 @@ class WordSlots(Connector):
         layout: each frame's words, frames separated by " |"). `feats`: the tower's, before the reducers."""
         feats = self.reduced(feats)
         if self.layout != "frames":
-            return self.describe(feats)
+            return [self.prefaced(text) for text in self.describe(feats)]
         ids, mask = self.frame_ids(feats)
         decode = self._tokenizer[0].decode
         return [" |".join(decode(ids[i, t][mask[i, t]].tolist()) for t in range(ids.shape[1])) for i in range(ids.shape[0])]
@@ -386,7 +397,7 @@ class WordSlots(Connector):
         budget = self.project_grid(feats.grid)[1]
         ids = torch.full((feats.tokens.shape[0], budget), -1, dtype=torch.long)
         for i, text in enumerate(self.describe(feats)):
-            row = self.text_ids(text, budget)
+            row = self.text_ids(self.prefaced(text), budget)
             ids[i, :len(row)] = row
         return VisualTokens(embeds=self.embed_ids(ids, feats.tokens.device), groups=1,
                             mask=(ids >= 0).to(feats.tokens.device))
@@ -426,24 +437,6 @@ class WordSlots(Connector):
         return list(logits.split([len(v) for v in self.motion_vocab.values()], -1))
 
     def slot_loss(self, feats: VisualFeatures, regions: Sequence[Sequence[dict[str, Any]]]) -> torch.Tensor:
-        """Detector-style loss of the heads against each clip's annotations (`slot_targets`): binary cross-entropy
-        for object centres (positives weighted 10x: few cells hold one), cross-entropy for each object attribute at
-        the cells that hold an object and for each scene attribute per frame. `feats`: the tower's, before the
-        reducers."""
-        feats = self.reduced(feats)
-        target = self.slot_targets(feats, regions)
-        found, objects, scenes, offsets = self.split_logits(feats, with_offsets=True)
-        loss = F.binary_cross_entropy_with_logits(found.float(), target["found"],
-                                                  pos_weight=torch.tensor(10.0, device=found.device))
-        for logits, y in zip(objects, target["objects"]):
-            if bool((y >= 0).any()):
-                loss = loss + F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
-        for logits, y in zip(scenes, target["scene"]):
-            loss = loss + F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
-        if offsets is not None and bool(target["near"].any()):
-            loss = loss + F.smooth_l1_loss(offsets[target["near"]].float(), target["offset"][target["near"]])
-        if self.motion_vocab and bool(target["found"].any()):  # only where objects are: a few cells per frame
-            b, t, c = target["found"].nonzero(as_tuple=True)
-            for logits, y in zip(self.motion_logits(feats, b, t, c), target["objects"][len(self.object_vocab):]):
-                loss = loss + F.cross_entropy(logits.float(), y[b, t, c])
-        return loss
+        """The heads' detector-style loss against each clip's annotations (`slot_heads.slot_loss`). `feats`: the
+        tower's, before the reducers."""
+        return slot_loss(self, self.reduced(feats), regions)

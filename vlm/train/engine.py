@@ -108,6 +108,7 @@ class VisualLoader:
 
     def __init__(self, model: VideoLLM, frames: int, policy: str, cache: FeatureCache | None = None):
         self.preprocessor = model.tower.preprocessor
+        self.distinct = model.processor.distinct_frames  # a repeated frame read once, as the model reads clips
         self.frames = frames
         self.policy = policy
         self.cache = cache
@@ -120,12 +121,12 @@ class VisualLoader:
     def decode(self, path: Path, sample: Any) -> dict[str, Any]:
         frames, policy, start, end = self.clip_args(sample)
         clip = read_clip(path, frames, policy, start, end)
-        return dict(zip(("pixel_values", "timestamps"), self.preprocessor.clip(clip)))
+        return dict(zip(("pixel_values", "timestamps"), self.preprocessor.clip(clip.distinct() if self.distinct else clip)))
 
     def __call__(self, path: Path, sample: Any) -> dict[str, Any]:
         if self.cache is None:
             return self.decode(path, sample)
-        key = clip_key(path, *self.clip_args(sample))
+        key = clip_key(path, *self.clip_args(sample), self.distinct)
         if key in self.bad:
             raise VideoDecodeError(path, self.bad[key])
         entry = self.cache.get(key)
@@ -147,7 +148,7 @@ def precompute_features(model: VideoLLM, items: list[Any], loader: VisualLoader,
         if s.media:
             try:
                 path = resolve_media(it.media_root, s.media, s.location)
-                key = clip_key(path, *loader.clip_args(s))
+                key = clip_key(path, *loader.clip_args(s), loader.distinct)
             except (OSError, ValueError) as e:
                 log.warning("%s: %s", s.location, e)
                 continue

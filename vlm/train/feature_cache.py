@@ -44,8 +44,9 @@ def video_ident(path: str | os.PathLike) -> list[Any]:
     return ident
 
 
-def clip_key(path: str | os.PathLike, frames: int, policy: str, start: float | None, end: float | None) -> str:
-    ident = [*video_ident(path), frames, policy, start, end]
+def clip_key(path: str | os.PathLike, frames: int, policy: str, start: float | None, end: float | None,
+             distinct: bool = False) -> str:
+    ident = [*video_ident(path), frames, policy, start, end] + (["distinct"] if distinct else [])
     return hashlib.sha1(json.dumps(ident).encode()).hexdigest()
 
 

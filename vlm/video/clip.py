@@ -21,6 +21,13 @@ class Clip:
     def __len__(self) -> int:
         return int(self.frames.shape[0])
 
+    def distinct(self) -> "Clip":
+        """The clip with each run of a repeated frame kept once (sampling a window with fewer frames than asked
+        repeats them: 16 samples of a 4-frame window take each frame four times)."""
+        keep = np.concatenate([[True], np.diff(self.indices) != 0]) if len(self) else np.zeros(0, dtype=bool)
+        return Clip(self.frames[keep], self.timestamps[keep], self.indices[keep], self.source, self.fps,
+                    self.num_frames_total)
+
 
 @dataclass
 class VideoInfo:
