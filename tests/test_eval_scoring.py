@@ -536,14 +536,15 @@ def test_batched_greedy_answers_equal_answers_alone(model):
 # ---------------------------------------------------------------------- through the harness
 def test_tiny_model_through_the_harness(model, tmp_path):
     """Predictions and accuracies are exactly what the model's own scores (and greedy answers) say, computed here
-    without the harness: per question, the argmax of the reference option scores."""
+    without the harness: per question, the argmax of the reference option scores, on the clip sampled with the
+    model's own policy (as the harness asks a VideoLLM)."""
     bench = make_bench(tmp_path / "bench", missing_video=False)
     data = load_mvbench(bench)
     expected: dict[str, str] = {}
     ref_scores: dict[str, list[float]] = {}
     for items in data.values():
         for item in items:
-            req = ScoringRequest(uid=item.uid, clip=decode_item_clip(item, 4, "segment_middle"),
+            req = ScoringRequest(uid=item.uid, clip=decode_item_clip(item, 4, model.config.sampling),
                                  turns=mvbench_turns(item), prefill="Best option:(",
                                  continuations=loglik_continuations(item))
             s = reference_scores(model, req)
@@ -574,7 +575,7 @@ def test_tiny_model_through_the_harness(model, tmp_path):
     right = 0
     for items in data.values():
         for item in items:
-            sample = model.processor.make_sample(mvbench_turns(item), decode_item_clip(item, 4, "segment_middle"), "video")
+            sample = model.processor.make_sample(mvbench_turns(item), decode_item_clip(item, 4, model.config.sampling), "video")
             with torch.no_grad():
                 embeds, attention, _ = model.embed(model.processor.build_batch([sample], generation=True, prefill=short.prefill))
                 ids = model.llm.generate(inputs_embeds=embeds, attention_mask=attention, max_new_tokens=3,
