@@ -8,10 +8,6 @@ tokens), `splice` (input embeddings, visual tokens at the placeholder), `prefill
 from __future__ import annotations
 
 import copy
-import json
-import logging
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,73 +16,20 @@ from transformers import Cache, DynamicCache
 
 import vlm.connectors  # noqa: F401  (registers built-in connectors)
 import vlm.towers  # noqa: F401  (registers built-in towers)
-from vlm import __version__
-from vlm.weights import CheckpointMismatchError, atomic_dir, load_module, save_tensors
-from vlm.data.conversation import DataFormatError
 from vlm.budget import TokenBudget
 from vlm.connectors.base import Instruction, VisualTokens, build_connector
 from vlm.llm.load import load_llm
-from vlm.llm.lora import LoRASettings, add_lora, has_lora, load_lora, save_lora
-from vlm.llm.lora import merge_lora as fold_lora
+from vlm.llm.lora import LoRASettings, add_lora, has_lora
 from vlm.llm.template import IGNORE_INDEX, VISUAL_TOKEN
 from vlm.objectives import STAGE_OBJECTIVES
-from vlm.processor import CONFIG_NAME, Batch, VideoLLMProcessor, drop_pruned
+from vlm.model_config import MODES, PARTS, SETTINGS, VideoLLMConfig, saved_config  # noqa: F401  (re-exported)
+from vlm.processor import Batch, VideoLLMProcessor, drop_pruned
+from vlm.saving import SavingMixin
 from vlm.scoring import ScoringMixin
 from vlm.towers.base import VisionTower, VisualFeatures, build_tower
-from vlm.towers.common import placement
-
-log = logging.getLogger(__name__)
-PARTS = ("tower", "connector", "llm")
-MODES = ("frozen", "lora", "full")
 
 
-@dataclass
-class VideoLLMConfig:
-    """Everything needed to rebuild a model: parts by registry key + kwargs, and the video settings."""
-
-    tower: dict[str, Any]  # {"name": "siglip", "model": "google/siglip-so400m-patch14-384", ...}
-    connector: dict[str, Any]  # {"name": "stc", "downsample": [2, 2, 2], "reduce": [...]}
-    llm: dict[str, Any]  # {"loader": "hf", "path": "Qwen/Qwen2-7B-Instruct", "dtype": "bfloat16"}
-    num_frames: int = 16
-    sampling: str = "uniform"
-    time_stamps: bool = False  # "Time: 1.5s" before each temporal group of visual tokens
-    distinct_frames: bool = False  # a clip's repeated frames (a short window's samples) read once each
-    max_length: int = 2048
-    system_prompt: str | None = None
-    lora: dict[str, dict[str, Any]] = field(default_factory=dict)  # part -> LoRA settings in use
-    token_budget: dict[str, Any] = field(default_factory=dict)  # {"max_tokens": 256, "policy": "pool"} (vlm.budget)
-
-    def to_dict(self) -> dict[str, Any]:
-        return copy.deepcopy(asdict(self))
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "VideoLLMConfig":
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown model config keys {sorted(unknown)}; allowed: {sorted(cls.__dataclass_fields__)}")
-        for part in PARTS:
-            if part not in d:
-                raise ValueError(f"model config needs '{part}'")
-        return cls(**copy.deepcopy(d))
-
-
-# config fields that change no weights; "connector": the connector's own `settings` (e.g. word slots' layout)
-SETTINGS = ("token_budget", "max_length", "system_prompt", "time_stamps", "distinct_frames", "connector")
-
-
-def saved_config(folder: str | Path) -> tuple[VideoLLMConfig, dict[str, Any]]:
-    """(the model config, the whole config.json) of a saved VideoLLM folder; errors name the folder or file."""
-    meta_path = Path(folder) / "config.json"
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{folder}: not a saved VideoLLM (no config.json)")
-    try:
-        meta = json.loads(meta_path.read_text())
-        return VideoLLMConfig.from_dict(meta["config"]), meta
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise DataFormatError(f"{meta_path}: not a VideoLLM config ({type(e).__name__}: {e})") from None
-
-
-class VideoLLM(ScoringMixin, nn.Module):
+class VideoLLM(ScoringMixin, SavingMixin, nn.Module):
     """The model. Parameter groups are its three children, `tower`, `connector` and `llm`; `processor` turns
     conversations and clips into its `Batch` (its visual slots sized by this model's `visual_grid`)."""
 
@@ -181,7 +124,9 @@ class VideoLLM(ScoringMixin, nn.Module):
         return self
 
     def _default_lora(self, part: str) -> dict[str, Any]:
-        return {"targets": list(self.tower.lora_targets)} if part == "tower" and getattr(self.tower, "lora_targets", ()) else {}
+        """LoRA settings when none are given: a tower's own `lora_targets` where it names them, else the library's."""
+        targets = getattr(self.tower, "lora_targets", ()) if part == "tower" else ()
+        return {"targets": list(targets)} if targets else {}
 
     # ---------------------------------------------------------------- video -> LLM
     @property
@@ -321,129 +266,3 @@ class VideoLLM(ScoringMixin, nn.Module):
                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                                 **sampling, **kwargs)
         return [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
-
-    # ---------------------------------------------------------------- saving / loading
-    def part_state(self, part: str, state_dict: dict[str, torch.Tensor] | None = None, *,
-                   base: bool = False) -> dict[str, torch.Tensor]:
-        """One part's weights, from the live module or from a full (e.g. ZeRO-3-gathered) `state_dict`.
-        base=True: without LoRA tensors and under the pre-LoRA key names."""
-        if state_dict is None:
-            state = self.part(part).state_dict()
-        else:
-            prefix = part + "."
-            state = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        if base:
-            state = {k.replace(".base_layer.", "."): v for k, v in state.items() if "lora_" not in k}
-        return {k: v.detach().contiguous().cpu() for k, v in state.items()}
-
-    def save_pretrained(self, folder: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-        """Write config.json, the connector, the trained or non-rebuildable parts, adapters and the processor
-        (processor_config.json + tokenizer/).
-
-        `state_dict`: the full model state when the live modules are partitioned (ZeRO-3), gathered beforehand.
-        """
-        folder = Path(folder)
-        saved: list[str] = []
-        with atomic_dir(folder) as tmp:
-            save_tensors(self.part_state("connector", state_dict), tmp / "connector.safetensors")
-            saved.append("connector")
-            for part, module in (("tower", self.tower), ("llm", self.llm)):
-                if has_lora(module):
-                    save_lora(module, LoRASettings.from_dict(self.config.lora[part]), tmp / f"{part}_lora",
-                              None if state_dict is None else self.part_state(part, state_dict))
-                    saved.append(f"{part}_lora")
-                rebuildable = (getattr(self.tower, "loaded_from_checkpoint", False) if part == "tower"
-                               else self.config.llm.get("loader") != "random")
-                if self.modes[part] == "full" or not rebuildable:
-                    save_tensors(self.part_state(part, state_dict, base=True), tmp / f"{part}.safetensors")
-                    saved.append(part)
-            meta = {"vlm_version": __version__, "config": self.config.to_dict(), "saved_parts": saved,
-                    "modes": self.modes, "num_visual_tokens": self.num_visual_tokens(self.config.num_frames)}
-            (tmp / "config.json").write_text(json.dumps(meta, indent=2))
-            self.processor.save_pretrained(tmp)
-        log.info("saved %s (%s)", folder, ", ".join(saved))
-        return folder
-
-    @classmethod
-    def from_pretrained(cls, folder: str | Path, *, device: str | torch.device | None = None,
-                        dtype: str | torch.dtype | None = None, device_map: str | dict[str, Any] | None = None,
-                        max_memory: dict[Any, Any] | None = None, offload_folder: str | None = None,
-                        merge_lora: bool = False) -> "VideoLLM":
-        """Rebuild from config.json and load the saved parts strictly (mismatches name part and key). The processor
-        is the saved one; a folder saved without one gets a processor built from config.json. `merge_lora` folds
-        saved adapters into their base weights (in float32, before any cast): the same outputs, one matmul per
-        adapted layer instead of three, for inference (the evaluation, chat and serving entry points set it); the
-        part is then a plain full part and cannot be tuned further as LoRA. Every part is moved
-        to `device` in `dtype` (defaults: `vlm.towers.common.placement`, CUDA + bfloat16 when a GPU is present), or
-        spread over devices by `device_map` ("auto": accelerate's big-model inference, see `vlm.dispatch`)."""
-        folder = Path(folder)
-        config, meta = saved_config(folder)
-        lora = config.lora
-        config.lora = {}
-        processor = VideoLLMProcessor.from_pretrained(folder) if (folder / CONFIG_NAME).is_file() else None
-        model = cls.from_config(config, processor)
-        if model.processor.preprocessor != model.tower.preprocessor:
-            raise CheckpointMismatchError(f"{folder}: {CONFIG_NAME} preprocesses frames as {model.processor.preprocessor}, "
-                                          f"the tower expects {model.tower.preprocessor}")
-        saved = set(meta["saved_parts"])
-        for part in ("tower", "llm"):
-            module = model.part(part)
-            if part in saved:
-                load_module(module, folder / f"{part}.safetensors", part)  # LoRA is added after its base
-            if f"{part}_lora" in saved:
-                settings = load_lora(module, folder / f"{part}_lora", part)
-                model.config.lora[part] = settings.to_dict()
-            elif part in lora:
-                raise CheckpointMismatchError(f"{folder}: config lists LoRA on {part} but {part}_lora/ is missing")
-        load_module(model.connector, folder / "connector.safetensors", "connector")
-        for part, mode in meta.get("modes", {}).items():
-            model.modes[part] = mode
-        if merge_lora:
-            for part in model.config.lora:
-                fold_lora(model.part(part))
-                model.modes[part] = "full"  # a save writes the merged weights
-            model.config.lora = {}
-        dev, dt = placement(device, dtype)
-        if device_map is None:
-            return model.to(device=dev, dtype=dt).eval()
-        from vlm.dispatch import dispatch  # accelerate's big-model inference
-
-        return dispatch(model, device_map, dt, max_memory=max_memory, offload_folder=offload_folder).eval()
-
-    def connector_record(self) -> dict[str, Any]:
-        """What a stage-1 connector needs to be re-attached: tower, dims, frames, connector config."""
-        n = self.config.num_frames
-        return {"vlm_version": __version__, "tower": self.config.tower, "tower_hidden_size": self.tower.hidden_size,
-                "preprocessor": self.tower.preprocessor.to_dict(), "num_frames": n,
-                "grid": list(self.tower.grid_for(n, *self.tower.preprocessor.hw)), "connector": self.config.connector,
-                "num_visual_tokens": self.num_visual_tokens(n), "llm": self.config.llm,
-                "llm_hidden_size": self.llm.get_input_embeddings().embedding_dim, "time_stamps": self.config.time_stamps}
-
-    def save_connector(self, folder: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-        """Connector-only save (stage 1): connector.safetensors + connector.json."""
-        folder = Path(folder)
-        with atomic_dir(folder) as tmp:
-            save_tensors(self.part_state("connector", state_dict), tmp / "connector.safetensors")
-            (tmp / "connector.json").write_text(json.dumps(self.connector_record(), indent=2))
-        return folder
-
-    def load_connector(self, folder: str | Path) -> None:
-        """Attach a connector saved by `save_connector`, after checking it was trained for this tower and LLM."""
-        folder = Path(folder)
-        record = json.loads((folder / "connector.json").read_text())
-        mine = self.connector_record()
-        for key in ("tower", "tower_hidden_size", "connector", "llm_hidden_size", "preprocessor"):
-            if record.get(key) != mine[key]:
-                raise CheckpointMismatchError(
-                    f"connector ({folder}): '{key}' was {record.get(key)!r} when it was trained, this model has {mine[key]!r}")
-        load_module(self.connector, folder / "connector.safetensors", "connector")
-
-    @classmethod
-    def from_connector(cls, folder: str | Path, **overrides: Any) -> "VideoLLM":
-        """A model rebuilt from a connector-only save: the recorded tower and LLM, with the connector attached."""
-        record = json.loads((Path(folder) / "connector.json").read_text())
-        cfg = {"tower": record["tower"], "connector": record["connector"], "llm": record["llm"],
-               "num_frames": record["num_frames"], "time_stamps": record.get("time_stamps", False)} | overrides
-        (model := cls.from_config(cfg)).load_connector(folder)
-        return model
-

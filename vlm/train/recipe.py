@@ -18,7 +18,7 @@ from vlm.data.dataset import SourceSpec
 from vlm.data.hf import source_kind, source_problem
 from vlm.llm.load import LLM_LOADERS
 from vlm.objectives import STAGE_OBJECTIVES
-from vlm.model import MODES, PARTS, SETTINGS, VideoLLMConfig  # importing vlm.model registers the built-in towers and connectors
+from vlm.model import MODES, PARTS, SETTINGS, VideoLLMConfig, saved_config  # importing vlm.model registers the built-in towers and connectors
 from vlm.towers.base import TOWERS
 from vlm.train.loop import LoopSpec, ScheduleSpec
 from vlm.video.sampling import POLICIES
@@ -92,8 +92,6 @@ class Recipe(RecipeBase):
 
     def model_config(self) -> VideoLLMConfig:
         if self.init_from is not None:
-            from vlm.model import saved_config
-
             config = saved_config(self.init_from)[0]
             for key, value in self.model.items():  # a connector's settings change those keys of its saved config
                 setattr(config, key, {**config.connector, **value} if key == "connector" else copy.deepcopy(value))
