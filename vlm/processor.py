@@ -73,6 +73,14 @@ def pad_sequences(seqs: Sequence[Sequence[int]], value: int, left: bool = False)
     return out
 
 
+def clip_pixels(preprocessor: VideoPreprocessor, clip: Clip | np.ndarray | torch.Tensor,
+                distinct: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pixel_values [T, 3, H, W], timestamps [T]) of a clip; `distinct`: a decoded `Clip`'s repeated frames (a short
+    window's samples) once each. The processor and the training loader (which cannot hold the processor: it goes
+    to DataLoader workers) both read clips through this."""
+    return preprocessor.clip(clip.distinct() if distinct and isinstance(clip, Clip) else clip)
+
+
 class VideoLLMProcessor:
     """Tokenizer + chat template + clip preprocessing + sample building + collation into `Batch`."""
 
@@ -100,7 +108,7 @@ class VideoLLMProcessor:
     def preprocess_clip(self, clip: Clip | np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(pixel_values [T, 3, H, W], timestamps [T]) of a clip, with this processor's `VideoPreprocessor`; with
         `distinct_frames`, a decoded `Clip`'s repeated frames once each."""
-        return self.preprocessor.clip(clip.distinct() if self.distinct_frames and isinstance(clip, Clip) else clip)
+        return clip_pixels(self.preprocessor, clip, self.distinct_frames)
 
     def visual_slot(self, num_frames: int, timestamps: Sequence[float] | None = None) -> list[int]:
         """Token ids that replace the placeholder: VISUAL_TOKEN runs, with "Time: x.xs" stamps if enabled."""

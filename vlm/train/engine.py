@@ -26,6 +26,7 @@ from vlm.data.stream import is_streamed, streamed_data
 from vlm.llm.packing import enable_packing
 from vlm.model import PARTS, SETTINGS, VideoLLM
 from vlm.objectives import reads_text
+from vlm.processor import clip_pixels
 from vlm.train.feature_cache import FeatureCache, clip_key, tower_fingerprint
 from vlm.train.loop import Run, build_accelerator, setup, train
 from vlm.train.metrics import plot_loss_curves
@@ -121,7 +122,7 @@ class VisualLoader:
     def decode(self, path: Path, sample: Any) -> dict[str, Any]:
         frames, policy, start, end = self.clip_args(sample)
         clip = read_clip(path, frames, policy, start, end)
-        return dict(zip(("pixel_values", "timestamps"), self.preprocessor.clip(clip.distinct() if self.distinct else clip)))
+        return dict(zip(("pixel_values", "timestamps"), clip_pixels(self.preprocessor, clip, self.distinct)))
 
     def __call__(self, path: Path, sample: Any) -> dict[str, Any]:
         if self.cache is None:
