@@ -119,6 +119,10 @@ class VisualLoader:
         frames = 1 if sample.media_type == "image" else self.frames
         return frames, self.policy, sample.extra.get("start"), sample.extra.get("end")
 
+    def cache_key(self, path: Path, sample: Any) -> str:
+        """The feature-cache key of a sample's clip as this loader reads it (precompute and lookup both use it)."""
+        return clip_key(path, *self.clip_args(sample), self.distinct)
+
     def decode(self, path: Path, sample: Any) -> dict[str, Any]:
         frames, policy, start, end = self.clip_args(sample)
         clip = read_clip(path, frames, policy, start, end)
@@ -127,7 +131,7 @@ class VisualLoader:
     def __call__(self, path: Path, sample: Any) -> dict[str, Any]:
         if self.cache is None:
             return self.decode(path, sample)
-        key = clip_key(path, *self.clip_args(sample), self.distinct)
+        key = self.cache_key(path, sample)
         if key in self.bad:
             raise VideoDecodeError(path, self.bad[key])
         entry = self.cache.get(key)
@@ -149,7 +153,7 @@ def precompute_features(model: VideoLLM, items: list[Any], loader: VisualLoader,
         if s.media:
             try:
                 path = resolve_media(it.media_root, s.media, s.location)
-                key = clip_key(path, *loader.clip_args(s), loader.distinct)
+                key = loader.cache_key(path, s)
             except (OSError, ValueError) as e:
                 log.warning("%s: %s", s.location, e)
                 continue
