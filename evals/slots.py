@@ -33,6 +33,7 @@ import torch
 from evals.reliance import _sample_clip
 from evals.results import EvalResult
 from vlm.connectors.story import timeline
+from vlm.connectors.tracks import linking
 from vlm.connectors.truth import true_detected
 from vlm.data.dataset import SourceSpec, load_mixture
 from vlm.data.regions import nearest_frames
@@ -129,8 +130,9 @@ def event_counts(connector: Any, feats: Any, regions: list[Any], detected: tuple
     rules, extent, tracks = connector.events, connector.event_extent, 2 * connector.slots
     counts = dict.fromkeys(("clips", "events_said", "events_true", "events_right", "events_near",
                             "clips_events_right", "clips_order_right"), 0)
-    for heads, real in zip(seen, truth):
-        said, true = (timeline(*clip, rules, extent, tracks)[3] for clip in (heads, real))
+    with linking(connector.link_motion):  # the tracks the connector's own text is written from
+        stories = [[timeline(*clip, rules, extent, tracks)[3] for clip in pair] for pair in zip(seen, truth)]
+    for said, true in stories:
         counts["clips"] += 1
         counts["events_said"] += len(said)
         counts["events_true"] += len(true)

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from tests.test_word_slots import nearest_words, tiny_slots_model
-from vlm.connectors.tracks import (Detection, counted_tracks, describe, link, merge_duplicates, object_tracks, ramp,
-                                  ramp_rule, settle, size_ramps, smooth, track_name, viterbi, without_repeat_tracks)
+from vlm.connectors.tracks import (Detection, counted_tracks, describe, link, linked, linking, merge_duplicates,
+                                  object_tracks, ramp, ramp_rule, settle, size_ramps, smooth, track_name, viterbi,
+                                  without_repeat_tracks)
 from vlm.towers.base import VisualFeatures
 
 TIMES = [0.1, 0.4, 0.6, 0.9, 1.1, 1.4]
@@ -72,6 +73,26 @@ def test_link_follows_objects_by_place_then_by_words():
     assert [d.identity[0] for d in tracks[0].detections] == ["red", "red", "green", "green"]
     # too far to be the same object: a new track
     assert len(link([[det(0, 0)], [det(0, 4)]])) == 2
+
+
+def test_link_with_a_motion_cost_keeps_look_alikes_apart_where_they_pass():
+    # two red boxes pass each other on row 4: the left one moving right, the right one moving left; one frame on,
+    # each is nearer the other's last cell (1 cell) than its own (2 cells)
+    frames = [[det(4, 2, shape="box", action="moves right"), det(4, 5, shape="box", action="moves left")],
+              [det(4, 4, shape="box", action="moves right"), det(4, 3, shape="box", action="moves left")]]
+    def ways(tracks):
+        return [[d.motion[0] for d in tr.detections] for tr in tracks]
+    assert ways(link(frames)) == [["moves right", "moves left"], ["moves left", "moves right"]]  # by place: traded
+    with linking(2.0):
+        assert ways(link(frames)) == [["moves right", "moves right"], ["moves left", "moves left"]]
+    assert ways(link(frames)) == [["moves right", "moves left"], ["moves left", "moves right"]]  # reset after
+
+    class Conn:
+        link_motion = 2.0
+        @linked
+        def ways(self, frames):
+            return ways(link(frames))
+    assert Conn().ways(frames) == [["moves right", "moves right"], ["moves left", "moves left"]]
 
 
 def test_merge_duplicates_keeps_one_of_a_large_objects_neighbouring_cells():
@@ -258,6 +279,8 @@ def test_the_tracks_layout_writes_the_description_as_word_embeddings(monkeypatch
     assert words(conn.detections(feats, conn.detect(feats))) != words(conn.detections(feats))
     with pytest.raises(ValueError, match="switch_cost"):
         conn.configure(switch_cost=-1)
+    with pytest.raises(ValueError, match="link_motion"):
+        conn.configure(link_motion=-1)
 
 
 def test_text_tokens_fix_the_tracks_slot_whatever_the_frame_count():
@@ -580,3 +603,13 @@ def test_swaps_count_the_times_look_alike_objects_leave_their_places_and_fill_th
     for bad in ({"swaps": True, "verb": "swap"}, {"swaps": True, "appears": True}, {"swaps": True, "action": ["still"]}):
         with pytest.raises(ValueError, match=r"or \{swaps: true\} \(options: names or says\)"):
             count_rules({"swaps": bad}, vocab)
+
+
+def test_link_motion_is_a_scoring_time_setting_saved_with_the_model(tmp_path):
+    from vlm.model import VideoLLM
+
+    model = tiny_slots_model(slots=3)
+    assert model.connector.link_motion == 0.0
+    model.apply_settings({"connector": {"link_motion": 1.0}})
+    model.save_pretrained(tmp_path / "m")
+    assert VideoLLM.from_pretrained(tmp_path / "m").connector.link_motion == 1.0

@@ -14,9 +14,12 @@ the same way, first. Everything here is plain Python on a handful of detections 
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 
 @dataclass
@@ -72,12 +75,37 @@ def without_repeat_tracks(frames: Sequence[Sequence[Detection]]) -> list[list[De
     return [[d for d in f if id(d) not in dropped] for f in frames]
 
 
+# the cost of each differing motion word in `link`, as the connector running it sets it (`linked`)
+MOTION_COST: ContextVar[float] = ContextVar("MOTION_COST", default=0.0)
+
+
+@contextmanager
+def linking(motion_cost: float) -> Iterator[None]:
+    """Every `link` inside charges `motion_cost` per differing motion word."""
+    token = MOTION_COST.set(motion_cost)
+    try:
+        yield
+    finally:
+        MOTION_COST.reset(token)
+
+
+def linked(method: Callable[..., Any]) -> Callable[..., Any]:
+    """A connector method during which every `link` charges the connector's `link_motion` (`linking`)."""
+    @functools.wraps(method)
+    def run(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with linking(self.link_motion):
+            return method(self, *args, **kwargs)
+    return run
+
+
 def link(frames: Sequence[Sequence[Detection]], max_jump: int = 3, max_gap: int = 2) -> list[Track]:
     """Tracks from each frame's detections: greedily, the pairs (track, detection) of lowest cost first, where the
-    cost is the cells' Chebyshev distance plus 2 per differing identity word; a track takes a detection that
+    cost is the cells' Chebyshev distance plus 2 per differing identity word (plus `MOTION_COST` per differing
+    motion word: look-alikes passing each other keep their ways); a track takes a detection that
     shares at least one identity word with it (an object may change colour, not colour and shape at once), at most
     `max_jump` cells from where it was last seen, at most `max_gap` frames before. Unmatched detections start
     tracks."""
+    motion_cost = MOTION_COST.get()
     tracks: list[Track] = []
     for t, dets in enumerate(frames):
         live = [tr for tr in tracks if t - tr.frames[-1] <= max_gap]
@@ -87,8 +115,9 @@ def link(frames: Sequence[Sequence[Detection]], max_jump: int = 3, max_gap: int 
             for j, d in enumerate(dets):
                 jump = max(abs(last.cell[0] - d.cell[0]), abs(last.cell[1] - d.cell[1]))
                 differ = sum(a != b for a, b in zip(last.identity, d.identity))
+                moves = sum(a != b for a, b in zip(last.motion, d.motion)) if motion_cost else 0
                 if jump <= max_jump and (differ < len(d.identity) or not d.identity):
-                    pairs.append((jump + 2 * differ, i, j))
+                    pairs.append((jump + 2 * differ + motion_cost * moves, i, j))
         taken_tracks, taken_dets = set(), set()
         for _, i, j in sorted(pairs):
             if i not in taken_tracks and j not in taken_dets:

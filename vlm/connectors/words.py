@@ -23,7 +23,8 @@ from vlm.connectors.slot_heads import MotionHead, SlotHead, distinct_peaks, slot
 from vlm.connectors.counts import count_rules, count_text, count_width
 from vlm.connectors.events import event_rules, event_texts, event_width, settings as event_settings
 from vlm.connectors.story import story
-from vlm.connectors.tracks import Detection, Seen, describe, ramp_rule, settle, size_ramps, without_repeat_tracks
+from vlm.connectors.tracks import (Detection, Seen, describe, linked, ramp_rule, settle, size_ramps,
+                                  without_repeat_tracks)
 from vlm.data.regions import region_problems
 from vlm.towers.base import VisualFeatures
 
@@ -69,7 +70,8 @@ class WordSlots(Connector):
     switch_cost: > 0 decodes each object's words over its track, and the scene's over the clip, as the sequence of
     highest log-probability when a change of word costs that many nats (`vlm.connectors.tracks.settle`), where 0
     takes each frame's likeliest word, then the majority of three frames; for the layouts that link tracks, and
-    for counts and events. Each word is written with the LLM's tokens of " <word>" (several tokens when the tokenizer splits it)."""
+    for counts and events; link_motion: what each differing motion word adds to the cost of linking a detection to
+    a track (`tracks.link`; 0: cells and identity words only). Each word is written with the LLM's tokens of " <word>" (several tokens when the tokenizer splits it)."""
 
     def __init__(self, in_dim: int, out_dim: int, reducers=(), scene: Mapping[str, Sequence[str]] | None = None,
                  objects: Mapping[str, Sequence[str]] | None = None,
@@ -79,7 +81,7 @@ class WordSlots(Connector):
                  counts: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
                  events: Mapping[str, Any] | None = None, switch_cost: float = 0.0,
                  peaks: bool = False, centre_offsets: bool = False, centre_radius: float = 0.75, repeats: str = "frames",
-                 ramps: Mapping[str, Any] | None = None, preface: str | None = None):
+                 ramps: Mapping[str, Any] | None = None, preface: str | None = None, link_motion: float = 0.0):
         super().__init__(in_dim, out_dim, reducers)
         self.scene_vocab = {k: list(v) for k, v in (scene or {}).items()}
         self.object_vocab = {k: list(v) for k, v in (objects or {}).items()}
@@ -99,7 +101,7 @@ class WordSlots(Connector):
             raise ValueError(f"word_slots: silent words {sorted(set(self.silent) - set(self.words))} are not in its vocabulary")
         self.configure(slots=slots, layout=layout, text_tokens=text_tokens, threshold=threshold, counts=counts or {},
                        events=events or {}, switch_cost=switch_cost, peaks=peaks, centre_radius=centre_radius,
-                       repeats=repeats, ramps=ramps, preface=preface)
+                       repeats=repeats, ramps=ramps, preface=preface, link_motion=link_motion)
         self.head = SlotHead(in_dim, sum(len(g) for g in self.object_vocab.values()),
                              sum(len(g) for g in self.scene_vocab.values()), hidden, scene_grid, centre_offsets)
         if self.motion_vocab:
@@ -111,7 +113,7 @@ class WordSlots(Connector):
         self.truncated = 0  # clips whose text (tracks, counts) was cut to the token budget
 
     settings = ("slots", "layout", "text_tokens", "threshold", "peaks", "centre_radius", "counts", "events",
-                "switch_cost", "repeats", "ramps", "preface")
+                "switch_cost", "repeats", "ramps", "preface", "link_motion")
     def configure(self, **values: Any) -> None:
         slots = int(values.get("slots", getattr(self, "slots", 3)))
         if slots < 1:
@@ -129,8 +131,9 @@ class WordSlots(Connector):
             raise ValueError(f"word_slots: text_tokens ({text_tokens}) is a positive token count for layouts 'tracks' "
                              "and 'story'")
         switch_cost = float(values.get("switch_cost", getattr(self, "switch_cost", 0.0)))
-        if switch_cost < 0:
-            raise ValueError(f"word_slots: switch_cost ({switch_cost}) is the nats a change of word costs, >= 0")
+        link_motion = float(values.get("link_motion", getattr(self, "link_motion", 0.0)))
+        if min(switch_cost, link_motion) < 0:
+            raise ValueError(f"word_slots: switch_cost ({switch_cost}) and link_motion ({link_motion}) are costs, >= 0")
         counts = count_rules(values["counts"] or {}, self.object_vocab | self.motion_vocab) if "counts" in values \
             else getattr(self, "counts", [])
         rules, hold, extent = event_settings(values["events"]) if "events" in values else \
@@ -151,7 +154,7 @@ class WordSlots(Connector):
         ramps = ramp_rule(values["ramps"], self.object_vocab | self.motion_vocab, len(self.object_vocab)) \
             if "ramps" in values else getattr(self, "ramps", None)
         self.slots, self.layout, self.centre_radius, self.switch_cost = slots, layout, radius, switch_cost
-        self.repeats, self.ramps, self.preface = repeats, ramps, preface
+        self.repeats, self.ramps, self.preface, self.link_motion = repeats, ramps, preface, link_motion
         self.text_tokens = None if text_tokens is None else int(text_tokens)
         self.threshold = float(values.get("threshold", getattr(self, "threshold", 0.5)))
         self.peaks = bool(values.get("peaks", getattr(self, "peaks", False)))
@@ -258,6 +261,7 @@ class WordSlots(Connector):
         an h x w grid."""
         return (cells // w) * len(self.position[0]) // h, (cells % w) * len(self.position[1]) // w
 
+    @linked
     def detections(self, feats: VisualFeatures, detected: tuple[torch.Tensor, ...] | None = None) -> list[Seen]:
         """Per clip, what the heads saw in each frame: (the scene's words per frame, the detections per frame, the
         frames' times in seconds), the input of `vlm.connectors.tracks.describe`. `feats`: after the reducers;
@@ -295,6 +299,7 @@ class WordSlots(Connector):
             seen = [(scenes, size_ramps(frames, *self.ramps), times) for scenes, frames, times in seen]
         return seen
 
+    @linked
     def text(self, seen: Seen, grid: tuple[int, int, int]) -> str:
         """The tracks text of one clip's `detections` on a feature grid (T, h, w)."""
         h, w = grid[1], grid[2]
@@ -347,6 +352,7 @@ class WordSlots(Connector):
         return VisualTokens(embeds=embeds.reshape(b, -1, embeds.shape[-1]), groups=t, mask=mask.reshape(b, -1),
                             timestamps=feats.timestamps)
 
+    @linked
     def frame_ids(self, feats: VisualFeatures, detected: tuple[torch.Tensor, ...] | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """The frames layout's token ids [B, T, tokens per frame] and which are written (bool, same shape); a frame's
