@@ -71,7 +71,8 @@ class WordSlots(Connector):
     highest log-probability when a change of word costs that many nats (`vlm.connectors.tracks.settle`), where 0
     takes each frame's likeliest word, then the majority of three frames; for the layouts that link tracks, and
     for counts and events; link_motion: what each differing motion word adds to the cost of linking a detection to
-    a track (`tracks.link`; 0: cells and identity words only). Each word is written with the LLM's tokens of " <word>" (several tokens when the tokenizer splits it)."""
+    a track (`tracks.link`; 0: cells and identity words only). Each word is written with the LLM's tokens of
+    " <word>" (several tokens when the tokenizer splits it)."""
 
     def __init__(self, in_dim: int, out_dim: int, reducers=(), scene: Mapping[str, Sequence[str]] | None = None,
                  objects: Mapping[str, Sequence[str]] | None = None,
