@@ -245,7 +245,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder (predictions.jsonl, results.json, report)")
     p.add_argument("--profile", default="mvbench", choices=["mvbench", "lmms_eval", "loglik", "cloze"])
     p.add_argument("--tasks", nargs="*", default=None, help="task names or keys (default: all)")
-    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--frames", type=int, default=None, help="frames sampled per clip (default: the count the model "
+                   "was trained with, `num_frames` in its config.json; 16 for a model without one)")
     p.add_argument("--sampling", default=None, help="frame sampling policy (default: the one the model was trained "
                    "with, `sampling` in its config.json; segment_middle: MVBench's own rule)")
     p.add_argument("--limit", type=int, default=None, help="first N questions per task")
@@ -273,7 +274,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", help="openai: env var holding the API key")
     p.add_argument("--judge-cache", default=None, help="openai: verdict cache folder (default OUT/judge_cache)")
     p.add_argument("--out", required=True)
-    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--frames", type=int, default=None, help="frames sampled per clip (default: the model's own)")
     p.add_argument("--sampling", default=None, help="frame sampling policy (default: the model's own)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=4)

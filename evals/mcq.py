@@ -30,7 +30,7 @@ from typing import Any, Iterator, Sequence
 
 from tqdm import tqdm
 
-from evals.interface import GenerationRequest, ScoringRequest, model_id, sampling_of
+from evals.interface import GenerationRequest, ScoringRequest, frames_of, model_id, sampling_of
 from evals.profiles import MCQProfile, Parsed, get_profile, normalize_scores
 from evals.results import EvalResult, PredictionLog
 from evals.shard import Shard, current_shard, merge_logs, open_log
@@ -177,7 +177,7 @@ def evaluate_mcq(
     *,
     profile: str | MCQProfile = "mvbench",
     tasks: list[str] | None = None,
-    num_frames: int = 16,
+    num_frames: int | None = None,
     sampling: str | None = None,
     limit: int | None = None,
     batch_size: int = 8,
@@ -203,6 +203,7 @@ def evaluate_mcq(
     """
     prof = get_profile(profile) if isinstance(profile, str) else profile
     sampling = sampling_of(model, sampling, "segment_middle")
+    num_frames = frames_of(model, num_frames)
     texts = _load_descriptions(descriptions)
     if memory is not None and (set(memory) - {"max_groups", "fps", "chunk_frames"} or texts is not None
                                or not callable(getattr(model, "encode_visual", None))):

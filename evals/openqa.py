@@ -34,7 +34,7 @@ from typing import Any, Sequence
 
 from tqdm import tqdm
 
-from evals.interface import GenerationRequest, model_id, sampling_of
+from evals.interface import GenerationRequest, frames_of, model_id, sampling_of
 from evals.judges import Judge, Verdict
 from evals.results import EvalResult, PredictionLog
 from vlm.data.conversation import DataFormatError, Turn
@@ -169,7 +169,7 @@ def evaluate_openqa(
     *,
     dataset: str = "",
     predictions: dict[str, str] | None = None,
-    num_frames: int = 16,
+    num_frames: int | None = None,
     sampling: str | None = None,
     batch_size: int = 4,
     max_new_tokens: int = 64,
@@ -193,6 +193,7 @@ def evaluate_openqa(
         raise TypeError(f"{type(model).__name__} has no generate_answers(requests) (see evals/interface.py)")
     items = list(items)[:limit] if limit is not None else list(items)
     sampling = sampling_of(model, sampling, "uniform")
+    num_frames = frames_of(model, num_frames)
     out = Path(out_dir)
     mid = model_id(model, model_name) if model is not None else (model_name or "predictions")
     plog = PredictionLog(out / "predictions.jsonl", identity={"model": mid})

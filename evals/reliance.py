@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from evals.interface import sampling_of
+from evals.interface import frames_of, sampling_of
 from evals.results import EvalResult, PredictionLog
 from vlm.data.conversation import resolve_media
 from vlm.data.dataset import SourceSpec, load_mixture
@@ -96,7 +96,7 @@ def visual_reliance(model: Any, data: str | os.PathLike, out_dir: str | os.PathL
     items, bad = load_mixture([SourceSpec(str(data), str(root))])  # every record once; malformed ones listed
     samples = [it.sample for it in items if it.sample.media_type == "video"]
     random.Random(seed).shuffle(samples)
-    frames = num_frames or getattr(getattr(model, "config", None), "num_frames", 16)
+    frames = frames_of(model, num_frames)
     sampling = sampling_of(model, sampling, "uniform")  # the model's own policy, as its frames are
     kept, clips = [], []
     read = functools.partial(_sample_clip, root=root, num_frames=frames, sampling=sampling)

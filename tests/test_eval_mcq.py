@@ -199,6 +199,23 @@ def test_clips_are_sampled_as_the_model_was_trained_unless_asked(bench, truth, t
         assert clip.indices.tolist() == own.tolist() != other.tolist()
 
 
+def test_clips_have_the_frame_count_the_model_was_trained_on_unless_asked(bench, truth, tmp_path):
+    """A model trained on 8 frames is asked on 8 (its config's num_frames), not MVBench's 16: the CLI's default too."""
+    from types import SimpleNamespace
+
+    for asked, count in ((None, 8), (6, 6)):
+        model = ScriptedModel(lambda r: answer_as("mvbench", truth[r.uid]))
+        model.config = SimpleNamespace(sampling="uniform", num_frames=8)
+        res = evaluate_mcq(model, bench, tmp_path / str(count), profile="mvbench", num_frames=asked, limit=2,
+                           progress=False)
+        assert res.settings["num_frames"] == count
+        assert {len(c.indices) for c in model.clips.values() if c is not None} == {count}
+    from vlm.cli import build_parser
+
+    args = build_parser().parse_args(["eval", "mcq", "--model", "m", "--bench", "b", "--out", "o"])
+    assert args.frames is None
+
+
 def test_report_compares_runs_task_by_task(bench, truth, tmp_path):
     """Two runs on one benchmark: the report draws them side by side per task and links the picture."""
     evaluate_mcq(ScriptedModel(lambda r: "B) x"), bench, tmp_path / "a", profile="mvbench", progress=False)
