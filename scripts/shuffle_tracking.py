@@ -14,7 +14,8 @@ rule on and off (`merge_duplicates`: a detection within one cell of one with the
 many boxes are named in the frames where all four rest. With `--covered under`, it also writes each clip's story
 with the connector's `covered` events (the story layout follows a hidden object) and counts the clips whose last
 sentence names the right box (" At the end, the blue ball is under the second red box from the left."): what stage 2
-would read. With `--swaps`, it counts the clips where the connector's swap count (`counts` rule `{swaps: true}`,
+would read. `--set link_motion=1` links every track (the script's own and the connector's) with that motion cost.
+With `--swaps`, it counts the clips where the connector's swap count (`counts` rule `{swaps: true}`,
 `vlm.connectors.tracks.swap_counts`) is the true number of swaps, those where every swap's places are told in order
 (`swap_events`, what the story's `swaps` sentences say), and the split's other clips where it says a swap happened
 (none did). The numbers are in docs/GROUNDING.md.
@@ -35,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from vlm.connectors.story import ORDINALS  # noqa: E402
-from vlm.connectors.tracks import Detection, Track, link, merge_duplicates, swap_counts, swap_events  # noqa: E402
+from vlm.connectors.tracks import Detection, Track, link, linking, merge_duplicates, swap_counts, swap_events  # noqa: E402
 from vlm.connectors.truth import true_detected  # noqa: E402
 from vlm.data.regions import nearest_frames  # noqa: E402
 from vlm.model import VideoLLM  # noqa: E402
@@ -147,33 +148,33 @@ def main(argv: list[str] | None = None) -> int:
         feats = VisualFeatures(torch.zeros(1, frames, grid[1] * grid[2], 1), grid, timestamps=stamps)
         return clip, model.connector.detections(feats, true_detected(model.connector, [r["regions"]], stamps, grid))[0], grid
 
-    for frames in args.frames:
-        right, told, swaps = {True: 0, False: 0}, 0, {"right": 0, "places_right": 0, "said_in_other_clips": 0}
-        rest = {"frames": 0, "all_four_named": 0}
-        for r in records:
-            shuffle = meta[Path(r["video"]).stem]["shuffle"]
-            clip, seen, grid = read(r, frames)
-            swaps["right"] += sum(swap_counts(seen[1]).values()) == len(shuffle["swaps"])
-            swaps["places_right"] += [list(p) for _, _, p in swap_events(seen[1])] == shuffle["swaps"]
-            for merge in right:
-                right[merge] += end_position(seen[1], "box", merge) == shuffle["end_position"]
-            if args.covered:
-                told += told_position(model.connector.text(seen, grid), args.covered) == shuffle["end_position"]
-            if args.strip and r is records[0] and frames == args.frames[0]:
-                draw(clip, seen[1], grid, shuffle["end_position"], end_position(seen[1], "box", False),
-                     args.model or f"{args.recipe} (perfect detections)", args.strip)
-            for f, a in zip(seen[1], nearest_frames(r["regions"], clip.timestamps)):
-                if all(o["action"] == "still" for o in a["objects"] if o["shape"] == "box") and \
-                        sum(o["shape"] == "box" for o in a["objects"]) == 4:
-                    rest["frames"] += 1
-                    rest["all_four_named"] += sum(d.identity[-1] == "box" for d in f) == 4
-        for r in others:
-            swaps["said_in_other_clips"] += any(swap_counts(read(r, frames)[1][1]).values())
-        print(json.dumps({"frames": frames, "clips": len(records), "end_right": right[True],
-                          "end_right_without_merge": right[False], **({"story_right": told} if args.covered else {}),
-                          **{f"rest_{k}": v for k, v in rest.items()},
-                          **({f"swaps_{k}": v for k, v in swaps.items()} | {"other_clips": len(others)} if args.swaps else {})}),
-              flush=True)
+    with linking(model.connector.link_motion):  # its own links cost as the connector's (`--set link_motion=1`)
+        for frames in args.frames:
+            right, told, swaps = {True: 0, False: 0}, 0, {"right": 0, "places_right": 0, "said_in_other_clips": 0}
+            rest = {"frames": 0, "all_four_named": 0}
+            for r in records:
+                shuffle = meta[Path(r["video"]).stem]["shuffle"]
+                clip, seen, grid = read(r, frames)
+                swaps["right"] += sum(swap_counts(seen[1]).values()) == len(shuffle["swaps"])
+                swaps["places_right"] += [list(p) for _, _, p in swap_events(seen[1])] == shuffle["swaps"]
+                for merge in right:
+                    right[merge] += end_position(seen[1], "box", merge) == shuffle["end_position"]
+                if args.covered:
+                    told += told_position(model.connector.text(seen, grid), args.covered) == shuffle["end_position"]
+                if args.strip and r is records[0] and frames == args.frames[0]:
+                    draw(clip, seen[1], grid, shuffle["end_position"], end_position(seen[1], "box", False),
+                         args.model or f"{args.recipe} (perfect detections)", args.strip)
+                for f, a in zip(seen[1], nearest_frames(r["regions"], clip.timestamps)):
+                    if all(o["action"] == "still" for o in a["objects"] if o["shape"] == "box") and \
+                            sum(o["shape"] == "box" for o in a["objects"]) == 4:
+                        rest["frames"] += 1
+                        rest["all_four_named"] += sum(d.identity[-1] == "box" for d in f) == 4
+            for r in others:
+                swaps["said_in_other_clips"] += any(swap_counts(read(r, frames)[1][1]).values())
+            swapped = {f"swaps_{k}": v for k, v in swaps.items()} | {"other_clips": len(others)} if args.swaps else {}
+            print(json.dumps({"frames": frames, "clips": len(records), "end_right": right[True],
+                              "end_right_without_merge": right[False], **({"story_right": told} if args.covered else {}),
+                              **{f"rest_{k}": v for k, v in rest.items()}, **swapped}), flush=True)
     return 0
 
 

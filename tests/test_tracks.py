@@ -538,6 +538,19 @@ def test_shuffle_tracking_follows_the_covered_ball_and_names_its_box_at_the_end(
     assert end_position(far, "box", merge=True) is None
 
 
+def test_shuffle_tracking_links_with_the_connectors_motion_cost():
+    """With a motion cost (the script links under the connector's `link_motion`), the ball's box is followed
+    through a pass."""
+    end_position = _shuffle_tracking().end_position
+    # the ball under the left box, which moves right past the other: it ends second from the left
+    frames = [[det(4, 2, shape="box", action="moves right"), det(4, 5, shape="box", action="moves left"),
+               det(5, 2, "blue", shape="ball")],
+              [det(4, 4, shape="box", action="moves right"), det(4, 3, shape="box", action="moves left")]]
+    assert end_position(frames, "box", merge=False) == 1  # linked by place: the boxes traded
+    with linking(2.0):
+        assert end_position(frames, "box", merge=False) == 2
+
+
 @pytest.mark.slow
 def test_shuffle_tracking_reports_perfect_detections_on_a_generated_world(tmp_path, capsys):
     import json
