@@ -50,7 +50,7 @@ def train_and_eval(name: str, recipe_path: str, overrides: list[str], data: Path
     model = VideoLLM.from_pretrained(final)
     t = time.time()
     result = evaluate_mcq(model, data / "mvbench", out / f"eval_{profile}", profile=profile,
-                          num_frames=model.config.num_frames, model_name=str(final))
+                          model_name=str(final))
     eval_s = time.time() - t
     # its own folder: the demo's 32-sample check stays in out/reliance
     reliance = visual_reliance(model, data / "qa_test.json", out / "reliance_bench", limit=64, model_name=str(final))

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                 out = Path(tmp) / f"{way}{r}"
                 t0 = time.perf_counter()
                 result = evaluate_mcq(model, args.bench, out, profile=args.profile, limit=args.limit,
-                                      num_frames=model.config.num_frames, progress=False)
+                                      progress=False)
                 times[way].append(time.perf_counter() - t0)
                 metrics[way] = result.metrics
                 preds[way] = {row["uid"]: row for row in map(json.loads, (out / "predictions.jsonl").read_text().splitlines())

@@ -88,7 +88,7 @@ def main() -> int:
     model = VideoLLM.from_pretrained(final, device=args.device, dtype=args.dtype, merge_lora=True)
     t = time.time()
     result = evaluate_mcq(model, data / "mvbench", out / f"eval_{args.profile}", profile=args.profile,
-                          num_frames=model.config.num_frames, model_name=str(final))
+                          model_name=str(final))
     timings["evaluate"] = time.time() - t
 
     from evals.reliance import visual_reliance

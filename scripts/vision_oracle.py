@@ -255,7 +255,7 @@ def score_run(final: Path, data: Path, out: Path, label: str) -> None:
 
     model = VideoLLM.from_pretrained(final)
     result = evaluate_mcq(model, data / "mvbench", out / "eval_cloze", profile="cloze",
-                          num_frames=model.config.num_frames, model_name=str(final), workers=0)
+                          model_name=str(final), workers=0)
     reliance = visual_reliance(model, data / "qa_test.json", out / "reliance", limit=60, model_name=str(final), workers=0)
     m, r = result.metrics, reliance.metrics
     print(f"{label}: {m['accuracy_mean_over_tasks']:.1f}% mean over tasks; reliance gap {r['gap']:+.3f} +- "
