@@ -88,6 +88,18 @@ def test_iou_judge_scores_temporal_grounding(msrvtt, tmp_path):
     assert res.metrics["accuracy"] == 50.0 and res.metrics["mean_iou"] == pytest.approx((0.75 + 0.4) / 2)
 
 
+def test_clips_have_the_frame_count_the_model_was_trained_on_unless_asked(msrvtt, tmp_path):
+    from types import SimpleNamespace
+
+    items = load_openqa(msrvtt / "test_qa.json", msrvtt / "videos")
+    for asked, count in ((None, 6), (4, 4)):
+        model = ScriptedModel(lambda r: ANSWERS[r.question])
+        model.config = SimpleNamespace(num_frames=6)  # a VideoLLM's config: the frame count it was trained on
+        res = evaluate_openqa(model, items, ContainsJudge(), tmp_path / str(count), num_frames=asked, progress=False)
+        assert res.settings["num_frames"] == count
+        assert {len(c.indices) for c in model.clips.values() if c is not None} == {count}
+
+
 def test_harness_with_contains_judge_counts_skips_and_resumes(msrvtt, tmp_path):
     items = load_openqa(msrvtt / "test_qa.json", msrvtt / "videos")
     model = ScriptedModel(lambda r: ANSWERS[r.question])
