@@ -75,11 +75,15 @@ def test_link_follows_objects_by_place_then_by_words():
     assert len(link([[det(0, 0)], [det(0, 4)]])) == 2
 
 
+def passing_boxes():
+    """Two red boxes pass each other on row 4: the left one moving right, the right one moving left; one frame on,
+    each is nearer the other's last cell (1 cell) than its own (2 cells)."""
+    return [[det(4, 2, shape="box", action="moves right"), det(4, 5, shape="box", action="moves left")],
+            [det(4, 4, shape="box", action="moves right"), det(4, 3, shape="box", action="moves left")]]
+
+
 def test_link_with_a_motion_cost_keeps_look_alikes_apart_where_they_pass():
-    # two red boxes pass each other on row 4: the left one moving right, the right one moving left; one frame on,
-    # each is nearer the other's last cell (1 cell) than its own (2 cells)
-    frames = [[det(4, 2, shape="box", action="moves right"), det(4, 5, shape="box", action="moves left")],
-              [det(4, 4, shape="box", action="moves right"), det(4, 3, shape="box", action="moves left")]]
+    frames = passing_boxes()
     def ways(tracks):
         return [[d.motion[0] for d in tr.detections] for tr in tracks]
     assert ways(link(frames)) == [["moves right", "moves left"], ["moves left", "moves right"]]  # by place: traded
@@ -543,9 +547,8 @@ def test_shuffle_tracking_links_with_the_connectors_motion_cost():
     through a pass."""
     end_position = _shuffle_tracking().end_position
     # the ball under the left box, which moves right past the other: it ends second from the left
-    frames = [[det(4, 2, shape="box", action="moves right"), det(4, 5, shape="box", action="moves left"),
-               det(5, 2, "blue", shape="ball")],
-              [det(4, 4, shape="box", action="moves right"), det(4, 3, shape="box", action="moves left")]]
+    frames = passing_boxes()
+    frames[0].append(det(5, 2, "blue", shape="ball"))
     assert end_position(frames, "box", merge=False) == 1  # linked by place: the boxes traded
     with linking(2.0):
         assert end_position(frames, "box", merge=False) == 2
